@@ -1,0 +1,125 @@
+"""Streaming MNIST -> x_0 tensors in [-1, 1] (the paper's data scaling, section 3.3).
+
+Used by training and by the metrics. The stream yields PNG bytes, undecoded: shuffling, sharding across
+processes then cost no decoding; `ImagePreprocessor` decodes a batch at a time, as the DataLoader's collate.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Image, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from PIL import Image as PILImage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATASET = "ylecun/mnist"
+IMAGE_SIZE = 28  # MNIST digits are 28x28 greyscale.
+
+
+def load_image_stream(
+    dataset_name: str = DEFAULT_DATASET,
+    split: str = "train",
+    config_name: str | None = None,
+    image_column: str = "image",
+) -> IterableDataset:
+    """Stream one split of an image dataset (a Hub id or a local folder of parquet files) as PNG bytes.
+
+    Nothing is downloaded in full. The returned stream has a single column, `image`, holding `{"bytes", "path"}`.
+    """
+    path = os.path.expanduser(dataset_name)
+    looks_like_path = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
+    if looks_like_path and not os.path.exists(path) and "*" not in path:
+        raise FileNotFoundError(
+            f"dataset path {dataset_name!r} does not exist; pass a Hub dataset id such as {DEFAULT_DATASET!r} "
+            "or a local folder (or parquet files) laid out like it."
+        )
+    if path.endswith(".parquet"):  # one file or a glob of files of one split
+        stream = load_dataset("parquet", data_files={split: path}, split=split, streaming=True)
+    else:
+        stream = load_dataset(path, config_name, split=split, streaming=True)
+    if image_column not in stream.column_names:
+        raise ValueError(
+            f"dataset {dataset_name!r} has no column {image_column!r}; its columns are "
+            f"{', '.join(stream.column_names)}. Pass the right one with --image_column."
+        )
+    stream = stream.select_columns([image_column])
+    if image_column != "image":
+        stream = stream.rename_column(image_column, "image")
+    return stream.cast_column("image", Image(decode=False))
+
+
+def count_examples(stream: IterableDataset) -> int:
+    """The number of examples in a stream: from the dataset's metadata when it has it, else by one pass."""
+    splits = stream.info.splits
+    if splits and stream.split in splits and splits[stream.split].num_examples:
+        return splits[stream.split].num_examples
+    return sum(1 for _ in stream)
+
+
+def shuffled_shard(
+    stream: IterableDataset,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    buffer_size: int = 10_000,
+) -> IterableDataset:
+    """The examples process `rank` sees in `epoch`: the stream shuffled by (seed, epoch), then its disjoint share.
+
+    Every process shuffles the same way and keeps its own share (`split_dataset_by_node`), so one epoch shows
+    each example once across all processes. The order is a pure function of the arguments, which is what lets
+    a resumed run skip exactly the batches it had trained on. Iterate the result directly: `datasets` forgets
+    the epoch on derived streams (`.take()`, `.skip()`).
+    """
+    shard = split_dataset_by_node(stream.shuffle(seed=seed, buffer_size=buffer_size), rank=rank, world_size=world_size)
+    shard.set_epoch(epoch)
+    return shard
+
+
+class ImagePreprocessor:
+    """A collate function: PNG bytes -> a (B, 1, sample_size, sample_size) float tensor x_0 in [-1, 1].
+
+    Images of another mode or size are converted to 28x28 greyscale (and the log says so once). When the
+    model's `sample_size` is larger than 28, digits are padded with the background value, -1.
+    """
+
+    def __init__(self, sample_size: int = IMAGE_SIZE, random_flip: bool = False):
+        if sample_size < IMAGE_SIZE or (sample_size - IMAGE_SIZE) % 2:
+            raise ValueError(
+                f"sample_size={sample_size} cannot hold centred {IMAGE_SIZE}x{IMAGE_SIZE} digits; use 28 or an "
+                "even size above it, such as 32."
+            )
+        self.sample_size = sample_size
+        self.random_flip = random_flip
+        self._conversions_logged: set[tuple[str, tuple[int, int]]] = set()
+
+    def decode(self, png: bytes) -> np.ndarray:
+        """One PNG -> a 28x28 uint8 array, converting other modes and sizes."""
+        image = PILImage.open(io.BytesIO(png))
+        if image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            key = (image.mode, image.size)
+            if key not in self._conversions_logged:
+                self._conversions_logged.add(key)
+                logger.warning("converting %s images of size %s to 28x28 greyscale (mode L)", image.mode, image.size)
+            image = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), PILImage.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+    def __call__(self, examples: list[dict]) -> torch.Tensor:
+        """Decode and scale a batch of stream examples."""
+        pixels = torch.from_numpy(np.stack([self.decode(example["image"]["bytes"]) for example in examples]))
+        x_0 = pixels.unsqueeze(1).float() / 127.5 - 1.0
+        if self.random_flip:
+            flip = torch.rand(len(examples)) < 0.5
+            x_0[flip] = x_0[flip].flip(-1)
+        border = (self.sample_size - IMAGE_SIZE) // 2
+        if border:
+            x_0 = F.pad(x_0, (border,) * 4, value=-1.0)
+        return x_0

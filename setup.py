@@ -1,0 +1,31 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "ddpm_mnist" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="ddpm-mnist",
+    version=version,
+    description="The DDPM of Ho et al. (2020) for MNIST, as a diffusers pipeline",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ddpm_mnist", "ddpm_mnist.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.35",
+        "huggingface-hub>=0.34",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard"],
+        "dev": ["pytest>=8", "ruff"],
+    },
+    entry_points={"console_scripts": ["ddpm-mnist=ddpm_mnist.cli:main"]},
+)

@@ -1,0 +1,30 @@
+"""Shared fixtures. The Hub is never reached: tests run offline against folders they create."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.utils import write_mnist_folder  # noqa: E402
+
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small dataset in the layout and schema of `ylecun/mnist`: 96 train and 32 test 28x28 digits."""
+    return write_mnist_folder(tmp_path_factory.mktemp("mnist"), np.random.default_rng(0), num_train=96, num_test=32)
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> Path:
+    """The real MNIST beside the checkout (`../shared/data/mnist`); tests that need it skip where it is absent."""
+    if not REAL_MNIST.is_dir():
+        pytest.skip(f"the real MNIST is not at {REAL_MNIST}")
+    return REAL_MNIST

@@ -1,0 +1,90 @@
+"""Helpers shared by the tests: tiny models with non-trivial weights and MNIST-schema fixtures."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Features, Image
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from PIL import Image as PILImage
+
+from ddpm_mnist import DDPMMnistUNet
+
+
+def randomize_zero_init(model: DDPMMnistUNet, seed: int = 0) -> DDPMMnistUNet:
+    """Give the paper's zero-initialised weights small random values so the output depends on the input."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def tiny_unet(seed: int = 0, **overrides) -> DDPMMnistUNet:
+    """The `tiny` preset with every weight non-zero, in eval mode."""
+    torch.manual_seed(seed)
+    return randomize_zero_init(DDPMMnistUNet.from_preset("tiny", **overrides), seed).eval()
+
+
+def png_bytes(pixels: np.ndarray, mode: str = "L") -> bytes:
+    """Encode an array as PNG bytes, as the Hub's MNIST stores its images."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_mnist_folder(root: Path, rng: np.random.Generator, num_train: int, num_test: int) -> Path:
+    """Write `root/mnist/{train,test}-00000-of-00001.parquet` with the columns of `ylecun/mnist`.
+
+    Image i of a split has the value i % 256 in its top-left pixel, so a test can tell which examples it saw.
+    """
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    (root / "mnist").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", num_train), ("test", num_test)):
+        pixels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        pixels[:, 0, 0] = np.arange(n) % 256
+        rows = {
+            "image": [{"bytes": png_bytes(p), "path": None} for p in pixels],
+            "label": list(np.arange(n) % 10),
+        }
+        Dataset.from_dict(rows, features=features).to_parquet(root / "mnist" / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+class OracleUNet(ModelMixin, ConfigMixin):
+    """The perfect eps_theta for a data set of one image x_0: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t).
+
+    That is eq. 4 solved for the noise. Timesteps between integers (Euler, Heun) use sigma_t = sqrt((1 - abar_t)
+    / abar_t) interpolated linearly, as those schedulers do. Records the inputs it was called with.
+    """
+
+    @register_to_config
+    def __init__(self, sample_size: int = 28, in_channels: int = 1):
+        super().__init__()
+        self.register_buffer("x_0", torch.zeros(1, in_channels, sample_size, sample_size))
+        self.register_buffer("sigmas", torch.zeros(1))
+        self.inputs: list[torch.Tensor] = []
+
+    def set_target(self, x_0: torch.Tensor, alphas_cumprod: torch.Tensor) -> OracleUNet:
+        """Fix the one training image and the schedule it was noised with."""
+        self.x_0 = x_0
+        self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+        return self
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> SimpleNamespace:
+        """Predict the exact noise of `sample` at `timestep`."""
+        self.inputs.append(sample.clone())
+        t = torch.as_tensor(timestep, dtype=torch.float64)
+        low = int(t.floor().clamp(max=len(self.sigmas) - 1))
+        high = min(low + 1, len(self.sigmas) - 1)
+        weight = float(t - low)
+        sigma = (1 - weight) * self.sigmas[low].double() + weight * self.sigmas[high].double()
+        alpha_bar = 1 / (1 + sigma**2)
+        eps = (sample.double() - alpha_bar.sqrt() * self.x_0.double()) / (1 - alpha_bar).sqrt()
+        return SimpleNamespace(sample=eps.to(sample.dtype))
