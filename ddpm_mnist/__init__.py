@@ -5,10 +5,17 @@ The public API is the three pieces of a diffusers pipeline:
     from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 """
 
+import diffusers
+
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 from .scheduling_ddpm_mnist import DDPMMnistScheduler
 from .unet_ddpm_mnist import DDPMMnistUNet
 
 __version__ = "0.1.0"
+
+# `DiffusionPipeline.from_pretrained` looks a folder's pipeline class (`_class_name` in model_index.json) up in the
+# diffusers namespace; registering ours there lets the generic loader open our folders once this package is imported.
+# The components need nothing: model_index.json names their library, `ddpm_mnist`.
+diffusers.DDPMMnistPipeline = DDPMMnistPipeline
 
 __all__ = ["DDPMMnistPipeline", "DDPMMnistScheduler", "DDPMMnistUNet", "__version__"]

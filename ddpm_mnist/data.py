@@ -97,7 +97,7 @@ class ImagePreprocessor:
                 f"sample_size={sample_size} cannot hold centred {IMAGE_SIZE}x{IMAGE_SIZE} digits; use 28 or an "
                 "even size above it, such as 32."
             )
-        self.sample_size = sample_size
+        self.border = (sample_size - IMAGE_SIZE) // 2  # background pixels on each side
         self.random_flip = random_flip
         self._conversions_logged: set[tuple[str, tuple[int, int]]] = set()
 
@@ -119,7 +119,6 @@ class ImagePreprocessor:
         if self.random_flip:
             flip = torch.rand(len(examples)) < 0.5
             x_0[flip] = x_0[flip].flip(-1)
-        border = (self.sample_size - IMAGE_SIZE) // 2
-        if border:
-            x_0 = F.pad(x_0, (border,) * 4, value=-1.0)
+        if self.border:
+            x_0 = F.pad(x_0, (self.border,) * 4, value=-1.0)
         return x_0

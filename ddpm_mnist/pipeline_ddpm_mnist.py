@@ -137,11 +137,11 @@ class DDPMMnistPipeline(DiffusionPipeline):
         sample_size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, sample_size, sample_size)
 
-        # x_T ~ N(0, I), scaled for schedulers that work in sigma space (Euler, Heun).
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # x_T ~ N(0, I), scaled for schedulers that work in sigma space (Euler, Heun), whose
+        # `init_noise_sigma` depends on the timesteps just set.
         image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         image = image * self.scheduler.init_noise_sigma
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         # UniPC and a few others draw no noise and take no generator.
         extra_step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:

@@ -173,6 +173,10 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         # Per-device copies of the lookup tables, filled lazily by _tables().
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
+        # diffusers' `from_config` skips the keys a config took by default, so `HeunDiscreteScheduler.from_config`
+        # would fall back to its own (Stable Diffusion) betas. Mark every key as chosen, as a saved config is.
+        self.register_to_config(_use_default_values=[])
+
     # ------------------------------------------------------------------------------------------------------
     # Inference schedule
 

@@ -123,7 +123,8 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert not list(tmp_path.rglob("*.bin")), "only safetensors weights are written"
     loaded = DDPMMnistPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(sample(loaded, seed=7), sample(pipe, seed=7))
+    # Equal up to float rounding: weights read back from a memory-mapped file can take another CPU kernel path.
+    np.testing.assert_allclose(sample(loaded, seed=7), sample(pipe, seed=7), atol=1e-5, rtol=0)
     generic = DiffusionPipeline.from_pretrained(tmp_path)
     assert isinstance(generic, DDPMMnistPipeline)
 
@@ -140,7 +141,7 @@ def test_padded_model_returns_28x28_digits_and_remembers_it(tmp_path):
     assert loaded.config.image_size == 28
     loaded.set_progress_bar_config(disable=True)
     again = loaded(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="pt")
-    torch.testing.assert_close(again.images, full.images, atol=0, rtol=0)
+    torch.testing.assert_close(again.images, full.images, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,48 @@
+"""Run `training/train.py` as `__main__` with test instrumentation, under `python` or `accelerate launch`.
+
+Writes to $RECORD_DIR, per process: `seen-<rank>.txt` (the id, top-left pixel, of every example decoded) and, at
+the end, `weights-<rank>.txt` (a digest of that process's final training weights). With $INJECT_NAN_AT_BATCH=k
+the k-th batch (1-based) becomes NaN, as corrupt data would.
+"""
+
+import hashlib
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from ddpm_mnist.data import ImagePreprocessor
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD_DIR = Path(os.environ["RECORD_DIR"])
+RANK = os.environ.get("RANK", "0")
+NAN_AT = int(os.environ.get("INJECT_NAN_AT_BATCH", "0"))
+decode_batch = ImagePreprocessor.__call__
+end_training = Accelerator.end_training
+batches = 0
+
+
+def recording_decode(self, examples):
+    global batches
+    batches += 1
+    x_0 = decode_batch(self, examples)
+    ids = [str(round((float(pixel) + 1) * 127.5)) for pixel in x_0[:, 0, self.border, self.border]]
+    with open(RECORD_DIR / f"seen-{RANK}.txt", "a") as f:
+        f.write("\n".join(ids) + "\n")
+    return x_0 * float("nan") if batches == NAN_AT else x_0
+
+
+def recording_end_training(self):
+    digest = hashlib.sha256()
+    for tensor in self.unwrap_model(self._models[0]).state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    (RECORD_DIR / f"weights-{RANK}.txt").write_text(digest.hexdigest())
+    end_training(self)
+
+
+ImagePreprocessor.__call__ = recording_decode
+Accelerator.end_training = recording_end_training
+sys.argv[0] = str(ROOT / "training" / "train.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
