@@ -8,10 +8,15 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from pathlib import Path  # noqa: E402
 
+import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.utils import write_mnist_folder  # noqa: E402
+
+# `datasets` sleeps 5 s whenever a parquet stream ends (a guard against an Arrow crash at interpreter exit,
+# apache/arrow#45214); these tests end dozens of streams in one long-lived process.
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

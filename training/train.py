@@ -116,7 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.config:
         with open(args.config) as f:
-            p.set_defaults(**json.load(f))
+            config = json.load(f)
+        unknown = sorted(set(config) - set(vars(args)))
+        if unknown:
+            p.error(f"{args.config} has unknown keys: {', '.join(unknown)}; use the flag names without dashes.")
+        p.set_defaults(**config)
         args = p.parse_args(argv)  # flags given on the command line still win
     return args
 
@@ -368,6 +372,7 @@ def main(args: argparse.Namespace) -> None:
             loss_and_stop = accelerator.reduce(torch.tensor([loss.item(), stop_requested], device=x_0.device), "mean")
             mean_loss, stop_requested = loss_and_stop[0].item(), bool(loss_and_stop[1] > 0)
             if not math.isfinite(mean_loss):
+                progress_bar.close()
                 raise FloatingPointError(
                     f"the loss became {mean_loss} at step {progress.global_step}; the last good checkpoint stays "
                     f"in {checkpoints_dir}. Lower --learning_rate or use --mixed_precision no, then resume."
