@@ -410,7 +410,9 @@ def main(args: argparse.Namespace) -> None:
     # The pipeline folder: EMA weights (safetensors), scheduler, a sample grid and the model card.
     if accelerator.is_main_process:
         pipeline = release_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
-        grid_path = save_sample_grid(accelerator, pipeline, output_dir, progress.global_step, args)
+        grid_path = output_dir / "samples" / f"step-{progress.global_step:07d}.png"
+        if not grid_path.exists():  # the last step may have drawn its grid already
+            save_sample_grid(accelerator, pipeline, output_dir, progress.global_step, args)
         pipeline.scheduler = noise_scheduler
         pipeline.save_pretrained(output_dir)
         repo_id = args.hub_model_id or output_dir.name
@@ -457,7 +459,7 @@ def save_sample_grid(
     output_dir: Path,
     step: int,
     args: argparse.Namespace,
-) -> Path:
+) -> None:
     """Sample a fixed-seed grid from the pipeline, save it under `samples/` and log it to the trackers."""
     generator = torch.Generator(device=pipeline.device).manual_seed(args.seed)
     images = pipeline(
@@ -474,7 +476,6 @@ def save_sample_grid(
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-    return path
 
 
 def describe_device(device: torch.device) -> str:
