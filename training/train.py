@@ -251,8 +251,12 @@ def main(args: argparse.Namespace) -> None:
     if args.sample_scheduler == "ddim":
         sample_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
     preprocess = ImagePreprocessor(unet.config.sample_size, random_flip=args.random_flip)
-    batches_per_epoch = num_examples // accelerator.num_processes // args.train_batch_size
-    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    # Every process takes the same whole number of optimizer steps per epoch; a remainder of examples waits for
+    # the next epoch's shuffle.
+    steps_per_epoch = (
+        num_examples // accelerator.num_processes // args.train_batch_size // args.gradient_accumulation_steps
+    )
+    batches_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise ValueError(
             f"{num_examples} examples over {accelerator.num_processes} processes give no full batch of "
@@ -337,7 +341,7 @@ def main(args: argparse.Namespace) -> None:
             num_workers=args.dataloader_num_workers,
             generator=torch.Generator(),  # its own seed draw must not advance the global RNG that resume restores
         )
-        # Every process takes the same number of batches; a resumed epoch skips those already trained on.
+        # A resumed epoch skips the batches already trained on.
         for x_0 in islice(loader, progress.batches_in_epoch, batches_per_epoch):
             x_0 = x_0.to(accelerator.device)
             # Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4).
