@@ -7,6 +7,7 @@ processes then cost no decoding; `ImagePreprocessor` decodes a batch at a time, 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +124,39 @@ class ImagePreprocessor:
         if self.border:
             x_0 = F.pad(x_0, (self.border,) * 4, value=-1.0)
         return x_0
+
+
+def load_x_0(
+    dataset_name: str = DEFAULT_DATASET,
+    split: str = "test",
+    num_images: int | None = None,
+    *,
+    sample_size: int = IMAGE_SIZE,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """`num_images` digits of a split (all by default) as one x_0 tensor (N, 1, sample_size, sample_size) in [-1, 1].
+
+    Without a `seed` they are the split's first digits; with one, a random subset (kept in the split's order). Only
+    the chosen digits are decoded. Asking for more digits than the split holds is an error, raised before any work.
+    """
+    stream = load_image_stream(dataset_name, split)
+    available = count_examples(stream)
+    count = available if num_images is None else num_images
+    if not 1 <= count <= available:
+        raise ValueError(f"asked for {num_images} digits of the {split!r} split, which holds {available}.")
+    wanted = torch.zeros(available, dtype=torch.bool)
+    if seed is None:
+        wanted[:count] = True
+    else:
+        wanted[torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]] = True
+    preprocess = ImagePreprocessor(sample_size)
+    batches = []
+    with tqdm(total=count, desc=f"loading {split} digits", unit="digit") as bar:
+        for start, batch in zip(itertools.count(0, 1000), stream.iter(batch_size=1000)):
+            chosen = wanted[start : start + 1000].nonzero().flatten().tolist()
+            if chosen:
+                batches.append(preprocess([{"image": batch["image"][i]} for i in chosen]))
+                bar.update(len(chosen))
+            if bar.n == count:
+                break
+    return torch.cat(batches)

@@ -1,29 +1,201 @@
-"""Hugging Face Hub glue: the model card of a trained pipeline."""
+"""Hugging Face Hub glue: the model card, the files of a pushed repo, and the push.
+
+A pushed repo holds the pipeline (model_index.json, `unet/` and `scheduler/` with safetensors weights), the model card
+and the sample grids, plus what lets diffusers load it without this package: the pipeline, UNet and scheduler modules
+copied as they are, and a model_index.json that names them (`_class_name: ["pipeline_ddpm_mnist",
+"DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist", "DDPMMnistUNet"]`). That is the layout diffusers' custom pipeline
+loader reads with `trust_remote_code=True`: a list `_class_name` is loaded from `<module>.py` at the repo root, a
+component from `<component>/<module>.py`. With the package installed, `DDPMMnistPipeline.from_pretrained` reads those
+names as the package's own modules instead.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
 
+from .pipeline_ddpm_mnist import DDPMMnistPipeline
+from .unet_ddpm_mnist import PRESETS
+
+CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "ddpm_mnist_card.md"
 CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "unconditional-image-generation"]
+CARD_DATASET = "ylecun/mnist"  # the card's dataset when training read a local copy of it
+# Metric keys the card accepts -> their name in the card and in `model-index`.
+METRICS = {
+    "fid": "FID",
+    "kid": "KID",
+    "precision": "Precision",
+    "recall": "Recall",
+    "mean_confidence": "Mean classifier confidence",
+    "nll_bpd": "NLL (bits/dim)",
+}
 
 
-def render_model_card(template_path: str | os.PathLike, repo_id: str, dataset_name: str, **fields: Any) -> ModelCard:
-    """Render the card template with the Hub metadata of an unconditional DDPM trained on `dataset_name`."""
+def check_push_access(repo_id: str, token: str | None = None) -> str:
+    """The full id (user/name) of `repo_id` once the token, by default HF_TOKEN or the stored login, can write there."""
+    token = token or get_token()
+    if token is None:
+        raise ValueError("no token found; run `hf auth login` or set HF_TOKEN.")
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()
+    except HfHubHTTPError as e:
+        raise ValueError(
+            f"{api.endpoint} refused the token (HTTP {e.response.status_code}); create a write token at "
+            "https://huggingface.co/settings/tokens and run `hf auth login` or set HF_TOKEN."
+        ) from e
+    except Exception as e:  # offline mode, or transport errors, whose types depend on huggingface_hub's HTTP library
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot reach {api.endpoint} ({reason}); check the network or HF_ENDPOINT.") from e
+    if user.get("auth", {}).get("accessToken", {}).get("role") == "read":  # fine-grained scopes show up only on use
+        raise ValueError(f"the token of {user['name']} is read-only; use a token with write access.")
+    namespace, _, name = repo_id.rpartition("/")
+    namespace = namespace or user["name"]
+    if namespace not in {user["name"], *(org["name"] for org in user.get("orgs", []))}:
+        raise ValueError(f"the token of {user['name']} cannot write to {namespace}; push to {user['name']}/{name}.")
+    return f"{namespace}/{name}"
+
+
+def render_model_card(
+    pipeline: DDPMMnistPipeline,
+    repo_id: str,
+    *,
+    dataset_name: str = CARD_DATASET,
+    samples_image: str | None = None,
+    training: dict[str, Any] | None = None,
+    eval_results: dict[str, float] | None = None,
+    eval_split: str = "test",
+    template_path: str | os.PathLike = CARD_TEMPLATE,
+) -> ModelCard:
+    """The model card of a pipeline: Hub metadata, the model, both ways to load it, training and evaluation."""
+    unknown = sorted(set(eval_results or {}) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {', '.join(unknown)}; the card knows {', '.join(METRICS)}.")
+    is_hub_dataset = "/" in dataset_name and not os.path.exists(dataset_name)
+    dataset_id = dataset_name if is_hub_dataset else CARD_DATASET
+    model_name = repo_id.split("/")[-1]
+    results = [
+        EvalResult(
+            task_type="unconditional-image-generation",
+            task_name="Unconditional image generation",
+            dataset_type=dataset_id,
+            dataset_name="MNIST",
+            dataset_split=eval_split,
+            metric_type=key,
+            metric_name=METRICS[key],
+            metric_value=value,
+        )
+        for key, value in (eval_results or {}).items()
+    ]
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license="apache-2.0",
         tags=CARD_TAGS,
-        datasets=[dataset_name] if "/" in dataset_name and not os.path.exists(dataset_name) else ["ylecun/mnist"],
+        datasets=[dataset_id],
+        model_name=model_name,
+        eval_results=results or None,
     )
+    unet_config, schedule = pipeline.unet.config, pipeline.scheduler.config
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
-        model_name=repo_id.split("/")[-1],
+        model_name=model_name,
         repo_id=repo_id,
         dataset_name=dataset_name,
-        **fields,
+        samples_image=samples_image,
+        preset=_preset_name(dict(unet_config)),
+        num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",
+        sample_size=unet_config.sample_size,
+        image_size=pipeline.config.image_size,
+        num_train_timesteps=schedule.num_train_timesteps,
+        ddim_steps=min(50, schedule.num_train_timesteps),
+        beta_schedule=schedule.beta_schedule,
+        beta_start=schedule.beta_start,
+        beta_end=schedule.beta_end,
+        prediction_type=schedule.prediction_type,
+        variance_type=schedule.get("variance_type"),
+        training=training,
+        eval_results={METRICS[key]: value for key, value in (eval_results or {}).items()},
+        eval_split=eval_split,
     )
+
+
+def _preset_name(unet_config: dict[str, Any]) -> str:
+    """The `DDPMMnistUNet` preset a UNet config was built from, or "custom"."""
+    for name, preset in PRESETS.items():
+        if all(json.dumps(unet_config.get(key)) == json.dumps(value) for key, value in preset.items()):
+            return name
+    return "custom"
+
+
+def hub_files(folder: str | os.PathLike) -> dict[str, Path | bytes]:
+    """What pushing a pipeline folder uploads, by path in the repo: a local file, or generated content."""
+    # The pipeline (model_index.json rewritten for remote code, each component's configs and safetensors weights),
+    # the modules the entries name, README.md and `samples/*.png`; never checkpoints, optimizer states or logs.
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json; save a pipeline there with `save_pretrained`.")
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") != DDPMMnistPipeline.__name__:
+        raise ValueError(f"{folder} holds a {index.get('_class_name')}, not a {DDPMMnistPipeline.__name__}.")
+    files: dict[str, Path | bytes] = {}
+    module_name, module_file = _module_file(DDPMMnistPipeline.__module__)
+    index["_class_name"] = [module_name, DDPMMnistPipeline.__name__]
+    files[f"{module_name}.py"] = module_file
+    for component, entry in index.items():
+        if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if list((folder / component).glob("*.bin")):
+            raise ValueError(f"{folder / component} holds pickled weights (.bin); save with safe_serialization=True.")
+        for path in sorted([*(folder / component).glob("*.json"), *(folder / component).glob("*.safetensors")]):
+            files[path.relative_to(folder).as_posix()] = path
+        if entry[0].startswith(f"{__package__}."):
+            module_name, module_file = _module_file(entry[0])
+            index[component] = [module_name, entry[1]]
+            files[f"{component}/{module_name}.py"] = module_file
+    files["model_index.json"] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    extras = [folder / "README.md", *sorted((folder / "samples").glob("*.png"))]
+    files.update({path.relative_to(folder).as_posix(): path for path in extras if path.is_file()})
+    return files
+
+
+def _module_file(module: str) -> tuple[str, Path]:
+    """The short name and the source file of one of this package's modules."""
+    return module.rpartition(".")[2], Path(importlib.import_module(module).__file__)
+
+
+def push_pipeline_folder(
+    folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None
+) -> str:
+    """Upload a pipeline folder (see `hub_files`) to `repo_id` in one commit, creating the repo; return the URL."""
+    files = hub_files(folder)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    operations = [
+        CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes) else str(content))
+        for path, content in files.items()
+    ]
+    return api.create_commit(repo_id, operations, commit_message=f"Upload {DDPMMnistPipeline.__name__}").commit_url
+
+
+def push_pipeline(
+    pipeline: DDPMMnistPipeline,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    card: ModelCard | None = None,
+) -> str:
+    """Push a pipeline in memory with its card (default: `render_model_card`) and code; return the commit URL."""
+    repo_id = check_push_access(repo_id, token)
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline.save_pretrained(folder)
+        (card or render_model_card(pipeline, repo_id)).save(os.path.join(folder, "README.md"))
+        return push_pipeline_folder(folder, repo_id, private=private, token=token)

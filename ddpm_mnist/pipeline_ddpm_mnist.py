@@ -4,18 +4,28 @@ Noise x_T ~ N(0, I) -> for each timestep of the scheduler: eps = UNet(x_t, t), x
 -> x_0 in [-1, 1] -> 28x28 greyscale digits. Any diffusers scheduler compatible with the DDPM schedule can be
 swapped in (DDIM, DPM-Solver++, UniPC, Euler, Heun).
 
-This file imports only torch, diffusers and the standard library, so that it can be copied as-is into a Hub
-repository and loaded with `trust_remote_code=True`.
+This file imports only torch, diffusers (with its own dependency huggingface_hub) and the standard library, so that
+it can be copied as-is into a Hub repository and loaded with `trust_remote_code=True`.
+
+Loading by Hub repo id: diffusers' `DiffusionPipeline.download` refuses a model_index.json whose components come from a
+package outside diffusers (`_get_custom_components_and_folders` accepts only diffusers' own libraries or a
+`<component>/<module>.py` file in the repo), even when that package is installed. So `from_pretrained` fetches the repo
+with `huggingface_hub.snapshot_download` and loads the local snapshot, where diffusers resolves our components from
+the imported package. A pushed repo names the module files it carries for `trust_remote_code` (`["unet_ddpm_mnist",
+"DDPMMnistUNet"]`); `load_config` reads those names as the modules beside this one, so the package's classes load it.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import sys
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import validate_repo_id
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -26,6 +36,10 @@ REQUIRED_FILES = (
     os.path.join("unet", "diffusion_pytorch_model.safetensors"),
     os.path.join("scheduler", "scheduler_config.json"),
 )
+# What `from_pretrained` downloads of a Hub repo: model_index.json, the component configs and safetensors weights.
+PIPELINE_FILE_PATTERNS = ["*.json", "*.safetensors"]
+# The package this module is part of, and its name in it: a pushed repo carries `<_MODULE>.py` for trust_remote_code.
+_PACKAGE, _, _MODULE = __name__.rpartition(".")
 
 
 class DDPMMnistPipeline(DiffusionPipeline):
@@ -57,15 +71,39 @@ class DDPMMnistPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DDPMMnistPipeline:
-        """Load a saved pipeline; a local folder is checked for its files first, so a gap names itself."""
-        if os.path.isdir(pretrained_model_name_or_path):
-            missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(pretrained_model_name_or_path, f))]
-            if missing:
-                raise OSError(
-                    f"{pretrained_model_name_or_path} is not a complete DDPMMnistPipeline folder: missing "
-                    f"{', '.join(missing)}. Point to a folder written by `pipeline.save_pretrained(...)`."
-                )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Load a saved folder or a Hub repo id (with `revision`, `cache_dir`, `local_files_only`, offline mode)."""
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            try:
+                validate_repo_id(folder)
+            except ValueError as e:
+                raise OSError(f"{folder} is neither a folder nor a Hub repo id (user/name): {e}") from e
+            folder = snapshot_download(
+                folder,
+                revision=kwargs.get("revision"),
+                cache_dir=kwargs.get("cache_dir"),
+                local_files_only=kwargs.get("local_files_only") or False,
+                token=kwargs.get("token"),
+                force_download=kwargs.get("force_download", False),
+                allow_patterns=PIPELINE_FILE_PATTERNS,
+            )
+        # The folder is checked for its files first, so a gap names itself.
+        missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise OSError(
+                f"{pretrained_model_name_or_path} is not a complete DDPMMnistPipeline folder: missing "
+                f"{', '.join(missing)}. Point to a folder written by `pipeline.save_pretrained(...)` or a repo pushed "
+                "with `pipeline.push_to_hub(...)`."
+            )
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs) -> dict | tuple:
+        """`ConfigMixin.load_config`, reading the remote-code entries of a pushed model_index.json as this package."""
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (_package_entries(loaded[0], cls.__name__), *loaded[1:])
+        return _package_entries(loaded, cls.__name__)
 
     def check_inputs(
         self,
@@ -165,3 +203,17 @@ class DDPMMnistPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+def _package_entries(config: dict, class_name: str) -> dict:
+    """model_index.json with the entries that name a module file beside this one pointing to that module instead."""
+    # A pushed repo's `["unet_ddpm_mnist", "DDPMMnistUNet"]` and `_class_name: ["pipeline_ddpm_mnist", ...]` point
+    # diffusers to the code files the repo carries; with the package imported they mean its own modules, e.g.
+    # `["ddpm_mnist.unet_ddpm_mnist", "DDPMMnistUNet"]`, which diffusers loads without running downloaded code.
+    config = dict(config)
+    if config.get("_class_name") == [_MODULE, class_name]:
+        config["_class_name"] = class_name
+    for name, entry in config.items():
+        if name != "_class_name" and isinstance(entry, list) and f"{_PACKAGE}.{entry[0]}" in sys.modules:
+            config[name] = [f"{_PACKAGE}.{entry[0]}", entry[1]]
+    return config

@@ -6,12 +6,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.hub_server import HubServer  # noqa: E402
 from tests.utils import write_mnist_folder  # noqa: E402
 
 # `datasets` sleeps 5 s whenever a parquet stream ends (a guard against an Arrow crash at interpreter exit,
@@ -33,3 +35,10 @@ def real_mnist() -> Path:
     if not REAL_MNIST.is_dir():
         pytest.skip(f"the real MNIST is not at {REAL_MNIST}")
     return REAL_MNIST
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[HubServer]:
+    """A stand-in of the Hub's HTTP API on 127.0.0.1 (tests/hub_server.py), for clients run with its `client_env`."""
+    with HubServer() as server:
+        yield server

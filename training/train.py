@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -31,7 +32,6 @@ from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
-from huggingface_hub import create_repo, get_token, upload_folder
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -44,11 +44,10 @@ from ddpm_mnist.data import (
     load_image_stream,
     shuffled_shard,
 )
-from ddpm_mnist.hub import render_model_card
+from ddpm_mnist.hub import check_push_access, push_pipeline_folder, render_model_card
 from ddpm_mnist.unet_ddpm_mnist import PRESETS
 
 logger = get_logger(__name__)
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "ddpm_mnist_card.md"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -145,12 +144,16 @@ def check_args(args: argparse.Namespace) -> None:
             "or 'latest'."
         )
     if args.push_to_hub:
+        repo_id = args.hub_model_id or Path(args.output_dir).name
         try:
-            validate_repo_id(args.hub_model_id or Path(args.output_dir).name)
+            validate_repo_id(repo_id)
         except HFValidationError as e:
             raise ValueError(f"--hub_model_id is not a valid repo id ({e}); pass one like user/ddpm-mnist.") from e
-        if get_token() is None:
-            raise ValueError("--push_to_hub needs a Hub token: run `hf auth login` or set HF_TOKEN.")
+        try:
+            # The full user/name, so that the model card's code names the repo the push creates.
+            args.hub_model_id = check_push_access(repo_id)
+        except ValueError as e:
+            raise ValueError(f"--push_to_hub needs a Hub token that can write to {repo_id}: {e}") from e
 
 
 class TrainingProgress:
@@ -420,35 +423,25 @@ def main(args: argparse.Namespace) -> None:
         pipeline.scheduler = noise_scheduler
         pipeline.save_pretrained(output_dir)
         repo_id = args.hub_model_id or output_dir.name
-        card = render_model_card(
-            CARD_TEMPLATE,
-            repo_id=repo_id,
-            dataset_name=args.dataset_name,
-            samples_image=str(grid_path.relative_to(output_dir)),
-            num_train_timesteps=noise_scheduler.config.num_train_timesteps,
-            beta_start=noise_scheduler.config.beta_start,
-            beta_end=noise_scheduler.config.beta_end,
-            preset=args.preset if not args.model_config_name_or_path else "custom",
-            num_parameters=f"{num_parameters:,}",
-            prediction_type=args.prediction_type,
-            variance_type=args.variance_type,
-            sample_size=pipeline.unet.config.sample_size,
+        card_flags = (
+            "learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay max_grad_norm "
+            "use_ema ema_max_decay ema_inv_gamma ema_power"
+        ).split()
+        training = {name: getattr(args, name) for name in card_flags}
+        training.update(
             global_step=progress.global_step,
             images_seen=progress.global_step * total_batch_size,
             total_batch_size=total_batch_size,
-            learning_rate=args.learning_rate,
-            lr_scheduler=args.lr_scheduler,
-            lr_warmup_steps=args.lr_warmup_steps,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_weight_decay=args.adam_weight_decay,
-            use_ema=args.use_ema,
-            ema_max_decay=args.ema_max_decay,
-            ema_inv_gamma=args.ema_inv_gamma,
-            ema_power=args.ema_power,
             mixed_precision=accelerator.mixed_precision,
             hardware=f"{accelerator.num_processes} x {describe_device(accelerator.device)}",
             training_time=f"{progress.train_seconds / 60:.1f} minutes",
+        )
+        card = render_model_card(
+            pipeline,
+            repo_id,
+            dataset_name=args.dataset_name,
+            samples_image=grid_path.relative_to(output_dir).as_posix(),
+            training=training,
         )
         card.save(output_dir / "README.md")
         logger.info(f"saved the pipeline and its model card to {output_dir}")
@@ -490,17 +483,17 @@ def describe_device(device: torch.device) -> str:
 
 
 def push(output_dir: Path, repo_id: str, private: bool) -> None:
-    """Upload the pipeline folder, never checkpoints or logs; on failure, say how to retry."""
+    """Upload the pipeline folder with card, samples and remote code (never checkpoints or logs); say how to retry."""
     try:
-        repo_id = create_repo(repo_id, private=private, exist_ok=True).repo_id
-        upload_folder(repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*", "logs/*"])
-    except Exception as e:
-        logger.error(
-            f"the upload to {repo_id} failed ({e}); {output_dir} is intact. Retry with "
-            f"`hf upload {repo_id} {output_dir} --exclude 'checkpoints/*' 'logs/*'`."
-        )
-        raise
-    logger.info(f"pushed {output_dir} to https://huggingface.co/{repo_id}")
+        commit_url = push_pipeline_folder(output_dir, repo_id, private=private)
+    except Exception as e:  # whatever failed (network, Hub, quota), the folder is complete and can be pushed alone
+        call = f"push_pipeline_folder({json.dumps(str(output_dir))}, {json.dumps(repo_id)}{', private=True' * private})"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"the upload to {repo_id} failed ({reason}); {output_dir} is intact. Retry the upload alone with: "
+            f"python -c {shlex.quote('from ddpm_mnist.hub import push_pipeline_folder; ' + call)}"
+        ) from e
+    logger.info(f"pushed {output_dir} to {commit_url}")
 
 
 if __name__ == "__main__":

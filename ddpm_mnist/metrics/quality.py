@@ -1,0 +1,155 @@
+"""Sample quality of generated digits, measured with the features of this project's MNIST classifier.
+
+One pass of the classifier (`classifier.py`) over each set of digits gives 128 features and 10 logits per digit. From
+them, against a reference set of real digits (the MNIST test split, for the CLI):
+
+* FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to the two feature sets, and KID (Binkowski
+  et al. 2018): the unbiased polynomial-kernel MMD^2, averaged over random subsets; both by torchmetrics, which is
+  handed the features computed here (an identity "feature extractor") so that every metric shares one pass;
+* precision and recall (Kynkaanniemi et al. 2019): the share of samples inside the real digits' k-nearest-neighbour
+  manifold (fidelity), and the share of real digits inside the samples' manifold (coverage);
+* classifier confidence (mean of the largest softmax probability), low for blurry or malformed digits; the histogram
+  of predicted digits, its entropy in bits (log2(10) = 3.32 when uniform) and the share of the rarest digit (0.1
+  when uniform), low under mode collapse.
+
+FID and KID are biased by the number of samples and mean little alone: compare a score with the real-vs-real floor,
+the same metrics for as many real training digits against the same reference. Scores from these features are not
+Inception FIDs: they live on another scale and cannot be compared with the FIDs of papers, only with each other.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
+
+from .classifier import NUM_CLASSES, MnistClassifier, load_mnist_classifier
+
+
+@dataclass
+class ClassifierOutputs:
+    """The classifier's view of a set of digits: penultimate features (N, 128) and logits (N, 10)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
+class SampleQuality:
+    """Quality scores of a set of digits against a reference set (see the module docstring)."""
+
+    fid: float
+    kid: float
+    kid_std: float
+    precision: float
+    recall: float
+    mean_confidence: float
+    class_entropy: float
+    rarest_class_share: float
+    class_histogram: list[float]
+    num_images: int
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        """The scores as a JSON-ready dict."""
+        return asdict(self)
+
+
+@torch.no_grad()
+def classifier_outputs(
+    images: torch.Tensor, classifier: MnistClassifier | None = None, batch_size: int = 500, progress: bool = True
+) -> ClassifierOutputs:
+    """Features and logits of digits (N, 1, 28, 28) in [0, 1] (the pipeline's "pt" output), batch by batch."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28) or len(images) == 0:
+        raise ValueError(f"images must be a non-empty (N, 1, 28, 28) batch of digits, got {tuple(images.shape)}.")
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError("images must lie in [0, 1]; map x_0 in [-1, 1] with (x_0 + 1) / 2.")
+    classifier = classifier if classifier is not None else load_mnist_classifier()
+    device = next(classifier.parameters()).device
+    features, logits = [], []
+    for batch in tqdm(images.split(batch_size), desc="classifier features", disable=not progress):
+        batch_features = classifier.features(batch.to(device, torch.float32))
+        features.append(batch_features.cpu())
+        logits.append(classifier.head(batch_features).cpu())
+    return ClassifierOutputs(torch.cat(features), torch.cat(logits))
+
+
+def sample_quality(
+    samples: ClassifierOutputs,
+    reference: ClassifierOutputs,
+    *,
+    k: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+) -> SampleQuality:
+    """Score `samples` against `reference` (both from `classifier_outputs`); `seed` fixes the random subsets.
+
+    Precision and recall compare the samples with as many reference digits (a random subset if there are more), since
+    k-NN radii shrink as a set grows. KID averages `kid_subsets` subsets of min(`kid_subset_size`, both set sizes)
+    digits (torchmetrics' defaults; each subset costs three kernel matrices of that size squared, in float64).
+    """
+    num_samples, num_reference = len(samples.features), len(reference.features)
+    if min(num_samples, num_reference) <= k:
+        raise ValueError(f"need more than k={k} samples and reference digits, got {num_samples} and {num_reference}.")
+    generator = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(num_reference, generator=generator)[:num_samples]
+    kid_subset_size = min(kid_subset_size, num_samples, num_reference)
+    fid, kid, kid_std = _fid_kid(samples.features, reference.features, kid_subsets, kid_subset_size, seed)
+    probabilities = samples.logits.softmax(1)
+    histogram = torch.bincount(probabilities.argmax(1), minlength=NUM_CLASSES).double() / num_samples
+    seen = histogram[histogram > 0]
+    return SampleQuality(
+        fid=fid,
+        kid=kid,
+        kid_std=kid_std,
+        precision=_manifold_coverage(samples.features, reference.features[subset], k),
+        recall=_manifold_coverage(reference.features[subset], samples.features, k),
+        mean_confidence=probabilities.max(1).values.mean().item(),
+        class_entropy=(seen * (1 / seen).log2()).sum().item(),
+        rarest_class_share=histogram.min().item(),
+        class_histogram=histogram.tolist(),
+        num_images=num_samples,
+    )
+
+
+class _Precomputed(nn.Module):
+    """The identity, as torchmetrics' feature extractor: FID and KID receive features computed beforehand."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Return the features unchanged."""
+        return features
+
+
+def _fid_kid(
+    sample_features: torch.Tensor, reference_features: torch.Tensor, kid_subsets: int, kid_subset_size: int, seed: int
+) -> tuple[float, float, float]:
+    """FID, KID mean and KID standard deviation over subsets, by torchmetrics, in float64."""
+    extractor = _Precomputed(sample_features.shape[1])
+    fid = FrechetInceptionDistance(feature=extractor)
+    with warnings.catch_warnings():  # KID's note that it keeps every feature in memory: 10,000 x 128 floats here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=extractor, subsets=kid_subsets, subset_size=kid_subset_size)
+    for metric in (fid, kid):
+        metric.update(reference_features.double(), real=True)
+        metric.update(sample_features.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return fid.compute().item(), kid_mean.item(), kid_std.item()
+
+
+def _manifold_coverage(query: torch.Tensor, manifold: torch.Tensor, k: int) -> float:
+    """The share of `query` points within the k-NN radius of some `manifold` point (Kynkaanniemi et al. 2019, eq. 1)."""
+    # Radius of each manifold point: the distance to its k-th nearest neighbour, itself (at distance 0) excluded.
+    radii = torch.cat([torch.cdist(chunk, manifold).kthvalue(k + 1, dim=1).values for chunk in manifold.split(1024)])
+    inside = [(torch.cdist(chunk, manifold) <= radii).any(1) for chunk in query.split(1024)]
+    return torch.cat(inside).double().mean().item()

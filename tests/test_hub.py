@@ -1,0 +1,324 @@
+"""The Hub round trip against the stand-in of tests/hub_server.py: push, load by repo id, load without the package.
+
+Client code runs in fresh interpreters with the environment of `HubServer.client_env`: huggingface_hub reads
+HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME when it is imported, and this process imported it with the offline settings
+of conftest.py.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist.hub import render_model_card
+from tests.hub_server import WRITE_TOKEN, HubServer
+from tests.test_train import TINY
+from tests.utils import tiny_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "training" / "train.py"
+# Where the pushed repo carries the package's modules for trust_remote_code, and their source.
+REMOTE_CODE = {
+    "pipeline_ddpm_mnist.py": ROOT / "ddpm_mnist" / "pipeline_ddpm_mnist.py",
+    "unet/unet_ddpm_mnist.py": ROOT / "ddpm_mnist" / "unet_ddpm_mnist.py",
+    "scheduler/scheduling_ddpm_mnist.py": ROOT / "ddpm_mnist" / "scheduling_ddpm_mnist.py",
+}
+PIPELINE_FILES = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                  "unet/diffusion_pytorch_model.safetensors"]  # fmt: skip
+WITHOUT_PACKAGE = "import sys\nsys.modules['ddpm_mnist'] = None  # a user who never installed ddpm-mnist\n"
+# Script lines defining `sample(pipe)`: 2 digits drawn with a fixed seed, as an array.
+SAMPLE = """
+import numpy as np
+import torch
+
+def sample(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(batch_size=2, num_inference_steps=10, generator=generator, output_type="np").images
+"""
+# Script lines saving the PIL `images` a snippet of the model card made to the .npy file named by `format`.
+SAVE_IMAGES = "import numpy as np\nnp.save({!r}, np.stack([np.asarray(image) for image in images]))\n"
+CARD_CODE = r"```python\n(.*?)```"  # the model card's code blocks, with re.DOTALL
+# Two tiny runs of 2 steps with T = 10, so that the card's sampling code runs in a moment.
+PUSH_RUN = [*TINY, "--max_train_steps=2", "--checkpointing_steps=2", "--ddpm_num_steps=10", "--push_to_hub"]
+
+
+def client_env(hub: HubServer, hf_home: Path, token: str | None = WRITE_TOKEN) -> dict[str, str]:
+    """`hub.client_env`, with one compute thread: clients run side by side, and tiny models gain nothing from more."""
+    return {**hub.client_env(hf_home, token), "OMP_NUM_THREADS": "1"}
+
+
+def python(code: str, env: dict[str, str], cwd: Path) -> str:
+    """Run `code` in a fresh interpreter, require success and return its stdout."""
+    process = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == 0, process.stderr
+    return process.stdout
+
+
+def start_training(data: Path, output_dir: Path, env: dict[str, str], *flags: str) -> subprocess.Popen:
+    """Start `training/train.py` on `data` into `output_dir`, its output captured."""
+    command = [sys.executable, str(TRAIN), f"--dataset_name={data}", f"--output_dir={output_dir}", *flags]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs(hub: HubServer, mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimpleNamespace]:
+    """`train.py --push_to_hub` twice side by side: to tester/tiny, and to tester/broken, whose commits fail."""
+    tmp = tmp_path_factory.mktemp("runs")
+    hub.fail_commits_to.add("tester/broken")
+    env = client_env(hub, tmp / "hf")
+    # Different seeds: the Hub stores an LFS object once, so equal weights would go up only once.
+    processes = {
+        name: start_training(mnist_folder, tmp / name, env, *PUSH_RUN, f"--hub_model_id=tester/{name}", f"--seed={i}")
+        for i, name in enumerate(("tiny", "broken"))
+    }
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[name] = SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr, dir=tmp / name)
+    return results
+
+
+@pytest.fixture(scope="module")
+def from_memory(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """`pipe.push_to_hub("in-memory")` of a tiny pipeline with random weights, then its card's code for package users.
+
+    Returns the commit URL `push_to_hub` gave and the folder where the card's code saved `digit.png` and the
+    digits of its first snippet as `package.npy`.
+    """
+    tmp = tmp_path_factory.mktemp("from-memory")
+    code = f"""
+import re
+from huggingface_hub import hf_hub_download
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from tests.utils import tiny_unet
+
+pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10))
+print(pipe.push_to_hub("in-memory"))
+card = open(hf_hub_download("tester/in-memory", "README.md")).read()
+with_package, ddim, _ = re.findall({CARD_CODE!r}, card, flags=re.DOTALL)
+exec(with_package + {SAVE_IMAGES.format("package.npy")!r} + ddim)
+"""
+    commit_url = python(code, {**client_env(hub, tmp / "hf"), "PYTHONPATH": str(ROOT)}, tmp).strip()
+    return SimpleNamespace(commit_url=commit_url, dir=tmp)
+
+
+def test_train_pushes_the_pipeline_card_samples_and_code_and_nothing_else(runs, hub):
+    run = runs["tiny"]
+    assert run.returncode == 0, run.stderr
+    files = hub.files("tester/tiny")
+    assert sorted(files) == sorted([".gitattributes", "README.md", "samples/step-0000002.png", *PIPELINE_FILES,
+                                    *REMOTE_CODE])  # fmt: skip
+    # Checkpoints (with their optimizer states) and tensorboard logs exist locally, and stayed there.
+    assert (run.dir / "checkpoints" / "checkpoint-2" / "optimizer.bin").is_file()
+    assert list((run.dir / "logs").rglob("events.out.tfevents.*"))
+    for path in ("README.md", "samples/step-0000002.png", "unet/diffusion_pytorch_model.safetensors"):
+        assert files[path] == (run.dir / path).read_bytes(), path
+    for path, source in REMOTE_CODE.items():
+        assert files[path] == source.read_bytes(), f"{path} is not a verbatim copy of {source.name}"
+    index = json.loads(files["model_index.json"])
+    assert index["_class_name"] == ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]
+    assert index["unet"] == ["unet_ddpm_mnist", "DDPMMnistUNet"]
+    assert index["scheduler"] == ["scheduling_ddpm_mnist", "DDPMMnistScheduler"]
+    # The local folder keeps the plain diffusers layout.
+    assert json.loads((run.dir / "model_index.json").read_text())["unet"][0] == "ddpm_mnist.unet_ddpm_mnist"
+    # The weights went through the LFS protocol to the storage origin, which never saw the token.
+    weights_sha = hashlib.sha256(files["unet/diffusion_pytorch_model.safetensors"]).hexdigest()
+    assert ("PUT", f"cdn:/upload/{weights_sha}", False) in hub.requests
+    assert ("POST", "/tester/tiny.git/info/lfs/objects/verify", True) in hub.requests
+    assert not [request for request in hub.requests if request[1].startswith("cdn:") and request[2]]
+    # The token is in no file, local or uploaded, and in no log line.
+    local_files = [p.read_bytes() for p in run.dir.rglob("*") if p.is_file()]
+    assert not [data for data in [*files.values(), *local_files] if WRITE_TOKEN.encode() in data]
+    assert WRITE_TOKEN not in run.stdout + run.stderr
+
+
+def test_a_failed_upload_keeps_the_folder_and_its_retry_command_works(runs, hub, tmp_path):
+    run = runs["broken"]
+    assert run.returncode == 1
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the upload to tester/broken failed (") and "500" in error, error
+    assert f"{run.dir} is intact" in error
+    assert [commit.title for commit in hub.repos["tester/broken"].commits.values()] == ["initial commit"]
+    for path in [*PIPELINE_FILES, "README.md", "samples/step-0000002.png", "checkpoints/checkpoint-2"]:
+        assert (run.dir / path).exists(), path
+    # Once the Hub is back, the printed command alone finishes the push.
+    hub.fail_commits_to.discard("tester/broken")
+    program, flag, code = shlex.split(error.split("Retry the upload alone with: ", 1)[1])
+    assert (program, flag) == ("python", "-c")
+    python(code, client_env(hub, tmp_path / "hf"), tmp_path)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert hub.files("tester/broken")[weights] == (run.dir / weights).read_bytes()
+
+
+def test_from_pretrained_by_repo_id_with_revision_cache_dir_local_files_only_and_offline(runs, hub, tmp_path):
+    run = runs["tiny"]
+    assert run.returncode == 0, run.stderr
+    # Online: push the trained folder, then a second commit with another schedule, and load in every way.
+    online = f"""
+import json
+from huggingface_hub import HfApi
+from ddpm_mnist import DDPMMnistPipeline
+from ddpm_mnist.hub import push_pipeline_folder
+
+first = push_pipeline_folder({str(run.dir)!r}, "tester/loads").rsplit("/", 1)[1]
+config = json.load(open({str(run.dir / "scheduler" / "scheduler_config.json")!r}))
+config["num_train_timesteps"] = 20
+HfApi().upload_file(path_or_fileobj=json.dumps(config).encode(), path_in_repo="scheduler/scheduler_config.json",
+                    repo_id="tester/loads")
+main = DDPMMnistPipeline.from_pretrained("tester/loads")
+pinned = DDPMMnistPipeline.from_pretrained("tester/loads", revision=first)
+elsewhere = DDPMMnistPipeline.from_pretrained("tester/loads", cache_dir="cache")
+cached = DDPMMnistPipeline.from_pretrained("tester/loads", local_files_only=True)
+try:
+    DDPMMnistPipeline.from_pretrained("tester/loads", local_files_only=True, cache_dir="empty")
+    not_cached = "loaded"
+except Exception as e:
+    not_cached = type(e).__name__
+local = DDPMMnistPipeline.from_pretrained({str(run.dir)!r})
+print(json.dumps({{
+    "classes": sorted({{type(c).__module__ for p in (main, pinned) for c in (p, p.unet, p.scheduler)}}),
+    "steps": [p.scheduler.config.num_train_timesteps for p in (main, pinned, elsewhere, cached)],
+    "pinned_is_local": bool((sample(pinned) == sample(local)).all()),
+    "not_cached": not_cached,
+}}))
+np.save("main.npy", sample(main))
+"""
+    env = client_env(hub, tmp_path / "hf")
+    result = json.loads(python(SAMPLE + online, env, tmp_path))
+    assert result["classes"] == ["ddpm_mnist.pipeline_ddpm_mnist", "ddpm_mnist.scheduling_ddpm_mnist",
+                                 "ddpm_mnist.unet_ddpm_mnist"]  # fmt: skip
+    assert result["steps"] == [20, 10, 20, 20]
+    assert result["pinned_is_local"]
+    assert result["not_cached"] == "LocalEntryNotFoundError"
+    assert (tmp_path / "cache" / "models--tester--loads" / "snapshots").is_dir()
+    # Offline, with no Hub at all: what was downloaded loads, pinned or not; nothing else does.
+    offline = """
+from ddpm_mnist import DDPMMnistPipeline
+assert (sample(DDPMMnistPipeline.from_pretrained("tester/loads")) == np.load("main.npy")).all()
+try:
+    DDPMMnistPipeline.from_pretrained("tester/tiny")
+except Exception as e:
+    print(type(e).__name__)
+"""
+    env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    assert python(SAMPLE + offline, env, tmp_path).split() == ["LocalEntryNotFoundError"]
+
+
+def test_push_to_hub_from_memory_uploads_weights_card_and_code(from_memory, hub):
+    repo = hub.repos["tester/in-memory"]  # the token's user is the namespace of a bare name
+    assert from_memory.commit_url == f"{hub.endpoint}/tester/in-memory/commit/{repo.main}"
+    files = hub.files("tester/in-memory")
+    assert sorted(files) == sorted([".gitattributes", "README.md", *PIPELINE_FILES, *REMOTE_CODE])
+    card = files["README.md"].decode()
+    assert 'DDPMMnistPipeline.from_pretrained("tester/in-memory")' in card
+    assert "preset `tiny`" in card and "its training run was not recorded" in card
+
+
+def test_the_cards_code_runs_and_gives_the_same_digits_with_and_without_the_package(from_memory, hub, tmp_path):
+    # The fixture ran the code for package users; here a new user without the package runs the code for them.
+    without_package = re.findall(CARD_CODE, hub.files("tester/in-memory")["README.md"].decode(), flags=re.DOTALL)[2]
+    code = WITHOUT_PACKAGE + without_package + SAVE_IMAGES.format("remote.npy") + "print(type(pipe).__module__)"
+    stdout = python(code, client_env(hub, tmp_path / "hf"), tmp_path)
+    assert stdout.split()[-1] == "diffusers_modules.local.pipeline_ddpm_mnist"
+    package, remote = np.load(from_memory.dir / "package.npy"), np.load(tmp_path / "remote.npy")
+    assert package.shape == (16, 28, 28) and package.std() > 10, "random weights give varied digits"
+    np.testing.assert_array_equal(remote, package)
+    assert (from_memory.dir / "digit.png").is_file()
+
+
+def test_the_model_card_has_the_hub_metadata_and_the_training_details(runs, hub):
+    assert runs["tiny"].returncode == 0, runs["tiny"].stderr
+    card = hub.files("tester/tiny")["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["library_name"] == "diffusers"
+    assert metadata["pipeline_tag"] == "unconditional-image-generation"
+    assert metadata["datasets"] == ["ylecun/mnist"] and metadata["license"] == "apache-2.0"
+    assert {"ddpm", "mnist"} <= set(metadata["tags"]) and "model-index" not in metadata
+    assert 'pipe = DDPMMnistPipeline.from_pretrained("tester/tiny")' in card
+    assert 'pipe = DiffusionPipeline.from_pretrained("tester/tiny", trust_remote_code=True)' in card
+    assert "](samples/step-0000002.png)" in card and "samples/step-0000002.png" in hub.files("tester/tiny")
+    assert "| optimizer steps | 2 |" in card and "176,849 parameters" in card and "preset `tiny`" in card
+    assert "T = 10" in card and "Evaluation results" not in card
+
+
+def test_a_path_that_is_no_folder_is_not_taken_for_a_repo_id(tmp_path):
+    with pytest.raises(OSError, match="no/such/folder is neither a folder nor a Hub repo id"):
+        DDPMMnistPipeline.from_pretrained(tmp_path / "no" / "such" / "folder")
+
+
+def test_evaluation_results_render_as_a_table_and_as_model_index():
+    pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler())
+    results = {"fid": 3.1, "kid": 0.002, "precision": 0.71, "recall": 0.55, "mean_confidence": 0.97, "nll_bpd": 1.2}
+    card = render_model_card(pipe, "tester/evaluated", eval_results=results)
+    model_index = card.data.to_dict()["model-index"][0]
+    assert model_index["name"] == "evaluated"
+    reported = {m["type"]: m["value"] for r in model_index["results"] for m in r["metrics"]}
+    assert reported == results
+    assert model_index["results"][0]["dataset"]["type"] == "ylecun/mnist"
+    assert "| FID | 3.1 |" in card.text and "| NLL (bits/dim) | 1.2 |" in card.text
+    with pytest.raises(ValueError, match="unknown metrics is; the card knows fid, kid"):
+        render_model_card(pipe, "tester/evaluated", eval_results={"is": 9.0})
+
+
+def test_push_to_hub_without_a_usable_token_fails_before_training(hub, mnist_folder, tmp_path):
+    cases = {
+        "no-token": (None, "tester/x", "--push_to_hub needs a Hub token that can write to tester/x: no token found"),
+        "invalid-token": ("hf_no_such_token", "tester/x", f"{hub.endpoint} refused the token (HTTP 401)"),
+        "read-only": ("hf_standin_read_token", "reader/x", "the token of reader is read-only"),
+    }  # a malformed --hub_model_id fails the same way, in test_train.py's test_bad_arguments_fail_before_training
+    seen_before = len(hub.requests)
+    processes = {}
+    for name, (token, repo_id, _) in cases.items():
+        env = client_env(hub, tmp_path / "hf", token)
+        processes[name] = start_training(mnist_folder, tmp_path / name, env, *PUSH_RUN, f"--hub_model_id={repo_id}")
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        error = stderr.strip().splitlines()[-1]
+        assert process.returncode == 1 and error.startswith("error: ") and cases[name][2] in error, (name, stderr)
+        assert not (tmp_path / name).exists(), f"{name}: training started"
+        assert cases[name][0] is None or cases[name][0] not in stderr, f"{name}: the token was printed"
+    # The only question asked of the Hub was whose the token is.
+    assert {path for _, path, _ in hub.requests[seen_before:]} == {"/api/whoami-v2"}
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("HF_TOKEN") and os.environ.get("DDPM_MNIST_REAL_HUB_ENDPOINT")),
+    reason="pushes to a real Hub only with HF_TOKEN and DDPM_MNIST_REAL_HUB_ENDPOINT set",
+)
+def test_round_trip_on_a_real_hub(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": os.environ["DDPM_MNIST_REAL_HUB_ENDPOINT"], "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    name = f"ddpm-mnist-test-{uuid.uuid4().hex[:8]}"
+    push = f"""
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist.hub import check_push_access
+from tests.utils import tiny_unet
+repo_id = check_push_access({name!r})
+print(repo_id)
+DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10)).push_to_hub(repo_id, private=True)
+pipe = DDPMMnistPipeline.from_pretrained(repo_id)
+"""
+    repo_id = python(SAMPLE + push + 'np.save("package.npy", sample(pipe))', env, tmp_path).split()[0]
+    try:
+        remote = f"""
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({repo_id!r}, trust_remote_code=True)
+"""
+        python(WITHOUT_PACKAGE + SAMPLE + remote + 'np.save("remote.npy", sample(pipe))', env, tmp_path)
+        np.testing.assert_array_equal(np.load(tmp_path / "remote.npy"), np.load(tmp_path / "package.npy"))
+    finally:
+        python(f"from huggingface_hub import delete_repo\ndelete_repo({repo_id!r})\n", env, tmp_path)
