@@ -1,6 +1,7 @@
 """Run `training/train.py` as `__main__` with test instrumentation, under `python` or `accelerate launch`.
 
-Writes to $RECORD_DIR, per process: `seen-<rank>.txt` (the id, top-left pixel, of every example decoded) and, at
+Writes to $RECORD_DIR, per process: `pid-<rank>.txt` (for the test to signal a hung worker, which torch's
+launcher starts in a session of its own), `seen-<rank>.txt` (the id, top-left pixel, of every example decoded) and, at
 the end, `weights-<rank>.txt` (a digest of that process's final training weights). With $INJECT_NAN_AT_BATCH=k
 the k-th batch (1-based) becomes NaN, as corrupt data would.
 """
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORD_DIR = Path(os.environ["RECORD_DIR"])
 RANK = os.environ.get("RANK", "0")
 NAN_AT = int(os.environ.get("INJECT_NAN_AT_BATCH", "0"))
+(RECORD_DIR / f"pid-{RANK}.txt").write_text(str(os.getpid()))
 decode_batch = ImagePreprocessor.__call__
 end_training = Accelerator.end_training
 batches = 0

@@ -4,6 +4,7 @@ Each run is a real process (`python` or `accelerate launch`) started through `te
 the examples each process decoded and a digest of its final weights.
 """
 
+import contextlib
 import os
 import runpy
 import signal
@@ -13,14 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ddpm_mnist import DDPMMnistPipeline
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
 LAUNCHER = ROOT / "tests" / "launch_train.py"
+HANG_SECONDS = 300  # no run here takes a tenth of this
 # 96 examples in batches of 16: 6 batches per epoch on one process, 3 on each of two.
 TINY = [
     "--preset=tiny",
@@ -39,14 +43,26 @@ def train(tmp_path: Path, data: Path, run: str, *flags: str, launch: list[str] |
     output_dir, record = tmp_path / run, tmp_path / f"{run}-record"
     record.mkdir()
     command = [*(launch or [sys.executable]), str(LAUNCHER), f"--dataset_name={data}", f"--output_dir={output_dir}"]
-    process = subprocess.run(
+    process = subprocess.Popen(
         [*command, *TINY, *flags],
-        env={**os.environ, "RECORD_DIR": str(record), **env},
-        capture_output=True,
+        env={**os.environ, "RECORD_DIR": str(record), "PYTHONFAULTHANDLER": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
+        start_new_session=True,
     )
-    return process, output_dir, record
+    try:
+        stdout, stderr = process.communicate(timeout=HANG_SECONDS)
+    except subprocess.TimeoutExpired:
+        # A hang: SIGABRT makes every Python process of the run (launcher and workers) print all its threads'
+        # stacks (PYTHONFAULTHANDLER) before it dies, so the failure says where it hung.
+        os.killpg(process.pid, signal.SIGABRT)
+        for pid_file in record.glob("pid-*.txt"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGABRT)
+        _, stderr = process.communicate(timeout=60)
+        pytest.fail(f"training hung for 300 s; the stacks at the time:\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), output_dir, record
 
 
 def read_ids(path: Path) -> list[int]:
@@ -177,6 +193,8 @@ def train_module() -> dict:
         (["--model_config_name_or_path=/no/config.json"], FileNotFoundError, "is not a file"),
         (["--train_batch_size=0"], ValueError, "--train_batch_size must be at least 1"),
         (["--train_batch_size=200"], ValueError, "give no full batch"),
+        (["--snr_gamma=0"], ValueError, "--snr_gamma must be positive"),
+        (["--max_train_minutes=-1"], ValueError, "--max_train_minutes must be positive"),
         (["--push_to_hub", "--hub_model_id=a/b/c"], ValueError, "--hub_model_id is not a valid repo id"),
         (["--push_to_hub", "--hub_model_id=user/ddpm"], ValueError, "--push_to_hub needs a Hub token"),
     ],
@@ -204,6 +222,31 @@ def test_config_file_sets_defaults_and_flags_win(train_module, tmp_path):
     config.write_text('{"learning_rate": 0.001, "preset": "mnist-small", "train_batch_size": 7}')
     args = train_module["parse_args"]([f"--config={config}", "--train_batch_size=9"])
     assert (args.learning_rate, args.preset, args.train_batch_size) == (0.001, "mnist-small", 9)
+
+
+def test_a_time_budget_ends_the_run_with_a_saved_pipeline(tmp_path, mnist_folder):
+    process, output_dir, _ = train(
+        tmp_path, mnist_folder, "budget", "--max_train_steps=50", "--max_train_minutes=1e-6", "--snr_gamma=5"
+    )
+    assert process.returncode == 0, process.stderr
+    assert "| optimizer steps | 1 |" in (output_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_follow_the_paper(train_module, prediction_type):
+    """Hang et al. 2023, eq. 9 and its v / x_0 forms, against SNR_t from the linear betas computed here in float64."""
+    scheduler = DDPMMnistScheduler()
+    t = torch.tensor([0, 100, 300, 999])
+    alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))[t.numpy()]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    expected = {
+        "epsilon": np.minimum(snr, 5) / snr,
+        "v_prediction": np.minimum(snr, 5) / (snr + 1),
+        "sample": np.minimum(snr, 5),
+    }[prediction_type]
+    weights = train_module["min_snr_weight"](scheduler, t, 5.0, prediction_type)
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-3)  # float32 1 - abar_0 = 1e-4 keeps ~4 digits
+    assert snr[0] > 5 > snr[-1], "the test covers both sides of the clip"
 
 
 def test_real_mnist_trains(tmp_path, real_mnist):

@@ -23,6 +23,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -30,7 +31,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import make_image_grid
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch.utils.data import DataLoader
@@ -84,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=0, help="seed of weights, noise, timesteps and data order")
     train.add_argument("--train_batch_size", type=int, default=128, help="batch size per process")
     train.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (overrides epochs)")
+    train.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="stop and save the pipeline once training time, summed over resumed runs, passes this",
+    )
     train.add_argument("--num_epochs", type=int, default=None, help="passes over the data (default 100)")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     train.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate (the paper's)")
@@ -94,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
     train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    train.add_argument(
+        "--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual)"
+    )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="EMA of weights")
     train.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay after warm-up")
     train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inv_gamma")
@@ -136,6 +146,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
+    for name in ("max_train_minutes", "snr_gamma"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
     if args.model_config_name_or_path and not os.path.isfile(args.model_config_name_or_path):
         raise FileNotFoundError(f"--model_config_name_or_path {args.model_config_name_or_path} is not a file.")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
@@ -206,6 +219,19 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     accelerator.wait_for_everyone()
 
 
+def min_snr_weight(
+    noise_scheduler: DDPMMnistScheduler, t: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Per-example loss weight of min-SNR-gamma (Hang et al. 2023): min(SNR_t, gamma) over the target's own weight."""
+    snr = compute_snr(noise_scheduler, t)  # SNR_t = abar_t / (1 - abar_t)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # x_0 prediction
+
+
 def release_pipeline(
     unet: DDPMMnistUNet, scheduler: DDPMMnistScheduler | DDIMScheduler, ema: EMAModel | None
 ) -> DDPMMnistPipeline:
@@ -220,6 +246,10 @@ def release_pipeline(
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
+    # `datasets` hands Arrow Python file objects, and Arrow's CPU thread pool can then deadlock at exit or in
+    # `to_batches` (apache/arrow#45214, #50482); one Arrow thread avoids it and costs nothing here, where
+    # decoding PNGs, not reading parquet, is the work.
+    pyarrow.set_cpu_count(1)
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     accelerator = Accelerator(
@@ -328,7 +358,8 @@ def main(args: argparse.Namespace) -> None:
     start_time, images_at_start = time.time(), progress.global_step * total_batch_size
     last_time = start_time
     unet.train()
-    while progress.global_step < max_train_steps and not stop_requested:
+    out_of_time = False
+    while progress.global_step < max_train_steps and not (stop_requested or out_of_time):
         shard = shuffled_shard(
             stream,
             seed=args.seed,
@@ -358,7 +389,10 @@ def main(args: argparse.Namespace) -> None:
             else:
                 target = noise_scheduler.get_velocity(x_0, eps, t)
             with accelerator.accumulate(unet):
-                loss = F.mse_loss(unet(x_t, t).sample.float(), target.float())  # L_simple (eq. 14)
+                loss = F.mse_loss(unet(x_t, t).sample.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if args.snr_gamma is not None:
+                    loss = loss * min_snr_weight(noise_scheduler, t, args.snr_gamma, args.prediction_type)
+                loss = loss.mean()  # L_simple (eq. 14), or its min-SNR-weighted form
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -375,9 +409,16 @@ def main(args: argparse.Namespace) -> None:
             progress.global_step += 1
             progress.train_seconds += time.time() - last_time
             last_time = time.time()
-            # One collective per step: the mean loss, and whether any process was asked to stop.
-            loss_and_stop = accelerator.reduce(torch.tensor([loss.item(), stop_requested], device=x_0.device), "mean")
-            mean_loss, stop_requested = loss_and_stop[0].item(), bool(loss_and_stop[1] > 0)
+            # One collective per step: the mean loss, whether any process was asked to stop, and whether the
+            # time budget is spent (decided on the main process's clock, so every process agrees).
+            out_of_time = (
+                args.max_train_minutes is not None
+                and accelerator.is_main_process
+                and progress.train_seconds >= 60 * args.max_train_minutes
+            )
+            flags = accelerator.reduce(torch.tensor([loss.item(), stop_requested, out_of_time], device=x_0.device))
+            mean_loss = flags[0].item() / accelerator.num_processes
+            stop_requested, out_of_time = bool(flags[1] > 0), bool(flags[2] > 0)
             if not math.isfinite(mean_loss):
                 progress_bar.close()
                 raise FloatingPointError(
@@ -402,7 +443,7 @@ def main(args: argparse.Namespace) -> None:
             if progress.global_step % args.save_images_steps == 0 and accelerator.is_main_process:
                 pipeline = release_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
                 save_sample_grid(accelerator, pipeline, output_dir, progress.global_step, args)
-            if progress.global_step >= max_train_steps or stop_requested:
+            if progress.global_step >= max_train_steps or stop_requested or out_of_time:
                 break
         else:
             progress.epoch += 1
