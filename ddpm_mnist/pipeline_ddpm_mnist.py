@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
@@ -58,6 +59,7 @@ class DDPMMnistPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["image"]
 
     def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, image_size: int = 28):
         super().__init__()
@@ -111,8 +113,15 @@ class DDPMMnistPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         num_inference_steps: int,
         output_type: str,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> None:
         """Raise a ValueError naming the bad argument before any sampling starts."""
+        unknown = sorted(set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not tensors of this pipeline; pass a subset of "
+                f"{self._callback_tensor_inputs}."
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         num_train_timesteps = self.scheduler.config.num_train_timesteps
@@ -137,6 +146,8 @@ class DDPMMnistPipeline(DiffusionPipeline):
         num_inference_steps: int = 1000,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Sample digits by running the reverse process from pure noise (Algorithm 2).
@@ -155,6 +166,12 @@ class DDPMMnistPipeline(DiffusionPipeline):
                 or `"pt"` (a tensor of shape (N, 1, 28, 28) in [0, 1]).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`~pipelines.ImagePipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called after every step as `callback_on_step_end(pipe, i, t, callback_kwargs)`, diffusers' callback
+                convention: `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (here
+                `"image"`, the current x_{t-1} in the model's space), and the dict it returns replaces them.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["image"]`):
+                The tensors handed to `callback_on_step_end`.
 
         Example:
 
@@ -170,7 +187,8 @@ class DDPMMnistPipeline(DiffusionPipeline):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the images, as `.images` or as the tuple's only item.
         """
-        self.check_inputs(batch_size, generator, num_inference_steps, output_type)
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["image"]
+        self.check_inputs(batch_size, generator, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         sample_size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, sample_size, sample_size)
@@ -185,10 +203,14 @@ class DDPMMnistPipeline(DiffusionPipeline):
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra_step_kwargs["generator"] = generator
 
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(image, t)
             model_output = self.unet(model_input, t).sample
             image = self.scheduler.step(model_output, t, image, **extra_step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"image": image}
+                outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                image = outputs.get("image", image)
 
         # Crop the padding a 32x32 model was trained with, then map [-1, 1] to [0, 1].
         border = (sample_size - self.config.image_size) // 2

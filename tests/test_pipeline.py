@@ -71,6 +71,22 @@ def test_generator_list_gives_each_image_its_single_image_result(pipe):
         np.testing.assert_allclose(batch[i : i + 1], sample(pipe, seed=seed, batch_size=1), atol=1e-5)
 
 
+def test_step_end_callback_sees_every_step_and_can_replace_the_image(pipe):
+    seen = []
+
+    def record(pipeline, i, t, tensors):
+        seen.append((i, int(t), tensors["image"].clone()))
+        return {}
+
+    final = sample(pipe, output_type="pt", callback_on_step_end=record)
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(pipe.scheduler.timesteps.tolist()))
+    # After the last step the callback holds x_0 in [-1, 1]; the output is that image mapped to [0, 1].
+    torch.testing.assert_close(final, (seen[-1][2].clamp(-1, 1) + 1) / 2)
+    # What the callback returns replaces the image for the next step: zeroing x_t at the last step gives grey digits.
+    zeroed = sample(pipe, callback_on_step_end=lambda p, i, t, x: {"image": torch.zeros_like(x["image"])})
+    np.testing.assert_allclose(zeroed, 0.5)
+
+
 def test_progress_bar_is_configurable(pipe, capsys):
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     sample(pipe, num_inference_steps=3)
@@ -152,6 +168,7 @@ def test_padded_model_returns_28x28_digits_and_remembers_it(tmp_path):
         ({"num_inference_steps": 1001}, "num_inference_steps must be an integer between 1 and 1000"),
         ({"output_type": "latent"}, "output_type must be one of pil, np, pt"),
         ({"batch_size": 2, "generator": [torch.Generator()]}, "one generator per image"),
+        ({"callback_on_step_end_tensor_inputs": ["latents"]}, r"\['latents'\] are not tensors of this pipeline"),
     ],
 )
 def test_bad_input_raises_before_sampling(pipe, kwargs, match):
