@@ -69,12 +69,19 @@ def render_model_card(
     *,
     dataset_name: str = CARD_DATASET,
     samples_image: str | None = None,
+    denoising_image: str | None = None,
+    loss_curve_image: str | None = None,
     training: dict[str, Any] | None = None,
     eval_results: dict[str, float] | None = None,
     eval_split: str = "test",
+    evaluation: str | None = None,
     template_path: str | os.PathLike = CARD_TEMPLATE,
 ) -> ModelCard:
-    """The model card of a pipeline: Hub metadata, the model, both ways to load it, training and evaluation."""
+    """The model card of a pipeline: Hub metadata, the model, both ways to load it, training and evaluation.
+
+    Images are paths inside the repo. `eval_results` go into the `model-index` metadata and, unless `evaluation`
+    (Markdown for the card's evaluation section) is given, into a table of their own.
+    """
     unknown = sorted(set(eval_results or {}) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {', '.join(unknown)}; the card knows {', '.join(METRICS)}.")
@@ -111,6 +118,9 @@ def render_model_card(
         repo_id=repo_id,
         dataset_name=dataset_name,
         samples_image=samples_image,
+        denoising_image=denoising_image,
+        loss_curve_image=loss_curve_image,
+        evaluation=evaluation,
         preset=_preset_name(dict(unet_config)),
         num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",
         sample_size=unet_config.sample_size,
@@ -165,6 +175,19 @@ def hub_files(folder: str | os.PathLike) -> dict[str, Path | bytes]:
     extras = [folder / "README.md", *sorted((folder / "samples").glob("*.png"))]
     files.update({path.relative_to(folder).as_posix(): path for path in extras if path.is_file()})
     return files
+
+
+def export_pipeline_folder(folder: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Write what pushing `folder` would upload (see `hub_files`) into the new folder `destination`, and return it."""
+    destination = Path(destination)
+    if destination.exists():
+        raise FileExistsError(f"{destination} exists; export into a new folder, or remove it first.")
+    files = hub_files(folder)
+    for path, content in files.items():
+        target = destination / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+    return destination
 
 
 def _module_file(module: str) -> tuple[str, Path]:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.hub import render_model_card
+from ddpm_mnist.hub import export_pipeline_folder, render_model_card
 from tests.hub_server import WRITE_TOKEN, HubServer
 from tests.test_train import TINY
 from tests.utils import tiny_unet
@@ -144,6 +144,18 @@ def test_train_pushes_the_pipeline_card_samples_and_code_and_nothing_else(runs, 
     local_files = [p.read_bytes() for p in run.dir.rglob("*") if p.is_file()]
     assert not [data for data in [*files.values(), *local_files] if WRITE_TOKEN.encode() in data]
     assert WRITE_TOKEN not in run.stdout + run.stderr
+
+
+def test_export_writes_exactly_what_a_push_uploads_and_it_loads(runs, hub, tmp_path):
+    run = runs["tiny"]
+    exported = export_pipeline_folder(run.dir, tmp_path / "release")
+    files = {p.relative_to(exported).as_posix(): p.read_bytes() for p in exported.rglob("*") if p.is_file()}
+    pushed = {path: data for path, data in hub.files("tester/tiny").items() if path != ".gitattributes"}
+    assert files == pushed
+    pipe = DDPMMnistPipeline.from_pretrained(exported)
+    assert type(pipe.unet).__module__ == "ddpm_mnist.unet_ddpm_mnist"  # the package's classes, not the copies
+    with pytest.raises(FileExistsError, match="release exists; export into a new folder"):
+        export_pipeline_folder(run.dir, exported)
 
 
 def test_a_failed_upload_keeps_the_folder_and_its_retry_command_works(runs, hub, tmp_path):
@@ -272,6 +284,24 @@ def test_evaluation_results_render_as_a_table_and_as_model_index():
     assert "| FID | 3.1 |" in card.text and "| NLL (bits/dim) | 1.2 |" in card.text
     with pytest.raises(ValueError, match="unknown metrics is; the card knows fid, kid"):
         render_model_card(pipe, "tester/evaluated", eval_results={"is": 9.0})
+
+
+def test_the_card_shows_the_release_pictures_and_a_given_evaluation_section():
+    pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler())
+    training = {"global_step": 5, "learning_rate": 1e-3, "use_ema": True}
+    card = render_model_card(
+        pipe,
+        "tester/released",
+        samples_image="samples/grid.png",
+        denoising_image="samples/denoising.png",
+        loss_curve_image="samples/loss.png",
+        training=training,
+        eval_results={"fid": 3.1},
+        evaluation="| sampler | FID |\n| --- | --- |\n| DDIM, 50 steps | 3.1 |",
+    ).text
+    for image in ("samples/grid.png", "samples/denoising.png", "samples/loss.png"):
+        assert f"]({image})" in card
+    assert "| DDIM, 50 steps | 3.1 |" in card and "| FID | 3.1 |" not in card
 
 
 def test_push_to_hub_without_a_usable_token_fails_before_training(hub, mnist_folder, tmp_path):

@@ -477,6 +477,10 @@ def main(args: argparse.Namespace) -> None:
             hardware=f"{accelerator.num_processes} x {describe_device(accelerator.device)}",
             training_time=f"{progress.train_seconds / 60:.1f} minutes",
         )
+        # The run's record, for re-rendering the card later (training/release.py); never pushed.
+        (output_dir / "training.json").write_text(
+            json.dumps({"dataset_name": args.dataset_name, "training": training}, indent=2)
+        )
         card = render_model_card(
             pipeline,
             repo_id,
