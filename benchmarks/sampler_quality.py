@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_mnist import DDPMMnistPipeline
-from ddpm_mnist.cli import SCHEDULERS, UsageError, _int_at_least, _load_pipeline
+from ddpm_mnist.cli import SCHEDULERS, UsageError, _int_at_least, generate_digits, load_pipeline
 from ddpm_mnist.data import DEFAULT_DATASET, load_x_0
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import ClassifierOutputs, SampleQuality, classifier_outputs, sample_quality
@@ -136,23 +136,12 @@ def load_real_digits(dataset: str, split: str, num_images: int, seed: int | None
     return (x_0 + 1) / 2
 
 
-def sample_digits(pipe: DDPMMnistPipeline, num_images: int, steps: int, seed: int, batch_size: int) -> torch.Tensor:
-    """`num_images` digits (N, 1, 28, 28) in [0, 1] from the pipeline's sampler, drawn from one seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    sizes = [min(batch_size, num_images - start) for start in range(0, num_images, batch_size)]
-    batches = [
-        pipe(batch_size=size, generator=generator, num_inference_steps=steps, output_type="pt").images.cpu()
-        for size in sizes
-    ]
-    return torch.cat(batches)
-
-
 def timed_samples(
     pipe: DDPMMnistPipeline, num_images: int, steps: int, seed: int, batch_size: int
 ) -> tuple[torch.Tensor, float]:
-    """The digits of `sample_digits` and the wall seconds their sampling took (`.cpu()` waits for the device)."""
+    """The digits of `generate_digits` and the wall seconds their sampling took (`.cpu()` waits for the device)."""
     start = time.perf_counter()
-    images = sample_digits(pipe, num_images, steps, seed, batch_size)
+    images = generate_digits(pipe, num_images, steps, seed, batch_size, progress=False)
     return images, time.perf_counter() - start
 
 
@@ -264,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Everything that can fail on bad input, before any sampling.
     try:
-        pipe = _load_pipeline(args.pipeline, args.device)
+        pipe = load_pipeline(args.pipeline, args.device)
         num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         steps, skipped = split_steps(args.steps, num_train_timesteps)
         if not steps:

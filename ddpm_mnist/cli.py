@@ -168,7 +168,7 @@ def _sample(args: argparse.Namespace) -> None:
     if args.images_dir is not None and Path(args.images_dir).is_file():
         raise UsageError(f"--images-dir {args.images_dir!r} is a file; pass a folder.")
     pipe, steps = _sampling_pipeline(args)
-    images = _generate(pipe, args.num_images, steps, args.seed, args.batch_size)
+    images = generate_digits(pipe, args.num_images, steps, args.seed, args.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     _to_pil(_grid(images)).save(out)
     if args.images_dir is not None:
@@ -195,7 +195,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         nll_x_0 = _load_digits(args.dataset, "test", args.nll_images, pipe.unet.config.sample_size, seed=args.seed)
 
     reference_outputs = classifier_outputs((reference + 1) / 2, classifier)
-    samples = _generate(pipe, args.num_samples, steps, args.seed, args.batch_size)
+    samples = generate_digits(pipe, args.num_samples, steps, args.seed, args.batch_size)
     quality = sample_quality(classifier_outputs(samples, classifier), reference_outputs, seed=args.seed)
     floor = sample_quality(classifier_outputs((floor_digits + 1) / 2, classifier), reference_outputs, seed=args.seed)
     result = {**quality.as_dict(), "floor": floor.as_dict(), "scheduler": args.scheduler, "steps": steps}
@@ -219,7 +219,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _nll(args: argparse.Namespace) -> None:
     """`ddpm-mnist nll`: the variational bound in bits/dim with its terms."""
-    pipe = _load_pipeline(args.pipeline, args.device)
+    pipe = load_pipeline(args.pipeline, args.device)
     _check_timesteps(args.timesteps, pipe)
     x_0 = _load_digits(args.dataset, args.split, args.num_images, pipe.unet.config.sample_size, seed=args.seed)
     bound = _bound(pipe, x_0, args.timesteps, args.batch_size, args.seed)
@@ -244,7 +244,7 @@ def _nll(args: argparse.Namespace) -> None:
 # Helpers
 
 
-def _load_pipeline(name: str, device: str) -> DDPMMnistPipeline:
+def load_pipeline(name: str, device: str) -> DDPMMnistPipeline:
     """The saved pipeline, on `device`; a missing folder, bad repo id or device is a UsageError."""
     path = os.path.expanduser(name)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(path)
@@ -266,7 +266,7 @@ def _load_pipeline(name: str, device: str) -> DDPMMnistPipeline:
 
 def _sampling_pipeline(args: argparse.Namespace) -> tuple[DDPMMnistPipeline, int]:
     """The pipeline with the chosen sampler, and the checked number of steps."""
-    pipe = _load_pipeline(args.pipeline, args.device)
+    pipe = load_pipeline(args.pipeline, args.device)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     steps = args.steps or (num_train_timesteps if args.scheduler == "ddpm" else FAST_SAMPLER_STEPS)
     if steps > num_train_timesteps:
@@ -290,13 +290,15 @@ def _load_digits(dataset: str, split: str, num_images: int | None, sample_size: 
         raise UsageError(str(error).splitlines()[0]) from error
 
 
-def _generate(pipe: DDPMMnistPipeline, num_images: int, steps: int, seed: int, batch_size: int) -> torch.Tensor:
+def generate_digits(
+    pipe: DDPMMnistPipeline, num_images: int, steps: int, seed: int, batch_size: int, progress: bool = True
+) -> torch.Tensor:
     """`num_images` digits (N, 1, 28, 28) in [0, 1], drawn batch by batch from one generator seeded with `seed`."""
     generator = torch.Generator().manual_seed(seed)
     sizes = [min(batch_size, num_images - start) for start in range(0, num_images, batch_size)]
     batches = [
         pipe(batch_size=size, generator=generator, num_inference_steps=steps, output_type="pt").images.cpu()
-        for size in tqdm(sizes, desc="sampling", unit="batch")
+        for size in tqdm(sizes, desc=f"sampling, {steps} steps", unit="batch", disable=not progress)
     ]
     return torch.cat(batches)
 

@@ -23,12 +23,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tqdm.auto import tqdm
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist.cli import SCHEDULERS, generate_digits
 from ddpm_mnist.data import load_x_0
 from ddpm_mnist.hub import export_pipeline_folder, render_model_card
 from ddpm_mnist.metrics.classifier import MnistClassifier, load_mnist_classifier
@@ -38,7 +37,6 @@ from ddpm_mnist.metrics.quality import ClassifierOutputs, SampleQuality, classif
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-FAST_SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
 SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++", "unipc": "UniPC"}
 # The quality bar of a release (at the fast sampler's setting): confident digits, and no digit left out.
 MIN_CONFIDENCE, MIN_DIGIT_SHARE = 0.95, 0.05
@@ -51,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the release folder to write (must not exist)")
     p.add_argument("--repo_id", required=True, help="the Hub id the release would have, user/name")
     p.add_argument("--dataset", default="ylecun/mnist", help="MNIST, a Hub id or a local copy")
-    p.add_argument("--fast_scheduler", default="ddim", choices=sorted(FAST_SAMPLERS), help="the fast sampler")
+    fast_samplers = sorted(set(SCHEDULERS) - {"ddpm"})
+    p.add_argument("--fast_scheduler", default="ddim", choices=fast_samplers, help="the fast sampler")
     p.add_argument("--fast_steps", type=int, default=50, help="steps of the fast sampler")
     p.add_argument("--num_samples", type=int, default=1000, help="samples scored at the fast setting")
     p.add_argument("--ddpm_samples", type=int, default=100, help="samples of 1000-step DDPM (0, or 64+ for the grid)")
@@ -77,17 +76,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def generate(pipe: DDPMMnistPipeline, scheduler: str, steps: int, num_images: int, args: argparse.Namespace):
-    """`num_images` digits (N, 1, 28, 28) in [0, 1] from one generator seeded with --seed."""
-    classes = {"ddpm": DDPMMnistScheduler, **FAST_SAMPLERS}
-    pipe.scheduler = classes[scheduler].from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(args.seed)
-    sizes = [min(args.batch_size, num_images - start) for start in range(0, num_images, args.batch_size)]
-    return torch.cat(
-        [
-            pipe(batch_size=n, num_inference_steps=steps, generator=generator, output_type="pt").images
-            for n in tqdm(sizes, desc=f"{SAMPLER_NAMES[scheduler]}, {steps} steps", unit="batch")
-        ]
-    )
+    """`num_images` digits (N, 1, 28, 28) in [0, 1] from the named sampler, one generator seeded with --seed."""
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    return generate_digits(pipe, num_images, steps, args.seed, args.batch_size)
 
 
 def score(
