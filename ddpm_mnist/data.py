@@ -116,14 +116,41 @@ class ImagePreprocessor:
 
     def __call__(self, examples: list[dict]) -> torch.Tensor:
         """Decode and scale a batch of stream examples."""
-        pixels = torch.from_numpy(np.stack([self.decode(example["image"]["bytes"]) for example in examples]))
+        return self.scale(torch.from_numpy(np.stack([self.decode(example["image"]["bytes"]) for example in examples])))
+
+    def scale(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Decoded digits (B, 28, 28) uint8 -> x_0 (B, 1, sample_size, sample_size) in [-1, 1]."""
         x_0 = pixels.unsqueeze(1).float() / 127.5 - 1.0
         if self.random_flip:
-            flip = torch.rand(len(examples)) < 0.5
+            flip = torch.rand(len(pixels)) < 0.5
             x_0[flip] = x_0[flip].flip(-1)
         if self.border:
             x_0 = F.pad(x_0, (self.border,) * 4, value=-1.0)
         return x_0
+
+
+def decode_stream(stream: IterableDataset, preprocess: ImagePreprocessor) -> torch.Tensor:
+    """Every image of a stream decoded once, in the stream's order: (N, 28, 28) uint8 (47 MB for MNIST's train split).
+
+    The fast alternative to `shuffled_shard` for datasets that fit in memory: the PNGs are decoded once instead of
+    every epoch, and each epoch is then an exact shuffle (`epoch_order`) rather than a buffered one.
+    """
+    digits = []
+    with tqdm(desc="decoding the dataset once", unit="image") as bar:
+        for batch in stream.iter(batch_size=1000):
+            digits.extend(preprocess.decode(image["bytes"]) for image in batch["image"])
+            bar.update(len(batch["image"]))
+    return torch.from_numpy(np.stack(digits))
+
+
+def epoch_order(num_examples: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The indices process `rank` trains on in `epoch`, for `decode_stream`'s digits.
+
+    A permutation drawn from (seed, epoch), dealt round-robin: the processes' shares are disjoint, of equal size
+    num_examples // world_size, and, like `shuffled_shard`'s, a pure function of the arguments (exact resume).
+    """
+    order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(num_examples))
+    return order[: num_examples // world_size * world_size][rank::world_size]
 
 
 def load_x_0(

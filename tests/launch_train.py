@@ -1,9 +1,9 @@
 """Run `training/train.py` as `__main__` with test instrumentation, under `python` or `accelerate launch`.
 
 Writes to $RECORD_DIR, per process: `pid-<rank>.txt` (for the test to signal a hung worker, which torch's
-launcher starts in a session of its own), `seen-<rank>.txt` (the id, top-left pixel, of every example decoded) and, at
-the end, `weights-<rank>.txt` (a digest of that process's final training weights). With $INJECT_NAN_AT_BATCH=k
-the k-th batch (1-based) becomes NaN, as corrupt data would.
+launcher starts in a session of its own), `seen-<rank>.txt` (the id, top-left pixel, of every example trained
+on) and, at the end, `weights-<rank>.txt` (a digest of that process's final training weights). With
+$INJECT_NAN_AT_BATCH=k the k-th batch (1-based) becomes NaN, as corrupt data would.
 """
 
 import hashlib
@@ -21,18 +21,17 @@ RECORD_DIR = Path(os.environ["RECORD_DIR"])
 RANK = os.environ.get("RANK", "0")
 NAN_AT = int(os.environ.get("INJECT_NAN_AT_BATCH", "0"))
 (RECORD_DIR / f"pid-{RANK}.txt").write_text(str(os.getpid()))
-decode_batch = ImagePreprocessor.__call__
+scale_batch = ImagePreprocessor.scale
 end_training = Accelerator.end_training
 batches = 0
 
 
-def recording_decode(self, examples):
+def recording_scale(self, pixels):
     global batches
     batches += 1
-    x_0 = decode_batch(self, examples)
-    ids = [str(round((float(pixel) + 1) * 127.5)) for pixel in x_0[:, 0, self.border, self.border]]
     with open(RECORD_DIR / f"seen-{RANK}.txt", "a") as f:
-        f.write("\n".join(ids) + "\n")
+        f.write("\n".join(str(int(pixel)) for pixel in pixels[:, 0, 0]) + "\n")
+    x_0 = scale_batch(self, pixels)
     return x_0 * float("nan") if batches == NAN_AT else x_0
 
 
@@ -44,7 +43,7 @@ def recording_end_training(self):
     end_training(self)
 
 
-ImagePreprocessor.__call__ = recording_decode
+ImagePreprocessor.scale = recording_scale
 Accelerator.end_training = recording_end_training
 sys.argv[0] = str(ROOT / "training" / "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")

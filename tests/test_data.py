@@ -7,7 +7,14 @@ import pytest
 import torch
 from datasets import Dataset, Features, Image
 
-from ddpm_mnist.data import ImagePreprocessor, count_examples, load_image_stream, shuffled_shard
+from ddpm_mnist.data import (
+    ImagePreprocessor,
+    count_examples,
+    decode_stream,
+    epoch_order,
+    load_image_stream,
+    shuffled_shard,
+)
 from tests.utils import png_bytes
 
 
@@ -62,6 +69,30 @@ def test_processes_see_disjoint_shares_that_cover_the_data(mnist_folder):
     shares = [ids(shuffled_shard(stream, seed=3, epoch=2, rank=r, world_size=3, buffer_size=32)) for r in range(3)]
     assert sorted(sum(shares, [])) == list(range(96))
     assert all(len(share) == 32 for share in shares)
+
+
+def test_decoding_once_keeps_every_digit_in_stream_order(mnist_folder):
+    digits = decode_stream(load_image_stream(str(mnist_folder)), ImagePreprocessor())
+    assert digits.dtype == torch.uint8 and digits.shape == (96, 28, 28)
+    assert digits[:, 0, 0].tolist() == list(range(96))
+
+
+@pytest.mark.parametrize("num_examples, world_size", [(96, 1), (96, 3), (97, 2)])
+def test_epoch_orders_are_exact_shuffles_dealt_in_disjoint_equal_shares(num_examples, world_size):
+    def shares(seed: int, epoch: int) -> list[list[int]]:
+        return [
+            epoch_order(num_examples, seed=seed, epoch=epoch, rank=r, world_size=world_size).tolist()
+            for r in range(world_size)
+        ]
+
+    epoch_0 = shares(seed=0, epoch=0)
+    seen = sum(epoch_0, [])
+    assert all(len(share) == num_examples // world_size for share in epoch_0)
+    assert len(set(seen)) == len(seen) == num_examples // world_size * world_size
+    assert set(seen) <= set(range(num_examples))
+    assert shares(seed=0, epoch=0) == epoch_0, "a pure function of its arguments"
+    assert shares(seed=0, epoch=1) != epoch_0 and shares(seed=1, epoch=0) != epoch_0
+    assert seen != sorted(seen)
 
 
 def test_preprocessing_scales_to_minus_one_one_and_pads_with_background():

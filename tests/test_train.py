@@ -69,14 +69,17 @@ def read_ids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()]
 
 
-def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnist_folder):
-    whole, whole_dir, whole_record = train(tmp_path, mnist_folder, "whole", "--max_train_steps=9")
+@pytest.mark.parametrize("data", [[], ["--decode_once"]], ids=["stream", "decode_once"])
+def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnist_folder, data):
+    whole, whole_dir, whole_record = train(tmp_path, mnist_folder, "whole", "--max_train_steps=9", *data)
     assert whole.returncode == 0, whole.stderr
-    first, resumed_dir, _ = train(tmp_path, mnist_folder, "resumed", "--max_train_steps=4", "--checkpointing_steps=4")
+    first, resumed_dir, _ = train(
+        tmp_path, mnist_folder, "resumed", "--max_train_steps=4", "--checkpointing_steps=4", *data
+    )
     assert first.returncode == 0, first.stderr
     second, _, resumed_record = train(
         tmp_path, mnist_folder, "resumed-2", f"--output_dir={resumed_dir}", "--max_train_steps=9",
-        "--resume_from_checkpoint=latest",
+        "--resume_from_checkpoint=latest", *data,
     )  # fmt: skip
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stderr and "checkpoint-4 at step 4" in second.stderr
