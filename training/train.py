@@ -446,12 +446,14 @@ def main(args: argparse.Namespace) -> None:
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}")
 
-            if progress.global_step % args.checkpointing_steps == 0 or stop_requested:
+            # Also at the end of the run, so that it can be continued with a larger budget.
+            run_ends = progress.global_step >= max_train_steps or stop_requested or out_of_time
+            if progress.global_step % args.checkpointing_steps == 0 or run_ends:
                 save_checkpoint(accelerator, checkpoints_dir, progress.global_step, args.checkpoints_total_limit)
             if progress.global_step % args.save_images_steps == 0 and accelerator.is_main_process:
                 pipeline = release_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
                 save_sample_grid(accelerator, pipeline, output_dir, progress.global_step, args)
-            if progress.global_step >= max_train_steps or stop_requested or out_of_time:
+            if run_ends:
                 break
         else:
             progress.epoch += 1
