@@ -1,13 +1,14 @@
 """Throughput of ddpm-mnist against diffusers, measured in one process on this machine.
 
-    python benchmarks/throughput.py [--quick] [--json] [--device cpu|cuda]
+    python benchmarks/throughput.py [--quick] [--json] [--device cpu|cuda] [--parts train sample data]
 
 1. Training: images/s of a full step (forward, backward, AdamW) of `DDPMMnistUNet` and of `diffusers.UNet2DModel`
    built to the same architecture (same parameter count), for the `mnist-small` and `mnist` presets.
 2. Sampling: images/s of the 1000-step DDPM loop, `DDPMMnistPipeline` against diffusers' `DDPMPipeline`.
 3. Achieved GFLOP/s of our training step (FLOPs from `torch.utils.flop_counter`) over a float32 matmul peak
    measured in the same run.
-4. Data: decoded, preprocessed images/s of `ddpm_mnist.data` against plain `datasets` streaming of the same files.
+4. Data: decoded, preprocessed images/s of `ddpm_mnist.data` (the shuffled stream, and `--decode_once`: decode every
+   PNG once, then an exact shuffle per epoch) against plain `datasets` streaming of the same files.
 
 Every ratio compares two measurements taken a few seconds apart in this process; each timing is the median of
 several repeats after a warm-up. With --json the last line is one JSON object.
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
-from ddpm_mnist.data import ImagePreprocessor, load_image_stream, shuffled_shard
+from ddpm_mnist.data import ImagePreprocessor, decode_stream, epoch_order, load_image_stream, shuffled_shard
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -113,17 +114,31 @@ def sampling_images_per_second(pipeline, batch_size: int, steps: int, repeats: i
     return batch_size / seconds
 
 
-def data_images_per_second(data: str, num_images: int) -> tuple[float, float]:
-    """Images/s of our decoded, preprocessed stream and of plain `datasets` streaming with decoding."""
-    stream = shuffled_shard(load_image_stream(data), seed=0, epoch=0)
-    loader = DataLoader(stream, batch_size=256, collate_fn=ImagePreprocessor(28))
+def data_images_per_second(data: str, num_images: int) -> dict[str, float]:
+    """Images/s of our two data paths (the shuffled stream, and decode-once + exact shuffle) and of plain `datasets`.
 
-    def ours() -> None:
+    Decode-once pays for decoding every PNG up front (reported apart, and amortised over one epoch); after that an
+    epoch is an index permutation and a uint8 -> float copy per batch, which is what a training loop then sees.
+    """
+    preprocess = ImagePreprocessor(28)
+    stream = load_image_stream(data)
+    loader = DataLoader(shuffled_shard(stream, seed=0, epoch=0), batch_size=256, collate_fn=preprocess)
+
+    def ours_stream() -> None:
         seen = 0
         for x_0 in loader:
             seen += len(x_0)
             if seen >= num_images:
                 return
+
+    start = time.perf_counter()
+    digits = decode_stream(stream, preprocess)
+    decode_seconds = time.perf_counter() - start
+
+    def ours_decoded() -> None:
+        for epoch in range(3):
+            for indices in epoch_order(len(digits), seed=0, epoch=epoch).split(256):
+                preprocess.scale(digits[indices])
 
     plain_stream = load_dataset(data, split="train", streaming=True).shuffle(seed=0, buffer_size=10_000)
 
@@ -133,7 +148,14 @@ def data_images_per_second(data: str, num_images: int) -> tuple[float, float]:
             if i + 1 >= num_images:
                 return
 
-    return num_images / median_seconds(ours, 1), num_images / median_seconds(plain, 1)
+    epoch_seconds = median_seconds(ours_decoded, 3) / 3
+    return {
+        "data_images_per_second": len(digits) / epoch_seconds,
+        "data_decode_once_seconds": decode_seconds,
+        "data_first_epoch_images_per_second": len(digits) / (decode_seconds + epoch_seconds),
+        "data_stream_images_per_second": num_images / median_seconds(ours_stream, 1),
+        "plain_datasets_images_per_second": num_images / median_seconds(plain, 1),
+    }
 
 
 def main() -> None:
@@ -143,6 +165,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a local copy of ylecun/mnist")
     parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
+    parts = ["train", "sample", "data"]
+    parser.add_argument("--parts", nargs="+", choices=parts, default=parts, help="what to measure")
     args = parser.parse_args()
     device = torch.device(args.device)
     repeats = 3 if args.quick else 7
@@ -153,54 +177,55 @@ def main() -> None:
         "torch": torch.__version__,
     }
 
-    for preset in presets:
+    if "train" in args.parts:
+        for preset in presets:
+            torch.manual_seed(0)
+            ours = DDPMMnistUNet.from_preset(preset).to(device)
+            theirs = diffusers_twin(ours).to(device)
+            n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+            assert abs(n_theirs / n_ours - 1) < 0.01, f"architectures differ: {n_ours} vs {n_theirs} parameters"
+            t_ours = median_seconds(train_step_fn(ours, args.batch_size, device), repeats)
+            t_theirs = median_seconds(train_step_fn(theirs, args.batch_size, device), repeats)
+            flops = training_flops(ours, args.batch_size, device)
+            results[preset] = {
+                "parameters": n_ours,
+                "train_images_per_second": args.batch_size / t_ours,
+                "diffusers_train_images_per_second": args.batch_size / t_theirs,
+                "train_speedup_vs_diffusers": t_theirs / t_ours,
+                "train_gflops_per_second": flops / t_ours / 1e9,
+            }
+            print(f"{preset}: training {results[preset]}", flush=True)
+
+        peak = matmul_peak_gflops(device, 1024 if args.quick else 2048)
+        results["matmul_peak_gflops"] = peak
+        small = results["mnist-small"]
+        results["train_speedup_vs_diffusers"] = small["train_speedup_vs_diffusers"]
+        results["train_fraction_of_peak"] = small["train_gflops_per_second"] / peak
+        print(f"matmul peak {peak:.1f} GFLOP/s; training reaches {results['train_fraction_of_peak']:.1%}", flush=True)
+
+    if "sample" in args.parts:
+        # Sampling: the full DDPM loop, our pipeline against diffusers' DDPMPipeline with the twin UNet.
+        steps = 100 if args.quick else 1000
         torch.manual_seed(0)
-        ours = DDPMMnistUNet.from_preset(preset).to(device)
-        theirs = diffusers_twin(ours).to(device)
-        n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-        assert abs(n_theirs / n_ours - 1) < 0.01, f"architectures differ: {n_ours} vs {n_theirs} parameters"
-        t_ours = median_seconds(train_step_fn(ours, args.batch_size, device), repeats)
-        t_theirs = median_seconds(train_step_fn(theirs, args.batch_size, device), repeats)
-        flops = training_flops(ours, args.batch_size, device)
-        results[preset] = {
-            "parameters": n_ours,
-            "train_images_per_second": args.batch_size / t_ours,
-            "diffusers_train_images_per_second": args.batch_size / t_theirs,
-            "train_speedup_vs_diffusers": t_theirs / t_ours,
-            "train_gflops_per_second": flops / t_ours / 1e9,
-        }
-        print(f"{preset}: training {results[preset]}", flush=True)
+        ours = DDPMMnistUNet.from_preset("mnist-small").to(device).eval()
+        theirs = diffusers_twin(ours).to(device).eval()
+        ours_pipe = DDPMMnistPipeline(ours, DDPMMnistScheduler())
+        theirs_pipe = DDPMPipeline(theirs, DDPMScheduler())
+        sample_repeats = 1 if args.quick else 3
+        s_ours = sampling_images_per_second(ours_pipe, 16, steps, sample_repeats)
+        s_theirs = sampling_images_per_second(theirs_pipe, 16, steps, sample_repeats)
+        results.update(
+            sampling_steps=steps,
+            sample_images_per_second=s_ours,
+            diffusers_sample_images_per_second=s_theirs,
+            sample_speedup_vs_diffusers=s_ours / s_theirs,
+        )
+        print(f"sampling at {steps} steps: {s_ours:.2f} vs diffusers {s_theirs:.2f} images/s", flush=True)
 
-    peak = matmul_peak_gflops(device, 1024 if args.quick else 2048)
-    results["matmul_peak_gflops"] = peak
-    small = results["mnist-small"]
-    results["train_speedup_vs_diffusers"] = small["train_speedup_vs_diffusers"]
-    results["train_fraction_of_peak"] = small["train_gflops_per_second"] / peak
-    print(f"matmul peak {peak:.1f} GFLOP/s; training reaches {results['train_fraction_of_peak']:.1%}", flush=True)
-
-    # Sampling: the full DDPM loop, our pipeline against diffusers' DDPMPipeline with the twin UNet.
-    steps = 100 if args.quick else 1000
-    torch.manual_seed(0)
-    ours = DDPMMnistUNet.from_preset("mnist-small").to(device).eval()
-    theirs = diffusers_twin(ours).to(device).eval()
-    ours_pipe = DDPMMnistPipeline(ours, DDPMMnistScheduler())
-    theirs_pipe = DDPMPipeline(theirs, DDPMScheduler())
-    sample_repeats = 1 if args.quick else 3
-    s_ours = sampling_images_per_second(ours_pipe, 16, steps, sample_repeats)
-    s_theirs = sampling_images_per_second(theirs_pipe, 16, steps, sample_repeats)
-    results.update(
-        sampling_steps=steps,
-        sample_images_per_second=s_ours,
-        diffusers_sample_images_per_second=s_theirs,
-        sample_speedup_vs_diffusers=s_ours / s_theirs,
-    )
-    print(f"sampling at {steps} steps: {s_ours:.2f} vs diffusers {s_theirs:.2f} images/s", flush=True)
-
-    if os.path.isdir(args.data):
-        num_images = 5_000 if args.quick else 20_000
-        ours_rate, plain_rate = data_images_per_second(args.data, num_images)
-        results.update(data_images_per_second=ours_rate, plain_datasets_images_per_second=plain_rate)
-        print(f"data: {ours_rate:.0f} vs plain datasets {plain_rate:.0f} images/s", flush=True)
+    if "data" in args.parts and os.path.isdir(args.data):
+        rates = data_images_per_second(args.data, 5_000 if args.quick else 20_000)
+        results.update(rates)
+        print("data: " + ", ".join(f"{key} {value:.1f}" for key, value in rates.items()), flush=True)
 
     if args.json:
         print(json.dumps(results))
