@@ -26,7 +26,7 @@ IMAGE_SIZE = 28  # MNIST digits are 28x28 greyscale.
 
 
 def load_image_stream(
-    dataset_name: str = DEFAULT_DATASET,
+    dataset_name: str | os.PathLike = DEFAULT_DATASET,
     split: str = "train",
     config_name: str | None = None,
     image_column: str = "image",
@@ -35,6 +35,7 @@ def load_image_stream(
 
     Nothing is downloaded in full. The returned stream has a single column, `image`, holding `{"bytes", "path"}`.
     """
+    dataset_name = os.fspath(dataset_name)
     path = os.path.expanduser(dataset_name)
     looks_like_path = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
     if looks_like_path and not os.path.exists(path) and "*" not in path:
@@ -154,7 +155,7 @@ def epoch_order(num_examples: int, *, seed: int, epoch: int, rank: int = 0, worl
 
 
 def load_x_0(
-    dataset_name: str = DEFAULT_DATASET,
+    dataset_name: str | os.PathLike = DEFAULT_DATASET,
     split: str = "test",
     num_images: int | None = None,
     *,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import load_x_0
@@ -43,9 +42,10 @@ def test_the_release_folder_is_what_a_push_uploads(pipe):
 
 
 def test_samples_from_a_fixed_seed_are_confidently_recognised_digits(pipe, real_mnist):
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # The release's own DDPM sampler on 50 of its 1000 timesteps: as good as all 1000 for these weights, where
+    # DDIM is not yet (benchmarks/README.md, sampler quality).
     generator = torch.Generator().manual_seed(0)
-    images = pipe(batch_size=NUM_SAMPLES, num_inference_steps=25, generator=generator, output_type="pt").images
+    images = pipe(batch_size=NUM_SAMPLES, num_inference_steps=50, generator=generator, output_type="pt").images
     classifier = load_mnist_classifier()
     samples = classifier_outputs(images, classifier, progress=False)
     real = classifier_outputs((load_x_0(real_mnist, "test", 1000) + 1) / 2, classifier, progress=False)
