@@ -152,6 +152,12 @@ class DDPMMnistPipeline(DiffusionPipeline):
         r"""
         Sample digits by running the reverse process from pure noise (Algorithm 2).
 
+        Precision: the UNet runs in its own dtype, while x_t, the noise and every scheduler update stay in float32.
+        On hardware with native bf16 (a CPU with AVX512-BF16 or AMX, a recent GPU) ask for a bf16 UNet with
+        `DDPMMnistPipeline.from_pretrained(path, dtype=torch.bfloat16)` (diffusers' older name: `torch_dtype`) or
+        `pipe.to(torch.bfloat16)`: it samples faster from the same noise, with digits that score like float32 ones
+        (benchmarks/README.md).
+
         Args:
             batch_size (`int`, *optional*, defaults to 1):
                 The number of digits to generate.
@@ -176,12 +182,16 @@ class DDPMMnistPipeline(DiffusionPipeline):
         Example:
 
         ```py
+        >>> import torch
         >>> from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 
         >>> pipe = DDPMMnistPipeline(DDPMMnistUNet.from_preset("tiny"), DDPMMnistScheduler())
         >>> images = pipe(batch_size=4, num_inference_steps=10, output_type="np").images
         >>> images.shape
         (4, 28, 28, 1)
+        >>> pipe = pipe.to(torch.bfloat16)  # a bf16 UNet; x_t and the scheduler stay float32
+        >>> pipe(batch_size=4, num_inference_steps=10, output_type="pt").images.dtype
+        torch.float32
         ```
 
         Returns:
@@ -195,17 +205,19 @@ class DDPMMnistPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         # x_T ~ N(0, I), scaled for schedulers that work in sigma space (Euler, Heun), whose
-        # `init_noise_sigma` depends on the timesteps just set.
-        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        # `init_noise_sigma` depends on the timesteps just set. x_t and the scheduler's arithmetic (eq. 11's update,
+        # the posterior variance of eq. 7) stay in float32 whatever the UNet's dtype: a bf16 UNet sees a bf16 copy.
+        image = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         image = image * self.scheduler.init_noise_sigma
+        unet_dtype = self.unet.dtype
         # UniPC and a few others draw no noise and take no generator.
         extra_step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra_step_kwargs["generator"] = generator
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(image, t)
-            model_output = self.unet(model_input, t).sample
+            model_input = self.scheduler.scale_model_input(image, t).to(unet_dtype)
+            model_output = self.unet(model_input, t).sample.float()
             image = self.scheduler.step(model_output, t, image, **extra_step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 tensors = {"image": image}
