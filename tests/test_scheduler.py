@@ -413,3 +413,27 @@ def test_other_bad_inputs_raise():
         s.step(x, 7, x)
     with pytest.raises(ValueError, match="not in the 50 timesteps"):
         s.previous_timestep(torch.tensor([980, 7]))
+
+
+def test_posterior_of_a_respaced_chain_is_eq_7_with_the_one_step_beta():
+    s = DDPMMnistScheduler()
+    abar = s.alphas_cumprod.double()
+    x_0, x_t = _randn(*SHAPE, seed=9), _randn(*SHAPE, seed=10)
+    # The full chain: t -> t - 1, the paper's tables.
+    mean, variance = s.q_posterior_mean_variance(x_0.double(), x_t.double(), 500)
+    expected = s.posterior_mean_coef1[500].double() * x_0.double() + s.posterior_mean_coef2[500].double() * x_t.double()
+    torch.testing.assert_close(mean, expected, **TOL)
+    torch.testing.assert_close(variance.flatten(), s.posterior_variance[500:501].double(), **TOL)
+    # Respaced: t -> t' = the next inference timestep, in float64 from alpha_bar by hand.
+    s.set_timesteps(timesteps=[999, 700, 300, 0])
+    t, t_prev = torch.tensor([700, 300, 0]), torch.tensor([300, 0, -1])
+    abar_t, abar_p = abar[t], torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones(3, dtype=torch.float64))
+    beta = 1 - abar_t / abar_p
+    x_0, x_t = _randn(3, 1, 2, 2, seed=11).double(), _randn(3, 1, 2, 2, seed=12).double()
+    mean, variance = s.q_posterior_mean_variance(x_0, x_t, t)
+    coef1 = (abar_p.sqrt() * beta / (1 - abar_t)).view(3, 1, 1, 1)
+    coef2 = ((1 - beta).sqrt() * (1 - abar_p) / (1 - abar_t)).view(3, 1, 1, 1)
+    torch.testing.assert_close(mean, coef1 * x_0 + coef2 * x_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(variance.flatten(), beta * (1 - abar_p) / (1 - abar_t), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="not in the 4 timesteps set by set_timesteps"):
+        s.q_posterior_mean_variance(x_0, x_t, 500)

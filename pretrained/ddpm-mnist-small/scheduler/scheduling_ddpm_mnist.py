@@ -62,6 +62,25 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Te
     return torch.tensor(betas, dtype=torch.float32)
 
 
+def _posterior_coefficients(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Eq. 7 for q(x_{t'} | x_t, x_0), elementwise, in the precision of the inputs.
+
+    mu_tilde = coef1 x_0 + coef2 x_t with coef1 = sqrt(alpha_bar_{t'}) beta / (1 - alpha_bar_t) and
+    coef2 = sqrt(alpha) (1 - alpha_bar_{t'}) / (1 - alpha_bar_t); beta_tilde = (1 - alpha_bar_{t'}) / (1 - alpha_bar_t)
+    beta. Here alpha = alpha_bar_t / alpha_bar_{t'} and beta = 1 - alpha: the paper's alpha_t and beta_t when
+    t' = t - 1, and the one-step beta of a respaced chain (t' < t - 1) otherwise. The operations are those of
+    `diffusers.DDPMScheduler.step`, in its order, so that float32 inputs give its float32 numbers.
+    """
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1 - alpha
+    return {
+        "posterior_mean_coef1": alpha_bar_prev**0.5 * beta / (1 - alpha_bar),
+        "posterior_mean_coef2": alpha**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar),
+        "posterior_variance": (1 - alpha_bar_prev) / (1 - alpha_bar) * beta,
+        "beta": beta,
+    }
+
+
 class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
     """Noise schedule and reverse-process sampler of DDPM (Ho et al. 2020).
 
@@ -142,8 +161,7 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         # alpha_bar and keeps eq. 7 consistent with the marginals of eq. 4 (diffusers' step does the same).
         abar = self.alphas_cumprod.double()
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        beta = 1.0 - abar / abar_prev
-        posterior_variance = (1.0 - abar_prev) / (1.0 - abar) * beta
+        posterior = _posterior_coefficients(abar, abar_prev)
 
         # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (eq. 7).
         self.alphas_cumprod_prev = abar_prev.float()
@@ -152,14 +170,14 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         # sqrt(1 - alpha_bar_t), the noise scale of q(x_t | x_0) (eq. 4).
         self.sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt().float()
         # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t, Var q(x_{t-1}|x_t, x_0) (eq. 7).
-        self.posterior_variance = posterior_variance.float()
+        self.posterior_variance = posterior["posterior_variance"].float()
         # log(beta_tilde_t), t=0 entry (beta_tilde_0 = 0) replaced by t=1 as in the paper's reference code.
-        clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        clipped = torch.cat([posterior["posterior_variance"][1:2], posterior["posterior_variance"][1:]])
         self.posterior_log_variance_clipped = clipped.log().float()
         # mu_tilde_t = coef1 x_0 + coef2 x_t (eq. 7): coef1 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
-        self.posterior_mean_coef1 = (abar_prev.sqrt() * beta / (1.0 - abar)).float()
+        self.posterior_mean_coef1 = posterior["posterior_mean_coef1"].float()
         # and coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (eq. 7).
-        self.posterior_mean_coef2 = ((1.0 - beta).sqrt() * (1.0 - abar_prev) / (1.0 - abar)).float()
+        self.posterior_mean_coef2 = posterior["posterior_mean_coef2"].float()
 
         # x_T ~ N(0, I) (Algorithm 2, line 1).
         self.init_noise_sigma = 1.0
@@ -170,6 +188,8 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         # _prev_table[t] = the timestep after t in self.timesteps, -1 after the last, -2 if t is not in it.
         self._prev_table = torch.arange(-1, num_train_timesteps - 1, dtype=torch.int64)
+        # The posterior (eq. 7) of each step t -> t' of that chain, as `_posterior_coefficients` gives it.
+        self._chain_posterior = self._chain_posterior_tables()
         # Per-device copies of the lookup tables, filled lazily by _tables().
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
@@ -234,7 +254,20 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         prev = torch.full((num_train,), -2, dtype=torch.int64)
         prev[ts] = torch.cat([ts[1:], ts.new_full((1,), -1)])
         self._prev_table = prev
+        self._chain_posterior = self._chain_posterior_tables()
         self._device_tables.clear()
+
+    def _chain_posterior_tables(self) -> dict[str, torch.Tensor]:
+        """Eq. 7 for each step t -> t' = `_prev_table[t]` of the chain that `step` walks, indexed by t.
+
+        The same formulas as the paper's tables above, evaluated in float32 from the float32 alpha_bar, as
+        `diffusers.DDPMScheduler.step` evaluates them at every step: that keeps `step` numerically equal to it,
+        where the float64 tables differ by up to 1e-4 in coef1 at the first few t, in which 1 - alpha_bar_t /
+        alpha_bar_{t-1} cancels in float32. Entries of timesteps outside the chain are never read.
+        """
+        prev = self._prev_table
+        alpha_bar_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], torch.ones(()))
+        return _posterior_coefficients(self.alphas_cumprod, alpha_bar_prev)
 
     def _spaced_timesteps(self, n: int) -> torch.Tensor:
         """n descending timesteps per `timestep_spacing`; reproduces diffusers' float64 numpy arithmetic."""
@@ -299,6 +332,7 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
                 "sqrt_alpha_bar": self.sqrt_alphas_cumprod.to(device),
                 "sqrt_one_minus_alpha_bar": self.sqrt_one_minus_alphas_cumprod.to(device),
                 "prev": self._prev_table.to(device),
+                **{name: table.to(device) for name, table in self._chain_posterior.items()},
             }
             self._device_tables[device] = tables
         return tables
@@ -361,29 +395,24 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         return (alpha_bar**0.5).to(dtype) * sample - ((1 - alpha_bar) ** 0.5).to(dtype) * model_output
 
     def q_posterior_mean_variance(
-        self,
-        x_0: torch.Tensor,
-        x_t: torch.Tensor,
-        timesteps: int | torch.Tensor,
-        prev_timesteps: int | torch.Tensor | None = None,
+        self, x_0: torch.Tensor, x_t: torch.Tensor, timesteps: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean mu_tilde and variance beta_tilde of q(x_{t'} | x_t, x_0) (eq. 6, 7).
+        """Mean mu_tilde and variance beta_tilde of q(x_{t'} | x_t, x_0) (eq. 6, 7), t' = `previous_timestep(t)`.
 
-        t' = `prev_timesteps` defaults to t - 1 (the paper's case; t' = -1 means alpha_bar_{t'} = 1). For
-        t' < t - 1 (skipped steps) eq. 7 holds with beta_t replaced by 1 - alpha_bar_t / alpha_bar_{t'}.
-        The variance is returned shaped (B, 1, ..., 1).
+        On the full chain t' = t - 1, the paper's case (t' = -1 means alpha_bar_{t'} = 1); after `set_timesteps`,
+        t' is the next inference timestep, and eq. 7 holds with beta_t replaced by 1 - alpha_bar_t / alpha_bar_{t'}.
+        `timesteps` is one timestep or one per sample; the variance is returned shaped (B, 1, ..., 1).
         """
-        if prev_timesteps is None:
-            prev_timesteps = torch.as_tensor(timesteps, device=x_t.device) - 1
-        alpha_bar = self._gather("alpha_bar", timesteps, x_t)
-        alpha_bar_prev = self._gather("alpha_bar", prev_timesteps, x_t)
-        alpha = alpha_bar / alpha_bar_prev
-        beta = 1 - alpha
-        coef1 = alpha_bar_prev**0.5 * beta / (1 - alpha_bar)
-        coef2 = alpha**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
-        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
+        t = torch.as_tensor(timesteps, device=x_t.device).reshape(-1).to(torch.int64)
+        self._checked_previous(t)
+        return self._posterior(x_0, x_t, t)
+
+    def _posterior(self, x_0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`q_posterior_mean_variance` for timesteps already checked: the chain's eq. 7 tables at t."""
         dtype = x_t.dtype
-        return coef1.to(dtype) * x_0 + coef2.to(dtype) * x_t, variance.to(dtype)
+        coef1 = self._gather("posterior_mean_coef1", t, x_t).to(dtype)
+        coef2 = self._gather("posterior_mean_coef2", t, x_t).to(dtype)
+        return coef1 * x_0 + coef2 * x_t, self._gather("posterior_variance", t, x_t).to(dtype)
 
     def step(
         self,
@@ -410,7 +439,7 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"timestep must be a scalar or hold one value per sample ({sample.shape[0]}), got {t.numel()} values."
             )
-        prev_t, invalid = self._lookup_previous(t)
+        _, invalid = self._lookup_previous(t)
         # One host sync for both checks.
         any_invalid, any_noise = torch.stack([invalid.any(), (t > 0).any()]).tolist()
         if any_invalid:
@@ -421,15 +450,13 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
             limit = self.config.clip_sample_range
             pred_original_sample = pred_original_sample.clamp(-limit, limit)
 
-        x_0 = pred_original_sample
-        prev_sample, posterior_variance = self.q_posterior_mean_variance(x_0, sample, t, prev_t)
+        prev_sample, posterior_variance = self._posterior(pred_original_sample, sample, t)
 
         if any_noise:
             if self.config.variance_type == "fixed_small":
                 variance = posterior_variance  # sigma_t^2 = beta_tilde_t
             else:
-                alpha = self._gather("alpha_bar", t, sample) / self._gather("alpha_bar", prev_t, sample)
-                variance = (1 - alpha).to(sample.dtype)  # sigma_t^2 = beta_t
+                variance = self._gather("beta", t, sample).to(sample.dtype)  # sigma_t^2 = beta_t
             has_noise = (t > 0).reshape(-1, *([1] * (sample.ndim - 1)))
             sigma = torch.where(has_noise, variance**0.5, torch.zeros_like(variance))
             noise = randn_tensor(
