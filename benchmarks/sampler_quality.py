@@ -1,18 +1,18 @@
 """Sample quality against wall time of few-step sampling: DDPM, DDIM, DPM-Solver++ and UniPC at 10 to 1000 steps.
 
-    python benchmarks/sampler_quality.py PIPELINE [--schedulers ddpm ddim dpm++ unipc] [--steps 10 20 50 100 1000]
-        [--num-samples 1000] [--reference-images 10000] [--dataset ylecun/mnist] [--seed 0] [--batch-size 250]
-        [--device cpu] [--json]
+    python benchmarks/sampler_quality.py PIPELINE [--schedulers ddpm ddim dpm++ unipc]
+        [--num_inference_steps 10 20 50 100 1000] [--num_samples 1000] [--reference_images 10000]
+        [--dataset_name ylecun/mnist] [--seed 0] [--batch_size 250] [--device cuda|cpu] [--json]
 
 PIPELINE is a folder saved by `DDPMMnistPipeline.save_pretrained` or a Hub repo id. On a machine without the Hub,
-pass `--dataset ../shared/data/mnist` (a local copy of ylecun/mnist).
+pass `--dataset_name ../shared/data/mnist` (a local copy of ylecun/mnist).
 
-Each cell (sampler, steps) draws --num-samples digits from one generator seeded with --seed (the same seed in every
+Each cell (sampler, steps) draws --num_samples digits from one generator seeded with --seed (the same seed in every
 cell, so every sampler starts from the same noise), timed with `time.perf_counter` around the sampling alone, and
-scores them with `ddpm_mnist.metrics.quality.sample_quality` (FID, KID, precision, recall, classifier confidence,
-share of the rarest predicted digit) against the first --reference-images MNIST test digits, whose classifier
-features are computed once. The floor row scores as many real MNIST training digits against the same reference:
-what real digits score at this sample count. Step counts above the pipeline's training timesteps T are skipped.
+scores them with `ddpm_mnist.evaluation` (FID, KID, precision, recall, classifier confidence, share of the rarest
+predicted digit) against the first --reference_images MNIST test digits, whose classifier features are computed
+once. The floor row scores as many real MNIST training digits against the same reference: what real digits score at
+this sample count. Step counts above the pipeline's training timesteps T are skipped.
 
 The table gives each FID as a multiple of the FID of DDPM at 1000 steps (the paper's sampler) when that cell ran,
 and the summary names, per sampler, the fewest steps whose FID is at most 10% above it. With --json the last line
@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_mnist import DDPMMnistPipeline
-from ddpm_mnist.cli import SCHEDULERS, UsageError, _int_at_least, generate_digits, load_pipeline
-from ddpm_mnist.data import DEFAULT_DATASET, load_x_0
-from ddpm_mnist.metrics.classifier import load_mnist_classifier
-from ddpm_mnist.metrics.quality import ClassifierOutputs, SampleQuality, classifier_outputs, sample_quality
+from ddpm_mnist.data import DEFAULT_DATASET
+from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.evaluation import SCHEDULERS, QualityReference, default_device, generate_digits, load_pipeline
+from ddpm_mnist.hardware import describe_device
+from ddpm_mnist.metrics.quality import SampleQuality
 
 DEFAULT_STEPS = [10, 20, 50, 100, 1000]
 BASELINE = ("ddpm", 1000)  # the sampler every FID is compared with: Algorithm 2 over all T = 1000 steps
@@ -90,31 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"samplers to compare, of {', '.join(SCHEDULERS)} (default: {_spaced(SCHEDULERS)})",
     )
     parser.add_argument(
-        "--steps",
+        "--num_inference_steps",
         nargs="+",
-        type=_int_at_least(1),
+        type=int,
         default=DEFAULT_STEPS,
         help=f"step counts of each sampler, those above the pipeline's T skipped (default: {_spaced(DEFAULT_STEPS)})",
     )
+    parser.add_argument("--num_samples", type=int, default=1000, help="digits sampled per cell (default: %(default)s)")
     parser.add_argument(
-        "--num-samples", type=_int_at_least(4), default=1000, help="digits sampled per cell (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--reference-images",
-        type=_int_at_least(4),
+        "--reference_images",
+        type=int,
         default=10_000,
         help="MNIST test digits to compare with, the first ones of the split (default: %(default)s)",
     )
     parser.add_argument(
-        "--dataset", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy (default: %(default)s)"
+        "--dataset_name", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy (default: %(default)s)"
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of each cell's noise and of the floor's digits (default: %(default)s)"
     )
+    parser.add_argument("--batch_size", type=int, default=250, help="images per pipeline call (default: %(default)s)")
     parser.add_argument(
-        "--batch-size", type=_int_at_least(1), default=250, help="images per pipeline call (default: %(default)s)"
+        "--device", default=default_device(), help="torch device (default: the GPU where there is one, else cpu)"
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object as the last line (default: a table only)"
     )
@@ -127,21 +126,20 @@ def split_steps(steps: list[int], num_train_timesteps: int) -> tuple[list[int], 
     return [s for s in ordered if s <= num_train_timesteps], [s for s in ordered if s > num_train_timesteps]
 
 
-def load_real_digits(dataset: str, split: str, num_images: int, seed: int | None) -> torch.Tensor:
-    """`num_images` MNIST digits (N, 1, 28, 28) in [0, 1]; a bad dataset or count is a UsageError."""
-    try:
-        x_0 = load_x_0(dataset, split, num_images, sample_size=28, seed=seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error).splitlines()[0]) from error
-    return (x_0 + 1) / 2
-
-
 def timed_samples(
-    pipe: DDPMMnistPipeline, num_images: int, steps: int, seed: int, batch_size: int
+    pipe: DDPMMnistPipeline, scheduler: str, steps: int, args: argparse.Namespace
 ) -> tuple[torch.Tensor, float]:
     """The digits of `generate_digits` and the wall seconds their sampling took (`.cpu()` waits for the device)."""
     start = time.perf_counter()
-    images = generate_digits(pipe, num_images, steps, seed, batch_size, progress=False)
+    images = generate_digits(
+        pipe,
+        args.num_samples,
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=False,
+    )
     return images, time.perf_counter() - start
 
 
@@ -168,11 +166,6 @@ def fewest_steps_near_baseline(cells: list[Cell], tolerance: float = TOLERANCE) 
             current = fewest[cell.scheduler]
             fewest[cell.scheduler] = cell.steps if current is None else min(current, cell.steps)
     return fewest
-
-
-def score(images: torch.Tensor, classifier: torch.nn.Module, reference: ClassifierOutputs, seed: int) -> SampleQuality:
-    """Quality of digits in [0, 1] against the reference's classifier outputs."""
-    return sample_quality(classifier_outputs(images, classifier, progress=False), reference, seed=seed)
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -228,51 +221,47 @@ def run_cells(
     schedulers: list[str],
     steps: list[int],
     args: argparse.Namespace,
-    classifier: torch.nn.Module,
-    reference: ClassifierOutputs,
+    reference: QualityReference,
 ) -> list[Cell]:
     """Sample and score every (sampler, steps) cell, each sampler built on the pipeline's own schedule."""
-    config = pipe.scheduler.config
-    pipe.set_progress_bar_config(disable=True)
     pipe(batch_size=1, num_inference_steps=1, output_type="pt")  # warm-up: first-call costs stay out of the timings
     cells = []
     for name in schedulers:
-        pipe.scheduler = SCHEDULERS[name].from_config(config)
         for count in steps:
-            images, seconds = timed_samples(pipe, args.num_samples, count, args.seed, args.batch_size)
-            cells.append(Cell(name, count, score(images, classifier, reference, args.seed), seconds))
+            images, seconds = timed_samples(pipe, name, count, args)
+            cells.append(Cell(name, count, reference.score(images), seconds))
             print(f"{name} at {count} steps: FID {cells[-1].quality.fid:.4f} in {seconds:.1f} s", flush=True)
     return cells
 
 
 def main(argv: list[str] | None = None) -> None:
     """Check the options, load everything, then sample, score and print the table (and the JSON object)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     schedulers = list(dict.fromkeys(args.schedulers))
 
     # Everything that can fail on bad input, before any sampling.
-    try:
-        pipe = load_pipeline(args.pipeline, args.device)
-        num_train_timesteps = pipe.scheduler.config.num_train_timesteps
-        steps, skipped = split_steps(args.steps, num_train_timesteps)
-        if not steps:
-            raise UsageError(f"every --steps value exceeds the pipeline's {num_train_timesteps} training timesteps.")
-        classifier = load_mnist_classifier(device=args.device)
-        reference_digits = load_real_digits(args.dataset, "test", args.reference_images, seed=None)
-        floor_digits = load_real_digits(args.dataset, "train", args.num_samples, seed=args.seed)
-    except (UsageError, FileNotFoundError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if min(args.num_inference_steps) < 1 or args.batch_size < 1:
+        raise UsageError("--num_inference_steps and --batch_size take integers of at least 1.")
+    pipe = load_pipeline(args.pipeline, args.device)
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    steps, skipped = split_steps(args.num_inference_steps, num_train_timesteps)
+    if not steps:
+        raise UsageError(
+            f"every --num_inference_steps value exceeds the pipeline's {num_train_timesteps} training timesteps."
+        )
+    reference = QualityReference(
+        args.dataset_name, args.reference_images, device=args.device, seed=args.seed, progress=False
+    )
+    floor = reference.floor(args.num_samples)
     for count in skipped:
         print(f"note: skipping {count} steps, more than the pipeline's {num_train_timesteps} training timesteps")
 
-    reference = classifier_outputs(reference_digits, classifier, progress=False)
-    floor = score(floor_digits, classifier, reference, args.seed)
-    cells = run_cells(pipe, schedulers, steps, args, classifier, reference)
-
+    device = f"{args.device} ({describe_device(pipe.device)})"
+    print(f"device: {device}")
+    cells = run_cells(pipe, schedulers, steps, args, reference)
     print(
-        f"\n{args.num_samples} samples per cell against the first {len(reference_digits)} MNIST test digits "
-        f"(features of the project's classifier), seed {args.seed}, device {args.device}:\n"
+        f"\n{args.num_samples} samples per cell against the first {reference.num_images} MNIST test digits "
+        f"(features of the project's classifier), seed {args.seed}, device {device}:\n"
     )
     print(markdown_table(cells, floor))
     print()
@@ -281,9 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         result = {
             "pipeline": args.pipeline,
             "num_samples": args.num_samples,
-            "reference_images": len(reference_digits),
+            "reference_images": reference.num_images,
             "seed": args.seed,
-            "device": args.device,
+            "device": device,
             "skipped_steps": skipped,
             "floor": floor.as_dict(),
             "cells": [cell.as_dict(baseline_fid(cells)) for cell in cells],
@@ -293,4 +282,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "sampler_quality.py")

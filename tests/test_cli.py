@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.cli import SCHEDULERS, build_parser, main
+from ddpm_mnist.cli import build_parser, main
 from ddpm_mnist.data import load_x_0
+from ddpm_mnist.evaluation import SCHEDULERS
 from tests.utils import tiny_unet
 
 T = 10
@@ -26,8 +27,10 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    """Run the CLI, expect success, return its stdout."""
-    assert main([str(a) for a in argv]) == 0
+    """Run the CLI, expect success (exit status 0), return its stdout."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 0, capsys.readouterr().err
     return capsys.readouterr().out
 
 
@@ -66,24 +69,26 @@ def test_every_option_of_every_command_is_explained(capsys):
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_sample_writes_a_grid_and_the_digits(pipeline_dir, tmp_path, capsys, scheduler):
-    grid = tmp_path / "out" / "grid.png"
-    args = ["sample", pipeline_dir, "--num-images", 5, "--steps", 3, "--scheduler", scheduler, "--seed", 1]
-    run(capsys, *args, "--out", grid, "--images-dir", tmp_path / "digits", "--batch-size", 2)
-    tiles = np.asarray(Image.open(grid))
-    assert tiles.shape == (2 * 28, 3 * 28)  # 5 digits in a 3-column grid, the sixth tile black
-    digits = sorted((tmp_path / "digits").glob("*.png"))
+    args = ["sample", pipeline_dir, "--num_samples", 5, "--num_inference_steps", 3, "--scheduler", scheduler]
+    out = run(capsys, *args, "--seed", 1, "--output_dir", tmp_path / "out", "--save-digits", "--batch-size", 2)
+    assert out.startswith("device: cpu (CPU ")
+    tiles = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
+    assert tiles.shape == (2 * 56, 3 * 56)  # 5 digits in a 3-column grid, the sixth tile black, upscaled 2x
+    digits = sorted((tmp_path / "out" / "digits").glob("*.png"))
     assert len(digits) == 5
-    np.testing.assert_array_equal(np.asarray(Image.open(digits[4])), tiles[28:, 28:56])
-    assert not tiles[28:, 56:].any()
-    run(capsys, *args, "--out", tmp_path / "again.png", "--batch-size", 2)
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again.png")), tiles)
+    fifth = np.asarray(Image.open(digits[4]))
+    assert fifth.shape == (28, 28) and fifth.std() > 0
+    np.testing.assert_array_equal(fifth.repeat(2, 0).repeat(2, 1), tiles[56:, 56:112])
+    assert not tiles[56:, 112:].any()
+    run(capsys, *args, "--seed", 1, "--output-dir", tmp_path / "again", "--upscale", 1, "--batch_size", 2)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again" / "grid.png")), tiles[::2, ::2])
 
 
 def test_evaluate_prints_one_json_object_with_every_score(pipeline_dir, mnist_folder, capsys):
     out = run(
         capsys,
-        *("evaluate", pipeline_dir, "--num-samples", 8, "--steps", 2, "--scheduler", "ddim", "--seed", 0),
-        *("--dataset", mnist_folder, "--nll", "--nll-images", 2, "--nll-timesteps", 3, "--json"),
+        *("evaluate", pipeline_dir, "--num-samples", 8, "--num_inference_steps", 2, "--scheduler", "ddim"),
+        *("--dataset_name", mnist_folder, "--nll", "--nll-images", 2, "--nll_timesteps", 3, "--json", "--seed", 0),
     )
     result = json.loads(out.strip().splitlines()[-1])
     keys = ("fid", "kid", "precision", "recall", "mean_confidence", "class_entropy", "rarest_class_share")
@@ -95,13 +100,14 @@ def test_evaluate_prints_one_json_object_with_every_score(pipeline_dir, mnist_fo
 
 
 def test_evaluate_prints_a_table_beside_the_floor(pipeline_dir, mnist_folder, capsys):
-    out = run(capsys, "evaluate", pipeline_dir, "--num-samples", 6, "--steps", 2, "--dataset", mnist_folder)
-    assert "real floor" in out and "6 samples (ddpm, 2 steps) against 32 MNIST test digits" in out
+    out = run(capsys, "evaluate", pipeline_dir, "--num_samples", 6, "--num-inference-steps", 2, "--dataset-name",
+              mnist_folder, "--dtype", "bfloat16")  # fmt: skip
+    assert "real floor" in out and "6 samples (ddpm, 2 steps) against 32 MNIST test" in out
     assert all(name in out for name in ("fid", "kid", "precision", "recall", "mean_confidence", "class_entropy"))
 
 
 def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):
-    args = ["nll", pipeline_dir, "--split", "test", "--num-images", 3, "--dataset", mnist_folder]
+    args = ["nll", pipeline_dir, "--split", "test", "--nll_images", 3, "--dataset_name", mnist_folder]
     out = run(capsys, *args)
     assert "NLL bound on 3 test digits" in out and "exact: all T terms" in out
     assert "prior" in out and "diffusion" in out and "decoder" in out
@@ -110,7 +116,7 @@ def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):
     assert sum(result["terms_bpd"]) == pytest.approx(result["diffusion_bpd"])
     parts = result["prior_bpd"] + result["diffusion_bpd"] + result["decoder_bpd"]
     assert result["nll_bpd"] == pytest.approx(parts)
-    estimate = run(capsys, *args, "--timesteps", 2)
+    estimate = run(capsys, *args, "--nll-timesteps", 2)
     assert "unbiased estimate from sampled timesteps" in estimate
 
 
@@ -119,17 +125,19 @@ def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):
     [
         (["sample", "./no/such/pipeline"], "is not a folder"),
         (["sample", "someone/no-such-model"], "cannot load the pipeline 'someone/no-such-model'"),
-        (["sample", "{pipe}", "--steps", "11"], "--steps 11 exceeds the pipeline's 10 training timesteps"),
-        (["sample", "{pipe}", "--steps", "0"], "expected an integer >= 1, got '0'"),
+        (["sample", "{pipe}", "--num_inference_steps", "11"], "num_inference_steps 11 is outside 1..10"),
+        (["sample", "{pipe}", "--num-inference-steps", "0"], "num_inference_steps 0 is outside 1..10"),
         (["sample", "{pipe}", "--scheduler", "euler"], "invalid choice: 'euler'"),
-        (["sample", "{pipe}", "--out", "grid.txt"], "must be an image file name"),
+        (["sample", "{pipe}", "--dtype", "float8"], "invalid choice: 'float8'"),
+        (["sample", "{pipe}", "--output_dir", "{pipe}/model_index.json"], "is a file; pass a folder"),
         (["sample", "{pipe}", "--device", "gpu0"], "is not a torch device"),
-        (["evaluate", "{pipe}", "--num-samples", "2"], "expected an integer >= 4, got '2'"),
-        (["evaluate", "{pipe}", "--dataset", "./no/such/mnist"], "dataset path './no/such/mnist' does not exist"),
-        (["evaluate", "{pipe}", "--dataset", "{mnist}", "--num-samples", "97"], "which holds 96"),
-        (["evaluate", "{pipe}", "--nll", "--nll-timesteps", "10"], "exceeds the 9 diffusion terms"),
+        (["sample", "{pipe}", "--batch_size", "0"], "--batch_size must be at least 1"),
+        (["evaluate", "{pipe}", "--dataset_name", "{mnist}", "--num_samples", "2"], "num_samples must be at least 4"),
+        (["evaluate", "{pipe}", "--dataset_name", "./no/such/mnist"], "dataset path './no/such/mnist' does not exist"),
+        (["evaluate", "{pipe}", "--dataset_name", "{mnist}", "--num_samples", "97"], "which holds 96"),
+        (["evaluate", "{pipe}", "--nll", "--nll_timesteps", "10"], "nll_timesteps 10 is outside 1..9"),
         (["nll", "{pipe}", "--split", "validation"], "invalid choice: 'validation'"),
-        (["nll", "{pipe}", "--dataset", "{mnist}", "--num-images", "33"], "which holds 32"),
+        (["nll", "{pipe}", "--dataset_name", "{mnist}", "--nll_images", "33"], "which holds 32"),
     ],
 )
 def test_bad_input_is_a_one_line_error(pipeline_dir, mnist_folder, capsys, argv, message):

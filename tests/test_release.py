@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline
+from ddpm_mnist.errors import UsageError
 from tests.test_train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +34,9 @@ def finished_run(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory) -
 def release(module: dict, run: Path, out: Path, data: Path, *flags: str) -> None:
     module["main"](
         module["parse_args"](
-            [str(run), f"--out={out}", "--repo_id=tester/released", f"--dataset={data}", "--num_samples=64",
-             "--ddpm_samples=64", "--reference_images=32", "--nll_images=8", "--batch_size=64", "--fast_steps=5",
-             *flags]
+            [str(run), f"--output_dir={out}", "--hub_model_id=tester/released", f"--dataset_name={data}",
+             "--num_samples=64", "--ddpm_samples=64", "--reference_images=32", "--nll_images=8", "--batch_size=64",
+             "--num_inference_steps=5", "--device=cpu", *flags]
         )
     )  # fmt: skip
 
@@ -74,8 +75,8 @@ def test_an_existing_release_or_an_unfinished_run_is_refused_before_any_work(
     release_module, finished_run, mnist_folder, tmp_path
 ):
     (tmp_path / "taken").mkdir()
-    with pytest.raises(SystemExit, match="exists; pass a new folder"):
+    with pytest.raises(UsageError, match="exists; pass a new folder"):
         release(release_module, finished_run, tmp_path / "taken", mnist_folder)
-    with pytest.raises(SystemExit, match="model_index.json is missing; pass the output_dir of a finished"):
+    with pytest.raises(UsageError, match="model_index.json is missing; pass the output_dir of a finished"):
         release(release_module, tmp_path, tmp_path / "new", mnist_folder)
     assert not (tmp_path / "new").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist.errors import run_entry_point
 from ddpm_mnist.metrics.quality import SampleQuality
 from tests.utils import tiny_unet
 
@@ -73,12 +74,13 @@ def test_every_option_states_its_default(bench, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
     assert exit_info.value.code == 0
-    assert "--reference-images" in capsys.readouterr().out
+    assert "--reference_images" in capsys.readouterr().out
 
 
 def test_tabulates_each_sampler_at_each_step_count(bench, pipeline_dir, mnist_folder, capsys, pipeline_calls):
-    argv = [pipeline_dir, "--schedulers", "ddpm", "ddim", "--steps", "4", "2", str(T + 1), "--batch-size", "5"]
-    argv += ["--num-samples", "12", "--reference-images", "24", "--dataset", str(mnist_folder), "--json"]
+    argv = [pipeline_dir, "--schedulers", "ddpm", "ddim", "--num_inference_steps", "4", "2", str(T + 1)]
+    argv += ["--batch_size", "5", "--num_samples", "12", "--reference_images", "24", "--json", "--device", "cpu"]
+    argv += ["--dataset_name", str(mnist_folder)]
     bench.main(argv)
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
@@ -117,17 +119,26 @@ def test_tabulates_each_sampler_at_each_step_count(bench, pipeline_dir, mnist_fo
     [
         (["./no/such/pipeline"], "is not a folder"),
         (["{pipe}", "--schedulers", "ddim", "euler"], "invalid choice: 'euler'"),
-        (["{pipe}", "--steps", "2", "0"], "expected an integer >= 1, got '0'"),
-        (["{pipe}", "--steps", str(T + 1)], f"every --steps value exceeds the pipeline's {T} training timesteps"),
-        (["{pipe}", "--num-samples", "97"], "which holds 96"),
+        (["{pipe}", "--num_inference_steps", "2", "0"], "--num_inference_steps and --batch_size take integers of"),
+        (
+            ["{pipe}", "--num_inference_steps", str(T + 1)],
+            f"every --num_inference_steps value exceeds the pipeline's {T}",
+        ),
+        (["{pipe}", "--num_samples", "97"], "which holds 96"),
+        (["{pipe}", "--num_samples", "3"], "num_samples must be at least 4"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_sampling(
     bench, pipeline_dir, mnist_folder, capsys, pipeline_calls, argv, message
 ):
-    argv = [a.format(pipe=pipeline_dir) for a in argv] + ["--dataset", str(mnist_folder), "--reference-images", "8"]
+    argv = [a.format(pipe=pipeline_dir) for a in argv] + [
+        "--dataset_name",
+        str(mnist_folder),
+        "--reference_images",
+        "8",
+    ]
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
+        run_entry_point(lambda: bench.main(argv), "sampler_quality.py")
     assert exit_info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("sampler_quality.py: error:") and message in line

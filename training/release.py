@@ -1,11 +1,12 @@
 """Turn a finished training run into a release folder: measured quality, pictures and the model card.
 
-    python training/release.py runs/final --out pretrained/ddpm-mnist-small --repo_id ddpm-mnist/ddpm-mnist-small \
-        --dataset ../shared/data/mnist
+    python training/release.py runs/final --output_dir pretrained/ddpm-mnist-small \
+        --hub_model_id ddpm-mnist/ddpm-mnist-small --dataset_name ../shared/data/mnist
 
 Reads the run's pipeline folder (written by training/train.py, with its `training.json` and tensorboard logs), then:
 1. scores samples of the fast sampler (default 50 DDIM steps) and of the paper's 1000-step DDPM sampler with the
-   project's metrics, each beside the real-vs-real floor of as many MNIST training digits, and bounds the NLL;
+   project's metrics, each beside the real-vs-real floor of as many MNIST training digits, and bounds the NLL
+   (`ddpm_mnist.evaluation`, on the GPU where there is one);
 2. draws an 8x8 grid of samples, one digit denoised from x_T to x_0, and the training loss curve;
 3. renders the model card with those results and writes the folder exactly as a push would upload it
    (`ddpm_mnist.hub.export_pipeline_folder`), so it can be committed, loaded, or pushed as it is.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,12 +27,22 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.cli import SCHEDULERS, generate_digits
-from ddpm_mnist.data import load_x_0
+from ddpm_mnist.data import DEFAULT_DATASET
+from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.evaluation import (
+    SCHEDULERS,
+    QualityReference,
+    default_device,
+    digit_grid,
+    generate_digits,
+    load_nll_digits,
+    load_pipeline,
+    nll_bound,
+    sampler_steps,
+)
+from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.hub import export_pipeline_folder, render_model_card
-from ddpm_mnist.metrics.classifier import MnistClassifier, load_mnist_classifier
-from ddpm_mnist.metrics.likelihood import variational_bound
-from ddpm_mnist.metrics.quality import ClassifierOutputs, SampleQuality, classifier_outputs, sample_quality
+from ddpm_mnist.metrics.quality import SampleQuality
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -44,14 +54,15 @@ STRIP_FRAMES = 11  # x_T, then every 100th step, down to x_0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags, each with its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="the output_dir of a finished training/train.py run")
-    p.add_argument("--out", required=True, help="the release folder to write (must not exist)")
-    p.add_argument("--repo_id", required=True, help="the Hub id the release would have, user/name")
-    p.add_argument("--dataset", default="ylecun/mnist", help="MNIST, a Hub id or a local copy")
+    p.add_argument("--output_dir", required=True, help="the release folder to write (must not exist)")
+    p.add_argument("--hub_model_id", required=True, help="the Hub id the release would have, user/name")
+    p.add_argument("--dataset_name", default=DEFAULT_DATASET, help="MNIST, a Hub id or a local copy")
     fast_samplers = sorted(set(SCHEDULERS) - {"ddpm"})
-    p.add_argument("--fast_scheduler", default="ddim", choices=fast_samplers, help="the fast sampler")
-    p.add_argument("--fast_steps", type=int, default=50, help="steps of the fast sampler")
+    p.add_argument("--scheduler", default="ddim", choices=fast_samplers, help="the fast sampler (default: ddim)")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="steps of the fast sampler (default: 50)")
     p.add_argument("--num_samples", type=int, default=1000, help="samples scored at the fast setting")
     p.add_argument("--ddpm_samples", type=int, default=100, help="samples of 1000-step DDPM (0, or 64+ for the grid)")
     p.add_argument("--reference_images", type=int, default=10_000, help="MNIST test digits to score against")
@@ -59,36 +70,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nll_timesteps", type=int, default=None, help="sampled timesteps of the bound (default all)")
     p.add_argument("--batch_size", type=int, default=250, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of the data subsets")
+    p.add_argument("--device", default=default_device(), help="torch device (default: the GPU where there is one)")
     p.add_argument("--note", default="", help="a paragraph for the card's evaluation section")
     return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse a run folder that is not a finished run, or an existing --out, before any work."""
+    """Refuse a run folder that is not a finished run, or an existing --output_dir, before any work."""
     run = Path(args.run)
     for name in ("model_index.json", "training.json", "logs"):
         if not (run / name).exists():
-            raise SystemExit(f"error: {run / name} is missing; pass the output_dir of a finished train.py run.")
-    if Path(args.out).exists():
-        raise SystemExit(f"error: --out {args.out} exists; pass a new folder (or remove the old release first).")
+            raise UsageError(f"{run / name} is missing; pass the output_dir of a finished train.py run.")
+    if Path(args.output_dir).exists():
+        raise UsageError(f"--output_dir {args.output_dir} exists; pass a new folder (or remove the old release first).")
     if args.ddpm_samples < 64 and args.ddpm_samples != 0:
-        raise SystemExit("error: --ddpm_samples must be 0 (skip DDPM) or at least 64 (the 8x8 grid).")
-
-
-def generate(pipe: DDPMMnistPipeline, scheduler: str, steps: int, num_images: int, args: argparse.Namespace):
-    """`num_images` digits (N, 1, 28, 28) in [0, 1] from the named sampler, one generator seeded with --seed."""
-    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
-    return generate_digits(pipe, num_images, steps, args.seed, args.batch_size)
-
-
-def score(
-    samples: torch.Tensor, reference: ClassifierOutputs, classifier: MnistClassifier, args: argparse.Namespace
-) -> tuple[SampleQuality, SampleQuality]:
-    """The samples' quality, and the real-vs-real floor of as many MNIST training digits."""
-    real = (load_x_0(args.dataset, "train", len(samples), sample_size=28, seed=args.seed) + 1) / 2
-    quality = sample_quality(classifier_outputs(samples, classifier), reference, seed=args.seed)
-    floor = sample_quality(classifier_outputs(real, classifier), reference, seed=args.seed)
-    return quality, floor
+        raise UsageError("--ddpm_samples must be 0 (skip DDPM) or at least 64 (the 8x8 grid).")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}.")
 
 
 def evaluation_markdown(
@@ -148,41 +146,33 @@ def evaluation_markdown(
 
 def denoising_strip(pipe: DDPMMnistPipeline, seed: int) -> Image.Image:
     """One digit under 1000-step DDPM, from x_T to x_0 in STRIP_FRAMES frames, upscaled 3x."""
-    pipe.scheduler = DDPMMnistScheduler.from_config(pipe.scheduler.config)
-    num_steps = pipe.scheduler.config.num_train_timesteps
+    ddpm = DDPMMnistScheduler.from_config(pipe.scheduler.config)
+    num_steps = ddpm.config.num_train_timesteps
     keep = {round(k * num_steps / (STRIP_FRAMES - 1)) - 1 for k in range(1, STRIP_FRAMES)}
     generator = torch.Generator().manual_seed(seed)
     x_T = torch.randn((1, 1, pipe.unet.config.sample_size, pipe.unet.config.sample_size), generator=generator)
-    frames = [x_T[0, 0]]
+    frames = [x_T[0]]
 
     def keep_frame(pipeline: DDPMMnistPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
         if i in keep:
-            frames.append(tensors["image"][0, 0].clone())
+            frames.append(tensors["image"][0].float().cpu())
         return {}
 
     # The same generator state as x_T's draw: the pipeline's first draw is this x_T.
-    pipe(
-        num_inference_steps=num_steps,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-        callback_on_step_end=keep_frame,
-    )
+    saved_scheduler, pipe.scheduler = pipe.scheduler, ddpm
+    try:
+        pipe(
+            num_inference_steps=num_steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+            callback_on_step_end=keep_frame,
+        )
+    finally:
+        pipe.scheduler = saved_scheduler
     border = (pipe.unet.config.sample_size - pipe.config.image_size) // 2
     size = pipe.config.image_size
-    strip = torch.cat([f[border : border + size, border : border + size].clamp(-1, 1) for f in frames], dim=1)
-    pixels = ((strip + 1) * 127.5).round().to(torch.uint8).numpy()
-    image = Image.fromarray(pixels)
-    return image.resize((image.width * 3, image.height * 3), Image.NEAREST)
-
-
-def grid(images: torch.Tensor) -> Image.Image:
-    """The first 64 digits as an 8x8 grid, upscaled 3x."""
-    tiles = images[:64, 0]
-    side = int(math.sqrt(len(tiles)))
-    height, width = tiles.shape[1:]
-    pixels = tiles[: side * side].reshape(side, side, height, width).permute(0, 2, 1, 3).reshape(side * height, -1)
-    image = Image.fromarray((pixels * 255).round().to(torch.uint8).numpy())
-    return image.resize((image.width * 3, image.height * 3), Image.NEAREST)
+    digits = torch.stack([f[:, border : border + size, border : border + size] for f in frames])
+    return digit_grid((digits.clamp(-1, 1) + 1) / 2, cols=len(frames), upscale=3)
 
 
 def loss_curve(logs: Path, path: Path) -> None:
@@ -210,50 +200,46 @@ def loss_curve(logs: Path, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Check everything, load everything, then sample, score, draw, render the card and write the release."""
     check_args(args)
     run = Path(args.run)
     record = json.loads((run / "training.json").read_text())
-    pipe = DDPMMnistPipeline.from_pretrained(run)
-    pipe.set_progress_bar_config(disable=True)
-    release_scheduler = pipe.scheduler
-    classifier = load_mnist_classifier()
-    reference = classifier_outputs(
-        (load_x_0(args.dataset, "test", args.reference_images, sample_size=28, seed=None) + 1) / 2, classifier
+    pipe = load_pipeline(run, args.device)
+    print(f"device: {pipe.device} ({describe_device(pipe.device)})")
+    fast_steps = sampler_steps(pipe, args.scheduler, args.num_inference_steps)
+    num_steps = pipe.scheduler.config.num_train_timesteps
+    # Every input before any sampling: the reference, both floors and the NLL digits.
+    reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
+    sample_counts = {f"{SAMPLER_NAMES[args.scheduler]}, {fast_steps} steps": (args.scheduler, args.num_samples)}
+    if args.ddpm_samples:
+        sample_counts[f"DDPM, {num_steps} steps"] = ("ddpm", args.ddpm_samples)
+    floors = {name: reference.floor(count) for name, (_, count) in sample_counts.items()}
+    x_0 = load_nll_digits(
+        pipe, args.dataset_name, nll_images=args.nll_images, nll_timesteps=args.nll_timesteps, seed=args.seed
     )
 
-    fast_name = f"{SAMPLER_NAMES[args.fast_scheduler]}, {args.fast_steps} steps"
-    fast = generate(pipe, args.fast_scheduler, args.fast_steps, args.num_samples, args)
-    results = {fast_name: score(fast, reference, classifier, args)}
-    grid_source = fast
-    if args.ddpm_samples:
-        num_steps = release_scheduler.config.num_train_timesteps
-        ddpm = generate(pipe, "ddpm", num_steps, args.ddpm_samples, args)
-        results[f"DDPM, {num_steps} steps"] = score(ddpm, reference, classifier, args)
-        grid_source = ddpm
-    x_0 = load_x_0(args.dataset, "test", args.nll_images, sample_size=pipe.unet.config.sample_size, seed=args.seed)
-    bound = variational_bound(
-        pipe.unet,
-        DDPMMnistScheduler.from_config(release_scheduler.config),
-        x_0,
-        image_size=pipe.config.image_size,
-        num_timesteps=args.nll_timesteps,
-        batch_size=args.batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    nll = {**bound.summary(), "exact": bound.exact, "num_images": len(x_0), "num_timesteps": args.nll_timesteps}
+    results, samples = {}, {}
+    for name, (scheduler, count) in sample_counts.items():
+        steps = num_steps if scheduler == "ddpm" else fast_steps
+        samples[name] = generate_digits(
+            pipe, count, scheduler=scheduler, num_inference_steps=steps, seed=args.seed, batch_size=args.batch_size
+        )
+        results[name] = (reference.score(samples[name]), floors[name])
+    grid_source = samples[list(samples)[-1]]  # DDPM's digits when it ran, else the fast sampler's
+    bound = nll_bound(pipe, x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
+    nll = {**bound.summary(), "num_timesteps": args.nll_timesteps}
 
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging)
         (staging / "samples").mkdir()
-        grid(grid_source).save(staging / "samples" / "grid.png")
+        digit_grid(grid_source[:64], upscale=3).save(staging / "samples" / "grid.png")
         denoising_strip(pipe, args.seed).save(staging / "samples" / "denoising.png")
-        pipe.scheduler = release_scheduler
         pipe.save_pretrained(staging)
         loss_curve(run / "logs", staging / "samples" / "loss.png")
-        quality, _ = results[fast_name]
+        quality, _ = next(iter(results.values()))
         card = render_model_card(
             pipe,
-            args.repo_id,
+            args.hub_model_id,
             dataset_name=record["dataset_name"],
             samples_image="samples/grid.png",
             denoising_image="samples/denoising.png",
@@ -267,16 +253,16 @@ def main(args: argparse.Namespace) -> None:
                 "mean_confidence": round(quality.mean_confidence, 4),
                 "nll_bpd": round(nll["nll_bpd"], 3),
             },
-            evaluation=evaluation_markdown(results, nll, args.note, len(reference.features)),
+            evaluation=evaluation_markdown(results, nll, args.note, reference.num_images),
         )
         card.save(staging / "README.md")
-        partial = Path(f"{args.out}.partial")
+        partial = Path(f"{args.output_dir}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         export_pipeline_folder(staging, partial)
-        partial.rename(args.out)
+        partial.rename(args.output_dir)
     summary = {name: {"quality": q.as_dict(), "floor": f.as_dict()} for name, (q, f) in results.items()}
-    print(json.dumps({"out": args.out, "results": summary, "nll": nll}))
+    print(json.dumps({"output_dir": args.output_dir, "results": summary, "nll": nll}))
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_entry_point(lambda: main(parse_args()), "release.py")

@@ -1,0 +1,285 @@
+"""Evaluation of a saved pipeline: draw digits with a named sampler, score them beside the real floor, bound the NLL.
+
+The one place that `ddpm-mnist sample | evaluate | nll`, `training/release.py` and `benchmarks/sampler_quality.py`
+call:
+
+    pipe = load_pipeline("pretrained/ddpm-mnist-small", device="cpu", dtype="float32")
+    reference = QualityReference("ylecun/mnist")                  # the MNIST test digits, as the classifier sees them
+    floor = reference.floor(1000)                                  # 1000 real training digits against the same digits
+    samples = generate_digits(pipe, 1000, scheduler="ddim", num_inference_steps=50, seed=0)
+    quality = reference.score(samples)                             # FID, KID, precision, recall, ... beside `floor`
+    x_0 = load_nll_digits(pipe, "ylecun/mnist", nll_images=1000)
+    bound = nll_bound(pipe, x_0)                                   # the variational bound of eq. 5, in bits/dim
+    digit_grid(samples[:64], upscale=2).save("grid.png")
+
+Arguments carry the names of the command-line flags (`num_samples`, `num_inference_steps`, `batch_size`,
+`dataset_name`, `reference_images`, `nll_images`, `nll_timesteps`, `device`, `dtype`), so a message about one names
+the flag to fix. Bad input raises `ddpm_mnist.errors.UsageError` before any sampling: an entry point loads the
+pipeline, the reference and every set of digits first, then samples. Scores use the features of the package's MNIST
+classifier (`metrics/quality.py`): compare them with the floor beside them, never with published Inception FIDs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers.utils import make_image_grid
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import load_x_0
+from .errors import UsageError
+from .metrics.classifier import load_mnist_classifier
+from .metrics.likelihood import VariationalBound, variational_bound
+from .metrics.quality import SampleQuality, classifier_outputs, sample_quality
+from .pipeline_ddpm_mnist import DDPMMnistPipeline
+from .scheduling_ddpm_mnist import DDPMMnistScheduler
+
+# Samplers by their command-line name; each is built with `from_config(pipe.scheduler.config)`, the pipeline's
+# noise schedule, so that every sampler runs the schedule the network was trained on.
+SCHEDULERS = {
+    "ddpm": DDPMMnistScheduler,
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+FAST_SAMPLER_STEPS = 50  # the default num_inference_steps of every sampler but ddpm, which runs all T steps
+# Inference dtypes by their command-line name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_SCORED_IMAGES = 4  # precision and recall need more digits than their k = 3 neighbours
+
+
+def default_device() -> str:
+    """The device an entry point uses unless told otherwise: the GPU where there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device that exists here; a UsageError naming the fix otherwise."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"device {str(device)!r} is not a torch device ({error}); pass cpu or cuda.") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda, but CUDA is not available here; pass --device cpu.")
+    return device
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str = "float32"
+) -> DDPMMnistPipeline:
+    """A saved pipeline (a folder written by `save_pretrained`, or a Hub repo id) on `device`, in `dtype`.
+
+    `dtype` is one of `DTYPES` and is handed to `from_pretrained` as `torch_dtype`. A missing folder, a bad repo
+    id, device or dtype is a UsageError.
+    """
+    name = os.fspath(name_or_path)
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass one of them.")
+    device = check_device(device)
+    path = os.path.expanduser(name)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise UsageError(f"{name!r} is not a folder; pass one saved by save_pretrained, or a Hub repo id.")
+    try:
+        pipe = DDPMMnistPipeline.from_pretrained(path, torch_dtype=DTYPES[dtype])
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load the pipeline {name!r}: {str(error).splitlines()[0]}") from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def sampler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps: int | None = None) -> int:
+    """The checked step count of the named sampler on `pipe`: by default all T steps for ddpm, 50 for the others."""
+    if scheduler not in SCHEDULERS:
+        raise UsageError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}; pass one of them.")
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    if num_inference_steps is None:
+        return num_train_timesteps if scheduler == "ddpm" else min(FAST_SAMPLER_STEPS, num_train_timesteps)
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise UsageError(
+            f"num_inference_steps {num_inference_steps} is outside 1..{num_train_timesteps}, the pipeline's "
+            "training timesteps; pass a count in that range."
+        )
+    return num_inference_steps
+
+
+@torch.no_grad()
+def generate_digits(
+    pipe: DDPMMnistPipeline,
+    num_samples: int,
+    *,
+    scheduler: str = "ddpm",
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> torch.Tensor:
+    """`num_samples` digits (N, 1, 28, 28) in [0, 1], float32 on the CPU, from the named sampler (Algorithm 2 for
+    ddpm) on the pipeline's schedule, batch by batch from one CPU generator seeded with `seed`.
+
+    The sampler replaces `pipe.scheduler` for the call only: the pipeline keeps the schedule it was saved with.
+    """
+    steps = sampler_steps(pipe, scheduler, num_inference_steps)
+    if num_samples < 1 or batch_size < 1:
+        raise UsageError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}.")
+    saved_scheduler = pipe.scheduler
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(saved_scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+    try:
+        batches = [
+            pipe(batch_size=size, generator=generator, num_inference_steps=steps, output_type="pt").images
+            for size in tqdm(sizes, desc=f"sampling, {scheduler} {steps} steps", unit="batch", disable=not progress)
+        ]
+    finally:
+        pipe.scheduler = saved_scheduler
+    return torch.cat([batch.float().cpu() for batch in batches])
+
+
+def load_digits(
+    dataset_name: str | os.PathLike, split: str, num_images: int | None, *, sample_size: int = 28, seed: int | None
+) -> torch.Tensor:
+    """x_0 (N, 1, sample_size, sample_size) in [-1, 1] of real MNIST digits: the split's first `num_images` without a
+    seed, a seeded random subset with one, all with `num_images=None`. A bad dataset or count is a UsageError."""
+    try:
+        return load_x_0(dataset_name, split, num_images, sample_size=sample_size, seed=seed)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"{str(error).splitlines()[0]} (dataset_name {os.fspath(dataset_name)!r})") from error
+
+
+class QualityReference:
+    """The MNIST test digits as the package's classifier sees them, against which samples and the floor are scored.
+
+    Args:
+        dataset_name: MNIST, a Hub dataset id or a local copy laid out like `ylecun/mnist`.
+        reference_images: how many test digits, the first ones of the split (None: all 10,000).
+        device: where the classifier runs.
+        seed: the seed of the floor's training digits and of the metrics' random subsets.
+        progress: show progress bars.
+
+    The floor of N is the same metrics for N real training digits (a seeded random subset) against the same test
+    digits: what real digits score at that sample count, the number to read every score beside.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str | os.PathLike,
+        reference_images: int | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if reference_images is not None and reference_images < MIN_SCORED_IMAGES:
+            raise UsageError(f"reference_images must be at least {MIN_SCORED_IMAGES}, got {reference_images}.")
+        try:
+            self.classifier = load_mnist_classifier(device=check_device(device))
+        except FileNotFoundError as error:
+            raise UsageError(str(error).splitlines()[0]) from error
+        self.dataset_name, self.seed, self.progress = dataset_name, seed, progress
+        test_digits = load_digits(dataset_name, "test", reference_images, seed=None)
+        self.outputs = classifier_outputs((test_digits + 1) / 2, self.classifier, progress=progress)
+        self._floors: dict[int, SampleQuality] = {}
+
+    @property
+    def num_images(self) -> int:
+        """The number of test digits scored against."""
+        return len(self.outputs.features)
+
+    def score(self, samples: torch.Tensor) -> SampleQuality:
+        """FID, KID, precision, recall, confidence and class balance of digits (N, 1, 28, 28) in [0, 1]."""
+        if len(samples) < MIN_SCORED_IMAGES:
+            raise UsageError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {len(samples)}.")
+        outputs = classifier_outputs(samples, self.classifier, progress=self.progress)
+        return sample_quality(outputs, self.outputs, seed=self.seed)
+
+    def floor(self, num_samples: int) -> SampleQuality:
+        """The real-vs-real floor of `num_samples` training digits, computed once per count.
+
+        Call it before sampling: a count the training split cannot give fails then, not after the samples.
+        """
+        if num_samples not in self._floors:
+            if num_samples < MIN_SCORED_IMAGES:
+                raise UsageError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {num_samples}.")
+            real = load_digits(self.dataset_name, "train", num_samples, seed=self.seed)
+            self._floors[num_samples] = self.score((real + 1) / 2)
+        return self._floors[num_samples]
+
+
+def _check_nll_timesteps(pipe: DDPMMnistPipeline, nll_timesteps: int | None) -> None:
+    """A sampled-timestep count of the bound lies in 1..T-1 (T - 1 diffusion terms exist)."""
+    num_terms = pipe.scheduler.config.num_train_timesteps - 1
+    if nll_timesteps is not None and not 1 <= nll_timesteps <= num_terms:
+        raise UsageError(
+            f"nll_timesteps {nll_timesteps} is outside 1..{num_terms}, the pipeline's diffusion terms (T - 1); "
+            "pass a count in that range, or none for the exact bound."
+        )
+
+
+def load_nll_digits(
+    pipe: DDPMMnistPipeline,
+    dataset_name: str | os.PathLike,
+    *,
+    split: str = "test",
+    nll_images: int | None = None,
+    nll_timesteps: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The digits to bound the NLL on, at the UNet's `sample_size` (a seeded subset of `nll_images`; None: all),
+    after checking `nll_timesteps` against the pipeline: every input of `nll_bound`, checked before it runs."""
+    _check_nll_timesteps(pipe, nll_timesteps)
+    return load_digits(dataset_name, split, nll_images, sample_size=pipe.unet.config.sample_size, seed=seed)
+
+
+def nll_bound(
+    pipe: DDPMMnistPipeline,
+    x_0: torch.Tensor,
+    *,
+    nll_timesteps: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> VariationalBound:
+    """The variational bound of eq. 5 on `x_0` in bits/dim, on the pipeline's DDPM schedule.
+
+    Exact over all T terms without `nll_timesteps`; with K, an unbiased estimate of the diffusion terms from K
+    sampled timesteps per digit (see `metrics/likelihood.py`). The noise of x_t comes from a generator seeded with
+    `seed`.
+    """
+    _check_nll_timesteps(pipe, nll_timesteps)
+    return variational_bound(
+        pipe.unet,
+        DDPMMnistScheduler.from_config(pipe.scheduler.config),
+        x_0,
+        image_size=pipe.config.image_size,
+        num_timesteps=nll_timesteps,
+        batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed),
+        progress=progress,
+    )
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """Digits (N, 1, H, W) in [0, 1] as 8-bit greyscale PIL images."""
+    pixels = (images[:, 0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(digit) for digit in pixels]
+
+
+def digit_grid(images: torch.Tensor, *, cols: int | None = None, upscale: int = 1) -> Image.Image:
+    """Digits (N, 1, H, W) in [0, 1] tiled row by row into one greyscale image (diffusers' `make_image_grid`).
+
+    `cols` defaults to a near-square grid, ceil(sqrt(N)); spare tiles of the last row are black. `upscale` enlarges
+    every pixel to an upscale x upscale block (nearest neighbour): 2 or more makes MNIST's 28-pixel digits readable.
+    """
+    if len(images) == 0 or upscale < 1:
+        raise UsageError(f"a grid needs at least one digit and an upscale of at least 1, got {len(images)}, {upscale}.")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    tiles = to_pil_images(images)
+    tiles += [Image.new("L", tiles[0].size) for _ in range(rows * cols - len(tiles))]
+    grid = make_image_grid(tiles, rows=rows, cols=cols).convert("L")  # it pastes into RGB; R = G = B here
+    return grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
