@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ddpm_mnist.data import DEFAULT_DATASET, ImagePreprocessor
+from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.metrics.classifier import WEIGHTS_PATH, MnistClassifier
 
 
@@ -26,17 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--dataset_name", default=DEFAULT_DATASET, help="Hub dataset id or local folder with image/label")
-    p.add_argument("--output", default=str(WEIGHTS_PATH), help="where to write the safetensors weights")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the 60,000 training digits")
-    p.add_argument("--batch_size", type=int, default=128, help="digits per optimizer step")
+    p.add_argument(
+        "--output_dir", default=str(WEIGHTS_PATH.parent), help=f"the folder to write {WEIGHTS_PATH.name} into"
+    )
+    p.add_argument("--num_epochs", type=int, default=3, help="passes over the 60,000 training digits")
+    p.add_argument("--train_batch_size", type=int, default=128, help="digits per optimizer step")
     p.add_argument("--learning_rate", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     p.add_argument("--min_test_accuracy", type=float, default=0.99, help="write no weights below this accuracy")
-    args = p.parse_args(argv)
-    if min(args.epochs, args.batch_size) < 1 or args.learning_rate <= 0:
-        p.error("--epochs, --batch_size and --learning_rate must be positive.")
-    return args
+    return p.parse_args(argv)
 
 
 def load_split(dataset_name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,22 +72,26 @@ def accuracy(model: MnistClassifier, images: torch.Tensor, labels: torch.Tensor)
 
 def main(args: argparse.Namespace) -> None:
     """Train, measure test accuracy, write the weights if they are good enough."""
+    if min(args.num_epochs, args.train_batch_size) < 1 or args.learning_rate <= 0:
+        raise UsageError("--num_epochs, --train_batch_size and --learning_rate must be positive.")
+    if Path(args.output_dir).is_file():
+        raise UsageError(f"--output_dir {args.output_dir} is a file; pass a folder.")
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train_images, train_labels = load_split(args.dataset_name, "train")
     test_images, test_labels = load_split(args.dataset_name, "test")
 
     model = MnistClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    steps_per_epoch = math.ceil(len(train_images) / args.train_batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, args.learning_rate, total_steps=args.epochs * steps_per_epoch
+        optimizer, args.learning_rate, total_steps=args.num_epochs * steps_per_epoch
     )
     start = time.perf_counter()
-    for epoch in range(args.epochs):
+    for epoch in range(args.num_epochs):
         model.train()
         order = torch.randperm(len(train_images), generator=generator)
-        progress = tqdm(order.split(args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}")
+        progress = tqdm(order.split(args.train_batch_size), desc=f"epoch {epoch + 1}/{args.num_epochs}")
         for index in progress:
             loss = F.cross_entropy(model(augment(train_images[index], generator)), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
@@ -100,13 +105,16 @@ def main(args: argparse.Namespace) -> None:
     minutes = (time.perf_counter() - start) / 60
     print(f"test accuracy {test_accuracy:.4f} ({len(test_images)} digits) after {minutes:.1f} min of training")
     if test_accuracy < args.min_test_accuracy:
-        raise SystemExit(
-            f"test accuracy {test_accuracy:.4f} < --min_test_accuracy {args.min_test_accuracy}; not saved."
+        raise WorkFailed(
+            f"test accuracy {test_accuracy:.4f} < --min_test_accuracy {args.min_test_accuracy}; not saved. Train "
+            "longer (--num_epochs) or with another --seed."
         )
-    metadata = {"test_accuracy": f"{test_accuracy:.4f}", "epochs": str(args.epochs), "seed": str(args.seed)}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.output, metadata=metadata)
-    print(f"wrote {args.output}")
+    metadata = {"test_accuracy": f"{test_accuracy:.4f}", "epochs": str(args.num_epochs), "seed": str(args.seed)}
+    output = Path(args.output_dir) / WEIGHTS_PATH.name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, output, metadata=metadata)
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_entry_point(lambda: main(parse_args()), "train_classifier.py")
