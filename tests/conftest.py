@@ -42,3 +42,7 @@ def hub() -> Iterator[HubServer]:
     """A stand-in of the Hub's HTTP API on 127.0.0.1 (tests/hub_server.py), for clients run with its `client_env`."""
     with HubServer() as server:
         yield server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (benchmarks/gpu_run.sh runs them)")

@@ -1,0 +1,467 @@
+"""The one-shot GPU run of issue 13: prove training and sampling on CUDA, measure them, train the seed's model.
+
+    bash benchmarks/gpu_run.sh OUT_DIR [--dry-run]      (gpu_run.sh does the set-up, then runs this file)
+
+Stages, each a child process with its own log and time limit, so that one failing stage is recorded and the others
+still run (those that need its output are skipped):
+
+1. set-up (gpu_run.sh): diffusers and datasets from `.whl/`, this checkout editable; here: what got installed where.
+2. CUDA tests: `pytest -m cuda tests/test_gpu.py`.
+3. throughput against diffusers at equal architecture: `benchmarks/throughput.py` on the device (`throughput_command`).
+4. training of the seed's model: `accelerate launch training/train.py`, the `mnist` preset (the seed's architecture
+   and noise schedule: 32x32 padded digits, 4 resolutions, attention at 16x16, dropout 0.1, linear betas, T = 1000)
+   in bf16 with `--decode_once`, for what is left of the time budget after the other stages (at most 5 minutes).
+5. evaluation on the GPU with the `ddpm-mnist` CLI (`--json`): the package's metrics on 10,000 samples of the
+   recommended few-step sampler (the pipeline's own DDPM on 50 respaced steps) and on 1,000 samples of 1000-step
+   DDPM, each beside its real-vs-real floor; the exact NLL bound (all T terms) on 1,000 test digits; a grid.
+6. bring-back: at most 8 files in OUT_DIR: `results.json` (every stage's figures), `train.log`, `stages.log` (the
+   other stages' output), `grid.png` (64 digits, 1000-step DDPM) and the pipeline folder (EMA weights, configs,
+   card, training record, tensorboard logs; no checkpoints) as `pipeline.tar.gz.00`, `.01`, ... in parts under
+   16 MB. `training/release_gpu.py` turns them into `pretrained/ddpm-mnist/` on the CPU.
+
+A summary table is printed last. `--dry-run` runs every stage at toy sizes on the CPU (the `tiny` preset, 20 steps,
+a handful of samples) in well under 3 minutes; `tests/test_gpu_run.py` runs it.
+
+The training recipe, for about 5 minutes of one H100 instead of the paper's 800k steps of 128 at lr 2e-4 (2.6 days
+of a TPU v3-8 for CIFAR10):
+- batch 256: twice the paper's, so that each step's kernels fill the GPU (at batch 128 the 32x32 U-Net's small
+  convolutions and the per-step EMA and loss read-back leave it idle between launches); still about 50 steps per
+  epoch of the 60,000 digits, so a few minutes make thousands of optimizer steps.
+- lr 4e-4 (the paper's 2e-4 scaled linearly with the batch), 500 warm-up steps instead of 5,000 (the paper's
+  warm-up alone would be a third of the run), then cosine decay to zero at the last step: a short run gains most
+  from ending at a small learning rate, which averages out the noise of the last steps much as a long EMA would.
+  The cosine needs the number of steps in advance: it is the training seconds times the throughput stage's measured
+  bf16 images/s of our U-Net (`THROUGHPUT_KEY`) times 0.7 for the loop's own costs (EMA update, data, loss
+  read-back, gradient clipping), over the batch; 4,000 images/s where that figure is missing.
+  `--max_train_minutes` stops the run in any case.
+- EMA max decay 0.9995 with the default warm-up (inv_gamma 1, power 3/4): after n steps the decay is
+  min(0.9995, 1 - (1 + n)^(-3/4)), about 0.999 at 10,000 steps, so the released weights average the last ~1,000
+  steps, about the last tenth of the run; the paper's 0.9999 would average over more steps than the run has.
+- everything else as the seed (and the paper): AdamW betas (0.9, 0.999), no weight decay, gradients clipped at 1,
+  L_simple on eps, seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
+from ddpm_mnist.hardware import describe_device
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGED_MNIST = ROOT / ".gpu_data" / "mnist"  # benchmarks/stage_gpu.sh copies it there; it travels with `carry`
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+PART_BYTES = 15 * 2**20  # each archive part under the 16 MB a file may have to come back
+MAX_FILES = 8  # files that may come back from the GPU machine
+MAX_TRAIN_MINUTES = 5.0
+# Seconds kept back from the budget for what follows training: the three evaluations and the grid (measured
+# estimate for the mnist preset on one H100, fp32 with TF32 convolutions), the pipeline save and the archive.
+RESERVE_AFTER_TRAINING = 150
+TRAIN_START_SECONDS = 30  # imports, CUDA start-up, decoding the 60,000 digits once
+LOOP_EFFICIENCY = 0.7  # train.py's images/s over throughput.py's bare training step
+FALLBACK_IMAGES_PER_SECOND = 4000.0
+# Where throughput.py's JSON holds our U-Net's bf16 training images/s for the mnist preset (see throughput_command).
+THROUGHPUT_KEY = ("mnist", "train_ours_bf16")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each stage does: the real run on a GPU, or the dry run's toy version on the CPU."""
+
+    device: str
+    preset: str
+    num_train_timesteps: int  # T: the dry run's 50 make "all T steps" and "all T terms" quick on the CPU
+    train_batch_size: int
+    lr_warmup_steps: int
+    max_train_steps: int | None  # None: from the throughput and the time left
+    fast_samples: int
+    fast_steps: int
+    ddpm_samples: int
+    nll_images: int
+    grid_images: int
+    batch_size: int  # images per forward pass in the evaluations
+    stage_timeout: int  # seconds, for every stage but training
+
+
+REAL = Sizes(
+    device="cuda",
+    preset="mnist",
+    num_train_timesteps=1000,
+    train_batch_size=256,
+    lr_warmup_steps=500,
+    max_train_steps=None,
+    fast_samples=10_000,
+    fast_steps=50,
+    ddpm_samples=1000,
+    nll_images=1000,
+    grid_images=64,
+    batch_size=2000,
+    stage_timeout=240,
+)
+DRY = Sizes(
+    device="cpu",
+    preset="tiny",
+    num_train_timesteps=50,
+    train_batch_size=16,
+    lr_warmup_steps=2,
+    max_train_steps=6,
+    fast_samples=16,
+    fast_steps=5,
+    ddpm_samples=8,
+    nll_images=8,
+    grid_images=16,
+    batch_size=16,
+    stage_timeout=120,
+)
+
+
+@dataclass
+class Stage:
+    """One stage's record: its status (ok, failed, timeout, skipped), seconds, and what it produced."""
+
+    name: str
+    status: str = "skipped"
+    seconds: float = 0.0
+    summary: str = ""
+    result: object = None
+
+    def as_dict(self) -> dict:
+        record = {key: value for key, value in vars(self).items() if key != "name"}
+        return {**record, "seconds": round(self.seconds, 1)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output_dir", help="the folder for the files to bring back (new or empty)")
+    p.add_argument("--dry-run", action="store_true", help="every stage at toy sizes on the CPU")
+    p.add_argument(
+        "--dataset_name", default=None, help="MNIST, a local copy (default: .gpu_data/mnist, else ../shared/data/mnist)"
+    )
+    p.add_argument("--work_dir", default=None, help="scratch folder for the run (default: a temporary folder)")
+    p.add_argument("--budget_minutes", type=float, default=8.0, help="the whole run's time budget")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models (minutes)")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[Sizes, Path]:
+    """The sizes and the dataset, once the arguments are known to be usable; a bad one is a UsageError."""
+    out = Path(args.output_dir)
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise UsageError(f"{out} is a file or a non-empty folder; pass a new or empty folder for the results.")
+    if args.budget_minutes <= 0:
+        raise UsageError(f"--budget_minutes must be positive, got {args.budget_minutes}.")
+    default = STAGED_MNIST if STAGED_MNIST.is_dir() else SHARED_MNIST
+    dataset = Path(args.dataset_name) if args.dataset_name else default
+    if not list(dataset.glob("**/train-*.parquet")):
+        raise UsageError(f"{dataset} holds no MNIST parquet files; run benchmarks/stage_gpu.sh or pass --dataset_name.")
+    sizes = DRY if args.dry_run else REAL
+    if sizes.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("CUDA is not available here; run on a GPU machine, or pass --dry-run for the CPU version.")
+    return sizes, dataset.resolve()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The commands of each stage: each tool's flags are written here and nowhere else.
+
+
+def tests_command(sizes: Sizes) -> list[str]:
+    """The CUDA tests; on the GPU machine in 8 processes (pytest-xdist is there): most of them are train.py runs."""
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    return command if sizes is DRY else [*command, "-n", "8"]
+
+
+def throughput_command(sizes: Sizes, compile_models: bool) -> list[str]:
+    """benchmarks/throughput.py on the run's device: ours against diffusers' equal-architecture UNet.
+
+    Training images/s and sampling image-steps/s of both U-Nets (`models`) for the mnist preset and the paper's
+    cifar10 one, in fp32 and bf16, plain and channels_last, and the whole sampling loop (`sample`); the matmul peaks
+    it prints first give the fraction of peak. torch.compile only with --compile: it compiles each model, precision
+    and mode apart, minutes in all, which come out of the training time.
+    """
+    command = [sys.executable, "benchmarks/throughput.py", "--device", sizes.device, "--json"]
+    command += ["--compile"] if compile_models else []
+    if sizes is DRY:
+        flags = "--presets tiny --precisions bf16 --parts models --repeats 1"
+    else:
+        flags = "--presets mnist cifar10 --precisions fp32 bf16 --channels_last --parts models sample"
+    batches = f"--batch_size {sizes.train_batch_size} --sample_batch_size {sizes.batch_size}"
+    return [*command, *flags.split(), *batches.split()]
+
+
+def train_command(sizes: Sizes, dataset: Path, run: Path, max_train_steps: int, minutes: float | None) -> list[str]:
+    """`accelerate launch training/train.py` with the recipe of the module docstring."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1"]
+    launch += ["--mixed_precision=bf16", "--dynamo_backend=no", *(["--cpu"] if sizes.device == "cpu" else [])]
+    flags = [
+        f"--dataset_name={dataset}",
+        f"--output_dir={run}",
+        f"--preset={sizes.preset}",
+        f"--ddpm_num_steps={sizes.num_train_timesteps}",
+        "--mixed_precision=bf16",
+        "--decode_once",
+        f"--train_batch_size={sizes.train_batch_size}",
+        "--learning_rate=4e-4",
+        "--lr_scheduler=cosine",
+        f"--lr_warmup_steps={sizes.lr_warmup_steps}",
+        f"--max_train_steps={max_train_steps}",
+        "--ema_max_decay=0.9995",
+        "--seed=0",
+        # One checkpoint and one grid, both at the end: saving costs time and nothing resumes this run here.
+        f"--checkpointing_steps={max_train_steps}",
+        f"--save_images_steps={max_train_steps}",
+        "--num_samples=16",
+        f"--num_inference_steps={sizes.fast_steps}",  # the grid: the recommended sampler, DDPM on 50 steps
+    ]
+    if minutes is not None:
+        flags.append(f"--max_train_minutes={minutes:.2f}")
+    return [*launch, "training/train.py", *flags]
+
+
+def cli_command(subcommand: str, run: Path, sizes: Sizes, dataset: Path, flags: dict[str, object]) -> list[str]:
+    """A `ddpm-mnist` call on the trained pipeline, on the run's device; `flags` by their CLI names."""
+    cli = shutil.which("ddpm-mnist", path=str(Path(sys.executable).parent)) or "ddpm-mnist"
+    common = {"device": sizes.device, "batch_size": sizes.batch_size, "seed": 0}
+    if subcommand != "sample":
+        common.update({"dataset_name": dataset, "json": True})
+    command = [cli, subcommand, str(run)]
+    for name, value in {**common, **flags}.items():
+        command += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return command
+
+
+def evaluation_commands(sizes: Sizes, dataset: Path, run: Path, out: Path) -> dict[str, list[str]]:
+    """The evaluation stages: few-step and 1000-step sampling quality with their floors, the NLL bound, the grid.
+
+    DDPM without `--num_inference_steps` runs all T steps; `nll` without `--nll_timesteps` sums all T terms exactly.
+    Sampling runs the U-Net in bf16 (x_t and the scheduler stay float32): a third of the fp32 time on the GPU; the
+    bound keeps the U-Net in float32.
+    """
+    sampling = {"scheduler": "ddpm", "dtype": "bfloat16"}
+    flags = {
+        "evaluate_fast": {**sampling, "num_inference_steps": sizes.fast_steps, "num_samples": sizes.fast_samples},
+        "evaluate_ddpm": {**sampling, "num_samples": sizes.ddpm_samples},
+        "nll": {"split": "test", "nll_images": sizes.nll_images},
+        "grid": {**sampling, "num_samples": sizes.grid_images, "upscale": 3, "output_dir": out},
+    }
+    subcommands = {"evaluate_fast": "evaluate", "evaluate_ddpm": "evaluate", "nll": "nll", "grid": "sample"}
+    return {name: cli_command(subcommands[name], run, sizes, dataset, flags[name]) for name in flags}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running and reading the stages
+
+
+def run_stage(stage: Stage, command: list[str], log: Path, timeout: float) -> str:
+    """Run one stage's command with its output appended to `log`; record status and seconds; return the output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env["TQDM_MININTERVAL"] = "10"  # progress bars in a log file: a line every 10 s, not 10 a second
+    print(f"[{time.strftime('%H:%M:%S')}] {stage.name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n===== {stage.name}: {' '.join(command)}\n")
+        f.flush()
+        begin = f.tell()
+        try:
+            process = subprocess.run(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            stage.status = "ok" if process.returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            stage.status = "timeout"
+    stage.seconds = time.perf_counter() - start
+    output = log.read_text(errors="replace")[begin:]
+    if stage.status != "ok":
+        stage.summary = f"{stage.status}: " + (output.strip().splitlines() or ["no output"])[-1][:100]
+    return output
+
+
+def last_json(output: str) -> dict | None:
+    """The JSON object on the last line that holds one (the `--json` convention of the CLI and benchmarks)."""
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    """pytest's closing counts (passed, failed, skipped, ...) from its last summary line."""
+    lines = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", lines[-1])} if lines else {}
+
+
+def planned_steps(throughput: dict | None, seconds: float, batch_size: int) -> int:
+    """Optimizer steps that fit in `seconds` of training, from the measured throughput (see the module docstring)."""
+    rate = FALLBACK_IMAGES_PER_SECOND
+    section, key = THROUGHPUT_KEY
+    measured = (throughput or {}).get(section, {})
+    if isinstance(measured, dict) and isinstance(measured.get(key), int | float):
+        rate = measured[key]
+    return max(1, int(seconds * rate * LOOP_EFFICIENCY / batch_size))
+
+
+def final_loss(output: str) -> float | None:
+    """The last loss the training progress bar showed."""
+    losses = re.findall(r"loss=([0-9.]+(?:e-?\d+)?)", output)
+    return float(losses[-1]) if losses else None
+
+
+def describe_throughput(throughput: dict, sizes: Sizes) -> str:
+    """A summary cell: our bf16 training images/s against diffusers' on the trained preset."""
+    models = throughput.get(sizes.preset, {})
+    ours, theirs = models.get("train_ours_bf16"), models.get("train_diffusers_bf16")
+    if not (ours and theirs):
+        return "no bf16 training figures"
+    return f"{sizes.preset} bf16 training: {ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x)"
+
+
+def describe_quality(result: dict) -> str:
+    """A summary cell: FID and confidence beside the floor's."""
+    floor = result["floor"]
+    return f"FID {result['fid']:.2f} (floor {floor['fid']:.2f}), confidence {result['mean_confidence']:.3f}"
+
+
+def pack_pipeline(run: Path, out: Path, work: Path) -> list[str]:
+    """The run folder without checkpoints as a .tar.gz, split into parts of PART_BYTES in `out`; their names."""
+    archive = work / "pipeline.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for path in sorted(run.rglob("*")):
+            relative = path.relative_to(run)
+            if path.is_file() and relative.parts[0] != "checkpoints":
+                tar.add(path, arcname=relative.as_posix())
+    names = []
+    with open(archive, "rb") as f:
+        while chunk := f.read(PART_BYTES):
+            names.append(f"pipeline.tar.gz.{len(names):02d}")
+            (out / names[-1]).write_bytes(chunk)
+    archive.unlink()
+    return names
+
+
+def environment(sizes: Sizes) -> dict:
+    """Where this ran: device, software versions, the set-up's seconds (measured by gpu_run.sh)."""
+    packages = ("torch", "diffusers", "datasets", "accelerate", "huggingface_hub")
+    return {
+        "device": describe_device(sizes.device),
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        **{name: version(name) for name in packages},
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> None:
+    sizes, dataset = check_args(args)
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_run_"))
+    work.mkdir(parents=True, exist_ok=True)
+    run, log = work / "run", out / "stages.log"
+    stages = {name: Stage(name) for name in ("setup", "tests", "throughput", "train", *evaluation_stage_names())}
+
+    setup = stages["setup"]
+    setup.status, setup.seconds = "ok", float(os.environ.get("GPU_RUN_SETUP_SECONDS", 0))
+    setup.result = environment(sizes)
+    setup.summary = f"torch {setup.result['torch']}, {setup.result['device']}"
+
+    output = run_stage(stages["tests"], tests_command(sizes), log, sizes.stage_timeout)
+    stages["tests"].result = pytest_counts(output)
+    if stages["tests"].status == "ok":
+        stages["tests"].summary = ", ".join(f"{n} {word}" for word, n in stages["tests"].result.items())
+
+    output = run_stage(stages["throughput"], throughput_command(sizes, args.compile), log, sizes.stage_timeout)
+    throughput = last_json(output) if stages["throughput"].status == "ok" else None
+    stages["throughput"].result = throughput
+    if throughput is not None:
+        stages["throughput"].summary = describe_throughput(throughput, sizes)
+
+    train = stages["train"]
+    minutes = None
+    steps = sizes.max_train_steps
+    if steps is None:
+        left = args.budget_minutes * 60 - (time.perf_counter() - start) - setup.seconds
+        minutes = max(1.0, min(MAX_TRAIN_MINUTES, (left - RESERVE_AFTER_TRAINING - TRAIN_START_SECONDS) / 60))
+        steps = planned_steps(throughput, minutes * 60, sizes.train_batch_size)
+    command = train_command(sizes, dataset, run, steps, minutes)
+    timeout = (minutes or 0) * 60 + TRAIN_START_SECONDS + sizes.stage_timeout
+    output = run_stage(train, command, out / "train.log", timeout)
+    if train.status == "ok":
+        record = json.loads((run / "training.json").read_text())
+        train.result = {**record, "command": command, "final_loss": final_loss(output)}
+        t = record["training"]
+        train.summary = f"{t['global_step']} steps, {t['images_seen']:,} images, {t['training_time']}"
+
+    for name, command in evaluation_commands(sizes, dataset, run, out).items():
+        if train.status != "ok":
+            stages[name].summary = "no trained pipeline"
+            continue
+        output = run_stage(stages[name], command, log, sizes.stage_timeout)
+        stages[name].result = last_json(output)
+        if stages[name].status == "ok" and name.startswith("evaluate"):
+            stages[name].summary = describe_quality(stages[name].result)
+        elif stages[name].status == "ok" and name == "nll":
+            bound = stages[name].result
+            stages[name].summary = f"{bound['nll_bpd']:.3f} bits/dim, exact: {bound['exact']}"
+
+    archive = stages["archive"]
+    if train.status == "ok":
+        began = time.perf_counter()
+        archive.result = pack_pipeline(run, out, work)
+        archive.status, archive.seconds = "ok", time.perf_counter() - began
+        archive.summary = f"{len(archive.result)} parts"
+
+    total = time.perf_counter() - start + setup.seconds
+    results = {
+        "dry_run": args.dry_run,
+        "budget_minutes": args.budget_minutes,
+        "total_seconds": round(total, 1),
+        "dataset": str(dataset),
+        "stages": {name: stage.as_dict() for name, stage in stages.items()},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    print_summary(stages.values(), total, args.budget_minutes, out)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    if len(files) > MAX_FILES or any(p.stat().st_size >= 16 * 2**20 for p in files):
+        raise WorkFailed(f"{out} holds {len(files)} files, over the {MAX_FILES} (each under 16 MB) that come back.")
+    failed = [stage.name for stage in stages.values() if stage.status != "ok"]
+    if failed:
+        raise WorkFailed(f"stages {', '.join(failed)} did not finish; their output is in {out}/stages.log.")
+
+
+def evaluation_stage_names() -> tuple[str, ...]:
+    return ("evaluate_fast", "evaluate_ddpm", "nll", "grid", "archive")
+
+
+def print_summary(stages, total: float, budget_minutes: float, out: Path) -> None:
+    """The closing table: one line per stage, then the total against the budget and what comes back."""
+    print(f"\n{'stage':15}{'status':>9}{'seconds':>9}  result")
+    for stage in stages:
+        print(f"{stage.name:15}{stage.status:>9}{stage.seconds:9.1f}  {stage.summary}")
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files) / 2**20
+    print(f"{'total':15}{'':>9}{total:9.1f}  budget {budget_minutes * 60:.0f} s; {len(files)} files ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    run_entry_point(lambda: main(parse_args()), "gpu_run.py")
