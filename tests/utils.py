@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,3 +90,28 @@ class OracleUNet(ModelMixin, ConfigMixin):
         alpha_bar = 1 / (1 + sigma**2)
         eps = (sample.double() - alpha_bar.sqrt() * self.x_0.double()) / (1 - alpha_bar).sqrt()
         return SimpleNamespace(sample=eps.to(sample.dtype))
+
+
+# Script lines that make `ddpm_mnist` unimportable, as for a user who never installed the package: a meta-path finder
+# that refuses it and its submodules before any other finder (the editable install's included) can find them.
+HIDE_PACKAGE = """
+import importlib.abc
+import sys
+
+class _NoDdpmMnist(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "ddpm_mnist":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoDdpmMnist())
+"""
+
+
+def run_python(code: str, env: dict[str, str], cwd: Path) -> str:
+    """Run `code` in a fresh interpreter, require success and return its stdout."""
+    process = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == 0, process.stderr
+    return process.stdout

@@ -1,0 +1,77 @@
+"""The code published in `pretrained/*` cannot drift from the package: byte for byte the same, and it runs alone.
+
+Each released folder carries the pipeline, UNet and scheduler modules for `trust_remote_code`. The package never runs
+those copies (`DDPMMnistPipeline.from_pretrained` maps them back to its own modules), so only these tests notice when
+an edit to `ddpm_mnist/` leaves them behind, or when the copies stop working without the package.
+"""
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_mnist import DDPMMnistPipeline
+from tests.utils import HIDE_PACKAGE, run_python
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASES = sorted(index.parent for index in ROOT.glob("pretrained/*/model_index.json"))
+PUBLISHED_CODE = sorted(path for release in RELEASES for path in release.rglob("*.py"))
+# Two digits on 3 of the release's timesteps from a fixed seed: the same numbers whichever copy of the code runs.
+SAMPLE = {"batch_size": 2, "num_inference_steps": 3, "output_type": "np"}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, as in the subprocess: the same kernels, so the same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_there_is_published_code_to_check():
+    assert RELEASES and len(PUBLISHED_CODE) == 3 * len(RELEASES)
+
+
+@pytest.mark.parametrize("path", PUBLISHED_CODE, ids=lambda path: path.relative_to(ROOT).as_posix())
+def test_each_published_module_is_its_package_module_byte_for_byte(path):
+    source = ROOT / "ddpm_mnist" / path.name
+    assert path.read_bytes() == source.read_bytes(), f"copy {source} to {path} (the released code fell behind)"
+
+
+@pytest.mark.parametrize("release", RELEASES, ids=lambda path: path.name)
+def test_each_release_loads_without_the_package_and_draws_the_same_digits(release, tmp_path, one_thread):
+    code = f"""{HIDE_PACKAGE}
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+try:
+    import ddpm_mnist
+except ModuleNotFoundError:
+    pass
+else:
+    raise AssertionError("ddpm_mnist is importable")
+pipe = DiffusionPipeline.from_pretrained({str(release)!r}, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+np.save("remote.npy", pipe(**{SAMPLE!r}, generator=torch.Generator().manual_seed(0)).images)
+print(type(pipe).__module__, type(pipe.unet).__module__, type(pipe.scheduler).__module__)
+print(sorted(name for name in sys.modules if name.startswith("ddpm_mnist")))
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    classes, package_modules = run_python(code, env, tmp_path).strip().splitlines()[-2:]
+    assert package_modules == "[]"
+    assert classes.split() == [
+        "diffusers_modules.local.pipeline_ddpm_mnist",
+        "diffusers_modules.local.unet_ddpm_mnist",
+        "diffusers_modules.local.scheduling_ddpm_mnist",
+    ]
+    pipe = DDPMMnistPipeline.from_pretrained(release)
+    pipe.set_progress_bar_config(disable=True)
+    package = pipe(**SAMPLE, generator=torch.Generator().manual_seed(0)).images
+    remote = np.load(tmp_path / "remote.npy")
+    assert remote.shape == (2, 28, 28, 1) and remote.std() > 0.1
+    np.testing.assert_array_equal(remote, package)
