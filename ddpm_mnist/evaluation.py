@@ -73,7 +73,7 @@ def load_pipeline(
 ) -> DDPMMnistPipeline:
     """A saved pipeline (a folder written by `save_pretrained`, or a Hub repo id) on `device`, in `dtype`.
 
-    `dtype` is one of `DTYPES` and is handed to `from_pretrained` as `torch_dtype`. A missing folder, a bad repo
+    `dtype` is one of `DTYPES` and is handed to `from_pretrained` (its `dtype`). A missing folder, a bad repo
     id, device or dtype is a UsageError.
     """
     name = os.fspath(name_or_path)
@@ -85,7 +85,7 @@ def load_pipeline(
     if looks_local and not os.path.isdir(path):
         raise UsageError(f"{name!r} is not a folder; pass one saved by save_pretrained, or a Hub repo id.")
     try:
-        pipe = DDPMMnistPipeline.from_pretrained(path, torch_dtype=DTYPES[dtype])
+        pipe = DDPMMnistPipeline.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load the pipeline {name!r}: {str(error).splitlines()[0]}") from error
     pipe.set_progress_bar_config(disable=True)
