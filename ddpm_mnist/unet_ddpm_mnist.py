@@ -313,7 +313,10 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
         h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
-        h = self.to_out(h).transpose(1, 2).reshape(b, c, height, width)
+        h = self.to_out(h).transpose(1, 2).reshape(b, c, height, width)  # a view with channels_last strides
+        # x first: the sum takes x's contiguous layout. Adding in the other order (as diffusers' attention block does)
+        # turns every later activation channels_last, where PyTorch's CPU GroupNorm is 3x (fp32) to 15x (bf16)
+        # slower; that is what makes diffusers' UNet2DModel gain little from bf16 autocast (benchmarks/README.md).
         return x + h
 
 

@@ -252,3 +252,15 @@ def test_bad_sample_raises(tiny, shape, match):
 def test_bad_timestep_shape_raises(tiny, timestep):
     with pytest.raises(ValueError, match=r"timestep must be a scalar.*\(B,\)=\(2,\)"):
         tiny(_x(batch=2), timestep)
+
+
+def test_every_group_norm_sees_a_contiguous_activation():
+    """The attention output is a channels_last view; the residual add must not pass that layout on (CPU GroupNorm
+    is several times slower on channels_last activations, 15x in bf16: benchmarks/README.md)."""
+    model = DDPMMnistUNet.from_preset("tiny")
+    layouts = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    model(torch.randn(2, 1, 28, 28), torch.tensor([1, 500]))
+    assert len(layouts) == sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) and all(layouts)
