@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .data import DEFAULT_DATASET
 from .errors import UsageError, run_entry_point
@@ -143,15 +145,9 @@ def _load(args: argparse.Namespace) -> DDPMMnistPipeline:
     return pipe
 
 
-def _sample(args: argparse.Namespace) -> None:
-    """`ddpm-mnist sample`: OUTPUT_DIR/grid.png, and with --save_digits each digit as its own PNG."""
-    output_dir = Path(args.output_dir)
-    if output_dir.is_file():
-        raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder.")
-    if args.upscale < 1:
-        raise UsageError(f"--upscale must be at least 1, got {args.upscale}.")
-    pipe = _load(args)
-    images = generate_digits(
+def _generate(pipe: DDPMMnistPipeline, args: argparse.Namespace) -> torch.Tensor:
+    """--num_samples digits from the chosen sampler, seed and batch size."""
+    return generate_digits(
         pipe,
         args.num_samples,
         scheduler=args.scheduler,
@@ -159,6 +155,16 @@ def _sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
     )
+
+
+def _sample(args: argparse.Namespace) -> None:
+    """`ddpm-mnist sample`: OUTPUT_DIR/grid.png, and with --save_digits each digit as its own PNG."""
+    output_dir = Path(args.output_dir)
+    if output_dir.is_file():
+        raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder.")
+    if args.upscale < 1:
+        raise UsageError(f"--upscale must be at least 1, got {args.upscale}.")
+    images = _generate(_load(args), args)
     output_dir.mkdir(parents=True, exist_ok=True)
     digit_grid(images, upscale=args.upscale).save(output_dir / "grid.png")
     if args.save_digits:
@@ -180,14 +186,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
     floor = reference.floor(args.num_samples)
 
-    samples = generate_digits(
-        pipe,
-        args.num_samples,
-        scheduler=args.scheduler,
-        num_inference_steps=steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    samples = _generate(pipe, args)
     quality = reference.score(samples)
     result = {**quality.as_dict(), "floor": floor.as_dict(), "scheduler": args.scheduler, "steps": steps}
     if args.nll:
