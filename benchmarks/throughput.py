@@ -1,41 +1,69 @@
-"""Throughput of ddpm-mnist against diffusers, measured in one process on this machine.
+"""Throughput of ddpm-mnist against diffusers at equal architecture, measured side by side on this machine.
 
-    python benchmarks/throughput.py [--quick] [--json] [--device cpu|cuda] [--parts train sample data]
+    python benchmarks/throughput.py [--device cpu|cuda] [--presets mnist-small mnist] [--precisions fp32 bf16]
+        [--parts models sample e2e quality data] [--compile] [--channels_last] [--quick] [--json]
 
-1. Training: images/s of a full step (forward, backward, AdamW) of `DDPMMnistUNet` and of `diffusers.UNet2DModel`
-   built to the same architecture (same parameter count), for the `mnist-small` and `mnist` presets.
-2. Sampling: images/s of the 1000-step DDPM loop, `DDPMMnistPipeline` against diffusers' `DDPMPipeline`.
-3. Achieved GFLOP/s of our training step (FLOPs from `torch.utils.flop_counter`) over a float32 matmul peak
-   measured in the same run.
-4. Data: decoded, preprocessed images/s of `ddpm_mnist.data` (the shuffled stream, and `--decode_once`: decode every
-   PNG once, then an exact shuffle per epoch) against plain `datasets` streaming of the same files.
+It first prints where it runs (the CPU model with its relevant ISA flags, or the GPU's name) and the matmul peak in
+fp32 and bf16 there. Then, for each part asked for:
 
-Every ratio compares two measurements taken a few seconds apart in this process; each timing is the median of
-several repeats after a warm-up. With --json the last line is one JSON object.
+* models: per preset, `DDPMMnistUNet` against `diffusers.UNet2DModel` built to the same architecture (same parameter
+  count): images/s of a training step (forward, backward, AdamW; bf16 = `torch.autocast`) and image-steps/s of a
+  sampling forward pass (bf16 = the weights cast to bf16), one column per precision, optionally compiled
+  (`torch.compile`, compile time reported apart) or in channels_last.
+* sample: images/s of the whole sampling loop (`--sampling_steps` DDPM steps), `DDPMMnistPipeline` against diffusers'
+  `DDPMPipeline` with the twin UNet, in each precision.
+* e2e: training end to end, data loading included: `training/train.py` with its defaults (a subprocess on the local
+  MNIST, `--max_train_steps` two lengths so that start-up and the end-of-run work cancel) against the loop of
+  diffusers' `examples/unconditional_image_generation/train_unconditional.py`, written out below at equal
+  architecture, in the precisions that script offers ("no" and "bf16").
+* quality: whether bf16 sampling keeps the quality: `--num_samples` digits from `--pipeline` (50 DDPM steps) scored
+  with `ddpm_mnist.metrics.quality` against the MNIST test digits, in fp32 with two seeds (their difference is the
+  noise of the metric) and in bf16 with the first seed, ours and `DDPMPipeline` (which keeps x_t in the UNet's dtype).
+* data: decoded images/s of `ddpm_mnist.data` (the stream and decode-once) against plain `datasets` streaming.
+
+The machine may be shared: the two sides of every ratio are measured alternately, a few seconds apart, so ratios
+are what counts; absolute rates move with the load. Each timing is the median of `--repeats` runs after a warm-up.
+With --json the last line is one JSON object holding every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
-import os
-import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
 from datasets import load_dataset
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import logging as diffusers_logging
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
-from ddpm_mnist.data import ImagePreprocessor, decode_stream, epoch_order, load_image_stream, shuffled_shard
+from ddpm_mnist.data import ImagePreprocessor, decode_stream, epoch_order, load_image_stream, load_x_0, shuffled_shard
+from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.hardware import describe_device
+from ddpm_mnist.metrics.classifier import load_mnist_classifier
+from ddpm_mnist.metrics.quality import classifier_outputs, sample_quality
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
+DEFAULT_PIPELINE = ROOT / "pretrained" / "ddpm-mnist-small"
+PARTS = ("models", "sample", "e2e", "quality", "data")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def diffusers_twin(unet: DDPMMnistUNet) -> UNet2DModel:
@@ -59,62 +87,325 @@ def diffusers_twin(unet: DDPMMnistUNet) -> UNet2DModel:
     )
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def twins(preset: str, device: torch.device) -> tuple[DDPMMnistUNet, UNet2DModel]:
+    """Our UNet of `preset` and diffusers' twin, checked to hold the same number of parameters."""
+    torch.manual_seed(0)
+    ours = DDPMMnistUNet.from_preset(preset).to(device)
+    theirs = diffusers_twin(ours).to(device)
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    if abs(n_theirs / n_ours - 1) > 0.01:
+        raise RuntimeError(f"the twin of {preset} differs: {n_ours} vs {n_theirs} parameters")
+    return ours, theirs
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall time measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def train_step_fn(model: torch.nn.Module, batch_size: int, device: torch.device) -> Callable[[], None]:
-    """One L_simple training step on random data: forward, backward, AdamW."""
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for "bf16", nothing for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step_fn(
+    model: torch.nn.Module, batch_size: int, device: torch.device, precision: str, channels_last: bool
+) -> Callable[[], None]:
+    """One L_simple training step (Algorithm 1) on random data: forward (autocast in bf16), backward, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     size = model.config.sample_size
     x_t = torch.randn(batch_size, model.config.in_channels, size, size, device=device)
+    if channels_last:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
     eps = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch_size,), device=device)
 
     def step() -> None:
-        loss = torch.nn.functional.mse_loss(model(x_t, t).sample, eps)
-        loss.backward()
+        with autocast(device, precision):
+            prediction = model(x_t, t).sample
+        F.mse_loss(prediction.float(), eps).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def training_flops(model: DDPMMnistUNet, batch_size: int, device: torch.device) -> int:
-    """FLOPs of one forward + backward, counted by `torch.utils.flop_counter` (2 per multiply-add)."""
-    step = train_step_fn(model, batch_size, device)
+def sample_step_fn(
+    model: torch.nn.Module, batch_size: int, device: torch.device, channels_last: bool
+) -> Callable[[], None]:
+    """One forward pass of a sampling step, in the model's own dtype, without gradients."""
+    size = model.config.sample_size
+    x_t = torch.randn(batch_size, model.config.in_channels, size, size, device=device, dtype=model.dtype)
+    if channels_last:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    t = torch.full((batch_size,), 500, device=device)
+
+    @torch.no_grad()
+    def step() -> None:
+        model(x_t, t)
+
+    return step
+
+
+def variant(model: torch.nn.Module, dtype: torch.dtype, compile_it: bool, channels_last: bool) -> torch.nn.Module:
+    """A copy of `model` in `dtype`, optionally in channels_last and compiled."""
+    model = copy.deepcopy(model).to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_it else model
+
+
+def measure_models(args: argparse.Namespace, device: torch.device, preset: str) -> dict[str, float]:
+    """Training and sampling-forward rates of our UNet and its diffusers twin, one column per precision/variant."""
+    ours, theirs = twins(preset, device)
+    results: dict[str, float] = {"parameters": sum(p.numel() for p in ours.parameters())}
     with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
+        train_step_fn(ours, args.batch_size, device, "fp32", False)()
+    flops = counter.get_total_flops()
+    variants = [(False, False)] + [(True, False)] * args.compile + [(False, True)] * args.channels_last
+    for compile_it, channels_last in variants:
+        suffix = "_compiled" * compile_it + "_channels_last" * channels_last
+        for precision in args.precisions:
+            for name, base in (("ours", ours), ("diffusers", theirs)):
+                # Training: fp32 weights under autocast, as accelerate trains.
+                model = variant(base, torch.float32, compile_it, channels_last).train()
+                step = train_step_fn(model, args.batch_size, device, precision, channels_last)
+                start = time.perf_counter()
+                step()  # the first call compiles
+                first = time.perf_counter() - start
+                seconds = median_seconds(step, args.repeats, device)
+                key = f"{name}_{precision}{suffix}"
+                results[f"train_{key}"] = args.batch_size / seconds
+                if compile_it:
+                    results[f"compile_seconds_train_{key}"] = first - seconds
+                if name == "ours" and precision == "fp32" and not suffix:
+                    results["train_gflops_per_second_ours_fp32"] = flops / seconds / 1e9
+                # Sampling forward: the weights in the precision itself.
+                model = variant(base, DTYPES[precision], compile_it, channels_last).eval()
+                step = sample_step_fn(model, args.sample_batch_size, device, channels_last)
+                results[f"sample_{key}"] = args.sample_batch_size / median_seconds(step, args.repeats, device)
+            line = ", ".join(
+                f"{kind} ours {results[f'{kind}_ours_{precision}{suffix}']:.1f} vs diffusers "
+                f"{results[f'{kind}_diffusers_{precision}{suffix}']:.1f}"
+                for kind in ("train", "sample")
+            )
+            print(f"{preset} {precision}{suffix}: {line} (train images/s, sample image-steps/s)", flush=True)
+    return results
 
 
-def matmul_peak_gflops(device: torch.device, size: int) -> float:
-    """Float32 GFLOP/s of a large square matmul: the peak that the UNet's convolutions can hope for."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=5) / 1e9
+def measure_pipelines(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Images/s of the whole sampling loop: our pipeline against DDPMPipeline, per precision, alternately."""
+    ours, theirs = twins(args.presets[0], device)
+    results = {}
+    for precision in args.precisions:
+        dtype = DTYPES[precision]
+        pipelines = {
+            "ours": DDPMMnistPipeline(copy.deepcopy(ours).to(dtype).eval(), DDPMMnistScheduler()),
+            "diffusers": DDPMPipeline(copy.deepcopy(theirs).to(dtype).eval(), DDPMScheduler()),
+        }
+        for name, pipeline in pipelines.items():
+            pipeline.set_progress_bar_config(disable=True)
+            seconds = median_seconds(
+                lambda p=pipeline: p(
+                    batch_size=args.sample_batch_size,
+                    generator=torch.Generator().manual_seed(0),
+                    num_inference_steps=args.sampling_steps,
+                    output_type="pt",
+                ),
+                max(1, args.repeats // 2),
+                device,
+            )
+            results[f"pipeline_{name}_{precision}"] = args.sample_batch_size / seconds
+        print(
+            f"sampling, {args.sampling_steps} DDPM steps, batch {args.sample_batch_size}, {precision}: ours "
+            f"{results[f'pipeline_ours_{precision}']:.2f} vs DDPMPipeline "
+            f"{results[f'pipeline_diffusers_{precision}']:.2f} images/s",
+            flush=True,
+        )
+    return results
 
 
-def sampling_images_per_second(pipeline, batch_size: int, steps: int, repeats: int) -> float:
-    """Images/s of the full sampling loop at `steps` steps."""
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    seconds = median_seconds(
-        lambda: pipeline(batch_size=batch_size, generator=generator, num_inference_steps=steps, output_type="np"),
-        repeats,
+def measure_quality(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Quality of fp32 (two seeds: the metric's noise) and bf16 samples of the released pipeline, same first seed."""
+    classifier = load_mnist_classifier(device=str(device))
+    reference = classifier_outputs((load_x_0(str(args.dataset_name), "test", None, sample_size=28) + 1) / 2, classifier)
+    runs = {
+        "ours_fp32_seed0": ("ours", torch.float32, 0),
+        "ours_fp32_seed1": ("ours", torch.float32, 1),
+        "ours_bf16_seed0": ("ours", torch.bfloat16, 0),
+        "ddpmpipeline_bf16_seed0": ("diffusers", torch.bfloat16, 0),
+    }
+    results = {}
+    for key, (name, dtype, seed) in runs.items():
+        pipe = DDPMMnistPipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)
+        if name == "diffusers":  # the released UNet in DDPMPipeline, whose x_t and scheduler follow the UNet's dtype
+            pipe = DDPMPipeline(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        batches = [
+            pipe(batch_size=size, generator=generator, num_inference_steps=50, output_type="pt").images.float().cpu()
+            for size in [args.sample_batch_size] * (args.num_samples // args.sample_batch_size)
+        ]
+        seconds = time.perf_counter() - start
+        quality = sample_quality(classifier_outputs(torch.cat(batches), classifier), reference, kid_subsets=10)
+        results[key] = {**quality.as_dict(), "seconds": seconds}
+        print(
+            f"quality {key}: FID {quality.fid:.2f}, confidence {quality.mean_confidence:.4f}, precision "
+            f"{quality.precision:.3f}, recall {quality.recall:.3f} ({seconds:.0f} s)",
+            flush=True,
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end: train.py against the loop of diffusers' train_unconditional.py.
+
+
+def train_py_seconds(args: argparse.Namespace, steps: int) -> float:
+    """Wall seconds of `training/train.py` with its defaults, `steps` optimizer steps of `--e2e_preset`."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        command = [
+            sys.executable,
+            str(ROOT / "training" / "train.py"),
+            "--dataset_name",
+            str(args.dataset_name),
+            "--preset",
+            args.e2e_preset,
+            "--train_batch_size",
+            str(args.train_batch_size),
+            "--max_train_steps",
+            str(steps),
+            "--output_dir",
+            output_dir,
+        ]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
+        return time.perf_counter() - start
+
+
+def diffusers_batches(data: str, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """train_unconditional.py's data: the map-style dataset, a per-example transform, a shuffling DataLoader.
+
+    Its torchvision `Compose([Resize, CenterCrop, ToTensor, Normalize([0.5], [0.5])])` is a no-op resize and crop at
+    28x28, then uint8 -> [0, 1] -> [-1, 1]; done here with numpy, per example as there, on greyscale digits (the
+    script converts to RGB, which would give the UNet three input channels instead of the paper's one).
+    """
+    dataset = load_dataset(data, split="train")
+
+    def transform_images(examples: dict) -> dict:
+        images = [
+            torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32)[None] / 255)
+            for image in examples["image"]
+        ]
+        return {"input": [(image - 0.5) / 0.5 for image in images]}
+
+    dataset.set_transform(transform_images)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    while True:
+        for batch in loader:
+            yield batch["input"]
+
+
+def diffusers_loop_rate(args: argparse.Namespace, mixed_precision: str, steps: tuple[int, int]) -> float:
+    """Images/s between two step counts of train_unconditional.py's loop (UNet2DModel, DDPMScheduler, EMAModel).
+
+    The loop of the script: noise and timesteps, `add_noise`, forward and MSE under `accelerator.accumulate`, backward,
+    gradient clipping at 1.0, AdamW, the warm-up schedule, the EMA step, and the logged loss (`.item()`) every step.
+    """
+    torch.manual_seed(0)
+    model = diffusers_twin(DDPMMnistUNet.from_preset(args.e2e_preset))
+    with tempfile.TemporaryDirectory() as project_dir:
+        accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_dir=project_dir)
+        accelerator.init_trackers("train_unconditional")
+        ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+        noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+        lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+        ema_model.to(accelerator.device)
+        weight_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+        batches = diffusers_batches(str(args.dataset_name), args.train_batch_size, seed=0)
+        marks = {}
+        for global_step in range(1, steps[1] + 1):
+            clean_images = next(batches).to(accelerator.device, weight_dtype)
+            noise = torch.randn(clean_images.shape, dtype=weight_dtype, device=clean_images.device)
+            timesteps = torch.randint(0, 1000, (clean_images.shape[0],), device=clean_images.device).long()
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+            with accelerator.accumulate(model):
+                model_output = model(noisy_images, timesteps).sample
+                loss = F.mse_loss(model_output.float(), noise.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                ema_model.step(model.parameters())
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
+            accelerator.log({**logs, "ema_decay": ema_model.cur_decay_value}, step=global_step)
+            if global_step in steps:
+                synchronize(accelerator.device)
+                marks[global_step] = time.perf_counter()
+        accelerator.end_training()
+    return (steps[1] - steps[0]) * args.train_batch_size / (marks[steps[1]] - marks[steps[0]])
+
+
+def measure_end_to_end(args: argparse.Namespace) -> dict[str, float]:
+    """train.py (subprocess, two lengths) against the diffusers loop in "no" and "bf16", alternately."""
+    short, long = args.e2e_steps
+    train_py, loop = [], {"no": [], "bf16": []}
+    for _ in range(args.e2e_rounds):
+        first = train_py_seconds(args, short)
+        loop["no"].append(diffusers_loop_rate(args, "no", (short, long)))
+        second = train_py_seconds(args, long)
+        loop["bf16"].append(diffusers_loop_rate(args, "bf16", (short, long)))
+        train_py.append((long - short) * args.train_batch_size / (second - first))
+        print(
+            f"end to end, {args.e2e_preset}, batch {args.train_batch_size}: train.py {train_py[-1]:.1f} images/s "
+            f"(runs of {short} and {long} steps: {first:.1f} s, {second:.1f} s); diffusers loop no "
+            f"{loop['no'][-1]:.1f}, bf16 {loop['bf16'][-1]:.1f} images/s",
+            flush=True,
+        )
+    results = {
+        "e2e_train_py": statistics.median(train_py),
+        "e2e_diffusers_no": statistics.median(loop["no"]),
+        "e2e_diffusers_bf16": statistics.median(loop["bf16"]),
+    }
+    results["e2e_speedup_vs_diffusers_best"] = results["e2e_train_py"] / max(
+        results["e2e_diffusers_no"], results["e2e_diffusers_bf16"]
     )
-    return batch_size / seconds
+    return results
 
 
-def data_images_per_second(data: str, num_images: int) -> dict[str, float]:
+# ------------------------------------------------------------------------------------------------------------------
+# Machine and data.
+
+
+def matmul_peak_gflops(device: torch.device, size: int, dtype: torch.dtype) -> float:
+    """GFLOP/s of a large square matmul in `dtype`: the peak that the UNet's convolutions can hope for."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=5, device=device) / 1e9
+
+
+def data_images_per_second(data: str, num_images: int, device: torch.device) -> dict[str, float]:
     """Images/s of our two data paths (the shuffled stream, and decode-once + exact shuffle) and of plain `datasets`.
 
     Decode-once pays for decoding every PNG up front (reported apart, and amortised over one epoch); after that an
@@ -148,88 +439,83 @@ def data_images_per_second(data: str, num_images: int) -> dict[str, float]:
             if i + 1 >= num_images:
                 return
 
-    epoch_seconds = median_seconds(ours_decoded, 3) / 3
+    epoch_seconds = median_seconds(ours_decoded, 3, device) / 3
     return {
         "data_images_per_second": len(digits) / epoch_seconds,
         "data_decode_once_seconds": decode_seconds,
         "data_first_epoch_images_per_second": len(digits) / (decode_seconds + epoch_seconds),
-        "data_stream_images_per_second": num_images / median_seconds(ours_stream, 1),
-        "plain_datasets_images_per_second": num_images / median_seconds(plain, 1),
+        "data_stream_images_per_second": num_images / median_seconds(ours_stream, 1, device),
+        "plain_datasets_images_per_second": num_images / median_seconds(plain, 1, device),
     }
+
+
+def parse_args() -> argparse.Namespace:
+    """The flags, checked: a bad device, data folder or pipeline is a UsageError before any measurement."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--presets", nargs="+", default=["mnist-small"], choices=DDPMMnistUNet.preset_names())
+    parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--parts", nargs="+", default=["models", "sample", "e2e"], choices=PARTS)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    parser.add_argument("--channels_last", action="store_true", help="also measure models in channels_last")
+    parser.add_argument("--batch_size", type=int, default=64, help="training batch of the models part")
+    parser.add_argument("--sample_batch_size", type=int, default=100, help="images per sampling forward pass")
+    parser.add_argument("--sampling_steps", type=int, default=50, help="DDPM steps of the sample part")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    parser.add_argument("--e2e_preset", default="mnist-small", choices=DDPMMnistUNet.preset_names())
+    parser.add_argument("--e2e_steps", nargs=2, type=int, default=[15, 65], help="the two run lengths of e2e")
+    parser.add_argument("--e2e_rounds", type=int, default=1, help="alternating rounds of the e2e measurement")
+    parser.add_argument("--train_batch_size", type=int, default=128, help="batch of e2e (train.py's default)")
+    parser.add_argument("--num_samples", type=int, default=1000, help="digits per quality measurement")
+    parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE), help="the pipeline of the quality part")
+    parser.add_argument("--dataset_name", default=str(DEFAULT_DATA), help="a local copy of ylecun/mnist")
+    parser.add_argument("--quick", action="store_true", help="2 repeats, 10 sampling steps, e2e runs of 5 and 20")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.sampling_steps, args.e2e_steps = 2, 10, [5, 20]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available here; pass --device cpu.")
+    if not args.e2e_steps[0] < args.e2e_steps[1]:
+        raise UsageError(f"--e2e_steps {args.e2e_steps} must be two increasing step counts, e.g. 15 65.")
+    if {"e2e", "quality", "data"} & set(args.parts) and not Path(args.dataset_name).is_dir():
+        raise UsageError(f"--dataset_name {args.dataset_name!r} is not a folder; pass a local copy of ylecun/mnist.")
+    if "quality" in args.parts and not Path(args.pipeline).is_dir():
+        raise UsageError(f"--pipeline {args.pipeline!r} is not a folder; pass a saved DDPMMnistPipeline.")
+    if min(args.batch_size, args.sample_batch_size, args.repeats, args.train_batch_size, args.num_samples) < 1:
+        raise UsageError("batch sizes, --repeats and --num_samples must be positive.")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, 100 sampling steps, mnist-small only")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="a local copy of ylecun/mnist")
-    parser.add_argument("--batch_size", type=int, default=64, help="training batch size")
-    parts = ["train", "sample", "data"]
-    parser.add_argument("--parts", nargs="+", choices=parts, default=parts, help="what to measure")
-    args = parser.parse_args()
+    """Measure the parts asked for and print them (and, with --json, one JSON object last)."""
+    args = parse_args()
     device = torch.device(args.device)
-    repeats = 3 if args.quick else 7
-    presets = ["mnist-small"] if args.quick else ["mnist-small", "mnist"]
+    # diffusers warns on every `.to(dtype)` of a model about fp32 modules that neither UNet has.
+    diffusers_logging.set_verbosity_error()
     results: dict[str, object] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
+        "device": describe_device(device),
         "torch": torch.__version__,
+        **{f"matmul_peak_gflops_{p}": matmul_peak_gflops(device, 2048, DTYPES[p]) for p in args.precisions},
     }
-
-    if "train" in args.parts:
-        for preset in presets:
-            torch.manual_seed(0)
-            ours = DDPMMnistUNet.from_preset(preset).to(device)
-            theirs = diffusers_twin(ours).to(device)
-            n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-            assert abs(n_theirs / n_ours - 1) < 0.01, f"architectures differ: {n_ours} vs {n_theirs} parameters"
-            t_ours = median_seconds(train_step_fn(ours, args.batch_size, device), repeats)
-            t_theirs = median_seconds(train_step_fn(theirs, args.batch_size, device), repeats)
-            flops = training_flops(ours, args.batch_size, device)
-            results[preset] = {
-                "parameters": n_ours,
-                "train_images_per_second": args.batch_size / t_ours,
-                "diffusers_train_images_per_second": args.batch_size / t_theirs,
-                "train_speedup_vs_diffusers": t_theirs / t_ours,
-                "train_gflops_per_second": flops / t_ours / 1e9,
-            }
-            print(f"{preset}: training {results[preset]}", flush=True)
-
-        peak = matmul_peak_gflops(device, 1024 if args.quick else 2048)
-        results["matmul_peak_gflops"] = peak
-        small = results["mnist-small"]
-        results["train_speedup_vs_diffusers"] = small["train_speedup_vs_diffusers"]
-        results["train_fraction_of_peak"] = small["train_gflops_per_second"] / peak
-        print(f"matmul peak {peak:.1f} GFLOP/s; training reaches {results['train_fraction_of_peak']:.1%}", flush=True)
-
+    peaks = ", ".join(f"{p} {results[f'matmul_peak_gflops_{p}']:.0f}" for p in args.precisions)
+    print(f"{results['device']}; torch {torch.__version__}; 2048^3 matmul GFLOP/s: {peaks}", flush=True)
+    if "models" in args.parts:
+        for preset in args.presets:
+            results[preset] = measure_models(args, device, preset)
     if "sample" in args.parts:
-        # Sampling: the full DDPM loop, our pipeline against diffusers' DDPMPipeline with the twin UNet.
-        steps = 100 if args.quick else 1000
-        torch.manual_seed(0)
-        ours = DDPMMnistUNet.from_preset("mnist-small").to(device).eval()
-        theirs = diffusers_twin(ours).to(device).eval()
-        ours_pipe = DDPMMnistPipeline(ours, DDPMMnistScheduler())
-        theirs_pipe = DDPMPipeline(theirs, DDPMScheduler())
-        sample_repeats = 1 if args.quick else 3
-        s_ours = sampling_images_per_second(ours_pipe, 16, steps, sample_repeats)
-        s_theirs = sampling_images_per_second(theirs_pipe, 16, steps, sample_repeats)
-        results.update(
-            sampling_steps=steps,
-            sample_images_per_second=s_ours,
-            diffusers_sample_images_per_second=s_theirs,
-            sample_speedup_vs_diffusers=s_ours / s_theirs,
-        )
-        print(f"sampling at {steps} steps: {s_ours:.2f} vs diffusers {s_theirs:.2f} images/s", flush=True)
-
-    if "data" in args.parts and os.path.isdir(args.data):
-        rates = data_images_per_second(args.data, 5_000 if args.quick else 20_000)
-        results.update(rates)
+        results["sample"] = measure_pipelines(args, device)
+    if "e2e" in args.parts:
+        results["e2e"] = measure_end_to_end(args)
+    if "quality" in args.parts:
+        results["quality"] = measure_quality(args, device)
+    if "data" in args.parts:
+        rates = data_images_per_second(args.dataset_name, 5_000 if args.quick else 20_000, device)
+        results["data"] = rates
         print("data: " + ", ".join(f"{key} {value:.1f}" for key, value in rates.items()), flush=True)
-
     if args.json:
         print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "throughput.py")
