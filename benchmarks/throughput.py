@@ -1,7 +1,7 @@
 """Throughput of ddpm-mnist against diffusers at equal architecture, measured side by side on this machine.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--presets mnist-small mnist] [--precisions fp32 bf16]
-        [--parts models sample e2e quality data] [--compile] [--channels_last] [--quick] [--json]
+        [--parts models sample e2e quality profile data] [--compile] [--channels_last] [--quick] [--json]
 
 It first prints where it runs (the CPU model with its relevant ISA flags, or the GPU's name) and the matmul peak in
 fp32 and bf16 there. Then, for each part asked for:
@@ -19,6 +19,7 @@ fp32 and bf16 there. Then, for each part asked for:
 * quality: whether bf16 sampling keeps the quality: `--num_samples` digits from `--pipeline` (50 DDPM steps) scored
   with `ddpm_mnist.metrics.quality` against the MNIST test digits, in fp32 with two seeds (their difference is the
   noise of the metric) and in bf16 with the first seed, ours and `DDPMPipeline` (which keeps x_t in the UNet's dtype).
+* profile: the top operators of one training step of each UNet in each precision (`torch.profiler`, self time).
 * data: decoded images/s of `ddpm_mnist.data` (the stream and decode-once) against plain `datasets` streaming.
 
 The machine may be shared: the two sides of every ratio are measured alternately, a few seconds apart, so ratios
@@ -62,7 +63,7 @@ from ddpm_mnist.metrics.quality import classifier_outputs, sample_quality
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
 DEFAULT_PIPELINE = ROOT / "pretrained" / "ddpm-mnist-small"
-PARTS = ("models", "sample", "e2e", "quality", "data")
+PARTS = ("models", "sample", "e2e", "quality", "profile", "data")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -206,6 +207,30 @@ def measure_models(args: argparse.Namespace, device: torch.device, preset: str) 
                 for kind in ("train", "sample")
             )
             print(f"{preset} {precision}{suffix}: {line} (train images/s, sample image-steps/s)", flush=True)
+    return results
+
+
+def profile_training(args: argparse.Namespace, device: torch.device, preset: str) -> dict[str, list]:
+    """The top operators (self time) of one training step of each UNet in each precision, from `torch.profiler`."""
+    ours, theirs = twins(preset, device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    results = {}
+    for precision in args.precisions:
+        for name, model in (("ours", ours), ("diffusers", theirs)):
+            step = train_step_fn(model.train(), args.batch_size, device, precision, channels_last=False)
+            step()
+            with torch.profiler.profile(activities=activities) as profiler:
+                step()
+            events = sorted(profiler.key_averages(), key=lambda e: -getattr(e, sort_by))
+            total = sum(getattr(e, sort_by) for e in events)
+            top = [(e.key, getattr(e, sort_by) / 1e3, getattr(e, sort_by) / total, e.count) for e in events[:12]]
+            results[f"{name}_{precision}"] = top
+            print(f"profile of a training step, {preset}, {name}, {precision}: {total / 1e3:.0f} ms", flush=True)
+            for key, milliseconds, share, count in top:
+                print(f"  {key[:60]:60} {milliseconds:9.1f} ms {share:6.1%} {count:6d} calls", flush=True)
     return results
 
 
@@ -503,6 +528,8 @@ def main() -> None:
     if "models" in args.parts:
         for preset in args.presets:
             results[preset] = measure_models(args, device, preset)
+    if "profile" in args.parts:
+        results["profile"] = profile_training(args, device, args.presets[0])
     if "sample" in args.parts:
         results["sample"] = measure_pipelines(args, device)
     if "e2e" in args.parts:
