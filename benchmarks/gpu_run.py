@@ -19,24 +19,31 @@ still run (those that need its output are skipped):
    card, training record, tensorboard logs; no checkpoints) as `pipeline.tar.gz.00`, `.01`, ... in parts under
    16 MB. `training/release_gpu.py` turns them into `pretrained/ddpm-mnist/` on the CPU.
 
-A summary table is printed last. `--dry-run` runs every stage at toy sizes on the CPU (the `tiny` preset, 20 steps,
-a handful of samples) in well under 3 minutes; `tests/test_gpu_run.py` runs it.
+Expected split of the 8 minutes on one H100 (estimates until the first run replaces them): set-up 20 s, CUDA tests
+40 s (8 pytest workers), throughput 60 s, training start-up 30 s, evaluation 150 s: training gets the remaining ~3.3
+minutes, more if the stages before it are faster. A summary table is printed last.
 
-The training recipe, for about 5 minutes of one H100 instead of the paper's 800k steps of 128 at lr 2e-4 (2.6 days
-of a TPU v3-8 for CIFAR10):
+`--dry-run` runs every stage at toy sizes on the CPU (the `tiny` preset with T = 20, 6 steps, a handful of samples),
+about 2 CPU-minutes, each stage on one thread (a check of the plumbing, not a measurement, and on a shared CPU one
+thread per process keeps OpenMP's busy-waiting threads from starving each other); `tests/test_gpu_run.py` runs it.
+
+The training recipe, for a few minutes of one H100 instead of the paper's 800k steps of 128 at lr 2e-4 (10.6 hours
+of a TPU v3-8 at its 2,688 images/s, for CIFAR10):
 - batch 256: twice the paper's, so that each step's kernels fill the GPU (at batch 128 the 32x32 U-Net's small
-  convolutions and the per-step EMA and loss read-back leave it idle between launches); still about 50 steps per
+  convolutions and the per-step EMA and loss read-back leave it idle between launches); still about 230 steps per
   epoch of the 60,000 digits, so a few minutes make thousands of optimizer steps.
 - lr 4e-4 (the paper's 2e-4 scaled linearly with the batch), 500 warm-up steps instead of 5,000 (the paper's
-  warm-up alone would be a third of the run), then cosine decay to zero at the last step: a short run gains most
-  from ending at a small learning rate, which averages out the noise of the last steps much as a long EMA would.
+  warm-up would outlast the whole run of a few thousand steps), then cosine decay to zero at the last step: a
+  short run gains most from ending at a small learning rate, which averages out the noise of the last steps much as
+  a long EMA would.
   The cosine needs the number of steps in advance: it is the training seconds times the throughput stage's measured
   bf16 images/s of our U-Net (`THROUGHPUT_KEY`) times 0.7 for the loop's own costs (EMA update, data, loss
   read-back, gradient clipping), over the batch; 4,000 images/s where that figure is missing.
   `--max_train_minutes` stops the run in any case.
 - EMA max decay 0.9995 with the default warm-up (inv_gamma 1, power 3/4): after n steps the decay is
-  min(0.9995, 1 - (1 + n)^(-3/4)), about 0.999 at 10,000 steps, so the released weights average the last ~1,000
-  steps, about the last tenth of the run; the paper's 0.9999 would average over more steps than the run has.
+  min(0.9995, 1 - (1 + n)^(-3/4)), about 0.9975 at 3,000 steps, so the released weights average the last ~400
+  steps, the last part of the cosine's descent; the cap only binds past 25,000 steps (a longer budget), where the
+  paper's 0.9999 would still average over more steps than such a run has.
 - everything else as the seed (and the paper): AdamW betas (0.9, 0.999), no weight decay, gradients clipped at 1,
   L_simple on eps, seed 0.
 """
@@ -53,6 +60,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -69,14 +77,16 @@ SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 PART_BYTES = 15 * 2**20  # each archive part under the 16 MB a file may have to come back
 MAX_FILES = 8  # files that may come back from the GPU machine
 MAX_TRAIN_MINUTES = 5.0
-# Seconds kept back from the budget for what follows training: the three evaluations and the grid (measured
-# estimate for the mnist preset on one H100, fp32 with TF32 convolutions), the pipeline save and the archive.
+# Seconds kept back from the budget for what follows training, an estimate until a GPU run measures it: sampling
+# 10,000 x 50 + 1,000 x 1000 passes of the bf16 U-Net (4.8 PFLOP), the exact bound's 1,000 x 1000 float32 passes
+# (3.2 PFLOP, TF32 convolutions), the grid, the pipeline save and the archive.
 RESERVE_AFTER_TRAINING = 150
 TRAIN_START_SECONDS = 30  # imports, CUDA start-up, decoding the 60,000 digits once
 LOOP_EFFICIENCY = 0.7  # train.py's images/s over throughput.py's bare training step
 FALLBACK_IMAGES_PER_SECOND = 4000.0
 # Where throughput.py's JSON holds our U-Net's bf16 training images/s for the mnist preset (see throughput_command).
 THROUGHPUT_KEY = ("mnist", "train_ours_bf16")
+STAGE_NAMES = ("setup", "tests", "throughput", "train", "evaluate_fast", "evaluate_ddpm", "nll", "grid", "archive")
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ class Sizes:
 
     device: str
     preset: str
-    num_train_timesteps: int  # T: the dry run's 50 make "all T steps" and "all T terms" quick on the CPU
+    num_train_timesteps: int  # T: the dry run's 20 make "all T steps" and "all T terms" quick on the CPU
     train_batch_size: int
     lr_warmup_steps: int
     max_train_steps: int | None  # None: from the throughput and the time left
@@ -116,7 +126,7 @@ REAL = Sizes(
 DRY = Sizes(
     device="cpu",
     preset="tiny",
-    num_train_timesteps=50,
+    num_train_timesteps=20,
     train_batch_size=16,
     lr_warmup_steps=2,
     max_train_steps=6,
@@ -368,66 +378,73 @@ def environment(sizes: Sizes) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def summarize(stage: Stage, sizes: Sizes) -> str:
+    """The summary table's cell of a finished stage."""
+    result = stage.result
+    if stage.name == "tests":
+        return ", ".join(f"{n} {word}" for word, n in result.items())
+    if stage.name == "throughput":
+        return describe_throughput(result, sizes)
+    if stage.name.startswith("evaluate"):
+        return describe_quality(result)
+    if stage.name == "nll":
+        return f"{result['nll_bpd']:.3f} bits/dim, exact: {result['exact']}"
+    return f"{sizes.grid_images} digits in grid.png"
+
+
+def run_tool(stage: Stage, command: list[str], log: Path, sizes: Sizes) -> None:
+    """Run a stage that reports through pytest's closing line or a `--json` last line, and read that."""
+    output = run_stage(stage, command, log, sizes.stage_timeout)
+    stage.result = pytest_counts(output) if stage.name == "tests" else last_json(output)
+    if stage.status == "ok" and (stage.result is not None or stage.name == "grid"):
+        stage.summary = summarize(stage, sizes)
+
+
+def run_training(
+    stage: Stage, sizes: Sizes, dataset: Path, run: Path, out: Path, seconds_left: float, throughput: dict | None
+) -> None:
+    """Train for the time left (at most MAX_TRAIN_MINUTES), with the steps the measured throughput allows."""
+    minutes, steps = None, sizes.max_train_steps
+    if steps is None:
+        minutes = max(1.0, min(MAX_TRAIN_MINUTES, (seconds_left - RESERVE_AFTER_TRAINING - TRAIN_START_SECONDS) / 60))
+        steps = planned_steps(throughput, minutes * 60, sizes.train_batch_size)
+    command = train_command(sizes, dataset, run, steps, minutes)
+    timeout = (minutes or 0) * 60 + TRAIN_START_SECONDS + sizes.stage_timeout
+    output = run_stage(stage, command, out / "train.log", timeout)
+    if stage.status == "ok":
+        record = json.loads((run / "training.json").read_text())
+        stage.result = {**record, "command": command, "final_loss": final_loss(output)}
+        t = record["training"]
+        stage.summary = f"{t['global_step']} steps, {t['images_seen']:,} images, {t['training_time']}"
+
+
 def main(args: argparse.Namespace) -> None:
     sizes, dataset = check_args(args)
+    if args.dry_run:
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the stages' processes (see the module docstring)
     start = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_run_"))
     work.mkdir(parents=True, exist_ok=True)
     run, log = work / "run", out / "stages.log"
-    stages = {name: Stage(name) for name in ("setup", "tests", "throughput", "train", *evaluation_stage_names())}
+    stages = {name: Stage(name) for name in STAGE_NAMES}
 
     setup = stages["setup"]
     setup.status, setup.seconds = "ok", float(os.environ.get("GPU_RUN_SETUP_SECONDS", 0))
     setup.result = environment(sizes)
     setup.summary = f"torch {setup.result['torch']}, {setup.result['device']}"
-
-    output = run_stage(stages["tests"], tests_command(sizes), log, sizes.stage_timeout)
-    stages["tests"].result = pytest_counts(output)
-    if stages["tests"].status == "ok":
-        stages["tests"].summary = ", ".join(f"{n} {word}" for word, n in stages["tests"].result.items())
-
-    output = run_stage(stages["throughput"], throughput_command(sizes, args.compile), log, sizes.stage_timeout)
-    throughput = last_json(output) if stages["throughput"].status == "ok" else None
-    stages["throughput"].result = throughput
-    if throughput is not None:
-        stages["throughput"].summary = describe_throughput(throughput, sizes)
-
-    train = stages["train"]
-    minutes = None
-    steps = sizes.max_train_steps
-    if steps is None:
-        left = args.budget_minutes * 60 - (time.perf_counter() - start) - setup.seconds
-        minutes = max(1.0, min(MAX_TRAIN_MINUTES, (left - RESERVE_AFTER_TRAINING - TRAIN_START_SECONDS) / 60))
-        steps = planned_steps(throughput, minutes * 60, sizes.train_batch_size)
-    command = train_command(sizes, dataset, run, steps, minutes)
-    timeout = (minutes or 0) * 60 + TRAIN_START_SECONDS + sizes.stage_timeout
-    output = run_stage(train, command, out / "train.log", timeout)
-    if train.status == "ok":
-        record = json.loads((run / "training.json").read_text())
-        train.result = {**record, "command": command, "final_loss": final_loss(output)}
-        t = record["training"]
-        train.summary = f"{t['global_step']} steps, {t['images_seen']:,} images, {t['training_time']}"
-
-    for name, command in evaluation_commands(sizes, dataset, run, out).items():
-        if train.status != "ok":
-            stages[name].summary = "no trained pipeline"
-            continue
-        output = run_stage(stages[name], command, log, sizes.stage_timeout)
-        stages[name].result = last_json(output)
-        if stages[name].status == "ok" and name.startswith("evaluate"):
-            stages[name].summary = describe_quality(stages[name].result)
-        elif stages[name].status == "ok" and name == "nll":
-            bound = stages[name].result
-            stages[name].summary = f"{bound['nll_bpd']:.3f} bits/dim, exact: {bound['exact']}"
-
-    archive = stages["archive"]
-    if train.status == "ok":
+    run_tool(stages["tests"], tests_command(sizes), log, sizes)
+    run_tool(stages["throughput"], throughput_command(sizes, args.compile), log, sizes)
+    seconds_left = args.budget_minutes * 60 - (time.perf_counter() - start) - setup.seconds
+    run_training(stages["train"], sizes, dataset, run, out, seconds_left, stages["throughput"].result)
+    if stages["train"].status == "ok":
+        for name, command in evaluation_commands(sizes, dataset, run, out).items():
+            run_tool(stages[name], command, log, sizes)
         began = time.perf_counter()
-        archive.result = pack_pipeline(run, out, work)
-        archive.status, archive.seconds = "ok", time.perf_counter() - began
-        archive.summary = f"{len(archive.result)} parts"
+        stages["archive"].result = pack_pipeline(run, out, work)
+        stages["archive"].status, stages["archive"].seconds = "ok", time.perf_counter() - began
+        stages["archive"].summary = f"{len(stages['archive'].result)} parts"
 
     total = time.perf_counter() - start + setup.seconds
     results = {
@@ -449,11 +466,7 @@ def main(args: argparse.Namespace) -> None:
         raise WorkFailed(f"stages {', '.join(failed)} did not finish; their output is in {out}/stages.log.")
 
 
-def evaluation_stage_names() -> tuple[str, ...]:
-    return ("evaluate_fast", "evaluate_ddpm", "nll", "grid", "archive")
-
-
-def print_summary(stages, total: float, budget_minutes: float, out: Path) -> None:
+def print_summary(stages: Iterable[Stage], total: float, budget_minutes: float, out: Path) -> None:
     """The closing table: one line per stage, then the total against the budget and what comes back."""
     print(f"\n{'stage':15}{'status':>9}{'seconds':>9}  result")
     for stage in stages:
