@@ -17,7 +17,9 @@ still run (those that need its output are skipped):
 6. bring-back: at most 8 files in OUT_DIR: `results.json` (every stage's figures), `train.log`, `stages.log` (the
    other stages' output), `grid.png` (64 digits, 1000-step DDPM) and the pipeline folder (EMA weights, configs,
    card, training record, tensorboard logs; no checkpoints) as `pipeline.tar.gz.00`, `.01`, ... in parts under
-   16 MB. `training/release_gpu.py` turns them into `pretrained/ddpm-mnist/` on the CPU.
+   16 MB. The archive is packed right after training and `results.json` rewritten after every stage, so that a
+   run stopped at the command's limit still brings back the weights and the figures so far.
+   `training/release_gpu.py` turns them into `pretrained/ddpm-mnist/` on the CPU.
 
 Expected split of the 8 minutes on one H100 (estimates until the first run replaces them): set-up 20 s, CUDA tests
 40 s (8 pytest workers), throughput 60 s, training start-up 30 s, evaluation 150 s: training gets the remaining ~3.3
@@ -86,7 +88,7 @@ LOOP_EFFICIENCY = 0.7  # train.py's images/s over throughput.py's bare training 
 FALLBACK_IMAGES_PER_SECOND = 4000.0
 # Where throughput.py's JSON holds our U-Net's bf16 training images/s for the mnist preset (see throughput_command).
 THROUGHPUT_KEY = ("mnist", "train_ours_bf16")
-STAGE_NAMES = ("setup", "tests", "throughput", "train", "evaluate_fast", "evaluate_ddpm", "nll", "grid", "archive")
+STAGE_NAMES = ("setup", "tests", "throughput", "train", "archive", "evaluate_fast", "evaluate_ddpm", "nll", "grid")
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ REAL = Sizes(
     nll_images=1000,
     grid_images=64,
     batch_size=2000,
-    stage_timeout=240,
+    stage_timeout=180,
 )
 DRY = Sizes(
     device="cpu",
@@ -418,6 +420,26 @@ def run_training(
         stage.summary = f"{t['global_step']} steps, {t['images_seen']:,} images, {t['training_time']}"
 
 
+def pack_stage(stage: Stage, run: Path, out: Path, work: Path) -> None:
+    """Bring the trained pipeline back first, so that the weights return even if an evaluation runs out of time."""
+    began = time.perf_counter()
+    stage.result = pack_pipeline(run, out, work)
+    stage.status, stage.seconds = "ok", time.perf_counter() - began
+    stage.summary = f"{len(stage.result)} parts"
+
+
+def save_results(args: argparse.Namespace, dataset: Path, stages: dict[str, Stage], seconds: float) -> None:
+    """results.json as it stands: rewritten after every stage, so that a run stopped at its limit leaves its figures."""
+    results = {
+        "dry_run": args.dry_run,
+        "budget_minutes": args.budget_minutes,
+        "total_seconds": round(seconds, 1),
+        "dataset": str(dataset),
+        "stages": {name: stage.as_dict() for name, stage in stages.items()},
+    }
+    (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main(args: argparse.Namespace) -> None:
     sizes, dataset = check_args(args)
     if args.dry_run:
@@ -429,35 +451,34 @@ def main(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     run, log = work / "run", out / "stages.log"
     stages = {name: Stage(name) for name in STAGE_NAMES}
-
     setup = stages["setup"]
     setup.status, setup.seconds = "ok", float(os.environ.get("GPU_RUN_SETUP_SECONDS", 0))
     setup.result = environment(sizes)
     setup.summary = f"torch {setup.result['torch']}, {setup.result['device']}"
+
+    def elapsed() -> float:
+        return time.perf_counter() - start + setup.seconds
+
+    def save() -> None:
+        save_results(args, dataset, stages, elapsed())
+
+    save()
     run_tool(stages["tests"], tests_command(sizes), log, sizes)
+    save()
     run_tool(stages["throughput"], throughput_command(sizes, args.compile), log, sizes)
-    seconds_left = args.budget_minutes * 60 - (time.perf_counter() - start) - setup.seconds
+    save()
+    seconds_left = args.budget_minutes * 60 - elapsed()
     run_training(stages["train"], sizes, dataset, run, out, seconds_left, stages["throughput"].result)
+    save()
     if stages["train"].status == "ok":
+        pack_stage(stages["archive"], run, out, work)
+        save()
         for name, command in evaluation_commands(sizes, dataset, run, out).items():
             run_tool(stages[name], command, log, sizes)
-        began = time.perf_counter()
-        stages["archive"].result = pack_pipeline(run, out, work)
-        stages["archive"].status, stages["archive"].seconds = "ok", time.perf_counter() - began
-        stages["archive"].summary = f"{len(stages['archive'].result)} parts"
-
-    total = time.perf_counter() - start + setup.seconds
-    results = {
-        "dry_run": args.dry_run,
-        "budget_minutes": args.budget_minutes,
-        "total_seconds": round(total, 1),
-        "dataset": str(dataset),
-        "stages": {name: stage.as_dict() for name, stage in stages.items()},
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            save()
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
-    print_summary(stages.values(), total, args.budget_minutes, out)
+    print_summary(stages.values(), elapsed(), args.budget_minutes, out)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     if len(files) > MAX_FILES or any(p.stat().st_size >= 16 * 2**20 for p in files):
         raise WorkFailed(f"{out} holds {len(files)} files, over the {MAX_FILES} (each under 16 MB) that come back.")

@@ -26,7 +26,9 @@ if ! "$python" -c "import diffusers, datasets" 2>/dev/null; then
         || "$python" -m pip install --quiet --no-index --no-deps .whl/*.whl
     "$python" -c "import diffusers, datasets"
 fi
-if ! "$python" -c "import importlib.metadata as m; m.version('ddpm-mnist')" 2>/dev/null; then
+# The `ddpm-mnist` console script beside the interpreter, where gpu_run.py looks for it.
+if ! "$python" -c "import os, shutil, sys; sys.exit(not shutil.which('ddpm-mnist', path=os.path.dirname(sys.executable)))"
+then
     "$python" -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 fi
 GPU_RUN_SETUP_SECONDS=$(awk -v start="$start" -v end="$(date +%s.%N)" 'BEGIN { printf "%.1f", end - start }')

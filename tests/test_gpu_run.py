@@ -19,7 +19,7 @@ from ddpm_mnist.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RUN = ROOT / "benchmarks" / "gpu_run.sh"
-STAGES = ["setup", "tests", "throughput", "train", "evaluate_fast", "evaluate_ddpm", "nll", "grid", "archive"]
+STAGES = ["setup", "tests", "throughput", "train", "archive", "evaluate_fast", "evaluate_ddpm", "nll", "grid"]
 RELEASE_FILES = [
     "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "samples/grid.png",
     "scheduler/scheduler_config.json", "scheduler/scheduling_ddpm_mnist.py",
