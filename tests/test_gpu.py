@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
@@ -54,7 +54,7 @@ def test_pipeline_on_cuda_with_a_cpu_generator_draws_the_cpu_digits(scheduler_cl
     torch.testing.assert_close(images.cpu(), expected, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("scheduler_class", [DDPMMnistScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize("scheduler_class", [DDPMMnistScheduler, *SWAPPED_SCHEDULERS])
 def test_pipeline_with_a_cuda_generator_is_deterministic_and_differs_by_seed(scheduler_class):
     pipe = pipeline("cuda")
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)

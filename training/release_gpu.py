@@ -1,6 +1,6 @@
 """Assemble a release folder on the CPU from what `benchmarks/gpu_run.sh` brought back from a GPU.
 
-    python training/release_gpu.py GPU_RESULTS --out pretrained/ddpm-mnist --repo_id ddpm-mnist/ddpm-mnist
+    python training/release_gpu.py GPU_RESULTS --output_dir pretrained/ddpm-mnist --hub_model_id ddpm-mnist/ddpm-mnist
 
 GPU_RESULTS is the folder the GPU run wrote: `results.json`, the pipeline archive in parts (`pipeline.tar.gz.00`,
 `.01`, ...) and `grid.png` (its `train.log` and `stages.log` are for reading). Nothing is sampled here: the card's
