@@ -208,11 +208,12 @@ def throughput_command(sizes: Sizes, compile_models: bool) -> list[str]:
     command = [sys.executable, "benchmarks/throughput.py", "--device", sizes.device, "--json"]
     command += ["--compile"] if compile_models else []
     if sizes is DRY:
-        flags = "--presets tiny --precisions bf16 --parts models --repeats 1"
+        flags = "--presets tiny --precisions fp32 bf16 --parts models --repeats 1 --sample_batch_size 4"
     else:
-        flags = "--presets mnist cifar10 --precisions fp32 bf16 --channels_last --parts models sample"
-    batches = f"--batch_size {sizes.train_batch_size} --sample_batch_size {sizes.batch_size}"
-    return [*command, *flags.split(), *batches.split()]
+        # Sampling at batch 500: enough to fill the GPU, and the 12 timed 50-step loops stay within seconds.
+        flags = "--presets mnist cifar10 --precisions fp32 bf16 --channels_last --parts models sample --repeats 3"
+        flags += " --sample_batch_size 500"
+    return [*command, *flags.split(), "--batch_size", str(sizes.train_batch_size)]
 
 
 def train_command(sizes: Sizes, dataset: Path, run: Path, max_train_steps: int, minutes: float | None) -> list[str]:
@@ -333,13 +334,27 @@ def final_loss(output: str) -> float | None:
     return float(losses[-1]) if losses else None
 
 
+def bf16_fraction_of_peak(throughput: dict, preset: str) -> float | None:
+    """Our bf16 training FLOP/s over the measured bf16 matmul peak: FLOPs per image (throughput.py counts them in its
+    fp32 step) times bf16 images/s, over the peak; None where a figure is missing."""
+    models = throughput.get(preset, {})
+    needed = [models.get(key) for key in ("train_gflops_per_second_ours_fp32", "train_ours_fp32", "train_ours_bf16")]
+    peak = throughput.get("matmul_peak_gflops_bf16")
+    if not (all(needed) and peak):
+        return None
+    gflops_per_second_fp32, images_per_second_fp32, images_per_second_bf16 = needed
+    return gflops_per_second_fp32 / images_per_second_fp32 * images_per_second_bf16 / peak
+
+
 def describe_throughput(throughput: dict, sizes: Sizes) -> str:
-    """A summary cell: our bf16 training images/s against diffusers' on the trained preset."""
+    """A summary cell: our bf16 training images/s against diffusers' on the trained preset, and the share of peak."""
     models = throughput.get(sizes.preset, {})
     ours, theirs = models.get("train_ours_bf16"), models.get("train_diffusers_bf16")
     if not (ours and theirs):
         return "no bf16 training figures"
-    return f"{sizes.preset} bf16 training: {ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x)"
+    fraction = throughput.get("train_fraction_of_bf16_peak")
+    peak = f", {fraction:.1%} of the bf16 matmul peak" if fraction is not None else ""
+    return f"{sizes.preset} bf16 training: {ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x){peak}"
 
 
 def describe_quality(result: dict) -> str:
@@ -398,6 +413,8 @@ def run_tool(stage: Stage, command: list[str], log: Path, sizes: Sizes) -> None:
     """Run a stage that reports through pytest's closing line or a `--json` last line, and read that."""
     output = run_stage(stage, command, log, sizes.stage_timeout)
     stage.result = pytest_counts(output) if stage.name == "tests" else last_json(output)
+    if stage.name == "throughput" and stage.result is not None:
+        stage.result["train_fraction_of_bf16_peak"] = bf16_fraction_of_peak(stage.result, sizes.preset)
     if stage.status == "ok" and (stage.result is not None or stage.name == "grid"):
         stage.summary = summarize(stage, sizes)
 

@@ -65,6 +65,7 @@ def test_the_dry_run_runs_every_stage_and_brings_back_at_most_8_files(dry_run, t
     stages = {name: stage["result"] for name, stage in results["stages"].items()}
     assert stages["tests"].get("skipped", 0) > 0 and "failed" not in stages["tests"]  # no CUDA here: all skipped
     assert stages["throughput"]["tiny"]["train_ours_bf16"] > 0
+    assert 0 < stages["throughput"]["train_fraction_of_bf16_peak"] < 1
     training = stages["train"]["training"]
     assert training["global_step"] == 6 and training["images_seen"] == 6 * 16 and training["mixed_precision"] == "bf16"
     assert (stages["evaluate_fast"]["num_images"], stages["evaluate_fast"]["steps"]) == (16, 5)
@@ -98,6 +99,13 @@ def test_the_archive_is_split_into_parts_that_join_back(driver, tmp_path):
     unpacked = unpack(out, parts, work)
     assert (unpacked / "unet" / "weights.safetensors").read_bytes() == weights
     assert not (unpacked / "checkpoints").exists()
+
+
+def test_fraction_of_the_bf16_peak_counts_the_flops_of_one_image(driver):
+    # 100 GFLOP/s at 10 images/s: 10 GFLOP per image; at 30 bf16 images/s that is 300 of a 600 GFLOP/s peak.
+    models = {"train_gflops_per_second_ours_fp32": 100.0, "train_ours_fp32": 10.0, "train_ours_bf16": 30.0}
+    assert driver["bf16_fraction_of_peak"]({"mnist": models, "matmul_peak_gflops_bf16": 600.0}, "mnist") == 0.5
+    assert driver["bf16_fraction_of_peak"]({"mnist": models}, "mnist") is None
 
 
 def test_training_steps_follow_the_measured_throughput(driver):
