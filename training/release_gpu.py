@@ -89,7 +89,7 @@ def targets_line(fast: dict, nll: dict) -> str:
     checks = [
         (f"mean confidence >= {MIN_CONFIDENCE}", fast["mean_confidence"] >= MIN_CONFIDENCE, fast["mean_confidence"]),
         (
-            f"FID <= {MAX_FID_OVER_FLOOR} x the floor",
+            f"FID / real floor <= {MAX_FID_OVER_FLOOR}",
             fast["fid"] <= MAX_FID_OVER_FLOOR * fast["floor"]["fid"],
             fast["fid"] / fast["floor"]["fid"],
         ),
