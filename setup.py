@@ -15,7 +15,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ddpm_mnist", "ddpm_mnist.*"]),
-    package_data={"ddpm_mnist": ["metrics/*.safetensors"]},
+    # The card template is model_cards/ddpm_mnist_card.md, reached through the package's symlink to it, so that a
+    # wheel carries the file itself (setuptools copies what the link points to).
+    package_data={"ddpm_mnist": ["metrics/*.safetensors", "model_card_template.md"]},
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.35",

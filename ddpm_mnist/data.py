@@ -10,6 +10,8 @@ import io
 import itertools
 import logging
 import os
+from collections.abc import Iterable
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -17,7 +19,10 @@ import torch.nn.functional as F
 from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +44,24 @@ def load_image_stream(
     path = os.path.expanduser(dataset_name)
     looks_like_path = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
     if looks_like_path and not os.path.exists(path) and "*" not in path:
-        raise FileNotFoundError(
+        raise UsageError(
             f"dataset path {dataset_name!r} does not exist; pass a Hub dataset id such as {DEFAULT_DATASET!r} "
             "or a local folder (or parquet files) laid out like it."
         )
-    if path.endswith(".parquet"):  # one file or a glob of files of one split
-        stream = load_dataset("parquet", data_files={split: path}, split=split, streaming=True)
-    else:
-        stream = load_dataset(path, config_name, split=split, streaming=True)
-    if image_column not in stream.column_names:
-        raise ValueError(
+    try:
+        if path.endswith(".parquet"):  # one file or a glob of files of one split
+            stream = load_dataset("parquet", data_files={split: path}, split=split, streaming=True)
+        else:
+            stream = load_dataset(path, config_name, split=split, streaming=True)
+    except Exception as e:  # datasets and pyarrow raise many types for unreadable data; all mean the same here
+        raise UsageError(
+            f"cannot read the {split!r} split of dataset {dataset_name!r} ({_first_line(e)}); check or re-download "
+            "its files."
+        ) from e
+    if stream.column_names is None or image_column not in stream.column_names:
+        raise UsageError(
             f"dataset {dataset_name!r} has no column {image_column!r}; its columns are "
-            f"{', '.join(stream.column_names)}. Pass the right one with --image_column."
+            f"{', '.join(stream.column_names or [])}. Pass the right one with --image_column."
         )
     stream = stream.select_columns([image_column])
     if image_column != "image":
@@ -152,6 +163,76 @@ def epoch_order(num_examples: int, *, seed: int, epoch: int, rank: int = 0, worl
     """
     order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(num_examples))
     return order[: num_examples // world_size * world_size][rank::world_size]
+
+
+def check_readable(stream: IterableDataset, preprocess: ImagePreprocessor, dataset_name: str) -> None:
+    """Read and decode a stream's first image: an empty split, a corrupt file or an undecodable image is a UsageError.
+
+    Cheap (one row group), so training can refuse bad data before it builds a model or scans the whole split.
+    """
+    try:
+        first = next(iter(stream), None)
+        if first is not None:
+            preprocess.decode(first["image"]["bytes"])
+    except Exception as e:  # pyarrow, datasets and PIL each raise their own types for damaged data
+        raise UsageError(
+            f"cannot read dataset {dataset_name!r} ({_first_line(e)}); check or re-download its files."
+        ) from e
+    if first is None:
+        raise UsageError(
+            f"dataset {dataset_name!r} has no examples in its {stream.split!r} split; pass a non-empty one."
+        )
+
+
+class TrainingData:
+    """The training split as batches of x_0, epoch by epoch, for one process of `world_size`.
+
+    Two paths with the same contract, both pure functions of (seed, epoch, rank) so that a resumed run can skip exactly
+    the batches it had trained on: streaming through a shuffle buffer (`shuffled_shard`, the default: nothing is held
+    in memory), or, with `decode_once`, every image decoded once into memory and each epoch an exact shuffle
+    (`epoch_order`).
+    """
+
+    def __init__(
+        self,
+        stream: IterableDataset,
+        preprocess: ImagePreprocessor,
+        *,
+        batch_size: int,
+        seed: int,
+        decode_once: bool = False,
+        shuffle_buffer_size: int = 10_000,
+        num_workers: int = 0,
+    ):
+        self.stream, self.preprocess = stream, preprocess
+        self.batch_size, self.seed = batch_size, seed
+        self.shuffle_buffer_size, self.num_workers = shuffle_buffer_size, num_workers
+        self.decode_once = decode_once
+        self.num_examples = count_examples(stream)
+
+    @cached_property
+    def digits(self) -> torch.Tensor:
+        """With `decode_once`: every image, decoded on the first call of `batches`."""
+        return decode_stream(self.stream, self.preprocess)
+
+    def batches(self, epoch: int, rank: int = 0, world_size: int = 1) -> Iterable[torch.Tensor]:
+        """The batches (B, 1, sample_size, sample_size) process `rank` trains on in `epoch`, in order."""
+        share = dict(seed=self.seed, epoch=epoch, rank=rank, world_size=world_size)
+        if self.decode_once:
+            order = epoch_order(len(self.digits), **share)
+            return (self.preprocess.scale(self.digits[indices]) for indices in order.split(self.batch_size))
+        return DataLoader(
+            shuffled_shard(self.stream, buffer_size=self.shuffle_buffer_size, **share),
+            batch_size=self.batch_size,
+            collate_fn=self.preprocess,
+            num_workers=self.num_workers,
+            generator=torch.Generator(),  # its own seed draw must not advance the global RNG that resume restores
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_x_0(

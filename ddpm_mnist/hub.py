@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
+from .errors import WorkFailed
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 from .unet_ddpm_mnist import PRESETS
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "ddpm_mnist_card.md"
+# A symlink to model_cards/ddpm_mnist_card.md in a checkout; the file itself in a wheel (package data).
+CARD_TEMPLATE = Path(__file__).parent / "model_card_template.md"
 CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "unconditional-image-generation"]
 CARD_DATASET = "ylecun/mnist"  # the card's dataset when training read a local copy of it
 # Metric keys the card accepts -> their name in the card and in `model-index`.
@@ -207,6 +210,44 @@ def push_pipeline_folder(
         for path, content in files.items()
     ]
     return api.create_commit(repo_id, operations, commit_message=f"Upload {DDPMMnistPipeline.__name__}").commit_url
+
+
+def save_training_run(
+    pipeline: DDPMMnistPipeline,
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    dataset_name: str,
+    training: dict[str, Any],
+    samples_image: str | None = None,
+) -> None:
+    """The end of a training run in `output_dir`: the pipeline folder, its model card, and `training.json`.
+
+    `training.json` records the dataset and the `training` settings, so that `training/release.py` can render the card
+    again later with measured quality; it is never pushed (see `hub_files`).
+    """
+    output_dir = Path(output_dir)
+    pipeline.save_pretrained(output_dir)
+    record = {"dataset_name": dataset_name, "training": training}
+    (output_dir / "training.json").write_text(json.dumps(record, indent=2))
+    card = render_model_card(
+        pipeline, repo_id, dataset_name=dataset_name, samples_image=samples_image, training=training
+    )
+    card.save(output_dir / "README.md")
+
+
+def push_training_run(output_dir: str | os.PathLike, repo_id: str, private: bool | None = None) -> str:
+    """`push_pipeline_folder` for the end of training: on any failure, a `WorkFailed` that gives the retry command."""
+    try:
+        return push_pipeline_folder(output_dir, repo_id, private=private)
+    except Exception as e:  # whatever failed (network, Hub, quota), the folder is complete and can be pushed alone
+        private_flag = ", private=True" if private else ""
+        call = f"push_pipeline_folder({json.dumps(str(output_dir))}, {json.dumps(repo_id)}{private_flag})"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WorkFailed(
+            f"the upload to {repo_id} failed ({reason}); {output_dir} is intact. Retry the upload alone with: "
+            f"python -c {shlex.quote('from ddpm_mnist.hub import push_pipeline_folder; ' + call)}"
+        ) from e
 
 
 def push_pipeline(

@@ -2,8 +2,9 @@
 
 Writes to $RECORD_DIR, per process: `pid-<rank>.txt` (for the test to signal a hung worker, which torch's
 launcher starts in a session of its own), `seen-<rank>.txt` (the id, top-left pixel, of every example trained
-on) and, at the end, `weights-<rank>.txt` (a digest of that process's final training weights). With
-$INJECT_NAN_AT_BATCH=k the k-th batch (1-based) becomes NaN, as corrupt data would.
+on), `noise-<rank>.txt` (per batch: the timesteps drawn and a digest of the noise eps) and, at the end,
+`weights-<rank>.txt` (a digest of that process's final training weights). With $INJECT_NAN_AT_BATCH=k the k-th batch
+(1-based) becomes NaN, as corrupt data would.
 """
 
 import hashlib
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from ddpm_mnist import DDPMMnistScheduler
 from ddpm_mnist.data import ImagePreprocessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,7 @@ NAN_AT = int(os.environ.get("INJECT_NAN_AT_BATCH", "0"))
 (RECORD_DIR / f"pid-{RANK}.txt").write_text(str(os.getpid()))
 scale_batch = ImagePreprocessor.scale
 end_training = Accelerator.end_training
+add_noise = DDPMMnistScheduler.add_noise
 batches = 0
 
 
@@ -35,6 +38,13 @@ def recording_scale(self, pixels):
     return x_0 * float("nan") if batches == NAN_AT else x_0
 
 
+def recording_add_noise(self, x_0, eps, t):
+    digest = hashlib.sha256(eps.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+    with open(RECORD_DIR / f"noise-{RANK}.txt", "a") as f:
+        f.write(f"{' '.join(str(int(step)) for step in t)} {digest}\n")
+    return add_noise(self, x_0, eps, t)
+
+
 def recording_end_training(self):
     digest = hashlib.sha256()
     for tensor in self.unwrap_model(self._models[0]).state_dict().values():
@@ -44,6 +54,7 @@ def recording_end_training(self):
 
 
 ImagePreprocessor.scale = recording_scale
+DDPMMnistScheduler.add_noise = recording_add_noise
 Accelerator.end_training = recording_end_training
 sys.argv[0] = str(ROOT / "training" / "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -15,6 +15,7 @@ from ddpm_mnist.data import (
     load_image_stream,
     shuffled_shard,
 )
+from ddpm_mnist.errors import UsageError
 from tests.utils import png_bytes
 
 
@@ -46,7 +47,7 @@ def test_count_without_metadata_counts_the_stream(tmp_path):
 
 
 def test_missing_path_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="dataset path './no/such/mnist' does not exist"):
+    with pytest.raises(UsageError, match="dataset path './no/such/mnist' does not exist"):
         load_image_stream("./no/such/mnist")
 
 

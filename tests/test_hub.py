@@ -162,7 +162,7 @@ def test_a_failed_upload_keeps_the_folder_and_its_retry_command_works(runs, hub,
     run = runs["broken"]
     assert run.returncode == 1
     error = run.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: the upload to tester/broken failed (") and "500" in error, error
+    assert error.startswith("train.py: error: the upload to tester/broken failed (") and "500" in error, error
     assert f"{run.dir} is intact" in error
     assert [commit.title for commit in hub.repos["tester/broken"].commits.values()] == ["initial commit"]
     for path in [*PIPELINE_FILES, "README.md", "samples/step-0000002.png", "checkpoints/checkpoint-2"]:
@@ -318,7 +318,7 @@ def test_push_to_hub_without_a_usable_token_fails_before_training(hub, mnist_fol
     for name, process in processes.items():
         _, stderr = process.communicate(timeout=300)
         error = stderr.strip().splitlines()[-1]
-        assert process.returncode == 1 and error.startswith("error: ") and cases[name][2] in error, (name, stderr)
+        assert process.returncode == 2 and error.startswith("train.py: error: ") and cases[name][2] in error, stderr
         assert not (tmp_path / name).exists(), f"{name}: training started"
         assert cases[name][0] is None or cases[name][0] not in stderr, f"{name}: the token was printed"
     # The only question asked of the Hub was whose the token is.

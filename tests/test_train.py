@@ -7,6 +7,7 @@ the examples each process decoded and a digest of its final weights.
 import contextlib
 import os
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset, Features, Value
+from datasets import Image as DatasetImage
 from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist.errors import UsageError
+from tests.utils import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
@@ -31,8 +36,9 @@ TINY = [
     "--train_batch_size=16",
     "--lr_warmup_steps=4",
     "--save_images_steps=1000",
-    "--ddpm_num_inference_steps=4",
-    "--num_sample_images=4",
+    "--num_inference_steps=4",
+    "--num_samples=4",
+    "--mixed_precision=no",  # exactness is checked in fp32 (on a bf16 CPU, auto would choose bf16)
     "--shuffle_buffer_size=32",
     "--logger=tensorboard",
 ]
@@ -99,7 +105,7 @@ def test_the_output_folder_is_a_pipeline_with_card_and_samples(tmp_path, mnist_f
     for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         assert (output_dir / name).is_file(), name
     assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step-0000001.png", "step-0000002.png"]
-    assert Image.open(output_dir / "samples" / "step-0000002.png").size == (56, 56)  # a 2x2 grid of 28x28
+    assert Image.open(output_dir / "samples" / "step-0000002.png").size == (224, 224)  # 2x2 digits of 28x28, 4x
     card = (output_dir / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
     assert "| optimizer steps | 2 |" in card and "176,849 parameters" in card
@@ -116,19 +122,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_see_disjoint_data_and_end_with_identical_weights(tmp_path, mnist_folder):
+def two_processes() -> list[str]:
+    """`accelerate launch` of a real 2-process CPU group (`--cpu --num_processes 2` would start one process)."""
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    # `--cpu --num_processes 2` starts one process; this is the form that starts a real 2-process CPU group.
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes=2", f"--main_process_port={free_port()}"]
+    return [accelerate, "launch", "--multi_gpu", "--num_processes=2", f"--main_process_port={free_port()}"]
+
+
+def test_two_processes_see_disjoint_data_draw_their_own_noise_and_end_with_identical_weights(tmp_path, mnist_folder):
     process, _, record = train(
-        tmp_path, mnist_folder, "ddp", "--max_train_steps=3", launch=launch, ACCELERATE_USE_CPU="1"
+        tmp_path, mnist_folder, "ddp", "--max_train_steps=3", launch=two_processes(), ACCELERATE_USE_CPU="1"
     )
     assert process.returncode == 0, process.stderr
     assert "2 processes, 3 steps per epoch" in process.stderr
     seen = [read_ids(record / f"seen-{rank}.txt") for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 48
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(96))
+    # In every step the two processes drew other timesteps and other noise.
+    noise = [(record / f"noise-{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert len(noise[0]) == len(noise[1]) == 3
+    for step_0, step_1 in zip(*noise, strict=True):
+        (*t_0, eps_0), (*t_1, eps_1) = step_0.split(), step_1.split()
+        assert len(t_0) == len(t_1) == 16 and t_0 != t_1 and eps_0 != eps_1
     assert (record / "weights-0.txt").read_text() == (record / "weights-1.txt").read_text()
+
+
+def test_a_resumed_two_process_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnist_folder):
+    env = {"ACCELERATE_USE_CPU": "1"}
+    whole, whole_dir, whole_record = train(
+        tmp_path, mnist_folder, "whole", "--max_train_steps=5", launch=two_processes(), **env
+    )
+    assert whole.returncode == 0, whole.stderr
+    first, resumed_dir, _ = train(tmp_path, mnist_folder, "first", "--max_train_steps=2", launch=two_processes(), **env)
+    assert first.returncode == 0, first.stderr
+    second, _, resumed_record = train(
+        tmp_path, mnist_folder, "second", f"--output_dir={resumed_dir}", "--max_train_steps=5",
+        "--resume_from_checkpoint=latest", launch=two_processes(), **env,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert "checkpoint-2 at step 2" in second.stderr
+    assert "resuming with a changed setting, max_train_steps: 2 -> 5" in second.stderr
+    for rank in (0, 1):
+        assert (whole_record / f"weights-{rank}.txt").read_text() == (
+            resumed_record / f"weights-{rank}.txt"
+        ).read_text()
+        # Steps 3-5 drew the same timesteps and noise as the uninterrupted run did.
+        whole_noise = (whole_record / f"noise-{rank}.txt").read_text().splitlines()
+        assert (resumed_record / f"noise-{rank}.txt").read_text().splitlines() == whole_noise[2:]
+    ema = "unet/diffusion_pytorch_model.safetensors"
+    assert (whole_dir / ema).read_bytes() == (resumed_dir / ema).read_bytes()
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mnist_folder):
@@ -151,10 +192,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, mnist_folder):
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    seen = record / "seen-0.txt"
-    deadline = time.time() + 120
-    while not (seen.exists() and len(read_ids(seen)) >= 3 * 16) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_batches(record / "seen-0.txt", 3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
@@ -171,16 +209,19 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path, mnist_folder):
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
 
 
-def test_bad_dataset_path_is_one_line_before_any_work(tmp_path):
-    process = subprocess.run(
-        [sys.executable, str(TRAIN), "--dataset_name=./no/such/folder", f"--output_dir={tmp_path / 'out'}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert process.returncode == 1
-    assert process.stderr.strip().splitlines()[-1].startswith("error: dataset path './no/such/folder' does not exist")
-    assert not (tmp_path / "out" / "checkpoints").exists()
+@pytest.fixture(scope="module")
+def bad_datasets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MNIST-layout folders that training must refuse: no image column, no examples, a damaged parquet file."""
+    root = tmp_path_factory.mktemp("bad-data")
+    for name, rows in (("no-image", {"label": [1, 2]}), ("empty", {"image": [], "label": []})):
+        (root / name / "mnist").mkdir(parents=True)
+        features = Features({"label": Value("int64")}) if name == "no-image" else None
+        if name == "empty":
+            features = Features({"image": DatasetImage(), "label": Value("int64")})
+        Dataset.from_dict(rows, features=features).to_parquet(root / name / "mnist" / "train-00000-of-00001.parquet")
+    (root / "corrupt" / "mnist").mkdir(parents=True)
+    (root / "corrupt" / "mnist" / "train-00000-of-00001.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 8)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -188,27 +229,184 @@ def train_module() -> dict:
     return runpy.run_path(str(TRAIN))
 
 
-@pytest.mark.parametrize(
-    "flags, error, match",
-    [
-        (["--image_column=img"], ValueError, "no column 'img'; its columns are image, label"),
-        (["--resume_from_checkpoint=/no/checkpoint"], FileNotFoundError, "is not a folder"),
-        (["--model_config_name_or_path=/no/config.json"], FileNotFoundError, "is not a file"),
-        (["--train_batch_size=0"], ValueError, "--train_batch_size must be at least 1"),
-        (["--train_batch_size=200"], ValueError, "give no full batch"),
-        (["--snr_gamma=0"], ValueError, "--snr_gamma must be positive"),
-        (["--max_train_minutes=-1"], ValueError, "--max_train_minutes must be positive"),
-        (["--push_to_hub", "--hub_model_id=a/b/c"], ValueError, "--hub_model_id is not a valid repo id"),
-        (["--push_to_hub", "--hub_model_id=user/ddpm"], ValueError, "--push_to_hub needs a Hub token"),
-    ],
-)
-def test_bad_arguments_fail_before_training(train_module, tmp_path, mnist_folder, monkeypatch, flags, error, match):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, mnist_folder: Path) -> Path:
+    """A finished 2-step run of the tiny preset, with its checkpoint-2."""
+    process, output_dir, _ = train(tmp_path_factory.mktemp("finished"), mnist_folder, "run", "--max_train_steps=2")
+    assert process.returncode == 0, process.stderr
+    return output_dir
+
+
+# Bad input: flags, data and folders. Each is refused with one line naming the problem and the fix, before the model
+# is built, and leaves no output folder behind. `{data}` is the fixture's MNIST folder, `{bad}` the bad datasets'.
+BAD_INPUTS = {
+    "dataset path missing": (["--dataset_name=./no/such/folder"], "dataset path './no/such/folder' does not exist"),
+    "no image column": (["--dataset_name={bad}/no-image"], "has no column 'image'; its columns are label. Pass"),
+    "other image column named": (["--image_column=img"], "no column 'img'; its columns are image, label"),
+    "empty dataset": (["--dataset_name={bad}/empty"], "has no examples in its 'train' split; pass a non-empty one"),
+    "corrupt parquet": (["--dataset_name={bad}/corrupt"], "check or re-download its files"),
+    "batch size 0": (["--train_batch_size=0"], "--train_batch_size must be positive, got 0"),
+    "batch larger than the data": (["--train_batch_size=200"], "give no full batch of 200 x 1; lower"),
+    "learning rate -1": (["--learning_rate=-1"], "--learning_rate must be positive, got -1.0"),
+    "steps 0": (["--max_train_steps=0"], "--max_train_steps must be positive, got 0"),
+    "epochs -2": (["--num_epochs=-2"], "--num_epochs must be positive, got -2"),
+    "minutes -1": (["--max_train_minutes=-1"], "--max_train_minutes must be positive"),
+    "snr gamma 0": (["--snr_gamma=0"], "--snr_gamma must be positive"),
+    "warm-up -5": (["--lr_warmup_steps=-5"], "--lr_warmup_steps must be at least 0, got -5"),
+    "adam beta 1": (["--adam_beta2=1"], "--adam_beta2 must be in [0, 1), got 1.0"),
+    "more sampling steps than T": (
+        ["--ddpm_num_steps=10", "--num_inference_steps=20"],
+        "--num_inference_steps 20 exceeds the 10 diffusion steps (--ddpm_num_steps); sample with at most that many",
+    ),
+    "cifar10 preset": (["--preset=cifar10"], "--preset cifar10 is a model of 3-channel images, and MNIST digits have"),
+    "model config missing": (["--model_config_name_or_path=/no/config.json"], "is not a readable UNet config.json"),
+    "resume path missing": (["--resume_from_checkpoint={out}/checkpoints/checkpoint-7"], "is not a folder; pass"),
+    "resume path elsewhere": (["--resume_from_checkpoint={bad}"], "checkpoints are read only from the run's own"),
+    "output_dir is a file": (["--output_dir={file}"], "is a file; pass a folder (new, or one of your runs"),
+    "malformed repo id": (["--push_to_hub", "--hub_model_id=a/b/c"], "--hub_model_id is not a valid repo id"),
+    "no Hub token": (["--push_to_hub", "--hub_model_id=user/ddpm"], "--push_to_hub needs a Hub token that can write"),
+}
+
+
+def bad_input_flags(flags: list[str], tmp_path: Path, mnist_folder: Path, bad_datasets: Path) -> list[str]:
+    """The case's flags after the defaults, placeholders filled in; `{file}` becomes a file that exists."""
+    (tmp_path / "a-file").write_text("not a folder")
+    places = dict(data=mnist_folder, bad=bad_datasets, out=tmp_path / "out", file=tmp_path / "a-file")
+    defaults = [f"--dataset_name={mnist_folder}", f"--output_dir={tmp_path / 'out'}", *TINY]
+    return defaults + [flag.format(**places) for flag in flags]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_refused_in_one_line_before_any_work(
+    train_module, tmp_path, mnist_folder, bad_datasets, monkeypatch, flags, message
+):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    args = train_module["parse_args"]([f"--dataset_name={mnist_folder}", f"--output_dir={tmp_path / 'out'}", *flags])
-    with pytest.raises(error, match=match):
+    built = []
+    monkeypatch.setattr(train_module["DDPMMnistUNet"], "from_config", lambda *a, **k: built.append(1))
+    args = train_module["parse_args"](bad_input_flags(flags, tmp_path, mnist_folder, bad_datasets))
+    with pytest.raises(UsageError) as error:
         train_module["main"](args)
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not built, "the model was built before the input was checked"
+    assert not (tmp_path / "out").exists(), "an output folder was left behind"
+
+
+@pytest.mark.parametrize("case", ["learning rate -1", "cifar10 preset", "corrupt parquet", "output_dir is a file"])
+def test_bad_input_through_the_script_exits_2_with_one_line(tmp_path, mnist_folder, bad_datasets, case):
+    flags, message = BAD_INPUTS[case]
+    command = [sys.executable, str(TRAIN), *bad_input_flags(flags, tmp_path, mnist_folder, bad_datasets)]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: ") and message in last, process.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_of_another_mode_and_size_are_converted_with_a_log_line(tmp_path):
+    rgb = tmp_path / "rgb" / "mnist"
+    rgb.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(32, 32, 32, 3), dtype=np.uint8)
+    rows = {"image": [{"bytes": png_bytes(p, mode="RGB"), "path": None} for p in pixels], "label": [0] * 32}
+    features = Features({"image": DatasetImage(), "label": Value("int64")})
+    Dataset.from_dict(rows, features=features).to_parquet(rgb / "train-00000-of-00001.parquet")
+    process, output_dir, _ = train(tmp_path, rgb.parent, "rgb", "--max_train_steps=1")
+    assert process.returncode == 0, process.stderr
+    assert "converting RGB images of size (32, 32) to 28x28 greyscale (mode L)" in process.stderr
+    assert (output_dir / "model_index.json").is_file()
+
+
+def test_an_output_dir_with_a_run_is_refused_unless_resumed_or_overwritten(train_module, tmp_path, finished_run):
+    args = train_module["parse_args"]([f"--output_dir={finished_run}", *TINY])
+    with pytest.raises(UsageError, match="already holds a finished run .*--resume_from_checkpoint latest.*--overwrite"):
+        train_module["check_args"](args)
+    shutil.copytree(finished_run / "checkpoints", tmp_path / "other" / "checkpoints")
+    args = train_module["parse_args"]([f"--output_dir={tmp_path / 'other'}", *TINY])
+    with pytest.raises(UsageError, match="already holds a run's checkpoints"):
+        train_module["check_args"](args)
+
+
+def test_overwrite_output_dir_replaces_the_old_run(tmp_path, mnist_folder, finished_run):
+    shutil.copytree(finished_run, tmp_path / "run")
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    process, output_dir, _ = train(
+        tmp_path, mnist_folder, "again", f"--output_dir={tmp_path / 'run'}", "--overwrite_output_dir",
+        "--max_train_steps=1",
+    )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine", "only the run's own files are replaced"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train_batch_size=8"], "train_batch_size: 16 -> 8"),
+        (["--preset=mnist-small", "--learning_rate=1e-3"], "unet_config.base_channels: 16 -> 32; "),
+        (["--learning_rate=1e-3"], "(learning_rate: 0.0002 -> 0.001)"),
+        (["--seed=3"], "seed: 0 -> 3"),
+    ],
+)
+def test_resuming_with_other_settings_is_refused_naming_them(train_module, finished_run, flags, message):
+    args = train_module["parse_args"](
+        [f"--output_dir={finished_run}", *TINY, "--resume_from_checkpoint=latest", *flags]
+    )
+    settings = train_module["run_settings"](args, num_processes=1)
+    with pytest.raises(UsageError, match="cannot resume .*checkpoint-2 with other settings") as error:
+        train_module["check_resume"](finished_run / "checkpoints" / "checkpoint-2", settings)
+    assert message in str(error.value)
+
+
+def test_a_damaged_checkpoint_is_refused_before_the_model_is_built(train_module, tmp_path, finished_run):
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    weights = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    args = train_module["parse_args"]([f"--output_dir={run}", *TINY, "--resume_from_checkpoint=latest"])
+    settings = train_module["run_settings"](args, num_processes=1)
+    with pytest.raises(UsageError, match=r"model.safetensors is damaged .*resume from an earlier checkpoint"):
+        train_module["check_resume"](run / "checkpoints" / "checkpoint-2", settings)
+
+
+def test_a_second_training_on_one_output_dir_is_refused_and_the_first_is_unharmed(tmp_path, mnist_folder):
+    base = [f"--dataset_name={mnist_folder}", f"--output_dir={tmp_path / 'out'}", *TINY, "--checkpointing_steps=2"]
+
+    def start(record: str, *flags: str) -> subprocess.Popen:
+        (tmp_path / record).mkdir()
+        env = {**os.environ, "RECORD_DIR": str(tmp_path / record)}
+        return subprocess.Popen(
+            [sys.executable, str(LAUNCHER), *base, *flags], env=env, stderr=subprocess.PIPE, text=True
+        )
+
+    first = start("first", "--max_train_steps=100000")
+    wait_for_batches(tmp_path / "first" / "seen-0.txt", 3)
+    second = subprocess.run(
+        [sys.executable, str(TRAIN), *base, "--resume_from_checkpoint=latest"], capture_output=True, text=True
+    )
+    assert second.returncode == 2
+    assert "is in use by another training (pid " in second.stderr.strip().splitlines()[-1]
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0 and "on request" in stderr, stderr
+    # A run killed outright leaves no lock behind: the next one takes the folder over.
+    killed = start("killed", "--resume_from_checkpoint=latest", "--max_train_steps=100000")
+    wait_for_batches(tmp_path / "killed" / "seen-0.txt", 1)
+    killed.kill()
+    killed.communicate(timeout=60)
+    third = subprocess.run(
+        [sys.executable, str(TRAIN), *base, "--resume_from_checkpoint=latest", "--max_train_steps=1"],
+        capture_output=True,
+        text=True,
+    )
+    assert third.returncode == 0, third.stderr
+
+
+def wait_for_batches(seen: Path, count: int, timeout: float = 120) -> None:
+    """Wait until a recorded run has trained on `count` batches of 16 in all."""
+    deadline = time.time() + timeout
+    while not (seen.exists() and len(read_ids(seen)) >= count * 16):
+        assert time.time() < deadline, f"no {count} batches in {timeout} s"
+        time.sleep(0.1)
 
 
 def test_help_documents_every_flag_with_its_default(train_module, capsys):

@@ -1,57 +1,59 @@
 """Train a DDPM on MNIST: `accelerate launch training/train.py --help`.
 
-Top to bottom: arguments, data, model and noise schedule, optimizer and EMA, resume, the loop
-(Algorithm 1 of Ho et al. 2020 with L_simple), checkpoints and sample grids, and the final pipeline folder.
+Top to bottom: the flags and their checks; the run's folder (its lock, its checkpoints, and the settings a resumed run
+must keep); the loss of Algorithm 1 (Ho et al. 2020); the one decision to stop; sample grids; and `main`: data, model
+and noise schedule, optimizer and EMA, resume, the loop, and the final pipeline folder with its model card.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import logging
 import math
 import os
-import platform
 import re
-import shlex
 import shutil
 import signal
-import sys
 import time
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import make_image_grid
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from torch.utils.data import DataLoader
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
-from ddpm_mnist.data import (
-    DEFAULT_DATASET,
-    ImagePreprocessor,
-    count_examples,
-    decode_stream,
-    epoch_order,
-    load_image_stream,
-    shuffled_shard,
-)
-from ddpm_mnist.hub import check_push_access, push_pipeline_folder, render_model_card
+from ddpm_mnist.data import DEFAULT_DATASET, ImagePreprocessor, TrainingData, check_readable, load_image_stream
+from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
+from ddpm_mnist.hardware import auto_mixed_precision, describe_device
+from ddpm_mnist.hub import check_push_access, push_training_run, save_training_run
 from ddpm_mnist.unet_ddpm_mnist import PRESETS
 
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+SETTINGS_FILE = "training_settings.json"  # in every checkpoint: what a resumed run must keep (see `run_settings`)
+# The pipeline files of a finished run: what --overwrite_output_dir replaces, with the checkpoints, samples and logs.
+RUN_FILES = ("model_index.json", "unet", "scheduler", "README.md", "training.json", "checkpoints", "samples", "logs")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,20 +79,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     model.add_argument("--ddpm_beta_schedule", default="linear", help="the beta schedule (the paper's: linear)")
     model.add_argument(
-        "--prediction_type",
-        default="epsilon",
-        choices=["epsilon", "sample", "v_prediction"],
-        help="the target",
+        "--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"], help="the target"
     )
     model.add_argument(
-        "--variance_type",
-        default="fixed_small",
-        choices=["fixed_small", "fixed_large"],
-        help="sigma_t^2 choice",
+        "--variance_type", default="fixed_small", choices=["fixed_small", "fixed_large"], help="sigma_t^2 choice"
     )
     train = p.add_argument_group("optimization")
     train.add_argument("--output_dir", default="ddpm-mnist", help="pipeline, card, samples, checkpoints, logs")
-    train.add_argument("--seed", type=int, default=0, help="seed of weights, noise, timesteps and data order")
+    train.add_argument(
+        "--overwrite_output_dir", action="store_true", help="replace the run an existing --output_dir holds"
+    )
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights and data order; each process's noise adds its rank"
+    )
     train.add_argument("--train_batch_size", type=int, default=128, help="batch size per process")
     train.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (overrides epochs)")
     train.add_argument(
@@ -116,15 +117,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay after warm-up")
     train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inv_gamma")
     train.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up power")
-    train.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="overrides accelerate")
+    train.add_argument(
+        "--mixed_precision",
+        default="auto",
+        choices=["auto", "no", "fp16", "bf16"],
+        help="auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or "
+        "AVX512-BF16), else fp32 ('no'); an accelerate config's fp16/bf16 also wins over auto",
+    )
     io = p.add_argument_group("checkpoints, samples, logging, Hub")
     io.add_argument("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
     io.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
-    io.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    io.add_argument(
+        "--resume_from_checkpoint", default=None, help="'latest', or a checkpoint folder in --output_dir/checkpoints"
+    )
     io.add_argument("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
-    io.add_argument("--num_sample_images", type=int, default=16, help="images in each sample grid")
-    io.add_argument("--sample_scheduler", default="ddpm", choices=["ddpm", "ddim"], help="sampler of the sample grids")
-    io.add_argument("--ddpm_num_inference_steps", type=int, default=1000, help="sampling steps of the grids")
+    io.add_argument("--num_samples", type=int, default=16, help="digits in each sample grid")
+    io.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim"], help="the sampler of the sample grids")
+    io.add_argument(
+        "--num_inference_steps",
+        "--ddpm_num_inference_steps",
+        type=int,
+        default=1000,
+        help="sampling steps of the sample grids",
+    )
     io.add_argument("--logger", default="tensorboard", help="an accelerate tracker (tensorboard, wandb, ...)")
     io.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     io.add_argument("--push_to_hub", action="store_true", help="upload the final pipeline to the Hub")
@@ -132,8 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--hub_private_repo", action="store_true", help="create the Hub repo private")
     args = p.parse_args(argv)
     if args.config:
-        with open(args.config) as f:
-            config = json.load(f)
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--config {args.config} is not a readable JSON file ({e}).")
         unknown = sorted(set(config) - set(vars(args)))
         if unknown:
             p.error(f"{args.config} has unknown keys: {', '.join(unknown)}; use the flag names without dashes.")
@@ -142,39 +159,133 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Flags that must be positive (> 0) or at least zero; None means "not set" for the optional ones.
+POSITIVE = (
+    "train_batch_size gradient_accumulation_steps checkpointing_steps save_images_steps num_samples "
+    "num_inference_steps ddpm_num_steps learning_rate max_grad_norm max_train_steps num_epochs max_train_minutes "
+    "snr_gamma checkpoints_total_limit shuffle_buffer_size"
+).split()
+NON_NEGATIVE = "lr_warmup_steps adam_weight_decay adam_epsilon dataloader_num_workers".split()
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad arguments with one line each, before any data or model is touched."""
-    for name in (
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "save_images_steps",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps must be at least 1, got {args.max_train_steps}.")
-    for name in ("max_train_minutes", "snr_gamma"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}.")
-    if args.model_config_name_or_path and not os.path.isfile(args.model_config_name_or_path):
-        raise FileNotFoundError(f"--model_config_name_or_path {args.model_config_name_or_path} is not a file.")
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder; pass a checkpoint folder "
-            "or 'latest'."
+    """Refuse bad flags with one line each, before any data, model or output folder is touched."""
+    for name in POSITIVE:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name} must be positive, got {value}.")
+    for name in NON_NEGATIVE:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be at least 0, got {getattr(args, name)}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}.")
+    if not 0 < args.ema_max_decay <= 1:
+        raise UsageError(f"--ema_max_decay must be in (0, 1], got {args.ema_max_decay}.")
+    if args.num_inference_steps > args.ddpm_num_steps:
+        raise UsageError(
+            f"--num_inference_steps {args.num_inference_steps} exceeds the {args.ddpm_num_steps} diffusion steps "
+            "(--ddpm_num_steps); sample with at most that many."
+        )
+    unet_config = model_config(args)
+    if unet_config.get("in_channels", 3) != 1 or unet_config.get("out_channels", 3) != 1:
+        source = args.model_config_name_or_path or f"--preset {args.preset}"
+        raise UsageError(
+            f"{source} is a model of {unet_config.get('in_channels', 3)}-channel images, and MNIST digits have one "
+            "channel; use --preset mnist (32x32), mnist-small or tiny."
+        )
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file; pass a folder (new, or one of your runs to resume).")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        checkpoint = Path(args.resume_from_checkpoint)
+        if not checkpoint.is_dir():
+            raise UsageError(
+                f"--resume_from_checkpoint {checkpoint} is not a folder; pass 'latest' or one of "
+                f"{output_dir / 'checkpoints'}/checkpoint-N."
+            )
+        if checkpoint.resolve().parent != (output_dir / "checkpoints").resolve():
+            raise UsageError(
+                f"--resume_from_checkpoint {checkpoint} is not in {output_dir / 'checkpoints'}; checkpoints are read "
+                "only from the run's own --output_dir: pass that run's folder as --output_dir."
+            )
+    holds = run_in(output_dir)
+    if holds and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        raise UsageError(
+            f"--output_dir {output_dir} already holds {holds}; continue it with --resume_from_checkpoint latest, "
+            "replace it with --overwrite_output_dir, or pass a new folder."
         )
     if args.push_to_hub:
-        repo_id = args.hub_model_id or Path(args.output_dir).name
+        repo_id = args.hub_model_id or output_dir.name
         try:
             validate_repo_id(repo_id)
         except HFValidationError as e:
-            raise ValueError(f"--hub_model_id is not a valid repo id ({e}); pass one like user/ddpm-mnist.") from e
+            raise UsageError(f"--hub_model_id is not a valid repo id ({e}); pass one like user/ddpm-mnist.") from e
         try:
             # The full user/name, so that the model card's code names the repo the push creates.
             args.hub_model_id = check_push_access(repo_id)
         except ValueError as e:
-            raise ValueError(f"--push_to_hub needs a Hub token that can write to {repo_id}: {e}") from e
+            raise UsageError(f"--push_to_hub needs a Hub token that can write to {repo_id}: {e}") from e
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    """The UNet's config: the --model_config_name_or_path file, or the --preset."""
+    if args.model_config_name_or_path is None:
+        return dict(PRESETS[args.preset])
+    path = Path(args.model_config_name_or_path)
+    config_file = path / "config.json" if path.is_dir() else path
+    try:
+        if not config_file.is_file():
+            raise FileNotFoundError(config_file)
+        return dict(DDPMMnistUNet.load_config(config_file))
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"--model_config_name_or_path {path} is not a readable UNet config.json; pass the path of one, such as "
+            "training/recipes/mnist-small-nodrop.json."
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run's folder: one training at a time, checkpoints that are whole or absent, and what a resume must keep
+
+
+def run_in(output_dir: Path) -> str | None:
+    """What run `output_dir` holds, in words: a finished run's pipeline, or checkpoints; None if neither."""
+    if (output_dir / "model_index.json").is_file():
+        return "a finished run (model_index.json)"
+    if find_checkpoint(output_dir / "checkpoints", "latest") is not None:
+        return "a run's checkpoints"
+    return None
+
+
+class OutputDirLock:
+    """An exclusive lock on `output_dir/.train.lock`, held for the whole run by the main process.
+
+    `flock` locks belong to the open file: the kernel releases them when the process ends however it ends, so a killed
+    run never leaves a stale lock behind.
+    """
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / ".train.lock"
+        self.file = None
+
+    def acquire(self) -> None:
+        """Create the folder if needed and take the lock; a UsageError if another training holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")  # noqa: SIM115  (held open for the life of the run)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UsageError(
+                f"--output_dir {self.path.parent} is in use by another training ({holder}); wait for it to end, or "
+                "pass another --output_dir."
+            ) from e
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()}\n")
+        self.file.flush()
 
 
 class TrainingProgress:
@@ -199,6 +310,64 @@ class TrainingProgress:
         vars(self).update(state)
 
 
+# Settings a resumed run must share with its checkpoint (else the resumed run is not the run that was checkpointed, or
+# the checkpoint's optimizer and EMA states silently override the new values), and settings that may change, logged.
+RESUME_MUST_KEEP = (
+    "unet_config ddpm_num_steps ddpm_beta_schedule prediction_type variance_type train_batch_size "
+    "gradient_accumulation_steps num_processes seed learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 "
+    "adam_weight_decay adam_epsilon snr_gamma use_ema ema_max_decay ema_inv_gamma ema_power"
+).split()
+RESUME_MAY_CHANGE = "dataset_name decode_once random_flip max_train_steps num_epochs mixed_precision".split()
+
+
+def run_settings(args: argparse.Namespace, num_processes: int) -> dict:
+    """The settings a checkpoint records (`SETTINGS_FILE`), for `check_resume` to compare with a resumed run's."""
+    settings = {name: getattr(args, name) for name in RESUME_MUST_KEEP + RESUME_MAY_CHANGE if hasattr(args, name)}
+    return {**settings, "unet_config": model_config(args), "num_processes": num_processes}
+
+
+def check_resume(checkpoint: Path, settings: dict) -> list[str]:
+    """Refuse to resume `checkpoint` with other settings than it was written with; return the allowed changes.
+
+    Also refuses a checkpoint whose weights cannot be read (a truncated or corrupt safetensors file), before any model
+    is built.
+    """
+    recorded = checkpoint / SETTINGS_FILE
+    if not recorded.is_file():
+        raise UsageError(f"{checkpoint} has no {SETTINGS_FILE}: it is not a checkpoint of this script; start anew.")
+    saved = json.loads(recorded.read_text())
+    differ = setting_changes(saved, settings, RESUME_MUST_KEEP)
+    if differ:
+        changes = "; ".join(differ)
+        raise UsageError(
+            f"cannot resume {checkpoint} with other settings ({changes}); resume with the checkpoint's settings, or "
+            "start a new run in another --output_dir."
+        )
+    for weights in sorted(checkpoint.rglob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise UsageError(
+                f"{weights} is damaged ({e}); resume from an earlier checkpoint by path, or delete {checkpoint}."
+            ) from e
+    return setting_changes(saved, settings, RESUME_MAY_CHANGE)
+
+
+def setting_changes(saved: dict, current: dict, names: list[str], prefix: str = "") -> list[str]:
+    """`name: old -> new` for each of `names` whose value differs; a dict (the UNet config) key by key."""
+    changes = []
+    for name in names:
+        old, new = saved.get(name), current.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(k for k in old.keys() | new.keys() if not k.startswith("_"))
+            changes += setting_changes(old, new, keys, prefix=f"{prefix}{name}.")
+        elif json.dumps(old) != json.dumps(new):
+            changes.append(f"{prefix}{name}: {old} -> {new}")
+    return changes
+
+
 def find_checkpoint(checkpoints_dir: Path, resume_from: str) -> Path | None:
     """The checkpoint folder to resume from: the given one, or the highest complete `checkpoint-N` for latest."""
     if resume_from != "latest":
@@ -207,24 +376,49 @@ def find_checkpoint(checkpoints_dir: Path, resume_from: str) -> Path | None:
     return checkpoints_dir / f"checkpoint-{max(steps)}" if steps else None
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, total_limit: int | None) -> None:
-    """`save_state` into a temporary folder, then rename it: `latest` never sees half a checkpoint."""
-    final = checkpoints_dir / f"checkpoint-{step}"
-    partial = checkpoints_dir / f"tmp-checkpoint-{step}"
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints_dir: Path, step: int, total_limit: int | None, settings: dict
+) -> None:
+    """`save_state` into a temporary folder, then rename it: `latest` only ever sees whole checkpoints.
+
+    Old checkpoints beyond `total_limit` are renamed before they are deleted, for the same reason. A checkpoint of this
+    step that exists already is the very state being saved (the run resumed from it and took no step), and is kept.
+    """
+    final, partial = checkpoints_dir / f"checkpoint-{step}", checkpoints_dir / f"tmp-checkpoint-{step}"
+    if final.is_dir():
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # what a killed run may have left
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
+        (partial / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         os.replace(partial, final)
         kept = sorted(
             (d for d in checkpoints_dir.iterdir() if CHECKPOINT_PATTERN.match(d.name)),
             key=lambda d: int(d.name.split("-")[1]),
         )
         for old in kept[: -total_limit if total_limit else 0]:
-            shutil.rmtree(old)
+            doomed = old.with_name(f"deleting-{old.name}")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
+
+
+def clear_output_dir(output_dir: Path) -> None:
+    """--overwrite_output_dir: remove the previous run's pipeline, checkpoints, samples and logs (nothing else)."""
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loss and the decision to stop
 
 
 def min_snr_weight(
@@ -240,6 +434,65 @@ def min_snr_weight(
     return clipped  # x_0 prediction
 
 
+def diffusion_loss(
+    unet: torch.nn.Module, noise_scheduler: DDPMMnistScheduler, x_0: torch.Tensor, snr_gamma: float | None
+) -> torch.Tensor:
+    """L_simple (eq. 14) of a batch, or its min-SNR-weighted form: Algorithm 1's loss.
+
+    t ~ U{0..T-1} and eps ~ N(0, I) come from this process's own generator (seeded with the seed plus the rank), then
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4), and the network regresses the target of the scheduler's
+    prediction type: eps, x_0, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
+    """
+    prediction_type = noise_scheduler.config.prediction_type
+    eps = torch.randn_like(x_0)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x_0.shape[0],), device=x_0.device)
+    x_t = noise_scheduler.add_noise(x_0, eps, t)
+    target = {"epsilon": eps, "sample": x_0}.get(prediction_type)
+    if target is None:
+        target = noise_scheduler.get_velocity(x_0, eps, t)
+    loss = F.mse_loss(unet(x_t, t).sample.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        loss = loss * min_snr_weight(noise_scheduler, t, snr_gamma, prediction_type)
+    return loss.mean()
+
+
+def stop_reason(
+    progress: TrainingProgress, mean_loss: float, signalled: bool, max_train_steps: int, args: argparse.Namespace
+) -> str | None:
+    """The one decision, taken after every optimizer step on numbers all processes share: why the run stops, or None.
+
+    A loss that is no longer finite is a failure: the run ends without a checkpoint of the broken weights.
+    """
+    if not math.isfinite(mean_loss):
+        raise WorkFailed(
+            f"the loss became {mean_loss} at step {progress.global_step}; the last good checkpoint stays in "
+            f"{Path(args.output_dir) / 'checkpoints'}. Lower --learning_rate or use --mixed_precision no, then resume."
+        )
+    if signalled:
+        return "stopped on request"
+    if progress.global_step >= max_train_steps:
+        return "finished"
+    if args.max_train_minutes is not None and progress.train_seconds >= 60 * args.max_train_minutes:
+        return "finished (time budget spent)"
+    return None
+
+
+def resumed_batches(
+    data: TrainingData, progress: TrainingProgress, batches_per_epoch: int, rank: int, world: int
+) -> Iterator[torch.Tensor]:
+    """Batches epoch after epoch, from where `progress` stands; each epoch's remainder waits for its next shuffle."""
+    while True:
+        for x_0 in islice(data.batches(progress.epoch, rank, world), progress.batches_in_epoch, batches_per_epoch):
+            progress.batches_in_epoch += 1
+            yield x_0
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample grids
+
+
 def release_pipeline(
     unet: DDPMMnistUNet, scheduler: DDPMMnistScheduler | DDIMScheduler, ema: EMAModel | None
 ) -> DDPMMnistPipeline:
@@ -252,61 +505,79 @@ def release_pipeline(
     return pipeline
 
 
-def main(args: argparse.Namespace) -> None:
-    check_args(args)
-    # `datasets` hands Arrow Python file objects, and Arrow's CPU thread pool can then deadlock at exit or in
-    # `to_batches` (apache/arrow#45214, #50482); one Arrow thread avoids it and costs nothing here, where
-    # decoding PNGs, not reading parquet, is the work.
-    pyarrow.set_cpu_count(1)
-    output_dir = Path(args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.logger,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+def save_sample_grid(
+    accelerator: Accelerator, pipeline: DDPMMnistPipeline, step: int, args: argparse.Namespace
+) -> Path:
+    """A fixed-seed grid of samples, `samples/step-N.png`, upscaled 4x (nearest) so that digits are readable.
 
-    # Data: each process streams its own shuffled share of the examples, decoded a batch at a time.
+    Also sent to tensorboard. Returns the grid's path.
+    """
+    generator = torch.Generator(device=pipeline.device).manual_seed(args.seed)
+    images = pipeline(
+        batch_size=args.num_samples, generator=generator, num_inference_steps=args.num_inference_steps
+    ).images
+    rows = int(math.sqrt(len(images)))
+    grid = make_image_grid(images, rows=rows, cols=math.ceil(len(images) / rows))
+    grid = grid.resize((grid.width * 4, grid.height * 4), resample=0)  # 0: nearest neighbour
+    path = sample_grid_path(args, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    return path
+
+
+def sample_grid_path(args: argparse.Namespace, step: int) -> Path:
+    """Where the sample grid of `step` goes."""
+    return Path(args.output_dir) / "samples" / f"step-{step:07d}.png"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The pieces main puts together
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """The mixed precision to train with, and why: an explicit choice, an accelerate config's fp16/bf16, or auto."""
+    if requested != "auto":
+        return requested, "--mixed_precision"
+    configured = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # set by `accelerate launch` from its config
+    if configured in ("fp16", "bf16"):
+        return configured, "the accelerate config"
+    return auto_mixed_precision(device), f"automatic for {describe_device(device)}"
+
+
+def load_training_data(args: argparse.Namespace, sample_size: int, num_processes: int) -> tuple[TrainingData, int]:
+    """The training split, checked readable (before any full scan), and the optimizer steps of one epoch.
+
+    Every process takes the same whole number of optimizer steps per epoch; an epoch's remainder of examples waits for
+    the next epoch's shuffle.
+    """
     stream = load_image_stream(args.dataset_name, "train", args.dataset_config_name, args.image_column)
-    num_examples = count_examples(stream)
-
-    # Model and the forward process q(x_t | x_0) of the paper.
-    if args.model_config_name_or_path:
-        unet = DDPMMnistUNet.from_config(DDPMMnistUNet.load_config(args.model_config_name_or_path))
-    else:
-        unet = DDPMMnistUNet.from_preset(args.preset)
-    noise_scheduler = DDPMMnistScheduler(
-        num_train_timesteps=args.ddpm_num_steps,
-        beta_schedule=args.ddpm_beta_schedule,
-        prediction_type=args.prediction_type,
-        variance_type=args.variance_type,
+    preprocess = ImagePreprocessor(sample_size, random_flip=args.random_flip)
+    check_readable(stream, preprocess, args.dataset_name)
+    data = TrainingData(
+        stream,
+        preprocess,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        decode_once=args.decode_once,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        num_workers=args.dataloader_num_workers,
     )
-    # The sample grids use DDPM (Algorithm 2) or, faster, DDIM on the same schedule.
-    sample_scheduler = noise_scheduler
-    if args.sample_scheduler == "ddim":
-        sample_scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-    preprocess = ImagePreprocessor(unet.config.sample_size, random_flip=args.random_flip)
-    digits = decode_stream(stream, preprocess) if args.decode_once else None
-    # Every process takes the same whole number of optimizer steps per epoch; a remainder of examples waits for
-    # the next epoch's shuffle.
-    steps_per_epoch = (
-        num_examples // accelerator.num_processes // args.train_batch_size // args.gradient_accumulation_steps
-    )
-    batches_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
+    steps_per_epoch = data.num_examples // num_processes // args.train_batch_size // args.gradient_accumulation_steps
     if steps_per_epoch < 1:
-        raise ValueError(
-            f"{num_examples} examples over {accelerator.num_processes} processes give no full batch of "
+        raise UsageError(
+            f"{data.num_examples} examples over {num_processes} processes give no full batch of "
             f"{args.train_batch_size} x {args.gradient_accumulation_steps}; lower --train_batch_size."
         )
-    max_train_steps = args.max_train_steps or (args.num_epochs or 100) * steps_per_epoch
+    return data, steps_per_epoch
 
-    # Optimizer, learning-rate schedule and EMA of the weights (the released weights are the EMA).
+
+def make_optimizer(
+    unet: DDPMMnistUNet, args: argparse.Namespace, num_processes: int, max_train_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and its learning-rate schedule (stepped once per process per optimizer step, as accelerate does)."""
     optimizer = torch.optim.AdamW(
         unet.parameters(),
         lr=args.learning_rate,
@@ -317,10 +588,103 @@ def main(args: argparse.Namespace) -> None:
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
     )
-    # The DataLoader is not prepared: accelerate would shard the already-split stream a second time.
+    return optimizer, lr_scheduler
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set `requested`: the run finishes its step, writes a checkpoint and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def training_record(
+    args: argparse.Namespace, progress: TrainingProgress, accelerator: Accelerator, total_batch_size: int
+) -> dict:
+    """The run's settings and numbers, for the model card and `training.json`."""
+    card_flags = (
+        "learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay max_grad_norm "
+        "use_ema ema_max_decay ema_inv_gamma ema_power"
+    ).split()
+    return {
+        **{name: getattr(args, name) for name in card_flags},
+        "global_step": progress.global_step,
+        "images_seen": progress.global_step * total_batch_size,
+        "total_batch_size": total_batch_size,
+        "mixed_precision": accelerator.mixed_precision,
+        "hardware": f"{accelerator.num_processes} x {describe_device(accelerator.device)}",
+        "training_time": f"{progress.train_seconds / 60:.1f} minutes",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    # `datasets` hands Arrow Python file objects, and Arrow's CPU thread pool can then deadlock at exit or in
+    # `to_batches` (apache/arrow#45214, #50482); one Arrow thread avoids it and costs nothing here. With it, the 5 s
+    # that `datasets` sleeps whenever a stream ends (its own guard for that issue) only stall every epoch's end.
+    pyarrow.set_cpu_count(1)
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    output_dir, checkpoints_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will read it
+    mixed_precision, why = resolve_mixed_precision(args.mixed_precision, state.device)
+    settings = run_settings(args, state.num_processes)
+    resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    changes = check_resume(resume_path, settings) if resume_path else []
+    data, steps_per_epoch = load_training_data(args, settings["unet_config"]["sample_size"], state.num_processes)
+    max_train_steps = args.max_train_steps or (args.num_epochs or 100) * steps_per_epoch
+
+    # Only now, with every input checked, does the output folder come into being: locked, so one training at a time.
+    lock = OutputDirLock(output_dir)  # held (open) until main returns
+    if state.is_main_process:
+        lock.acquire()
+        if args.overwrite_output_dir and resume_path is None:
+            clear_output_dir(output_dir)
+    state.wait_for_everyone()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=args.logger,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    logger.info(f"mixed precision: {mixed_precision} ({why})")
+    for change in changes:
+        logger.info(f"resuming with a changed setting, {change}")
+
+    # Model (identical on every process: one seed) and the forward process q(x_t | x_0) of the paper.
+    set_seed(args.seed)
+    unet = DDPMMnistUNet.from_config(settings["unet_config"])
+    noise_scheduler = DDPMMnistScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+        variance_type=args.variance_type,
+    )
+    # The sample grids use DDPM (Algorithm 2) or, faster, DDIM on the same schedule.
+    sample_scheduler = (
+        DDIMScheduler.from_config(noise_scheduler.config) if args.scheduler == "ddim" else noise_scheduler
+    )
+    # From here on each process draws its own timesteps, noise and dropout (seed + rank). Checkpoints keep each
+    # process's random state, so a resumed run draws what the uninterrupted one would have.
+    set_seed(args.seed, device_specific=True)
+
+    # Optimizer, learning-rate schedule and EMA of the weights (the released weights are the EMA). The data is not
+    # prepared: accelerate would shard the already-split stream a second time.
+    optimizer, lr_scheduler = make_optimizer(unet, args, accelerator.num_processes, max_train_steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema = None
     if args.use_ema:
@@ -335,9 +699,8 @@ def main(args: argparse.Namespace) -> None:
         accelerator.register_for_checkpointing(ema)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
-
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))  # weights, optimizer, lr, EMA, progress and every RNG
+        accelerator.load_state(str(resume_path))  # weights, optimizer, lr, EMA, progress and every process's RNG
         logger.info(f"resumed from {resume_path} at step {progress.global_step}")
     elif args.resume_from_checkpoint:
         logger.info(f"no checkpoint in {checkpoints_dir}; starting from scratch")
@@ -345,215 +708,79 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         accelerator.init_trackers("ddpm-mnist", config={k: v for k, v in vars(args).items() if v is not None})
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    num_parameters = sum(p.numel() for p in unet.parameters())
     logger.info(
-        f"{num_examples} examples, {num_parameters:,} parameters, {max_train_steps} steps of {total_batch_size} "
-        f"images ({accelerator.num_processes} processes, {steps_per_epoch} steps per epoch)"
+        f"{data.num_examples} examples, {sum(p.numel() for p in unet.parameters()):,} parameters, {max_train_steps} "
+        f"steps of {total_batch_size} images ({accelerator.num_processes} processes, {steps_per_epoch} steps per epoch)"
     )
-
-    # SIGINT/SIGTERM: finish the current step, write a checkpoint, exit cleanly.
-    stop_requested = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    progress_bar = tqdm(
-        total=max_train_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process
-    )
-    start_time, images_at_start = time.time(), progress.global_step * total_batch_size
-    last_time = start_time
+    stop = StopRequest()
+    batches_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
+    batches = resumed_batches(data, progress, batches_per_epoch, accelerator.process_index, accelerator.num_processes)
+    bar = tqdm(total=max_train_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process)
+    start_time, start_step, last_time = time.time(), progress.global_step, time.time()
+    reason = "finished" if progress.global_step >= max_train_steps else None
     unet.train()
-    out_of_time = False
-    while progress.global_step < max_train_steps and not (stop_requested or out_of_time):
-        share = dict(
-            seed=args.seed, epoch=progress.epoch, rank=accelerator.process_index, world_size=accelerator.num_processes
-        )
-        if digits is not None:
-            order = epoch_order(len(digits), **share)
-            batches = (preprocess.scale(digits[indices]) for indices in order.split(args.train_batch_size))
-        else:
-            batches = DataLoader(
-                shuffled_shard(stream, buffer_size=args.shuffle_buffer_size, **share),
-                batch_size=args.train_batch_size,
-                collate_fn=preprocess,
-                num_workers=args.dataloader_num_workers,
-                generator=torch.Generator(),  # its own seed draw must not advance the global RNG that resume restores
-            )
-        # A resumed epoch skips the batches already trained on.
-        for x_0 in islice(batches, progress.batches_in_epoch, batches_per_epoch):
-            x_0 = x_0.to(accelerator.device)
-            # Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4).
-            eps = torch.randn_like(x_0)
-            t = torch.randint(0, args.ddpm_num_steps, (x_0.shape[0],), device=x_0.device)
-            x_t = noise_scheduler.add_noise(x_0, eps, t)
-            if args.prediction_type == "epsilon":
-                target = eps
-            elif args.prediction_type == "sample":
-                target = x_0
-            else:
-                target = noise_scheduler.get_velocity(x_0, eps, t)
-            with accelerator.accumulate(unet):
-                loss = F.mse_loss(unet(x_t, t).sample.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if args.snr_gamma is not None:
-                    loss = loss * min_snr_weight(noise_scheduler, t, args.snr_gamma, args.prediction_type)
-                loss = loss.mean()  # L_simple (eq. 14), or its min-SNR-weighted form
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            progress.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-
-            # One optimizer step done, on every process.
+    with bar:
+        while reason is None:
+            # One optimizer step: gradient_accumulation_steps batches of Algorithm 1.
+            for x_0 in islice(batches, args.gradient_accumulation_steps):
+                with accelerator.accumulate(unet):
+                    loss = diffusion_loss(unet, noise_scheduler, x_0.to(accelerator.device), args.snr_gamma)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
             progress.global_step += 1
-            progress.train_seconds += time.time() - last_time
-            last_time = time.time()
-            # One collective per step: the mean loss, whether any process was asked to stop, and whether the
-            # time budget is spent (decided on the main process's clock, so every process agrees).
-            out_of_time = (
-                args.max_train_minutes is not None
-                and accelerator.is_main_process
-                and progress.train_seconds >= 60 * args.max_train_minutes
-            )
-            flags = accelerator.reduce(torch.tensor([loss.item(), stop_requested, out_of_time], device=x_0.device))
-            mean_loss = flags[0].item() / accelerator.num_processes
-            stop_requested, out_of_time = bool(flags[1] > 0), bool(flags[2] > 0)
-            if not math.isfinite(mean_loss):
-                progress_bar.close()
-                raise FloatingPointError(
-                    f"the loss became {mean_loss} at step {progress.global_step}; the last good checkpoint stays "
-                    f"in {checkpoints_dir}. Lower --learning_rate or use --mixed_precision no, then resume."
-                )
-            images_per_second = (progress.global_step * total_batch_size - images_at_start) / (time.time() - start_time)
-            logs = {
-                "loss": mean_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm.item(),
-                "images_per_second": images_per_second,
-            }
-            if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            accelerator.log(logs, step=progress.global_step)
-            progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}")
+            # One collective per step: the mean loss, whether any process was signalled, and the main process's clock
+            # (the others send 0), so that every process takes the same decision and records the same time.
+            now = time.time()
+            seconds = progress.train_seconds + now - last_time if accelerator.is_main_process else 0.0
+            shared = accelerator.reduce(torch.tensor([loss.item(), stop.requested, seconds], device=accelerator.device))
+            mean_loss, stop.requested = shared[0].item() / accelerator.num_processes, bool(shared[1])
+            progress.train_seconds, last_time = shared[2].item(), now
+            reason = stop_reason(progress, mean_loss, stop.requested, max_train_steps, args)
 
-            # Also at the end of the run, so that it can be continued with a larger budget.
-            run_ends = progress.global_step >= max_train_steps or stop_requested or out_of_time
-            if progress.global_step % args.checkpointing_steps == 0 or run_ends:
-                save_checkpoint(accelerator, checkpoints_dir, progress.global_step, args.checkpoints_total_limit)
+            images_per_second = (progress.global_step - start_step) * total_batch_size / (now - start_time)
+            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
+            logs.update(images_per_second=images_per_second, **({"ema_decay": ema.cur_decay_value} if ema else {}))
+            accelerator.log(logs, step=progress.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}")
+            if progress.global_step % args.checkpointing_steps == 0 or reason is not None:
+                # Also at the end of every run, so that it can be continued with a larger budget.
+                save_checkpoint(
+                    accelerator, checkpoints_dir, progress.global_step, args.checkpoints_total_limit, settings
+                )
             if progress.global_step % args.save_images_steps == 0 and accelerator.is_main_process:
                 pipeline = release_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
-                save_sample_grid(accelerator, pipeline, output_dir, progress.global_step, args)
-            if run_ends:
-                break
-        else:
-            progress.epoch += 1
-            progress.batches_in_epoch = 0
-    progress_bar.close()
+                save_sample_grid(accelerator, pipeline, progress.global_step, args)
 
-    if stop_requested:
+    if reason == "stopped on request":
         logger.info(f"stopped at step {progress.global_step} on request; resume with --resume_from_checkpoint latest")
-        accelerator.end_training()
-        return
-
-    # The pipeline folder: EMA weights (safetensors), scheduler, a sample grid and the model card.
-    if accelerator.is_main_process:
+    elif accelerator.is_main_process:
+        # The pipeline folder: EMA weights (safetensors), scheduler, a sample grid and the model card.
         pipeline = release_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
-        grid_path = output_dir / "samples" / f"step-{progress.global_step:07d}.png"
+        grid_path = sample_grid_path(args, progress.global_step)
         if not grid_path.exists():  # the last step may have drawn its grid already
-            save_sample_grid(accelerator, pipeline, output_dir, progress.global_step, args)
+            save_sample_grid(accelerator, pipeline, progress.global_step, args)
         pipeline.scheduler = noise_scheduler
-        pipeline.save_pretrained(output_dir)
         repo_id = args.hub_model_id or output_dir.name
-        card_flags = (
-            "learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay max_grad_norm "
-            "use_ema ema_max_decay ema_inv_gamma ema_power"
-        ).split()
-        training = {name: getattr(args, name) for name in card_flags}
-        training.update(
-            global_step=progress.global_step,
-            images_seen=progress.global_step * total_batch_size,
-            total_batch_size=total_batch_size,
-            mixed_precision=accelerator.mixed_precision,
-            hardware=f"{accelerator.num_processes} x {describe_device(accelerator.device)}",
-            training_time=f"{progress.train_seconds / 60:.1f} minutes",
-        )
-        # The run's record, for re-rendering the card later (training/release.py); never pushed.
-        (output_dir / "training.json").write_text(
-            json.dumps({"dataset_name": args.dataset_name, "training": training}, indent=2)
-        )
-        card = render_model_card(
+        save_training_run(
             pipeline,
+            output_dir,
             repo_id,
             dataset_name=args.dataset_name,
+            training=training_record(args, progress, accelerator, total_batch_size),
             samples_image=grid_path.relative_to(output_dir).as_posix(),
-            training=training,
         )
-        card.save(output_dir / "README.md")
-        logger.info(f"saved the pipeline and its model card to {output_dir}")
+        logger.info(f"{reason} at step {progress.global_step}: saved the pipeline and its model card to {output_dir}")
         if args.push_to_hub:
-            push(output_dir, repo_id, args.hub_private_repo)
+            logger.info(f"pushed {output_dir} to {push_training_run(output_dir, repo_id, args.hub_private_repo)}")
     accelerator.end_training()
 
 
-def save_sample_grid(
-    accelerator: Accelerator,
-    pipeline: DDPMMnistPipeline,
-    output_dir: Path,
-    step: int,
-    args: argparse.Namespace,
-) -> None:
-    """Sample a fixed-seed grid from the pipeline, save it under `samples/` and log it to the trackers."""
-    generator = torch.Generator(device=pipeline.device).manual_seed(args.seed)
-    images = pipeline(
-        batch_size=args.num_sample_images,
-        generator=generator,
-        num_inference_steps=args.ddpm_num_inference_steps,
-        output_type="pil",
-    ).images
-    rows = int(math.sqrt(len(images)))
-    grid = make_image_grid(images, rows=rows, cols=math.ceil(len(images) / rows))
-    path = output_dir / "samples" / f"step-{step:07d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-
-
-def describe_device(device: torch.device) -> str:
-    """A human name for the training device."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def push(output_dir: Path, repo_id: str, private: bool) -> None:
-    """Upload the pipeline folder with card, samples and remote code (never checkpoints or logs); say how to retry."""
-    try:
-        commit_url = push_pipeline_folder(output_dir, repo_id, private=private)
-    except Exception as e:  # whatever failed (network, Hub, quota), the folder is complete and can be pushed alone
-        call = f"push_pipeline_folder({json.dumps(str(output_dir))}, {json.dumps(repo_id)}{', private=True' * private})"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(
-            f"the upload to {repo_id} failed ({reason}); {output_dir} is intact. Retry the upload alone with: "
-            f"python -c {shlex.quote('from ddpm_mnist.hub import push_pipeline_folder; ' + call)}"
-        ) from e
-    logger.info(f"pushed {output_dir} to {commit_url}")
-
-
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_entry_point(lambda: main(parse_args()), "train.py")

@@ -1,0 +1,27 @@
+"""The fault campaign (`tests/fault_campaign.py`) in its short form: 5 SIGKILLs, one during a checkpoint write.
+
+The full campaign (the README's figure) is `python tests/fault_campaign.py --kills 20 --checkpoint_kills 4
+--max_train_steps 40`.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CAMPAIGN = Path(__file__).resolve().parent / "fault_campaign.py"
+
+
+def test_killed_and_resumed_training_ends_bitwise_equal_and_never_sees_half_a_checkpoint(tmp_path, mnist_folder):
+    command = [
+        sys.executable, str(CAMPAIGN), "--kills=5", "--checkpoint_kills=1", "--max_train_steps=18",
+        "--checkpointing_steps=3", f"--dataset_name={mnist_folder}", f"--output_dir={tmp_path}",
+    ]  # fmt: skip
+    process = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    figures = json.loads(process.stdout.strip().splitlines()[-1])
+    assert figures["kills"] == 5 and figures["kills_during_checkpoint_write"] == 1
+    assert figures["damaged_checkpoints"] == [], "a checkpoint-N folder was left half-written"
+    assert figures["training_weight_bytes_that_differ"] == 0 and figures["ema_weight_bytes_that_differ"] == 0
+    assert figures["ema_files_identical"] and process.returncode == 0, process.stderr
+    # The killed run reached the end of its budget.
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-18").is_dir()
