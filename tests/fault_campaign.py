@@ -5,8 +5,8 @@
 Trains the `tiny` preset on an MNIST-layout folder (by default 96 random digits written for the campaign) twice:
 once without interruption, and once killed `--kills` times, each time resumed with `--resume_from_checkpoint latest`.
 The first `--checkpoint_kills` kills land while a checkpoint is being written (the moment its temporary folder
-exists); the others at a random moment inside a random step: once the progress bar reaches a step drawn uniformly
-between the resumed checkpoint and the end, after a further random delay of up to half a second. After every kill
+exists); the others at a random moment inside a random step: once the progress bar reaches a step drawn from a
+window after the resumed checkpoint, after a further random delay of up to 0.1 s. After every kill
 each `checkpoint-N` folder must be whole (every file there, every safetensors tensor readable). At the end the final
 training weights (the last checkpoint's `model.safetensors`) and the released EMA weights must equal the uninterrupted
 run's, byte for byte. Prints the figures as one JSON object (kills, kills during a checkpoint write, steps redone,
@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.kills < 5 or not 1 <= args.checkpoint_kills <= args.kills:
         p.error("--kills must be at least 5, and --checkpoint_kills between 1 and --kills.")
-    if args.max_train_steps < args.checkpointing_steps + 3:
-        p.error("--max_train_steps must leave at least 3 steps after the last checkpoint but one.")
+    if args.max_train_steps < args.kills + 2 * args.checkpointing_steps:
+        p.error("--max_train_steps must be at least --kills + 2 x --checkpointing_steps.")
     return args
 
 
@@ -165,9 +165,16 @@ def run_campaign(args: argparse.Namespace, work: Path) -> dict:
             hit, stderr = run_until_killed(command, during_a_checkpoint_write(checkpoints))
             figures["kills_during_checkpoint_write"] += hit
         else:
-            # A random step between the checkpoint it resumes from and the end, and a random moment inside it.
-            step = rng.randint(latest_step(checkpoints) + 1, args.max_train_steps - 2)
-            hit, stderr = run_until_killed(command, inside_step(step, rng.uniform(0, 0.3), args.max_train_steps))
+            # A random step after the checkpoint it resumes from, in a window that spreads the kills left over the steps
+            # left, and a random moment inside it.
+            # A run may get a step or two past its kill step before the signal lands, so the last window ends two
+            # checkpoint intervals before the end.
+            first, last = latest_step(checkpoints) + 1, args.max_train_steps - 2 * args.checkpointing_steps
+            if first > last:
+                raise RuntimeError("the run reached its end before the last kill; use more --max_train_steps")
+            kills_left = args.kills - figures["kills"]
+            step = rng.randint(first, first + (last - first) // kills_left)
+            hit, stderr = run_until_killed(command, inside_step(step, rng.uniform(0, 0.1), args.max_train_steps))
         if not hit:
             raise RuntimeError("a run finished before its kill; use more --max_train_steps")
         figures["kills"] += 1

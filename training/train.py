@@ -33,7 +33,6 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
-from diffusers.utils import make_image_grid
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET, ImagePreprocessor, TrainingData, check_readable, load_image_stream
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
+from ddpm_mnist.evaluation import digit_grid
 from ddpm_mnist.hardware import auto_mixed_precision, describe_device
 from ddpm_mnist.hub import check_push_access, push_training_run, save_training_run
 from ddpm_mnist.unet_ddpm_mnist import PRESETS
@@ -514,17 +514,18 @@ def save_sample_grid(
     """
     generator = torch.Generator(device=pipeline.device).manual_seed(args.seed)
     images = pipeline(
-        batch_size=args.num_samples, generator=generator, num_inference_steps=args.num_inference_steps
+        batch_size=args.num_samples,
+        generator=generator,
+        num_inference_steps=args.num_inference_steps,
+        output_type="pt",
     ).images
-    rows = int(math.sqrt(len(images)))
-    grid = make_image_grid(images, rows=rows, cols=math.ceil(len(images) / rows))
-    grid = grid.resize((grid.width * 4, grid.height * 4), resample=0)  # 0: nearest neighbour
+    grid = digit_grid(images, upscale=4)
     path = sample_grid_path(args, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HW")
     return path
 
 
