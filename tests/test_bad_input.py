@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.utils import assert_usage_error
+
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = ROOT / "pretrained" / "ddpm-mnist-small"
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -45,11 +47,7 @@ def test_a_damaged_pipeline_folder_is_one_line_naming_the_problem(tmp_path, dama
     damage(folder)
     command = [CLI, "sample", str(folder), "--num_samples=1"]
     command += ["--num_inference_steps=2", f"--output_dir={tmp_path / 'out'}"]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 2, process.stderr
-    assert "Traceback" not in process.stderr
-    last = process.stderr.strip().splitlines()[-1]
-    assert last.startswith("ddpm-mnist sample: error: ") and named in last, process.stderr
+    assert_usage_error(command, "ddpm-mnist sample", named)
     assert not (tmp_path / "out").exists()
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
 from ddpm_mnist.errors import UsageError
-from tests.utils import png_bytes
+from tests.utils import assert_usage_error, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
@@ -296,11 +296,7 @@ def test_bad_input_is_refused_in_one_line_before_any_work(
 def test_bad_input_through_the_script_exits_2_with_one_line(tmp_path, mnist_folder, bad_datasets, case):
     flags, message = BAD_INPUTS[case]
     command = [sys.executable, str(TRAIN), *bad_input_flags(flags, tmp_path, mnist_folder, bad_datasets)]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 2, process.stderr
-    assert "Traceback" not in process.stderr
-    last = process.stderr.strip().splitlines()[-1]
-    assert last.startswith("train.py: error: ") and message in last, process.stderr
+    assert_usage_error(command, "train.py", message)
     assert not (tmp_path / "out").exists()
 
 

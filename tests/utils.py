@@ -115,3 +115,12 @@ def run_python(code: str, env: dict[str, str], cwd: Path) -> str:
     )
     assert process.returncode == 0, process.stderr
     return process.stdout
+
+
+def assert_usage_error(command: list[str], prog: str, message: str) -> None:
+    """Run `command`: it must exit with status 2 and end with one line `<prog>: error: ...` holding `message`."""
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{prog}: error: ") and message in last, process.stderr

@@ -187,12 +187,12 @@ def check_args(args: argparse.Namespace) -> None:
             f"--num_inference_steps {args.num_inference_steps} exceeds the {args.ddpm_num_steps} diffusion steps "
             "(--ddpm_num_steps); sample with at most that many."
         )
-    unet_config = model_config(args)
-    if unet_config.get("in_channels", 3) != 1 or unet_config.get("out_channels", 3) != 1:
+    channels = {model_config(args).get(key, 1) for key in ("in_channels", "out_channels")}  # the UNet's default: 1
+    if channels != {1}:
         source = args.model_config_name_or_path or f"--preset {args.preset}"
         raise UsageError(
-            f"{source} is a model of {unet_config.get('in_channels', 3)}-channel images, and MNIST digits have one "
-            "channel; use --preset mnist (32x32), mnist-small or tiny."
+            f"{source} is a model of {max(channels)}-channel images, and MNIST digits have one channel; use "
+            "--preset mnist (32x32), mnist-small or tiny."
         )
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -644,7 +644,9 @@ def main(args: argparse.Namespace) -> None:
     settings = run_settings(args, state.num_processes)
     resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     changes = check_resume(resume_path, settings) if resume_path else []
-    data, steps_per_epoch = load_training_data(args, settings["unet_config"]["sample_size"], state.num_processes)
+    data, steps_per_epoch = load_training_data(
+        args, settings["unet_config"].get("sample_size", 28), state.num_processes
+    )
     max_train_steps = args.max_train_steps or (args.num_epochs or 100) * steps_per_epoch
 
     # Only now, with every input checked, does the output folder come into being: locked, so one training at a time.
