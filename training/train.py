@@ -633,8 +633,9 @@ def training_record(
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     # `datasets` hands Arrow Python file objects, and Arrow's CPU thread pool can then deadlock at exit or in
-    # `to_batches` (apache/arrow#45214, #50482); one Arrow thread avoids it and costs nothing here. With it, the 5 s
-    # that `datasets` sleeps whenever a stream ends (its own guard for that issue) only stall every epoch's end.
+    # `to_batches` (apache/arrow#45214, #50482); one Arrow thread avoids it and costs nothing here. With that, the 5 s
+    # `datasets` sleeps whenever a stream ends (its own guard for the same issue) would only stall start-up and every
+    # epoch's end, so it is turned off.
     pyarrow.set_cpu_count(1)
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
