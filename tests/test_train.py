@@ -354,6 +354,13 @@ def test_resuming_with_other_settings_is_refused_naming_them(train_module, finis
     assert message in str(error.value)
 
 
+def test_resuming_with_another_number_of_processes_is_refused(train_module, finished_run):
+    args = train_module["parse_args"]([f"--output_dir={finished_run}", *TINY, "--resume_from_checkpoint=latest"])
+    settings = train_module["run_settings"](args, num_processes=2)
+    with pytest.raises(UsageError, match=r"other settings \(num_processes: 1 -> 2\)"):
+        train_module["check_resume"](finished_run / "checkpoints" / "checkpoint-2", settings)
+
+
 def test_a_damaged_checkpoint_is_refused_before_the_model_is_built(train_module, tmp_path, finished_run):
     run = shutil.copytree(finished_run, tmp_path / "run")
     weights = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
