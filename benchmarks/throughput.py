@@ -14,8 +14,8 @@ fp32 and bf16 there. Then, for each part asked for:
   `DDPMPipeline` with the twin UNet, in each precision.
 * e2e: training end to end, data loading included: `training/train.py` with its defaults (a subprocess on the local
   MNIST, `--max_train_steps` two lengths so that start-up and the end-of-run work cancel) against the loop of
-  diffusers' `examples/unconditional_image_generation/train_unconditional.py`, written out below at equal
-  architecture, in the precisions that script offers ("no" and "bf16").
+  diffusers' `examples/unconditional_image_generation/train_unconditional.py` at equal architecture (written out in
+  `benchmarks/diffusers_baseline.py`), in the precisions that script offers ("no" and "bf16").
 * quality: whether bf16 sampling keeps the quality: `--num_samples` digits from `--pipeline` (50 DDPM steps) scored
   with `ddpm_mnist.metrics.quality` against the MNIST test digits, in fp32 with two seeds (their difference is the
   noise of the metric) and in bf16 with the first seed, ours and `DDPMPipeline` (which keeps x_t in the UNet's dtype).
@@ -38,19 +38,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from datasets import load_dataset
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils import logging as diffusers_logging
+from diffusers_baseline import DiffusersLoop, checked_twin, diffusers_twin
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -68,36 +65,11 @@ PARTS = ("models", "sample", "e2e", "quality", "profile", "data")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def diffusers_twin(unet: DDPMMnistUNet) -> UNet2DModel:
-    """`UNet2DModel` configured to the architecture of `unet`: same levels, channels, blocks and attention."""
-    c = unet.config
-    resolutions = [c.sample_size // 2**i for i in range(len(c.channel_mult))]
-    attention = [r in c.attention_resolutions for r in resolutions]
-    return UNet2DModel(
-        sample_size=c.sample_size,
-        in_channels=c.in_channels,
-        out_channels=c.out_channels,
-        layers_per_block=c.layers_per_block,
-        block_out_channels=tuple(c.base_channels * m for m in c.channel_mult),
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        norm_num_groups=c.norm_num_groups,
-        dropout=c.dropout,
-        attention_head_dim=None,  # one head, as in the paper
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    )
-
-
 def twins(preset: str, device: torch.device) -> tuple[DDPMMnistUNet, UNet2DModel]:
     """Our UNet of `preset` and diffusers' twin, checked to hold the same number of parameters."""
     torch.manual_seed(0)
     ours = DDPMMnistUNet.from_preset(preset).to(device)
-    theirs = diffusers_twin(ours).to(device)
-    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
-    if abs(n_theirs / n_ours - 1) > 0.01:
-        raise RuntimeError(f"the twin of {preset} differs: {n_ours} vs {n_theirs} parameters")
-    return ours, theirs
+    return ours, checked_twin(ours).to(device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -334,72 +306,19 @@ def train_py_seconds(args: argparse.Namespace, steps: int) -> float:
         return time.perf_counter() - start
 
 
-def diffusers_batches(data: str, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """train_unconditional.py's data: the map-style dataset, a per-example transform, a shuffling DataLoader.
-
-    Its torchvision `Compose([Resize, CenterCrop, ToTensor, Normalize([0.5], [0.5])])` is a no-op resize and crop at
-    28x28, then uint8 -> [0, 1] -> [-1, 1]; done here with numpy, per example as there, on greyscale digits (the
-    script converts to RGB, which would give the UNet three input channels instead of the paper's one).
-    """
-    dataset = load_dataset(data, split="train")
-
-    def transform_images(examples: dict) -> dict:
-        images = [
-            torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32)[None] / 255)
-            for image in examples["image"]
-        ]
-        return {"input": [(image - 0.5) / 0.5 for image in images]}
-
-    dataset.set_transform(transform_images)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    while True:
-        for batch in loader:
-            yield batch["input"]
-
-
 def diffusers_loop_rate(args: argparse.Namespace, mixed_precision: str, steps: tuple[int, int]) -> float:
-    """Images/s between two step counts of train_unconditional.py's loop (UNet2DModel, DDPMScheduler, EMAModel).
-
-    The loop of the script: noise and timesteps, `add_noise`, forward and MSE under `accelerator.accumulate`, backward,
-    gradient clipping at 1.0, AdamW, the warm-up schedule, the EMA step, and the logged loss (`.item()`) every step.
-    """
+    """Images/s between two step counts of train_unconditional.py's loop (`diffusers_baseline.DiffusersLoop`)."""
     torch.manual_seed(0)
     model = diffusers_twin(DDPMMnistUNet.from_preset(args.e2e_preset))
     with tempfile.TemporaryDirectory() as project_dir:
-        accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_dir=project_dir)
-        accelerator.init_trackers("train_unconditional")
-        ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-        noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-        lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
-        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-        ema_model.to(accelerator.device)
-        weight_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-        batches = diffusers_batches(str(args.dataset_name), args.train_batch_size, seed=0)
+        loop = DiffusersLoop(model, str(args.dataset_name), args.train_batch_size, mixed_precision, project_dir)
         marks = {}
         for global_step in range(1, steps[1] + 1):
-            clean_images = next(batches).to(accelerator.device, weight_dtype)
-            noise = torch.randn(clean_images.shape, dtype=weight_dtype, device=clean_images.device)
-            timesteps = torch.randint(0, 1000, (clean_images.shape[0],), device=clean_images.device).long()
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-            with accelerator.accumulate(model):
-                model_output = model(noisy_images, timesteps).sample
-                loss = F.mse_loss(model_output.float(), noise.float())
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                ema_model.step(model.parameters())
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
-            accelerator.log({**logs, "ema_decay": ema_model.cur_decay_value}, step=global_step)
+            loop.step()
             if global_step in steps:
-                synchronize(accelerator.device)
+                synchronize(loop.accelerator.device)
                 marks[global_step] = time.perf_counter()
-        accelerator.end_training()
-    AcceleratorState._reset_state(reset_partial_state=True)  # the next loop may ask for another mixed precision
+        loop.close()
     return (steps[1] - steps[0]) * args.train_batch_size / (marks[steps[1]] - marks[steps[0]])
 
 

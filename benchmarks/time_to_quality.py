@@ -1,0 +1,349 @@
+"""Time to quality: our training recipe against the diffusers baseline at equal architecture, on the same machine.
+
+    python benchmarks/time_to_quality.py --config training/recipes/d-fast-attn7.json --output_dir runs/ttq \\
+        [--snapshot_minutes 10 20 30 ...] [--num_samples 1000] [--num_inference_steps 50] [--dataset_name DIR]
+
+Both sides train for the same wall-clock budget and are scored at the same training minutes (`--snapshot_minutes`,
+wall time of the training loop only: start-up, saving for the snapshot and scoring are not counted):
+
+* the recipe: `training/train.py` as a subprocess with the `--config` JSON (keys are train.py's flags) and its
+  `--output_dir` set to `OUTPUT_DIR/recipe`. A snapshot is a resumed run: the first runs with
+  `--max_train_minutes M1`, each next with `--resume_from_checkpoint latest --max_train_minutes Mk` (train.py sums
+  the training time over resumed runs); every run ends with a checkpoint and the EMA pipeline folder, scored as is.
+* the baseline: `diffusers.UNet2DModel` built to the recipe's UNet (`diffusers_baseline.diffusers_twin`), trained
+  in this process by the loop of diffusers' `train_unconditional.py` with that script's defaults (DDPMScheduler,
+  AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, cosine schedule with 500 warm-up steps, EMAModel 0.9999 with
+  inv_gamma 1 and power 3/4, `--baseline_batch_size` 16, `--baseline_mixed_precision` "no"), on the same data. Its
+  EMA weights at each snapshot go into `DDPMMnistPipeline` with the same noise schedule.
+
+The two sides alternate, snapshot by snapshot, so that a change in the machine's load falls on both; the recipe's
+subprocess gets this process's thread count (OMP_NUM_THREADS). Every snapshot is scored by one protocol:
+`--num_samples` digits from seed `--seed` with the pipeline's own DDPM sampler (Algorithm 2 of the DDPM paper) on
+`--num_inference_steps` respaced steps, scored with `ddpm_mnist.evaluation.QualityReference` against the MNIST test
+digits (mean classifier confidence, share of each digit, FID, KID, precision and recall on the package classifier's
+features), beside the real floor at the same N.
+
+It writes into `--output_dir`: `time_to_quality.json` (the settings, the floor, every snapshot of both sides with
+its minutes, steps, images seen and metrics; the ratio: the minutes the recipe takes to reach the FID the baseline
+has at its last snapshot, interpolated linearly between snapshots, against the baseline's minutes; and both sides'
+quality at equal minutes), `time_to_quality.png` (FID and mean confidence against training minutes, both sides)
+and `recipe/` (the recipe's run, with `train.log`). Toy sizes for a check run in seconds: a `"preset": "tiny"`
+config, `--snapshot_minutes 0.05 0.1 --num_samples 16 --num_inference_steps 4`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import matplotlib
+import torch
+from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersLoop, checked_twin
+
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
+from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
+from ddpm_mnist.evaluation import MIN_SCORED_IMAGES, QualityReference, check_device, default_device, generate_digits
+from ddpm_mnist.hardware import describe_device
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
+# train.py flags that the benchmark sets itself: a recipe's value for them is replaced.
+SET_BY_BENCHMARK = ("output_dir", "max_train_minutes", "resume_from_checkpoint", "dataset_name")
+
+
+def parse_args() -> argparse.Namespace:
+    """The flags, checked: bad values are a UsageError before anything trains."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the recipe: a JSON file of training/train.py flag values")
+    parser.add_argument("--output_dir", required=True, help="a new folder for the runs, the JSON and the PNG")
+    parser.add_argument(
+        "--snapshot_minutes",
+        nargs="+",
+        type=float,
+        default=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0],
+        help="training minutes at which both sides are scored, increasing",
+    )
+    parser.add_argument("--num_samples", type=int, default=1000, help="generated digits per snapshot")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="respaced DDPM sampling steps")
+    parser.add_argument("--batch_size", type=int, default=100, help="images per forward pass when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the floor's real digits")
+    parser.add_argument(
+        "--dataset_name", default=None, help="MNIST for both sides (default: the recipe's, else ../shared/data/mnist)"
+    )
+    parser.add_argument("--reference_images", type=int, default=None, help="test digits to score against (all)")
+    parser.add_argument("--device", default=default_device(), help="where the samples are drawn and scored")
+    parser.add_argument("--baseline_batch_size", type=int, default=TRAIN_BATCH_SIZE, help="the diffusers loop's")
+    parser.add_argument(
+        "--baseline_mixed_precision", default="no", choices=["no", "bf16"], help="the diffusers loop's precision"
+    )
+    args = parser.parse_args()
+    minutes = args.snapshot_minutes
+    if minutes[0] <= 0 or any(b <= a for a, b in pairwise(minutes)):
+        raise UsageError(f"--snapshot_minutes {minutes} must be positive and increasing, e.g. 10 20 30.")
+    if args.num_samples < MIN_SCORED_IMAGES:
+        raise UsageError(f"--num_samples must be at least {MIN_SCORED_IMAGES}, got {args.num_samples}.")
+    if not 1 <= args.num_inference_steps <= NUM_TRAIN_TIMESTEPS:
+        raise UsageError(f"--num_inference_steps must be in 1..{NUM_TRAIN_TIMESTEPS}, got {args.num_inference_steps}.")
+    if min(args.batch_size, args.baseline_batch_size) < 1:
+        raise UsageError("--batch_size and --baseline_batch_size must be positive.")
+    args.device = check_device(args.device)
+    args.output_dir = Path(args.output_dir).resolve()
+    if (args.output_dir / "recipe").exists():
+        raise UsageError(f"--output_dir {args.output_dir} already holds a benchmark run; pass a new folder.")
+    return args
+
+
+def load_recipe(path: str) -> dict:
+    """The recipe's flag values, from a JSON object of train.py flags."""
+    try:
+        recipe = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--config {path} is not a readable JSON file ({error}); pass a recipe JSON.") from error
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config {path} is not a JSON object of train.py flags; pass one like those in recipes/.")
+    return recipe
+
+
+def root_relative(value: str) -> str:
+    """A recipe's path as train.py sees it (it runs in the repository root), absolute where it exists there."""
+    path = ROOT / value
+    return str(path) if path.exists() else value
+
+
+def dataset_for(args: argparse.Namespace, recipe: dict) -> str:
+    """The MNIST both sides train on: --dataset_name, else the recipe's, else the local copy beside the checkout."""
+    if args.dataset_name is not None:
+        path = Path(args.dataset_name)
+        return str(path.resolve()) if path.exists() else args.dataset_name
+    if "dataset_name" in recipe:
+        return root_relative(recipe["dataset_name"])
+    return str(DEFAULT_DATA)
+
+
+def recipe_unet(recipe: dict) -> DDPMMnistUNet:
+    """The recipe's UNet, randomly initialised: its `model_config_name_or_path`, else its preset (train.py's: mnist)."""
+    config_path = recipe.get("model_config_name_or_path")
+    try:
+        if config_path is None:
+            return DDPMMnistUNet.from_preset(recipe.get("preset", "mnist"))
+        path = Path(root_relative(config_path))
+        return DDPMMnistUNet.from_config(DDPMMnistUNet.load_config(path / "config.json" if path.is_dir() else path))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"the recipe's UNet cannot be built ({str(error).splitlines()[0]}); fix --config.") from error
+
+
+def train_recipe(config: str, run_dir: Path, dataset: str, minutes: float, resume: bool) -> None:
+    """Run train.py on the recipe until its summed training time reaches `minutes`; its output goes to train.log."""
+    command = [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--output_dir", str(run_dir)]
+    command += ["--dataset_name", dataset, "--max_train_minutes", str(minutes)]
+    command += ["--resume_from_checkpoint", "latest"] * resume
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log:
+        result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        lines = [line for line in (run_dir / "train.log").read_text().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {result.returncode}"
+        if result.returncode == 2 and not resume:
+            raise UsageError(f"train.py refused the recipe --config {config}: {last}")
+        raise WorkFailed(f"train.py failed at {minutes} minutes (see {run_dir / 'train.log'}): {last}")
+
+
+def score(pipe: DDPMMnistPipeline, reference: QualityReference, args: argparse.Namespace) -> dict:
+    """The protocol: `--num_samples` digits of the pipeline's DDPM on `--num_inference_steps` steps, scored."""
+    start = time.perf_counter()
+    samples = generate_digits(
+        pipe,
+        args.num_samples,
+        scheduler="ddpm",
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    return {**reference.score(samples).as_dict(), "sample_seconds": time.perf_counter() - start}
+
+
+def recipe_snapshot(
+    args: argparse.Namespace, config: str, dataset: str, minutes: float, resume: bool, reference: QualityReference
+) -> dict:
+    """Train the recipe on to `minutes` and score its saved EMA pipeline."""
+    run_dir = args.output_dir / "recipe"
+    train_recipe(config, run_dir, dataset, minutes, resume)
+    record = json.loads((run_dir / "training.json").read_text())["training"]
+    pipe = DDPMMnistPipeline.from_pretrained(run_dir).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return {
+        "minutes": minutes,
+        "steps": record["global_step"],
+        "images_seen": record["images_seen"],
+        "training_time": record["training_time"],
+        "metrics": score(pipe, reference, args),
+    }
+
+
+def baseline_snapshot(
+    loop: DiffusersLoop, clock: list[float], minutes: float, args: argparse.Namespace, reference: QualityReference
+) -> dict:
+    """Train the diffusers loop on until its loop time (`clock[0]`, seconds) reaches `minutes`; score its EMA."""
+    while clock[0] < 60 * minutes:
+        start = time.perf_counter()
+        loop.step()
+        clock[0] += time.perf_counter() - start
+    pipe = DDPMMnistPipeline(
+        loop.ema_unet().to(args.device), DDPMMnistScheduler.from_config(loop.noise_scheduler.config)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return {
+        "minutes": minutes,
+        "steps": loop.global_step,
+        "images_seen": loop.global_step * args.baseline_batch_size,
+        "training_time": f"{clock[0] / 60:.2f} minutes",
+        "metrics": score(pipe, reference, args),
+    }
+
+
+def minutes_to_reach(minutes: list[float], fids: list[float], target: float) -> float | None:
+    """The first training minute at which the FID curve reaches `target`, interpolated linearly between snapshots.
+
+    At the first snapshot it is that snapshot's minutes (an upper bound); None where the curve never reaches it.
+    """
+    previous = None
+    for m, fid in zip(minutes, fids, strict=True):
+        if fid <= target:
+            if previous is None:
+                return m
+            m0, fid0 = previous
+            return m0 + (m - m0) * (fid0 - target) / (fid0 - fid)
+        previous = (m, fid)
+    return None
+
+
+def comparison(recipe: list[dict], baseline: list[dict]) -> dict:
+    """The ratio (recipe minutes to the baseline's final FID) and both sides' quality at equal minutes."""
+    minutes = [s["minutes"] for s in recipe]
+    target = baseline[-1]["metrics"]["fid"]
+    reached = minutes_to_reach(minutes, [s["metrics"]["fid"] for s in recipe], target)
+    return {
+        "ratio": {
+            "baseline_minutes": baseline[-1]["minutes"],
+            "baseline_final_fid": target,
+            "recipe_minutes_to_baseline_final_fid": reached,
+            "reached_at_first_snapshot": reached == minutes[0],
+            "speedup": baseline[-1]["minutes"] / reached if reached is not None else None,
+        },
+        "equal_minutes": [
+            {
+                "minutes": ours["minutes"],
+                **{
+                    f"{side}_{key}": s["metrics"][key]
+                    for side, s in (("recipe", ours), ("baseline", theirs))
+                    for key in ("fid", "mean_confidence")
+                },
+            }
+            for ours, theirs in zip(recipe, baseline, strict=True)
+        ],
+    }
+
+
+def draw_curve(results: dict, path: Path) -> None:
+    """FID (log scale) and mean classifier confidence against training minutes, both sides, the real floor dashed."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, key, label in (
+        (axes[0], "fid", "FID (classifier features)"),
+        (axes[1], "mean_confidence", "mean confidence"),
+    ):
+        for side, name in (("recipe", "our recipe (train.py)"), ("baseline", "diffusers train_unconditional.py")):
+            snapshots = results[side]
+            axis.plot([s["minutes"] for s in snapshots], [s["metrics"][key] for s in snapshots], "o-", label=name)
+        axis.axhline(
+            results["floor"][key],
+            color="grey",
+            linestyle="--",
+            label=f"real digits, N = {results['floor']['num_images']}",
+        )
+        axis.set_xlabel("training minutes (wall clock)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].legend(loc="lower right")
+    settings = results["settings"]
+    figure.suptitle(
+        f"time to quality: {settings['num_samples']} samples, DDPM {settings['num_inference_steps']} steps; "
+        f"{settings['device_description']}",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    """Check everything, then train and score both sides snapshot by snapshot; write the JSON and the PNG."""
+    args = parse_args()
+    recipe = load_recipe(args.config)
+    config = str(Path(args.config).resolve())
+    dataset = dataset_for(args, recipe)
+    torch.manual_seed(args.seed)
+    twin = checked_twin(recipe_unet(recipe))
+    reference = QualityReference(dataset, args.reference_images, device=args.device, seed=args.seed, progress=False)
+    floor = reference.floor(args.num_samples)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "settings": {
+            "config": config,
+            "recipe": recipe,
+            "dataset_name": dataset,
+            "snapshot_minutes": args.snapshot_minutes,
+            "num_samples": args.num_samples,
+            "num_inference_steps": args.num_inference_steps,
+            "sampler": "ddpm",
+            "seed": args.seed,
+            "reference_images": reference.num_images,
+            "baseline_batch_size": args.baseline_batch_size,
+            "baseline_mixed_precision": args.baseline_mixed_precision,
+            "threads": torch.get_num_threads(),
+            "device_description": describe_device(args.device),
+        },
+        "floor": floor.as_dict(),
+        "recipe": [],
+        "baseline": [],
+    }
+    print(
+        f"real floor at N = {args.num_samples}: FID {floor.fid:.2f}, confidence {floor.mean_confidence:.4f}", flush=True
+    )
+    clock = [0.0]
+    with tempfile.TemporaryDirectory() as project_dir:
+        loop = DiffusersLoop(twin, dataset, args.baseline_batch_size, args.baseline_mixed_precision, project_dir)
+        for k, minutes in enumerate(args.snapshot_minutes):
+            for side, snapshot in (
+                ("recipe", lambda m=minutes, k=k: recipe_snapshot(args, config, dataset, m, k > 0, reference)),
+                ("baseline", lambda m=minutes: baseline_snapshot(loop, clock, m, args, reference)),
+            ):
+                results[side].append(snapshot())
+                s = results[side][-1]
+                print(
+                    f"{side} at {minutes:g} min: {s['images_seen']} images, FID {s['metrics']['fid']:.2f}, "
+                    f"confidence {s['metrics']['mean_confidence']:.4f}",
+                    flush=True,
+                )
+        loop.close()
+    results.update(comparison(results["recipe"], results["baseline"]))
+    (args.output_dir / "time_to_quality.json").write_text(json.dumps(results, indent=2))
+    draw_curve(results, args.output_dir / "time_to_quality.png")
+    ratio = results["ratio"]
+    print(f"ratio: {json.dumps(ratio)}; wrote {args.output_dir / 'time_to_quality.json'} and the PNG", flush=True)
+
+
+if __name__ == "__main__":
+    run_entry_point(main, "time_to_quality.py")
