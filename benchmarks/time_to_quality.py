@@ -57,8 +57,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
-# train.py flags that the benchmark sets itself: a recipe's value for them is replaced.
-SET_BY_BENCHMARK = ("output_dir", "max_train_minutes", "resume_from_checkpoint", "dataset_name")
 
 
 def parse_args() -> argparse.Namespace:
