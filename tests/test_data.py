@@ -13,6 +13,7 @@ from ddpm_mnist.data import (
     decode_stream,
     epoch_order,
     load_image_stream,
+    part_read,
     shuffled_shard,
 )
 from ddpm_mnist.errors import UsageError
@@ -44,6 +45,25 @@ def test_count_without_metadata_counts_the_stream(tmp_path):
     stream = load_image_stream(str(tmp_path / "data.parquet"), image_column="picture")
     assert count_examples(stream) == 5
     assert ids(stream) == [0, 1, 2, 3, 4]
+
+
+def test_part_read_ends_the_read_when_left_early_or_by_an_error():
+    ended = []
+
+    class Stream:
+        def __iter__(self):
+            try:
+                yield from range(10)
+            finally:
+                ended.append(True)  # where a parquet stream closes its file and its Arrow scan
+
+    with part_read(Stream()) as examples:
+        assert next(examples) == 0
+    assert ended == [True]  # though `examples` still holds the iterator
+    with pytest.raises(KeyError), part_read(Stream()) as examples:
+        next(examples)
+        raise KeyError
+    assert ended == [True, True]
 
 
 def test_missing_path_is_a_clear_error():

@@ -388,6 +388,20 @@ def test_a_second_training_on_one_output_dir_is_refused_and_the_first_is_unharme
     )
     assert second.returncode == 2
     assert "is in use by another training (pid " in second.stderr.strip().splitlines()[-1]
+    # The lock is checked first: a second training is refused before it reads any data (here, none it could read).
+    unread = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            *base,
+            "--resume_from_checkpoint=latest",
+            f"--dataset_name={tmp_path / 'nothing'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert unread.returncode == 2
+    assert "is in use by another training (pid " in unread.stderr.strip().splitlines()[-1]
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0 and "on request" in stderr, stderr

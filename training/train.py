@@ -270,7 +270,9 @@ class OutputDirLock:
         self.file = None
 
     def acquire(self) -> None:
-        """Create the folder if needed and take the lock; a UsageError if another training holds it."""
+        """Create the folder if needed and take the lock (once); a UsageError if another training holds it."""
+        if self.file is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")  # noqa: SIM115  (held open for the life of the run)
         try:
@@ -279,6 +281,7 @@ class OutputDirLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
+            self.file = None
             raise UsageError(
                 f"--output_dir {self.path.parent} is in use by another training ({holder}); wait for it to end, or "
                 "pass another --output_dir."
@@ -641,6 +644,10 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     output_dir, checkpoints_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will read it
+    # One training per folder: a folder another training holds is refused first, before any checkpoint or data is read.
+    lock = OutputDirLock(output_dir)  # held (open) until main returns
+    if state.is_main_process and output_dir.is_dir():
+        lock.acquire()
     mixed_precision, why = resolve_mixed_precision(args.mixed_precision, state.device)
     settings = run_settings(args, state.num_processes)
     resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -650,8 +657,7 @@ def main(args: argparse.Namespace) -> None:
     )
     max_train_steps = args.max_train_steps or (args.num_epochs or 100) * steps_per_epoch
 
-    # Only now, with every input checked, does the output folder come into being: locked, so one training at a time.
-    lock = OutputDirLock(output_dir)  # held (open) until main returns
+    # Only now, with every input checked, does a new output folder come into being (and its lock).
     if state.is_main_process:
         lock.acquire()
         if args.overwrite_output_dir and resume_path is None:
