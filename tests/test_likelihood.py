@@ -245,6 +245,21 @@ def test_sampled_timestep_estimate_is_unbiased_and_labelled():
     assert every_timestep.exact and every_timestep.terms_bpd.shape == (4, T - 1)
 
 
+def test_timestep_curve_is_each_strata_mean_term_at_its_middle_timestep():
+    scheduler, model, x_0, exact = linear_model_and_bound(256)
+    expected = linear_model_expected_bound(scheduler, model, x_0).terms.mean(0)  # closed form, paper's t = 2..T
+    t, terms = exact.timestep_curve()
+    assert t.tolist() == list(range(2, T + 1))
+    torch.testing.assert_close(terms, expected.double(), rtol=0.03, atol=0)
+    gen = torch.Generator().manual_seed(3)
+    estimate = variational_bound(model, scheduler, x_0, num_timesteps=3, batch_size=128, generator=gen, progress=False)
+    t, terms = estimate.timestep_curve()
+    for (start, size), middle, term in zip(estimate.strata, t.tolist(), terms.tolist(), strict=True):
+        columns = expected[start - 1 : start - 1 + size]  # scheduler timesteps start.. are columns start - 1..
+        assert middle == start + 1 + (size - 1) / 2
+        assert term == pytest.approx(columns.mean().item(), rel=0.15)
+
+
 def test_bound_of_a_real_unet_on_preprocessed_digits(mnist_folder):
     scheduler = DDPMMnistScheduler(num_train_timesteps=8)
     examples = list(load_image_stream(str(mnist_folder), split="test").take(3))

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.errors import UsageError
+from ddpm_mnist.metrics.quality import SampleQuality
 from tests.test_train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def release(module: dict, run: Path, out: Path, data: Path, *flags: str) -> None
         module["parse_args"](
             [str(run), f"--output_dir={out}", "--hub_model_id=tester/released", f"--dataset_name={data}",
              "--num_samples=64", "--ddpm_samples=64", "--reference_images=32", "--nll_images=8", "--batch_size=64",
-             "--num_inference_steps=5", "--device=cpu", *flags]
+             "--num_inference_steps=5", "--nll_timesteps=3", "--device=cpu", *flags]
         )
     )  # fmt: skip
 
@@ -44,24 +45,35 @@ def release(module: dict, run: Path, out: Path, data: Path, *flags: str) -> None
 def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
     release_module, finished_run, mnist_folder, tmp_path, capsys
 ):
-    out = tmp_path / "release"
-    release(release_module, finished_run, out, mnist_folder, "--note=Trained for a test.")
+    out, curve = tmp_path / "release", tmp_path / "curve.png"
+    Image.new("RGB", (40, 30), "white").save(curve)
+    flags = ["--note=Trained for a test.", f"--time_to_quality_image={curve}"]
+    release(release_module, finished_run, out, mnist_folder, *flags)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted([
-        "README.md", "model_index.json", "pipeline_ddpm_mnist.py",
-        "samples/denoising.png", "samples/grid.png", "samples/loss.png",
+        "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "samples/denoising.png", "samples/grid.png",
+        "samples/loss.png", "samples/nll_terms.png", "samples/time_to_quality.png",
         "scheduler/scheduler_config.json", "scheduler/scheduling_ddpm_mnist.py",
         "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/unet_ddpm_mnist.py",
     ])  # fmt: skip
     assert Image.open(out / "samples" / "grid.png").size == (8 * 28 * 3, 8 * 28 * 3)
     assert Image.open(out / "samples" / "denoising.png").size == (11 * 28 * 3, 28 * 3)
+    assert Image.open(out / "samples" / "time_to_quality.png").size == (40, 30)
     card = (out / "README.md").read_text()
-    assert "](samples/grid.png)" in card and "](samples/denoising.png)" in card and "](samples/loss.png)" in card
-    assert "| metric | DDIM, 5 steps (N=64) | real floor (N=64) | DDPM, 10 steps (N=64) | real floor (N=64) |" in card
-    assert "**Quality bar**" in card and "Trained for a test." in card and "| optimizer steps | 3 |" in card
+    for picture in ("grid", "denoising", "loss", "nll_terms", "time_to_quality"):
+        assert f"](samples/{picture}.png)" in card, picture
+    # The pipeline's own DDPM on 5 respaced steps is the recommended setting: scored first, and in the card's code.
+    assert "| metric | DDPM, 5 steps (N=64) | real floor (N=64) | DDPM, 10 steps (N=64) | real floor (N=64) |" in card
+    assert "num_inference_steps=5, generator=generator" in card and "on 5 evenly spaced timesteps of the 10" in card
+    assert "**Targets** (at DDPM, 5 steps, N=64):" in card and "Trained for a test." in card
+    assert "| optimizer steps | 3 |" in card
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    quality = result["results"]["DDIM, 5 steps"]["quality"]
-    assert f"{quality['mean_confidence']:.4f}" in card and result["nll"]["exact"] is True
+    quality = result["results"]["DDPM, 5 steps"]["quality"]
+    assert f"- mean classifier confidence {quality['mean_confidence']:.3f} (target >= 0.95): **" in card
+    low, high = min(quality["class_histogram"]), max(quality["class_histogram"])
+    assert f"- every digit's share between {low:.1%} and {high:.1%} (target 7% to 13%): **missed by" in card
+    assert result["nll"]["exact"] is False and result["nll"]["num_timesteps"] == 3
+    assert "unbiased estimate from 3 timesteps" in card
     # The release holds the run's weights: the same digits for the same seed.
     released, trained = DDPMMnistPipeline.from_pretrained(out), DDPMMnistPipeline.from_pretrained(finished_run)
     draws = [
@@ -80,3 +92,19 @@ def test_an_existing_release_or_an_unfinished_run_is_refused_before_any_work(
     with pytest.raises(UsageError, match="model_index.json is missing; pass the output_dir of a finished"):
         release(release_module, tmp_path, tmp_path / "new", mnist_folder)
     assert not (tmp_path / "new").exists()
+
+
+def test_each_target_says_met_or_by_how_much_it_was_missed(release_module):
+    def quality(confidence: float, shares: list[float], fid: float) -> SampleQuality:
+        return SampleQuality(fid, 0.0, 0.0, 0.9, 0.9, confidence, 3.3, min(shares), shares, 1000)
+
+    floor = quality(0.98, [0.1] * 10, 20.0)
+    good = release_module["target_lines"](quality(0.96, [0.08, 0.12] * 5, 39.0), floor)
+    assert good == [
+        "- mean classifier confidence 0.960 (target >= 0.95): **met**",
+        "- every digit's share between 8.0% and 12.0% (target 7% to 13%): **met**",
+        "- FID 39.00, 1.95x the real-vs-real floor of 20.00 (target <= 2x): **met**",
+    ]
+    bad = release_module["target_lines"](quality(0.9, [0.05, 0.14] + [0.1] * 8, 50.0), floor)
+    verdicts = [line.split("**")[1] for line in bad]
+    assert verdicts == ["missed by 0.050", "missed by 2.0% of the samples", "missed by 0.50x the floor"]

@@ -23,8 +23,8 @@ Choices made here:
   code's `calc_bpd_loop` does. "Exact" means all T terms are evaluated; each term is then an unbiased one-sample
   estimate, and the sum of T of them has a small variance (zero for a perfect denoiser). With `num_timesteps=K`
   fewer than T - 1, the diffusion sum is an unbiased estimate from K timesteps per image: one drawn uniformly from
-  each of K contiguous strata of 2..T, weighted by the stratum's size. It is labelled `exact=False` and has no
-  per-timestep breakdown.
+  each of K contiguous strata of 2..T, weighted by the stratum's size. It is labelled `exact=False`; its
+  per-timestep breakdown (`timestep_curve`) is then one mean per stratum.
 * Dimensions: bits per dimension = nats / (D ln 2), D the digit's pixels (784 for a 28x28 digit). A model whose
   `sample_size` is larger sees digits padded with the background value -1; its latents x_1..x_T span the padding,
   so L_T and each L_{t-1} are summed over the whole model input, while L_0 is summed over the digit's pixels only,
@@ -87,10 +87,32 @@ class VariationalBound:
     """(N,) sum_{t=2}^T L_{t-1}: exact, or an unbiased estimate from sampled timesteps when `exact` is False."""
     decoder_bpd: torch.Tensor
     """(N,) L_0."""
-    terms_bpd: torch.Tensor | None
-    """(N, T - 1) L_{t-1} for the paper's t = 2..T (column i is t = i + 2); None for an estimate."""
-    exact: bool
-    """True if all T terms were evaluated, False for the sampled-timestep estimate of the diffusion terms."""
+    stratum_terms_bpd: torch.Tensor
+    """(N, K) the diffusion terms by stratum, each row summing to `diffusion_bpd`: one sampled L_{t-1} per image and
+    stratum, times the stratum's size (for the exact bound every stratum is one timestep: L_{t-1} itself)."""
+    strata: list[tuple[int, int]]
+    """(first scheduler timestep, number of timesteps) of each stratum, in order; together they cover 1..T-1."""
+
+    @property
+    def exact(self) -> bool:
+        """True if all T terms were evaluated, False for the sampled-timestep estimate of the diffusion terms."""
+        return all(size == 1 for _, size in self.strata)
+
+    @property
+    def terms_bpd(self) -> torch.Tensor | None:
+        """(N, T - 1) L_{t-1} for the paper's t = 2..T (column i is t = i + 2); None for an estimate."""
+        return self.stratum_terms_bpd if self.exact else None
+
+    def timestep_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_{t-1} against the paper's t, averaged over the images: (t, mean term in bits/dim), one point per stratum.
+
+        For the exact bound, every t = 2..T; for an estimate, each stratum's middle t and its mean term per timestep
+        (an unbiased estimate of the mean of L_{t-1} over the stratum's timesteps).
+        """
+        first = torch.tensor([start for start, _ in self.strata], dtype=torch.float64)
+        sizes = torch.tensor([size for _, size in self.strata], dtype=torch.float64)
+        paper_t = first + 1 + (sizes - 1) / 2  # scheduler timestep s is the paper's t = s + 1
+        return paper_t, self.stratum_terms_bpd.double().mean(0) / sizes
 
     @property
     def total_bpd(self) -> torch.Tensor:
@@ -152,8 +174,7 @@ def variational_bound(
         for batch in batches:
             parts.append(_bound_terms(unet, scheduler, batch, strata, border, generator, bar))
     prior, decoder, terms = (torch.cat(part) / nats_per_bit_dim for part in zip(*parts, strict=True))
-    exact = num_strata == num_terms
-    return VariationalBound(prior, terms.sum(1), decoder, terms if exact else None, exact)
+    return VariationalBound(prior, terms.sum(1), decoder, terms, strata)
 
 
 def _check_inputs(
