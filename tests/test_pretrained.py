@@ -1,8 +1,9 @@
 """The released pipeline in `pretrained/ddpm-mnist-small`: the pushed layout, and digits that are recognisably digits.
 
-A handful of samples from a fixed seed must pass three checks that each catch a different failure: the classifier
-is confident (blurry blobs are not), they are not all one digit (noise reads as an "8" with full confidence), and
-they lie on the manifold of real digits in the classifier's feature space (noise and scribbles do not).
+Samples from a fixed seed must pass three checks that each catch a different failure: the classifier is confident
+(blurry blobs are not), they cover the digits (noise reads as an "8" with full confidence), and they lie on the
+manifold of real digits in the classifier's feature space (noise and scribbles do not). The same checks are run on
+real test digits, which pass, and on noise and on one digit repeated, which fail: the thresholds separate them.
 """
 
 import json
@@ -14,10 +15,13 @@ import torch
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import load_x_0
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
-from ddpm_mnist.metrics.quality import classifier_outputs, sample_quality
+from ddpm_mnist.metrics.quality import ClassifierOutputs, classifier_outputs, sample_quality
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "ddpm-mnist-small"
-NUM_SAMPLES = 16
+NUM_SAMPLES = 32
+# The release measured 0.96 mean confidence, every digit 8-12% and FID 1.6x the floor on 1,000 samples (its card);
+# 32 samples from one seed leave room for sampling noise.
+MIN_MEAN_CONFIDENCE, MIN_DISTINCT_DIGITS, MIN_PRECISION = 0.9, 8, 0.8
 
 
 @pytest.fixture(scope="module")
@@ -27,31 +31,52 @@ def pipe() -> DDPMMnistPipeline:
     return pipeline
 
 
+@pytest.fixture(scope="module")
+def judge(real_mnist):
+    """The checks, as a function of digits (N, 1, 28, 28) in [0, 1]: the list of those they fail."""
+    classifier = load_mnist_classifier()
+    real = classifier_outputs((load_x_0(real_mnist, "test", 1000) + 1) / 2, classifier, progress=False)
+
+    def failures(images: torch.Tensor) -> list[str]:
+        samples: ClassifierOutputs = classifier_outputs(images, classifier, progress=False)
+        quality = sample_quality(samples, real, kid_subsets=10)
+        failed = []
+        if quality.mean_confidence < MIN_MEAN_CONFIDENCE:
+            failed.append(f"mean confidence {quality.mean_confidence:.3f}")
+        if len(set(samples.logits.argmax(1).tolist())) < MIN_DISTINCT_DIGITS:
+            failed.append(f"digits {sorted(set(samples.logits.argmax(1).tolist()))}")
+        if quality.precision < MIN_PRECISION:
+            failed.append(f"precision {quality.precision:.3f}")
+        return failed
+
+    return failures
+
+
 def test_the_release_folder_is_what_a_push_uploads(pipe):
     files = sorted(p.relative_to(PRETRAINED).as_posix() for p in PRETRAINED.rglob("*") if p.is_file())
     assert files == sorted([
-        "README.md", "model_index.json", "pipeline_ddpm_mnist.py",
-        "samples/denoising.png", "samples/grid.png", "samples/loss.png",
+        "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "samples/denoising.png", "samples/grid.png",
+        "samples/loss.png", "samples/nll_terms.png",
         "scheduler/scheduler_config.json", "scheduler/scheduling_ddpm_mnist.py",
         "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/unet_ddpm_mnist.py",
     ])  # fmt: skip
     assert json.loads((PRETRAINED / "model_index.json").read_text())["unet"] == ["unet_ddpm_mnist", "DDPMMnistUNet"]
     card = (PRETRAINED / "README.md").read_text()
-    assert "ddpm-mnist/ddpm-mnist-small" in card and "**Quality bar**" in card
+    assert "ddpm-mnist/ddpm-mnist-small" in card and "**Targets**" in card
+    assert "num_inference_steps=50, generator=generator" in card  # the recommended sampler, in the card's code
     assert sum(p.numel() for p in pipe.unet.parameters()) == 1_623_169
 
 
-def test_samples_from_a_fixed_seed_are_confidently_recognised_digits(pipe, real_mnist):
-    # The release's own DDPM sampler on 50 of its 1000 timesteps: as good as all 1000 for these weights, where
-    # DDIM is not yet (benchmarks/README.md, sampler quality).
+def test_the_checks_pass_real_digits_and_fail_noise_and_a_single_digit(judge, real_mnist):
+    real = (load_x_0(real_mnist, "test", NUM_SAMPLES, seed=1) + 1) / 2
+    assert judge(real) == []
+    noise = torch.rand((NUM_SAMPLES, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    assert len(judge(noise)) >= 2
+    assert any(failure.startswith("digits") for failure in judge(real[:1].repeat(NUM_SAMPLES, 1, 1, 1)))
+
+
+def test_samples_from_a_fixed_seed_are_confidently_recognised_digits(pipe, judge):
+    # The release's own DDPM sampler on 50 of its 1000 timesteps, the setting its card recommends.
     generator = torch.Generator().manual_seed(0)
     images = pipe(batch_size=NUM_SAMPLES, num_inference_steps=50, generator=generator, output_type="pt").images
-    classifier = load_mnist_classifier()
-    samples = classifier_outputs(images, classifier, progress=False)
-    real = classifier_outputs((load_x_0(real_mnist, "test", 1000) + 1) / 2, classifier, progress=False)
-    quality = sample_quality(samples, real, kid_subsets=10)
-    confidence = samples.logits.softmax(1).max(1).values
-    digits = samples.logits.argmax(1)
-    assert confidence.median() >= 0.9, confidence
-    assert len(set(digits.tolist())) >= 6, digits
-    assert quality.precision >= 0.75, quality
+    assert judge(images) == []

@@ -47,7 +47,7 @@ def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
 ):
     out, curve = tmp_path / "release", tmp_path / "curve.png"
     Image.new("RGB", (40, 30), "white").save(curve)
-    flags = ["--note=Trained for a test.", f"--time_to_quality_image={curve}"]
+    flags = ["--note=Trained for a test.", f"--time_to_quality_image={curve}", "--dtype=bfloat16"]
     release(release_module, finished_run, out, mnist_folder, *flags)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted([
@@ -73,8 +73,8 @@ def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
     low, high = min(quality["class_histogram"]), max(quality["class_histogram"])
     assert f"- every digit's share between {low:.1%} and {high:.1%} (target 7% to 13%): **missed by" in card
     assert result["nll"]["exact"] is False and result["nll"]["num_timesteps"] == 3
-    assert "unbiased estimate from 3 timesteps" in card
-    # The release holds the run's weights: the same digits for the same seed.
+    assert "unbiased estimate from 3 timesteps" in card and "with the U-Net in bfloat16" in card
+    # The release holds the run's weights (float32, though it sampled in bfloat16): the same digits for the same seed.
     released, trained = DDPMMnistPipeline.from_pretrained(out), DDPMMnistPipeline.from_pretrained(finished_run)
     draws = [
         p(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images

@@ -32,6 +32,7 @@ from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.evaluation import (
+    DTYPES,
     SCHEDULERS,
     QualityReference,
     default_device,
@@ -73,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nll_timesteps", type=int, default=100, help="NLL timesteps per digit (T-1: exact)")
     p.add_argument("--time_to_quality_image", default=None, help="the PNG of benchmarks/time_to_quality.py, if run")
     p.add_argument("--batch_size", type=int, default=250, help="images per forward pass")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="the UNet's dtype while sampling (x_t and the scheduler stay float32; the release and its NLL bound are "
+        "float32 whatever this is)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of the data subsets")
     p.add_argument("--device", default=default_device(), help="torch device (default: the GPU where there is one)")
     p.add_argument("--note", default="", help="a paragraph for the card's evaluation section")
@@ -99,7 +107,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def evaluation_markdown(
-    results: dict[str, tuple[SampleQuality, SampleQuality]], nll: dict[str, float], note: str, num_reference: int
+    results: dict[str, tuple[SampleQuality, SampleQuality]],
+    nll: dict[str, float],
+    note: str,
+    num_reference: int,
+    dtype: str = "float32",
 ) -> str:
     """The card's evaluation section: a table of every setting beside its floor, the bound, the targets."""
     columns = [(name, q) for name, (quality, floor) in results.items() for q in (quality, floor)]
@@ -129,7 +141,7 @@ def evaluation_markdown(
             f"Measured with ddpm-mnist's own metrics against {num_reference:,} MNIST test digits. FID and KID use the "
             "features of the project's MNIST classifier (99.46% test accuracy), not Inception: they compare with the "
             "real-vs-real floor beside them, never with published FIDs. The `model-index` metadata carries the first "
-            "column.",
+            f"column. The samples were drawn with the U-Net in {dtype} (x_t and the scheduler in float32).",
             "",
             *rows,
             "",
@@ -259,6 +271,7 @@ def main(args: argparse.Namespace) -> None:
     run = Path(args.run)
     record = json.loads((run / "training.json").read_text())
     pipe = load_pipeline(run, args.device)
+    sampler = pipe if args.dtype == "float32" else load_pipeline(run, args.device, args.dtype)
     print(f"device: {pipe.device} ({describe_device(pipe.device)})")
     recommended_steps = sampler_steps(pipe, args.scheduler, args.num_inference_steps)
     num_steps = pipe.scheduler.config.num_train_timesteps
@@ -276,7 +289,7 @@ def main(args: argparse.Namespace) -> None:
     results, samples = {}, {}
     for name, (scheduler, steps, count) in sample_counts.items():
         samples[name] = generate_digits(
-            pipe, count, scheduler=scheduler, num_inference_steps=steps, seed=args.seed, batch_size=args.batch_size
+            sampler, count, scheduler=scheduler, num_inference_steps=steps, seed=args.seed, batch_size=args.batch_size
         )
         results[name] = (reference.score(samples[name]), floors[name])
     grid_source = samples[next(iter(samples))]  # the recommended sampler's: what the card's code gives
@@ -313,7 +326,7 @@ def main(args: argparse.Namespace) -> None:
                 "mean_confidence": round(quality.mean_confidence, 4),
                 "nll_bpd": round(nll["nll_bpd"], 3),
             },
-            evaluation=evaluation_markdown(results, nll, args.note, reference.num_images),
+            evaluation=evaluation_markdown(results, nll, args.note, reference.num_images, args.dtype),
         )
         card.save(staging / "README.md")
         partial = Path(f"{args.output_dir}.partial")
