@@ -165,8 +165,10 @@ class DDPMMnistPipeline(DiffusionPipeline):
                 Makes sampling deterministic. With a list (one per image), image i is the image that a batch of
                 one would give with generator i.
             num_inference_steps (`int`, *optional*, defaults to 1000):
-                The number of denoising steps, at most the scheduler's `num_train_timesteps`. DDPM needs all
-                1000; DDIM, DPM-Solver++ or UniPC give good digits in 20-50.
+                The number of denoising steps, at most the scheduler's `num_train_timesteps`. The default follows
+                diffusers' `DDPMPipeline`: the paper's whole chain. Fewer steps respace it (`timestep_spacing`);
+                the released weights' model card measures 50 respaced DDPM steps against all 1000 and recommends
+                50.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"` (greyscale `PIL.Image`s, mode "L"), `"np"` (an array of shape (N, 28, 28, 1) in [0, 1])
                 or `"pt"` (a tensor of shape (N, 1, 28, 28) in [0, 1]).

@@ -194,7 +194,7 @@ def nll_terms_plot(bound: VariationalBound, path: Path) -> None:
     kind = "every t" if bound.exact else f"mean over each of {len(t)} strata of t"
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=120)
     ax.plot(t.numpy(), terms.numpy(), color="tab:purple", linewidth=1.6, marker="" if bound.exact else ".")
-    ax.set(xlabel="t", ylabel="L_{t-1} (bits/dim)", yscale="log", title=f"Terms of the NLL bound ({kind})")
+    ax.set(xlabel="t", ylabel="L_(t-1) (bits/dim)", yscale="log", title=f"Terms of the NLL bound ({kind})")
     ax.text(
         0.98,
         0.95,
