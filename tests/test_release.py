@@ -91,6 +91,8 @@ def test_an_existing_release_or_an_unfinished_run_is_refused_before_any_work(
         release(release_module, finished_run, tmp_path / "taken", mnist_folder)
     with pytest.raises(UsageError, match="model_index.json is missing; pass the output_dir of a finished"):
         release(release_module, tmp_path, tmp_path / "new", mnist_folder)
+    with pytest.raises(UsageError, match=r"--num_samples must be at least 64 \(the card's 8x8 grid\), got 32"):
+        release(release_module, finished_run, tmp_path / "new", mnist_folder, "--num_samples=32")
     assert not (tmp_path / "new").exists()
 
 

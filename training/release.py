@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="ddpm", choices=sorted(SCHEDULERS), help="the sampler the card recommends")
     p.add_argument("--num_inference_steps", type=int, default=50, help="its steps (ddpm: respaced; default: 50)")
     p.add_argument("--num_samples", type=int, default=1000, help="samples scored at the recommended setting")
-    p.add_argument("--ddpm_samples", type=int, default=256, help="samples of 1000-step DDPM (0, or 64+ for the grid)")
+    p.add_argument("--ddpm_samples", type=int, default=256, help="samples of 1000-step DDPM (0: skip it)")
     p.add_argument("--reference_images", type=int, default=10_000, help="MNIST test digits to score against")
     p.add_argument("--nll_images", type=int, default=1000, help="test digits for the NLL bound")
     p.add_argument("--nll_timesteps", type=int, default=100, help="NLL timesteps per digit (T-1: exact)")
@@ -95,8 +95,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{run / name} is missing; pass the output_dir of a finished train.py run.")
     if Path(args.output_dir).exists():
         raise UsageError(f"--output_dir {args.output_dir} exists; pass a new folder (or remove the old release first).")
+    if args.num_samples < 64:
+        raise UsageError(f"--num_samples must be at least 64 (the card's 8x8 grid), got {args.num_samples}.")
     if args.ddpm_samples < 64 and args.ddpm_samples != 0:
-        raise UsageError("--ddpm_samples must be 0 (skip DDPM) or at least 64 (the 8x8 grid).")
+        raise UsageError(f"--ddpm_samples must be 0 (skip 1000-step DDPM) or at least 64, got {args.ddpm_samples}.")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}.")
     if args.time_to_quality_image and not Path(args.time_to_quality_image).is_file():
