@@ -168,25 +168,30 @@ def target_lines(quality: SampleQuality, floor: SampleQuality) -> list[str]:
     low, high = DIGIT_SHARES
     shares = (min(quality.class_histogram), max(quality.class_histogram))
     fid_ratio = quality.fid / floor.fid
-    checks = [
+    checks = [  # (what was measured against which target, how far short of it, the gap's format and unit)
         (
             f"mean classifier confidence {quality.mean_confidence:.3f} (target >= {MIN_CONFIDENCE})",
             MIN_CONFIDENCE - quality.mean_confidence,
-            f"{MIN_CONFIDENCE - quality.mean_confidence:.3f}",
+            ".3f",
+            "",
         ),
         (
             f"every digit's share between {shares[0]:.1%} and {shares[1]:.1%} (target {low:.0%} to {high:.0%})",
             max(low - shares[0], shares[1] - high),
-            f"{max(low - shares[0], shares[1] - high):.1%} of the samples",
+            ".1%",
+            " of the samples",
         ),
         (
             f"FID {quality.fid:.2f}, {fid_ratio:.2f}x the real-vs-real floor of {floor.fid:.2f} (target <= "
             f"{MAX_FID_RATIO:g}x)",
             fid_ratio - MAX_FID_RATIO,
-            f"{fid_ratio - MAX_FID_RATIO:.2f}x the floor",
+            ".2f",
+            "x the floor",
         ),
     ]
-    return [f"- {text}: **{'met' if gap <= 0 else 'missed by ' + by}**" for text, gap, by in checks]
+    return [
+        f"- {text}: **{'met' if gap <= 0 else f'missed by {gap:{spec}}{unit}'}**" for text, gap, spec, unit in checks
+    ]
 
 
 def nll_terms_plot(bound: VariationalBound, path: Path) -> None:
