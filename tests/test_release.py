@@ -47,7 +47,7 @@ def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
 ):
     out, curve = tmp_path / "release", tmp_path / "curve.png"
     Image.new("RGB", (40, 30), "white").save(curve)
-    flags = ["--note=Trained for a test.", f"--time_to_quality_image={curve}", "--dtype=bfloat16"]
+    flags = ["--note=Trained for a test.", f"--time_to_quality_image={curve}", "--dtype=bfloat16", "--extra_seeds=1"]
     release(release_module, finished_run, out, mnist_folder, *flags)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted([
@@ -73,6 +73,14 @@ def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
     low, high = min(quality["class_histogram"]), max(quality["class_histogram"])
     assert f"- every digit's share between {low:.1%} and {high:.1%} (target 7% to 13%): **missed by" in card
     assert result["nll"]["exact"] is False and result["nll"]["num_timesteps"] == 3
+    # One more seed of the recommended setting: other digits, shown as a range beside the card's seed.
+    (spread,) = result["seed_spread"]
+    assert spread["num_images"] == 64 and spread["fid"] != quality["fid"]
+    low_fid, high_fid = sorted([quality["fid"], spread["fid"]])
+    assert (
+        f"Seed to seed: 64 samples from each of 2 seeds (the card's and the next 1) give FID {low_fid:.2f} to "
+        f"{high_fid:.2f} (" in card
+    )
     assert "unbiased estimate from 3 timesteps" in card and "with the U-Net in bfloat16" in card
     # The release holds the run's weights (float32, though it sampled in bfloat16): the same digits for the same seed.
     released, trained = DDPMMnistPipeline.from_pretrained(out), DDPMMnistPipeline.from_pretrained(finished_run)
@@ -93,6 +101,8 @@ def test_an_existing_release_or_an_unfinished_run_is_refused_before_any_work(
         release(release_module, tmp_path, tmp_path / "new", mnist_folder)
     with pytest.raises(UsageError, match=r"--num_samples must be at least 64 \(the card's 8x8 grid\), got 32"):
         release(release_module, finished_run, tmp_path / "new", mnist_folder, "--num_samples=32")
+    with pytest.raises(UsageError, match=r"--extra_seeds must be 0 \(no spread\) or more, got -1"):
+        release(release_module, finished_run, tmp_path / "new", mnist_folder, "--extra_seeds=-1")
     assert not (tmp_path / "new").exists()
 
 
@@ -110,3 +120,20 @@ def test_each_target_says_met_or_by_how_much_it_was_missed(release_module):
     bad = release_module["target_lines"](quality(0.9, [0.05, 0.14] + [0.1] * 8, 50.0), floor)
     verdicts = [line.split("**")[1] for line in bad]
     assert verdicts == ["missed by 0.050", "missed by 2.0% of the samples", "missed by 0.50x the floor"]
+
+
+def test_the_seed_spread_gives_ranges_and_counts_the_seeds_that_meet_every_target(release_module):
+    def quality(confidence: float, rarest: float, fid: float) -> SampleQuality:
+        shares = [rarest] + [(1 - rarest) / 9] * 9
+        return SampleQuality(fid, 0.0, 0.0, 0.9, 0.9, confidence, 3.3, rarest, shares, 1000)
+
+    floor = quality(0.98, 0.1, 20.0)
+    # Seed 0 meets every target (1.95x); the next two miss the FID (2.5x) and the shares (6%).
+    line = release_module["spread_line"](
+        quality(0.96, 0.08, 39.0), [quality(0.97, 0.09, 50.0), quality(0.955, 0.06, 30.0)], floor
+    )
+    assert line == (
+        "Seed to seed: 1000 samples from each of 3 seeds (the card's and the next 2) give FID 30.00 to 50.00 "
+        "(1.50 to 2.50x the floor, mean 1.98x), mean confidence 0.955 to 0.970 and a rarest digit at 6.0% to 9.0%; "
+        "every target is met at 1 of these 3 seeds. The verdicts above are the card's seed alone."
+    )

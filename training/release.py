@@ -7,7 +7,8 @@ Reads the run's pipeline folder (written by training/train.py, with its `trainin
 1. scores samples of the recommended sampler (default: the pipeline's own DDPM on 50 respaced steps) and of the
    paper's 1000-step DDPM sampler with the project's metrics, each beside the real-vs-real floor of as many MNIST
    training digits, checks the release targets, and bounds the NLL (`ddpm_mnist.evaluation`, on the GPU where there
-   is one);
+   is one); the recommended setting runs again from `--extra_seeds` further seeds, so that the card shows how far
+   its metrics move from seed to seed;
 2. draws an 8x8 grid of samples, one digit denoised from x_T to x_0, the training loss curve, the per-timestep terms
    of the NLL bound and, when given, the time-to-quality curve of benchmarks/time_to_quality.py;
 3. renders the model card with those results and writes the folder exactly as a push would upload it
@@ -20,6 +21,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -82,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "float32 whatever this is)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of the data subsets")
+    p.add_argument(
+        "--extra_seeds",
+        type=int,
+        default=4,
+        help="the recommended setting again from seeds seed+1 .. seed+N: the metrics' seed-to-seed spread (0: none)",
+    )
     p.add_argument("--device", default=default_device(), help="torch device (default: the GPU where there is one)")
     p.add_argument("--note", default="", help="a paragraph for the card's evaluation section")
     return p.parse_args(argv)
@@ -101,6 +109,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--ddpm_samples must be 0 (skip 1000-step DDPM) or at least 64, got {args.ddpm_samples}.")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if args.extra_seeds < 0:
+        raise UsageError(f"--extra_seeds must be 0 (no spread) or more, got {args.extra_seeds}.")
     if args.time_to_quality_image and not Path(args.time_to_quality_image).is_file():
         raise UsageError(
             f"--time_to_quality_image {args.time_to_quality_image} is not a file; pass the PNG that "
@@ -114,8 +124,10 @@ def evaluation_markdown(
     note: str,
     num_reference: int,
     dtype: str = "float32",
+    seed_spread: Sequence[SampleQuality] = (),
 ) -> str:
-    """The card's evaluation section: a table of every setting beside its floor, the bound, the targets."""
+    """The card's evaluation section: a table of every setting beside its floor, the bound, the targets and, given
+    the recommended setting's scores at further seeds (`seed_spread`), how far they move from seed to seed."""
     columns = [(name, q) for name, (quality, floor) in results.items() for q in (quality, floor)]
     header = " | ".join(
         f"{name} (N={q.num_images})" if i % 2 == 0 else f"real floor (N={q.num_images})"
@@ -158,17 +170,19 @@ def evaluation_markdown(
             f"**Targets** (at {recommended_name}, N={recommended.num_images}):",
             "",
             *target_lines(recommended, floor),
+            *(["", spread_line(recommended, seed_spread, floor)] if seed_spread else []),
             *(["", note] if note else []),
         ]
     )
 
 
-def target_lines(quality: SampleQuality, floor: SampleQuality) -> list[str]:
-    """One Markdown bullet per release target: the measured value, the target, and met or missed by how much."""
+def target_checks(quality: SampleQuality, floor: SampleQuality) -> list[tuple[str, float, str, str]]:
+    """Per release target: (what was measured against which target, how far short of it (<= 0: met), the gap's
+    format and unit)."""
     low, high = DIGIT_SHARES
     shares = (min(quality.class_histogram), max(quality.class_histogram))
     fid_ratio = quality.fid / floor.fid
-    checks = [  # (what was measured against which target, how far short of it, the gap's format and unit)
+    return [
         (
             f"mean classifier confidence {quality.mean_confidence:.3f} (target >= {MIN_CONFIDENCE})",
             MIN_CONFIDENCE - quality.mean_confidence,
@@ -189,9 +203,33 @@ def target_lines(quality: SampleQuality, floor: SampleQuality) -> list[str]:
             "x the floor",
         ),
     ]
+
+
+def target_lines(quality: SampleQuality, floor: SampleQuality) -> list[str]:
+    """One Markdown bullet per release target: the measured value, the target, and met or missed by how much."""
     return [
-        f"- {text}: **{'met' if gap <= 0 else f'missed by {gap:{spec}}{unit}'}**" for text, gap, spec, unit in checks
+        f"- {text}: **{'met' if gap <= 0 else f'missed by {gap:{spec}}{unit}'}**"
+        for text, gap, spec, unit in target_checks(quality, floor)
     ]
+
+
+def spread_line(quality: SampleQuality, spread: Sequence[SampleQuality], floor: SampleQuality) -> str:
+    """How the recommended setting's metrics move over seeds: `quality` (the card's seed) and `spread` (the next
+    seeds, as many samples each, against the same floor), as ranges, with the seeds that meet every target."""
+    runs = [quality, *spread]
+
+    def span(values: list[float], spec: str) -> str:
+        return f"{min(values):{spec}} to {max(values):{spec}}"
+
+    ratios = [q.fid / floor.fid for q in runs]
+    met = sum(all(gap <= 0 for _, gap, _, _ in target_checks(q, floor)) for q in runs)
+    return (
+        f"Seed to seed: {quality.num_images} samples from each of {len(runs)} seeds (the card's and the next "
+        f"{len(spread)}) give FID {span([q.fid for q in runs], '.2f')} ({span(ratios, '.2f')}x the floor, mean "
+        f"{sum(ratios) / len(runs):.2f}x), mean confidence {span([q.mean_confidence for q in runs], '.3f')} and a "
+        f"rarest digit at {span([min(q.class_histogram) for q in runs], '.1%')}; every target is met at {met} "
+        f"of these {len(runs)} seeds. The verdicts above are the card's seed alone."
+    )
 
 
 def nll_terms_plot(bound: VariationalBound, path: Path) -> None:
@@ -300,6 +338,19 @@ def main(args: argparse.Namespace) -> None:
         )
         results[name] = (reference.score(samples[name]), floors[name])
     grid_source = samples[next(iter(samples))]  # the recommended sampler's: what the card's code gives
+    seed_spread = [
+        reference.score(
+            generate_digits(
+                sampler,
+                args.num_samples,
+                scheduler=args.scheduler,
+                num_inference_steps=recommended_steps,
+                seed=args.seed + k,
+                batch_size=args.batch_size,
+            )
+        )
+        for k in range(1, args.extra_seeds + 1)
+    ]
     bound = nll_bound(pipe, x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
     nll = {**bound.summary(), "num_timesteps": args.nll_timesteps}
 
@@ -333,7 +384,7 @@ def main(args: argparse.Namespace) -> None:
                 "mean_confidence": round(quality.mean_confidence, 4),
                 "nll_bpd": round(nll["nll_bpd"], 3),
             },
-            evaluation=evaluation_markdown(results, nll, args.note, reference.num_images, args.dtype),
+            evaluation=evaluation_markdown(results, nll, args.note, reference.num_images, args.dtype, seed_spread),
         )
         card.save(staging / "README.md")
         partial = Path(f"{args.output_dir}.partial")
@@ -341,7 +392,8 @@ def main(args: argparse.Namespace) -> None:
         export_pipeline_folder(staging, partial)
         partial.rename(args.output_dir)
     summary = {name: {"quality": q.as_dict(), "floor": f.as_dict()} for name, (q, f) in results.items()}
-    print(json.dumps({"output_dir": args.output_dir, "results": summary, "nll": nll}))
+    spread = [q.as_dict() for q in seed_spread]
+    print(json.dumps({"output_dir": args.output_dir, "results": summary, "seed_spread": spread, "nll": nll}))
 
 
 if __name__ == "__main__":
