@@ -48,6 +48,7 @@ from ddpm_mnist.unet_ddpm_mnist import PRESETS
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 SETTINGS_FILE = "training_settings.json"  # in every checkpoint: what a resumed run must keep (see `run_settings`)
+TIME_SCHEDULE_STEPS = 100_000  # the resolution of a learning-rate schedule over a time budget (see `make_optimizer`)
 # The pipeline files of a finished run: what --overwrite_output_dir replaces, with the checkpoints, samples and logs.
 RUN_FILES = ("model_index.json", "unet", "scheduler", "README.md", "training.json", "checkpoints", "samples", "logs")
 
@@ -103,7 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--num_epochs", type=int, default=None, help="passes over the data (default 100)")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     train.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate (the paper's)")
-    train.add_argument("--lr_scheduler", default="constant_with_warmup", help="a diffusers get_scheduler name")
+    train.add_argument(
+        "--lr_scheduler",
+        default="constant_with_warmup",
+        help="a diffusers get_scheduler name; it runs over the step budget, or over --max_train_minutes without one",
+    )
     train.add_argument("--lr_warmup_steps", type=int, default=5000, help="learning-rate warm-up steps")
     train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
@@ -320,7 +325,9 @@ RESUME_MUST_KEEP = (
     "gradient_accumulation_steps num_processes seed learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 "
     "adam_weight_decay adam_epsilon snr_gamma use_ema ema_max_decay ema_inv_gamma ema_power"
 ).split()
-RESUME_MAY_CHANGE = "dataset_name decode_once random_flip max_train_steps num_epochs mixed_precision".split()
+RESUME_MAY_CHANGE = (
+    "dataset_name decode_once random_flip max_train_steps num_epochs max_train_minutes mixed_precision".split()
+)
 
 
 def run_settings(args: argparse.Namespace, num_processes: int) -> dict:
@@ -578,10 +585,25 @@ def load_training_data(args: argparse.Namespace, sample_size: int, num_processes
     return data, steps_per_epoch
 
 
+def lr_over_time(args: argparse.Namespace) -> bool:
+    """Whether the learning-rate schedule runs over the time budget (given, with no step budget) or over steps."""
+    return args.max_train_minutes is not None and args.max_train_steps is None
+
+
 def make_optimizer(
-    unet: DDPMMnistUNet, args: argparse.Namespace, num_processes: int, max_train_steps: int
+    unet: DDPMMnistUNet,
+    args: argparse.Namespace,
+    num_processes: int,
+    max_train_steps: int,
+    progress: TrainingProgress,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW and its learning-rate schedule (stepped once per process per optimizer step, as accelerate does)."""
+    """AdamW and its learning-rate schedule (stepped once per process per optimizer step, as accelerate does).
+
+    The schedule runs over the step budget, or, given a time budget and no step budget (`--max_train_minutes`
+    without `--max_train_steps`), over the time budget: after the warm-up (in steps, as diffusers counts it) each
+    step's learning rate is the named schedule's at the share of the time budget spent so far
+    (`progress.train_seconds`), so that a decaying schedule reaches its end when the time does.
+    """
     optimizer = torch.optim.AdamW(
         unet.parameters(),
         lr=args.learning_rate,
@@ -589,13 +611,30 @@ def make_optimizer(
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    lr_scheduler = get_scheduler(
+    warmup = args.lr_warmup_steps * num_processes
+    if not lr_over_time(args):
+        return optimizer, get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=max_train_steps * num_processes,
+        )
+    # The named schedule's multiplier over `TIME_SCHEDULE_STEPS` steps after the warm-up, read at the budget's share.
+    shape = get_scheduler(
         args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=max_train_steps * num_processes,
-    )
-    return optimizer, lr_scheduler
+        optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+        num_warmup_steps=warmup,
+        num_training_steps=warmup + TIME_SCHEDULE_STEPS,
+    ).lr_lambdas[0]
+    budget_seconds = 60 * args.max_train_minutes
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return shape(step)
+        spent = min(progress.train_seconds / budget_seconds, 1.0)
+        return shape(warmup + round(spent * TIME_SCHEDULE_STEPS))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 class StopRequest:
@@ -694,8 +733,11 @@ def main(args: argparse.Namespace) -> None:
 
     # Optimizer, learning-rate schedule and EMA of the weights (the released weights are the EMA). The data is not
     # prepared: accelerate would shard the already-split stream a second time.
-    optimizer, lr_scheduler = make_optimizer(unet, args, accelerator.num_processes, max_train_steps)
+    progress = TrainingProgress()
+    optimizer, lr_scheduler = make_optimizer(unet, args, accelerator.num_processes, max_train_steps, progress)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    lr_budget = f"{args.max_train_minutes:g} minutes" if lr_over_time(args) else f"{max_train_steps} steps"
+    logger.info(f"learning-rate schedule: {args.lr_scheduler} over {lr_budget}")
     ema = None
     if args.use_ema:
         ema = EMAModel(
@@ -707,7 +749,6 @@ def main(args: argparse.Namespace) -> None:
         )
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))  # weights, optimizer, lr, EMA, progress and every process's RNG
