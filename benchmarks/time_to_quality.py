@@ -64,6 +64,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 ROOT = Path(__file__).resolve().parents[1]
+FLAT_SCHEDULES = ("constant", "constant_with_warmup")  # learning-rate schedules that do not depend on the budget
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
 
 
@@ -123,6 +124,13 @@ def load_recipe(path: str) -> dict:
         raise UsageError(f"--config {path} is not a readable JSON file ({error}); pass a recipe JSON.") from error
     if not isinstance(recipe, dict):
         raise UsageError(f"--config {path} is not a JSON object of train.py flags; pass one like those in recipes/.")
+    schedule = recipe.get("lr_scheduler", "constant_with_warmup")
+    if schedule not in FLAT_SCHEDULES and "max_train_steps" not in recipe and "num_epochs" not in recipe:
+        raise UsageError(
+            f"--config {path} decays its learning rate ({schedule}) with no max_train_steps, so train.py would run the "
+            "schedule over each snapshot's time budget; give the recipe a max_train_steps that the last snapshot "
+            "about reaches."
+        )
     return recipe
 
 
@@ -183,7 +191,8 @@ def score(pipe: DDPMMnistPipeline, reference: QualityReference, args: argparse.N
         batch_size=args.batch_size,
         progress=False,
     )
-    return {**reference.score(samples).as_dict(), "sample_seconds": time.perf_counter() - start}
+    quality = reference.score(samples).as_dict()
+    return {**quality, "sample_seconds": time.perf_counter() - start, "unet_dtype": str(pipe.unet.dtype)}
 
 
 def recipe_snapshot(
@@ -193,7 +202,7 @@ def recipe_snapshot(
     run_dir = args.output_dir / "recipe"
     train_recipe(config, run_dir, dataset, minutes, resume)
     record = json.loads((run_dir / "training.json").read_text())["training"]
-    pipe = DDPMMnistPipeline.from_pretrained(run_dir, dtype=DTYPES[args.dtype]).to(args.device)
+    pipe = DDPMMnistPipeline.from_pretrained(run_dir).to(args.device, DTYPES[args.dtype])
     pipe.set_progress_bar_config(disable=True)
     return {
         "minutes": minutes,

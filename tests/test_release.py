@@ -135,5 +135,6 @@ def test_the_seed_spread_gives_ranges_and_counts_the_seeds_that_meet_every_targe
     assert line == (
         "Seed to seed: 1000 samples from each of 3 seeds (the card's and the next 2) give FID 30.00 to 50.00 "
         "(1.50 to 2.50x the floor, mean 1.98x), mean confidence 0.955 to 0.970 and a rarest digit at 6.0% to 9.0%; "
-        "every target is met at 1 of these 3 seeds. The verdicts above are the card's seed alone."
+        "every target is met at 1 of these 3 seeds. The verdicts above are the card's seed alone, and every ratio uses "
+        "the one floor above (itself one draw of real digits)."
     )

@@ -60,6 +60,7 @@ def test_both_sides_have_every_snapshot(toy_run: Path) -> None:
         assert [s["images_seen"] for s in snapshots] == [batch * n for n in steps]
         for s in snapshots:
             assert METRICS <= set(s["metrics"]) and s["metrics"]["num_images"] == 16
+            assert s["metrics"]["unet_dtype"] == "torch.bfloat16", f"{side} did not sample in bf16"
             assert 0 <= s["metrics"]["mean_confidence"] <= 1 and s["metrics"]["fid"] >= 0
             assert sum(s["metrics"]["class_histogram"]) == pytest.approx(1)
     assert [row["minutes"] for row in results["equal_minutes"]] == SNAPSHOTS
@@ -97,6 +98,14 @@ def test_a_recipe_that_is_not_json_is_refused(tmp_path: Path) -> None:
     (tmp_path / "recipe.json").write_text("preset: tiny")
     result = run_script("--config", str(tmp_path / "recipe.json"), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 2 and "--config" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_recipe_whose_decay_would_follow_each_snapshot_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "recipe.json").write_text(json.dumps({"preset": "tiny", "lr_scheduler": "cosine"}))
+    result = run_script("--config", str(tmp_path / "recipe.json"), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "decays its learning rate (cosine) with no max_train_steps" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_minutes_to_reach_interpolates_between_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -450,9 +450,10 @@ def test_a_time_budget_ends_the_run_with_a_saved_pipeline(tmp_path, mnist_folder
     assert "| optimizer steps | 1 |" in (output_dir / "README.md").read_text()
 
 
-def test_a_time_budget_without_a_step_budget_runs_the_lr_schedule_over_the_time(train_module):
-    """Cosine over 10 minutes after 4 warm-up steps: lr * (1 + cos(pi * spent share)) / 2, the share read from the
-    training time; with a step budget as well, the time is ignored and the schedule runs over the steps."""
+def test_a_time_budget_alone_runs_the_lr_schedule_over_the_time(train_module):
+    """Cosine over 10 minutes with 4 warm-up steps: lr * min(1, step / 4) * (1 + cos(pi * share of the time spent)) / 2.
+    With a step or epoch budget as well, the time is ignored and the schedule runs over the steps."""
+    seconds = [60, 120, 180, 240, 300, 450, 600, 900]  # the training time at steps 1-8; the last runs past the budget
 
     def learning_rates(*flags: str) -> list[float]:
         args = train_module["parse_args"](
@@ -461,21 +462,21 @@ def test_a_time_budget_without_a_step_budget_runs_the_lr_schedule_over_the_time(
         progress = train_module["TrainingProgress"]()
         optimizer, scheduler = train_module["make_optimizer"](torch.nn.Linear(1, 1), args, 1, 1000, progress)
         rates = [scheduler.get_last_lr()[0]]
-        for seconds in [0, 0, 0, 0, 150, 300, 450, 600, 900]:  # steps 1-9: 3 of warm-up, then a quarter more each
-            progress.train_seconds = seconds
+        for step_seconds in seconds:
+            progress.train_seconds = step_seconds
             optimizer.step()
             scheduler.step()
             rates.append(scheduler.get_last_lr()[0])
         return rates
 
-    over_time = learning_rates("--max_train_minutes=10")
-    spent = [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]  # the warm-up took no time here; the last step ran past the budget
-    expected = [0.0, 2.5e-4, 5e-4, 7.5e-4] + [1e-3 * (1 + np.cos(np.pi * share)) / 2 for share in spent]
-    np.testing.assert_allclose(over_time, expected, atol=1e-9)
-    over_steps = learning_rates("--max_train_minutes=10", "--max_train_steps=1000")
-    assert over_steps[4] == pytest.approx(1e-3) and over_steps[-1] == pytest.approx(
-        1e-3 * (1 + np.cos(np.pi * 5 / 996)) / 2
-    )
+    steps, shares = np.arange(9), np.minimum(np.array([0, *seconds]) / 600, 1)
+    expected = 1e-3 * np.minimum(steps / 4, 1) * (1 + np.cos(np.pi * shares)) / 2
+    np.testing.assert_allclose(learning_rates("--max_train_minutes=10"), expected, atol=1e-9)
+    constant = learning_rates("--max_train_minutes=10", "--lr_scheduler=constant_with_warmup")
+    np.testing.assert_allclose(constant, 1e-3 * np.minimum(steps / 4, 1), atol=1e-9)
+    over_steps = 1e-3 * (1 + np.cos(np.pi * np.maximum(steps - 4, 0) / 996)) / 2 * np.minimum(steps / 4, 1)
+    for budget in ("--max_train_steps=1000", "--num_epochs=3"):
+        np.testing.assert_allclose(learning_rates("--max_train_minutes=10", budget), over_steps, atol=1e-9)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

@@ -126,8 +126,11 @@ def evaluation_markdown(
     dtype: str = "float32",
     seed_spread: Sequence[SampleQuality] = (),
 ) -> str:
-    """The card's evaluation section: a table of every setting beside its floor, the bound, the targets and, given
-    the recommended setting's scores at further seeds (`seed_spread`), how far they move from seed to seed."""
+    """The card's evaluation section: a table of every setting beside its floor, the bound and the targets.
+
+    Given the recommended setting's scores at further seeds (`seed_spread`), it adds how far they move from seed to
+    seed.
+    """
     columns = [(name, q) for name, (quality, floor) in results.items() for q in (quality, floor)]
     header = " | ".join(
         f"{name} (N={q.num_images})" if i % 2 == 0 else f"real floor (N={q.num_images})"
@@ -177,8 +180,10 @@ def evaluation_markdown(
 
 
 def target_checks(quality: SampleQuality, floor: SampleQuality) -> list[tuple[str, float, str, str]]:
-    """Per release target: (what was measured against which target, how far short of it (<= 0: met), the gap's
-    format and unit)."""
+    """Each release target as (what was measured against which target, how far short of it, gap format, unit).
+
+    A gap of 0 or less means the target is met.
+    """
     low, high = DIGIT_SHARES
     shares = (min(quality.class_histogram), max(quality.class_histogram))
     fid_ratio = quality.fid / floor.fid
@@ -214,8 +219,10 @@ def target_lines(quality: SampleQuality, floor: SampleQuality) -> list[str]:
 
 
 def spread_line(quality: SampleQuality, spread: Sequence[SampleQuality], floor: SampleQuality) -> str:
-    """How the recommended setting's metrics move over seeds: `quality` (the card's seed) and `spread` (the next
-    seeds, as many samples each, against the same floor), as ranges, with the seeds that meet every target."""
+    """How the recommended setting's metrics move over seeds, as ranges, with the seeds that meet every target.
+
+    `quality` is the card's seed, `spread` the next seeds (as many samples each), all against the same floor.
+    """
     runs = [quality, *spread]
 
     def span(values: list[float], spec: str) -> str:
@@ -228,7 +235,8 @@ def spread_line(quality: SampleQuality, spread: Sequence[SampleQuality], floor: 
         f"{len(spread)}) give FID {span([q.fid for q in runs], '.2f')} ({span(ratios, '.2f')}x the floor, mean "
         f"{sum(ratios) / len(runs):.2f}x), mean confidence {span([q.mean_confidence for q in runs], '.3f')} and a "
         f"rarest digit at {span([min(q.class_histogram) for q in runs], '.1%')}; every target is met at {met} "
-        f"of these {len(runs)} seeds. The verdicts above are the card's seed alone."
+        f"of these {len(runs)} seeds. The verdicts above are the card's seed alone, and every ratio uses the one floor "
+        "above (itself one draw of real digits)."
     )
 
 

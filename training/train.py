@@ -18,7 +18,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--lr_scheduler",
         default="constant_with_warmup",
-        help="a diffusers get_scheduler name; it runs over the step budget, or over --max_train_minutes without one",
+        help="a diffusers get_scheduler name; it runs over the step budget, or over --max_train_minutes given alone",
     )
     train.add_argument("--lr_warmup_steps", type=int, default=5000, help="learning-rate warm-up steps")
     train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
@@ -586,8 +586,8 @@ def load_training_data(args: argparse.Namespace, sample_size: int, num_processes
 
 
 def lr_over_time(args: argparse.Namespace) -> bool:
-    """Whether the learning-rate schedule runs over the time budget (given, with no step budget) or over steps."""
-    return args.max_train_minutes is not None and args.max_train_steps is None
+    """Whether the learning-rate schedule runs over the time budget (given, with no step or epoch budget)."""
+    return args.max_train_minutes is not None and args.max_train_steps is None and args.num_epochs is None
 
 
 def make_optimizer(
@@ -599,10 +599,11 @@ def make_optimizer(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW and its learning-rate schedule (stepped once per process per optimizer step, as accelerate does).
 
-    The schedule runs over the step budget, or, given a time budget and no step budget (`--max_train_minutes`
-    without `--max_train_steps`), over the time budget: after the warm-up (in steps, as diffusers counts it) each
-    step's learning rate is the named schedule's at the share of the time budget spent so far
-    (`progress.train_seconds`), so that a decaying schedule reaches its end when the time does.
+    The schedule runs over the step budget, or, given a time budget and no step or epoch budget
+    (`--max_train_minutes` alone), over the time budget: each step's learning rate is the named schedule's decay at
+    the share of the time budget spent so far (`progress.train_seconds`), times its warm-up (in steps, as diffusers
+    counts them), so that a decaying schedule reaches its end when the time does, however long the warm-up takes.
+    A time budget changed on resume re-times the rest of the schedule, as a changed step budget does.
     """
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -619,20 +620,24 @@ def make_optimizer(
             num_warmup_steps=warmup,
             num_training_steps=max_train_steps * num_processes,
         )
-    # The named schedule's multiplier over `TIME_SCHEDULE_STEPS` steps after the warm-up, read at the budget's share.
-    shape = get_scheduler(
-        args.lr_scheduler,
-        optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
-        num_warmup_steps=warmup,
-        num_training_steps=warmup + TIME_SCHEDULE_STEPS,
-    ).lr_lambdas[0]
+
+    # The named schedule's multipliers on a stand-in optimizer: its warm-up, and its decay over `TIME_SCHEDULE_STEPS`
+    # steps, read at the share of the budget spent.
+    def multipliers(num_warmup_steps: int) -> Callable[[int], float]:
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+        return get_scheduler(
+            args.lr_scheduler,
+            optimizer=stand_in,
+            num_warmup_steps=num_warmup_steps,
+            num_training_steps=num_warmup_steps + TIME_SCHEDULE_STEPS,
+        ).lr_lambdas[0]
+
+    warm_up, decay = multipliers(warmup), multipliers(0)
     budget_seconds = 60 * args.max_train_minutes
 
     def multiplier(step: int) -> float:
-        if step < warmup:
-            return shape(step)
         spent = min(progress.train_seconds / budget_seconds, 1.0)
-        return shape(warmup + round(spent * TIME_SCHEDULE_STEPS))
+        return (warm_up(step) if step < warmup else 1.0) * decay(round(spent * TIME_SCHEDULE_STEPS))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
