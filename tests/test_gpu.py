@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
 from ddpm_mnist.metrics.likelihood import variational_bound
 from tests.test_pipeline import SWAPPED_SCHEDULERS
 from tests.test_train import read_ids, train
-from tests.utils import tiny_unet
+from tests.utils import logged_scalars, tiny_unet
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -30,17 +29,6 @@ def pipeline(device: str, dtype: torch.dtype = torch.float32) -> DDPMMnistPipeli
 
 def draw(pipe: DDPMMnistPipeline, generator: torch.Generator, steps: int = 10) -> torch.Tensor:
     return pipe(batch_size=4, generator=generator, num_inference_steps=steps, output_type="pt").images
-
-
-def losses(run) -> np.ndarray:
-    """The per-step training losses of a run, from its tensorboard logs."""
-    points = {}
-    for events in (run / "logs").rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if "loss" in accumulator.Tags()["scalars"]:  # the hyperparameters' events file has none
-            points.update({event.step: event.value for event in accumulator.Scalars("loss")})
-    return np.array([points[step] for step in sorted(points)])
 
 
 @pytest.mark.parametrize("scheduler_class", [DDPMMnistScheduler, *SWAPPED_SCHEDULERS])
@@ -105,7 +93,8 @@ def test_mixed_precision_training_on_cuda_resumes_and_saves_a_working_pipeline(t
     record = json.loads((run / "training.json").read_text())["training"]
     assert record["global_step"] == 8 and record["mixed_precision"] == precision
     assert torch.cuda.get_device_name() in record["hardware"]
-    assert np.isfinite(losses(run)).all() and len(losses(run)) == 8
+    losses = logged_scalars(run, "loss")
+    assert np.isfinite(losses).all() and len(losses) == 8
     pipe = DDPMMnistPipeline.from_pretrained(run).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     assert torch.isfinite(draw(pipe, torch.Generator().manual_seed(0), steps=3)).all()
@@ -117,7 +106,7 @@ def test_bf16_training_reaches_the_float32_loss_in_the_same_steps(tmp_path, mnis
     for precision in ("no", "bf16"):
         process, runs[precision], _ = train(tmp_path, mnist_folder, precision, *steps, f"--mixed_precision={precision}")
         assert process.returncode == 0, process.stderr
-    fp32, bf16 = losses(runs["no"]), losses(runs["bf16"])
+    fp32, bf16 = logged_scalars(runs["no"], "loss"), logged_scalars(runs["bf16"], "loss")
     # Same seed, data order, t and eps: the curves differ only by rounding; compare the last 10 steps' mean.
     assert abs(bf16[-10:].mean() / fp32[-10:].mean() - 1) < 0.1, (fp32[-10:], bf16[-10:])
     assert bf16[-10:].mean() < 0.8 * bf16[:3].mean()  # and it did learn

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
 from ddpm_mnist.errors import UsageError
-from tests.utils import assert_usage_error, png_bytes
+from tests.utils import assert_usage_error, logged_scalars, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
@@ -448,6 +448,19 @@ def test_a_time_budget_ends_the_run_with_a_saved_pipeline(tmp_path, mnist_folder
     )
     assert process.returncode == 0, process.stderr
     assert "| optimizer steps | 1 |" in (output_dir / "README.md").read_text()
+
+
+def test_a_time_budget_alone_decays_the_learning_rate_to_the_end_of_the_run(tmp_path, mnist_folder):
+    process, output_dir, _ = train(
+        tmp_path, mnist_folder, "timed", "--max_train_minutes=0.05", "--lr_scheduler=cosine", "--lr_warmup_steps=0"
+    )
+    assert process.returncode == 0, process.stderr
+    assert "learning-rate schedule: cosine over 0.05 minutes" in process.stderr
+    rates = logged_scalars(output_dir, "lr")
+    # The first step's rate is the peak (no time spent yet) and each later one is lower. The last step starts past
+    # half the 3 s budget unless one step took half of it, so its rate is under half the peak.
+    assert len(rates) >= 2 and rates[0] == pytest.approx(2e-4) and rates[-1] < 1e-4
+    assert (np.diff(rates) <= 0).all(), rates
 
 
 def test_a_time_budget_alone_runs_the_lr_schedule_over_the_time(train_module):

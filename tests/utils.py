@@ -14,6 +14,7 @@ from datasets import ClassLabel, Dataset, Features, Image
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from PIL import Image as PILImage
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_mnist import DDPMMnistUNet
 
@@ -124,3 +125,14 @@ def assert_usage_error(command: list[str], prog: str, message: str) -> None:
     assert "Traceback" not in process.stderr
     last = process.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{prog}: error: ") and message in last, process.stderr
+
+
+def logged_scalars(run: Path, tag: str) -> np.ndarray:
+    """A scalar's per-step values (e.g. "loss", "lr") from a training run's tensorboard logs, in step order."""
+    points = {}
+    for events in (run / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:  # the hyperparameters' events file has none
+            points.update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return np.array([points[step] for step in sorted(points)])
