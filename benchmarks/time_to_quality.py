@@ -1,7 +1,8 @@
 """Time to quality: our training recipe against the diffusers baseline at equal architecture, on the same machine.
 
-    python benchmarks/time_to_quality.py --config training/recipes/d-fast-attn7.json --output_dir runs/ttq \\
-        [--snapshot_minutes 10 20 30 ...] [--num_samples 1000] [--num_inference_steps 50] [--dataset_name DIR]
+    python benchmarks/time_to_quality.py --config training/recipes/e-release-cosine.json --output_dir runs/ttq \\
+        [--snapshot_minutes 10 20 30 ...] [--num_samples 1000] [--num_inference_steps 50] [--dtype bfloat16]
+        [--dataset_name DIR]
 
 Both sides train for the same wall-clock budget and are scored at the same training minutes (`--snapshot_minutes`,
 wall time of the training loop only: start-up, saving for the snapshot and scoring are not counted):
@@ -10,6 +11,8 @@ wall time of the training loop only: start-up, saving for the snapshot and scori
   `--output_dir` set to `OUTPUT_DIR/recipe`. A snapshot is a resumed run: the first runs with
   `--max_train_minutes M1`, each next with `--resume_from_checkpoint latest --max_train_minutes Mk` (train.py sums
   the training time over resumed runs); every run ends with a checkpoint and the EMA pipeline folder, scored as is.
+  A recipe whose learning rate decays must give `max_train_steps` (sized to the last snapshot), else train.py would
+  run its schedule over each snapshot's budget in turn; such a recipe is refused.
 * the baseline: `diffusers.UNet2DModel` built to the recipe's UNet (`diffusers_baseline.diffusers_twin`), trained
   in this process by the loop of diffusers' `train_unconditional.py` with that script's defaults (DDPMScheduler,
   AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, cosine schedule with 500 warm-up steps, EMAModel 0.9999 with
