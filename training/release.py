@@ -339,24 +339,18 @@ def main(args: argparse.Namespace) -> None:
         pipe, args.dataset_name, nll_images=args.nll_images, nll_timesteps=args.nll_timesteps, seed=args.seed
     )
 
+    def draw(scheduler: str, steps: int, count: int, seed: int) -> torch.Tensor:
+        return generate_digits(
+            sampler, count, scheduler=scheduler, num_inference_steps=steps, seed=seed, batch_size=args.batch_size
+        )
+
     results, samples = {}, {}
     for name, (scheduler, steps, count) in sample_counts.items():
-        samples[name] = generate_digits(
-            sampler, count, scheduler=scheduler, num_inference_steps=steps, seed=args.seed, batch_size=args.batch_size
-        )
+        samples[name] = draw(scheduler, steps, count, args.seed)
         results[name] = (reference.score(samples[name]), floors[name])
     grid_source = samples[next(iter(samples))]  # the recommended sampler's: what the card's code gives
     seed_spread = [
-        reference.score(
-            generate_digits(
-                sampler,
-                args.num_samples,
-                scheduler=args.scheduler,
-                num_inference_steps=recommended_steps,
-                seed=args.seed + k,
-                batch_size=args.batch_size,
-            )
-        )
+        reference.score(draw(args.scheduler, recommended_steps, args.num_samples, args.seed + k))
         for k in range(1, args.extra_seeds + 1)
     ]
     bound = nll_bound(pipe, x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
