@@ -30,7 +30,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["accelerate>=1.0", "tensorboard", "matplotlib"],
+        "train": ["accelerate>=1.0", "psutil", "tensorboard", "matplotlib"],
         "dev": ["pytest>=8", "ruff"],
     },
     entry_points={"console_scripts": ["ddpm-mnist=ddpm_mnist.cli:main"]},

@@ -58,3 +58,20 @@ def describe_device(device: torch.device | str) -> str:
     model, flags = cpu_info()
     isa = ", ".join(flag for flag in REPORTED_CPU_FLAGS if flag in flags) or "no flags known"
     return f"CPU {model} ({torch.get_num_threads()} threads; {isa})"
+
+
+def idle_cores_warning(threads_per_process: int, num_processes: int, physical_cores: int) -> str | None:
+    """A one-line warning when CPU training leaves physical cores idle, with the launch that uses them; else None.
+
+    `accelerate launch --cpu train.py` without `--num_processes` runs one process on one thread (accelerate 1.x sets
+    its per-process threads from the physical cores only when the number of processes is given), which on a 2-core
+    machine halves the speed.
+    """
+    share = physical_cores // max(num_processes, 1)
+    if threads_per_process >= share:
+        return None
+    return (
+        f"training uses {threads_per_process} CPU thread(s) in each of {num_processes} process(es) while the machine "
+        f"has {physical_cores} cores: unless that is meant, launch with `accelerate launch --cpu --num_processes "
+        f"{num_processes} ...` (without --num_cpu_threads_per_process) or set OMP_NUM_THREADS={share} to use them all."
+    )

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import psutil
 import pyarrow
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET, ImagePreprocessor, TrainingData, check_readable, load_image_stream
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.evaluation import digit_grid
-from ddpm_mnist.hardware import auto_mixed_precision, describe_device
+from ddpm_mnist.hardware import auto_mixed_precision, describe_device, idle_cores_warning
 from ddpm_mnist.hub import check_push_access, push_training_run, save_training_run
 from ddpm_mnist.unet_ddpm_mnist import PRESETS
 
@@ -716,6 +717,9 @@ def main(args: argparse.Namespace) -> None:
         ),
     )
     logger.info(f"mixed precision: {mixed_precision} ({why})")
+    idle = idle_cores_warning(torch.get_num_threads(), state.num_processes, psutil.cpu_count(logical=False) or 1)
+    if state.device.type == "cpu" and idle:
+        logger.warning(idle)
     for change in changes:
         logger.info(f"resuming with a changed setting, {change}")
 
