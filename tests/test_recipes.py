@@ -43,8 +43,10 @@ def test_run_config_uses_train_flags_and_existing_unet_configs(path, train_flags
     assert config["output_dir"].startswith("runs/")  # an ignored folder
 
 
-def test_round2_script_runs_every_round2_arm_and_only_those():
-    script = (ROOT / "training" / "recipes" / "round2.sh").read_text()
+def test_round2_script_parses_and_runs_every_round2_arm_and_only_those():
+    script_path = ROOT / "training" / "recipes" / "round2.sh"
+    subprocess.run(["bash", "-n", script_path], check=True)
+    script = script_path.read_text()
     default_arms = re.search(r"arms=\((r2-[^)]*)\)", script).group(1).split()
     assert sorted(default_arms) == sorted(p.stem for p in RUN_CONFIGS if p.stem.startswith("r2-"))
     for arm in default_arms:

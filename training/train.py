@@ -717,9 +717,12 @@ def main(args: argparse.Namespace) -> None:
         ),
     )
     logger.info(f"mixed precision: {mixed_precision} ({why})")
-    idle = idle_cores_warning(torch.get_num_threads(), state.num_processes, psutil.cpu_count(logical=False) or 1)
-    if state.device.type == "cpu" and idle:
-        logger.warning(idle)
+    if state.device.type == "cpu":
+        # Physical cores, at most as many as this process may run on (on Linux, a container's share of them).
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = min(psutil.cpu_count(logical=False) or 1, allowed)
+        if idle := idle_cores_warning(torch.get_num_threads(), state.num_processes, cores):
+            logger.warning(idle)
     for change in changes:
         logger.info(f"resuming with a changed setting, {change}")
 

@@ -13,6 +13,10 @@
 set -euo pipefail
 
 seed=${1:-0}
+if ! [[ $seed =~ ^[0-9]+$ ]]; then
+  echo "round2.sh: the first argument is the training seed, a number (got '$seed'): round2.sh [SEED [ARM...]]" >&2
+  exit 2
+fi
 shift || true
 arms=("$@")
 if [ ${#arms[@]} -eq 0 ]; then
@@ -27,7 +31,7 @@ train() {  # ARM: train it on one thread, or resume it, unless its pipeline is s
   local resume=()
   [ -d "$out/checkpoints" ] && resume=(--resume_from_checkpoint latest)
   accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 1 training/train.py \
-    --config "training/recipes/$1.json" --seed "$seed" --output_dir "$out" "${resume[@]}" >> "$out.log" 2>&1
+    --config "training/recipes/$1.json" --seed "$seed" --output_dir "$out" ${resume[@]+"${resume[@]}"} >> "$out.log" 2>&1
 }
 
 score() {  # ARM SAMPLING_SEED: the release's protocol, one JSON line
@@ -39,15 +43,27 @@ score() {  # ARM SAMPLING_SEED: the release's protocol, one JSON line
   mv "$result.part" "$result"
 }
 
-for ((i = 0; i < ${#arms[@]}; i += 2)); do
+failed=()
+for ((i = 0; i < ${#arms[@]}; i += 2)); do  # arms pair up in the order given; both of a pair share the 2 cores
   pair=("${arms[@]:i:2}")
   echo "$(date -u +%H:%M:%S) training ${pair[*]}"
-  for arm in "${pair[@]}"; do train "$arm" & done
-  wait
-  for arm in "${pair[@]}"; do score "$arm" 0; done
+  pids=()
+  for arm in "${pair[@]}"; do
+    train "$arm" &
+    pids+=($!)
+  done
+  trained=()
+  for j in "${!pair[@]}"; do  # both finish training before either is scored
+    if wait "${pids[j]}"; then trained+=("${pair[j]}"); else failed+=("${pair[j]}"); fi
+  done
+  for arm in ${trained[@]+"${trained[@]}"}; do score "$arm" 0; done
 done
-if [ "$seed" -eq 0 ]; then  # how far the metric moves with the sampling seed alone, on the reference arm
+if [ "$seed" -eq 0 ] && [ -f "$root/r2-cosine/model_index.json" ]; then  # the metric's noise from sampling alone
   score r2-cosine 1
   score r2-cosine 2
 fi
 echo "$(date -u +%H:%M:%S) done"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "round2.sh: training failed for ${failed[*]}; see $root/ARM.log, then run the script again" >&2
+  exit 1
+fi
