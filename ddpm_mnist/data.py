@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Image, IterableDataset, load_dataset
+from datasets import ClassLabel, Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader
@@ -37,10 +37,12 @@ def load_image_stream(
     split: str = "train",
     config_name: str | None = None,
     image_column: str = "image",
+    label_column: str | None = None,
 ) -> IterableDataset:
     """Stream one split of an image dataset (a Hub id or a local folder of parquet files) as PNG bytes.
 
-    Nothing is downloaded in full. The returned stream has a single column, `image`, holding `{"bytes", "path"}`.
+    Nothing is downloaded in full. The returned stream has the column `image`, holding `{"bytes", "path"}`, and with a
+    `label_column` also `label`, the class id of each image (`class_count` tells how many classes there are).
     """
     dataset_name = os.fspath(dataset_name)
     path = os.path.expanduser(dataset_name)
@@ -60,15 +62,29 @@ def load_image_stream(
             f"cannot read the {split!r} split of dataset {dataset_name!r} ({_first_line(e)}); check or re-download "
             "its files."
         ) from e
-    if stream.column_names is None or image_column not in stream.column_names:
-        raise UsageError(
-            f"dataset {dataset_name!r} has no column {image_column!r}; its columns are "
-            f"{', '.join(stream.column_names or [])}. Pass the right one with --image_column."
-        )
-    stream = stream.select_columns([image_column])
-    if image_column != "image":
-        stream = stream.rename_column(image_column, "image")
+    columns = {"image": image_column, **({"label": label_column} if label_column is not None else {})}
+    for role, column in columns.items():
+        if stream.column_names is None or column not in stream.column_names:
+            raise UsageError(
+                f"dataset {dataset_name!r} has no column {column!r}; its columns are "
+                f"{', '.join(stream.column_names or [])}. Pass the right one with --{role}_column."
+            )
+    stream = stream.select_columns(list(columns.values()))
+    for role, column in columns.items():
+        if column != role:
+            stream = stream.rename_column(column, role)
     return stream.cast_column("image", Image(decode=False))
+
+
+def class_count(stream: IterableDataset, dataset_name: str) -> int:
+    """The number of classes of a stream's `label` column (a `datasets.ClassLabel`: 10 for MNIST)."""
+    feature = (stream.features or {}).get("label")
+    if not isinstance(feature, ClassLabel):
+        raise UsageError(
+            f"the label column of dataset {dataset_name!r} is not a class label column ({feature}); pass a column of "
+            "class ids with --label_column."
+        )
+    return feature.num_classes
 
 
 def count_examples(stream: IterableDataset) -> int:
@@ -157,6 +173,12 @@ def decode_stream(stream: IterableDataset, preprocess: ImagePreprocessor) -> tor
     return torch.from_numpy(np.stack(digits))
 
 
+def decode_labels(stream: IterableDataset) -> torch.Tensor:
+    """Every class id of a stream's `label` column, in the stream's order (that of `decode_stream`): (N,) int64."""
+    labels = [torch.as_tensor(batch["label"]) for batch in stream.select_columns(["label"]).iter(batch_size=10_000)]
+    return torch.cat(labels).long()
+
+
 def epoch_order(num_examples: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """The indices process `rank` trains on in `epoch`, for `decode_stream`'s digits.
 
@@ -205,13 +227,25 @@ def check_readable(stream: IterableDataset, preprocess: ImagePreprocessor, datas
         )
 
 
+class LabelledBatch:
+    """A collate function: stream examples -> (x_0, class labels), the labels None for a stream without them."""
+
+    def __init__(self, preprocess: ImagePreprocessor, labelled: bool):
+        self.preprocess, self.labelled = preprocess, labelled
+
+    def __call__(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode and scale the images; gather the labels when the stream has them."""
+        labels = torch.tensor([example["label"] for example in examples]) if self.labelled else None
+        return self.preprocess(examples), labels
+
+
 class TrainingData:
-    """The training split as batches of x_0, epoch by epoch, for one process of `world_size`.
+    """The training split as batches of (x_0, class labels), epoch by epoch, for one process of `world_size`.
 
     Two paths with the same contract, both pure functions of (seed, epoch, rank) so that a resumed run can skip exactly
     the batches it had trained on: streaming through a shuffle buffer (`shuffled_shard`, the default: nothing is held
     in memory), or, with `decode_once`, every image decoded once into memory and each epoch an exact shuffle
-    (`epoch_order`).
+    (`epoch_order`). The class labels are those of the stream's `label` column, or None when it has none.
     """
 
     def __init__(
@@ -229,6 +263,7 @@ class TrainingData:
         self.batch_size, self.seed = batch_size, seed
         self.shuffle_buffer_size, self.num_workers = shuffle_buffer_size, num_workers
         self.decode_once = decode_once
+        self.labelled = "label" in (stream.column_names or [])
         self.num_examples = count_examples(stream)
 
     @cached_property
@@ -236,16 +271,26 @@ class TrainingData:
         """With `decode_once`: every image, decoded on the first call of `batches`."""
         return decode_stream(self.stream, self.preprocess)
 
-    def batches(self, epoch: int, rank: int = 0, world_size: int = 1) -> Iterable[torch.Tensor]:
-        """The batches (B, 1, sample_size, sample_size) process `rank` trains on in `epoch`, in order."""
+    @cached_property
+    def labels(self) -> torch.Tensor | None:
+        """With `decode_once`: every class label, in the order of `digits`; None for a stream without labels."""
+        return decode_labels(self.stream) if self.labelled else None
+
+    def batches(
+        self, epoch: int, rank: int = 0, world_size: int = 1
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The batches (x_0 of shape (B, 1, sample_size, sample_size), labels (B,) or None) of `rank` in `epoch`."""
         share = dict(seed=self.seed, epoch=epoch, rank=rank, world_size=world_size)
         if self.decode_once:
             order = epoch_order(len(self.digits), **share)
-            return (self.preprocess.scale(self.digits[indices]) for indices in order.split(self.batch_size))
+            return (
+                (self.preprocess.scale(self.digits[indices]), None if self.labels is None else self.labels[indices])
+                for indices in order.split(self.batch_size)
+            )
         return DataLoader(
             shuffled_shard(self.stream, buffer_size=self.shuffle_buffer_size, **share),
             batch_size=self.batch_size,
-            collate_fn=self.preprocess,
+            collate_fn=LabelledBatch(self.preprocess, self.labelled),
             num_workers=self.num_workers,
             generator=torch.Generator(),  # its own seed draw must not advance the global RNG that resume restores
         )

@@ -2,7 +2,8 @@
 
 Writes to $RECORD_DIR, per process: `pid-<rank>.txt` (for the test to signal a hung worker, which torch's
 launcher starts in a session of its own), `seen-<rank>.txt` (the id, top-left pixel, of every example trained
-on), `noise-<rank>.txt` (per batch: the timesteps drawn and a digest of the noise eps) and, at the end,
+on), `noise-<rank>.txt` (per batch: the timesteps drawn and a digest of the noise eps), `labels-<rank>.txt` (the class
+labels a conditional UNet was given in training, one line per batch) and, at the end,
 `weights-<rank>.txt` (a digest of that process's final training weights). With $INJECT_NAN_AT_BATCH=k the k-th batch
 (1-based) becomes NaN, as corrupt data would.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ddpm_mnist import DDPMMnistScheduler
+from ddpm_mnist import DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import ImagePreprocessor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ NAN_AT = int(os.environ.get("INJECT_NAN_AT_BATCH", "0"))
 scale_batch = ImagePreprocessor.scale
 end_training = Accelerator.end_training
 add_noise = DDPMMnistScheduler.add_noise
+unet_forward = DDPMMnistUNet.forward
 batches = 0
 
 
@@ -45,6 +47,13 @@ def recording_add_noise(self, x_0, eps, t):
     return add_noise(self, x_0, eps, t)
 
 
+def recording_forward(self, sample, timestep, class_labels=None, return_dict=True):
+    if self.training and class_labels is not None:
+        with open(RECORD_DIR / f"labels-{RANK}.txt", "a") as f:
+            f.write(" ".join(str(int(label)) for label in class_labels) + "\n")
+    return unet_forward(self, sample, timestep, class_labels, return_dict)
+
+
 def recording_end_training(self):
     digest = hashlib.sha256()
     for tensor in self.unwrap_model(self._models[0]).state_dict().values():
@@ -55,6 +64,7 @@ def recording_end_training(self):
 
 ImagePreprocessor.scale = recording_scale
 DDPMMnistScheduler.add_noise = recording_add_noise
+DDPMMnistUNet.forward = recording_forward
 Accelerator.end_training = recording_end_training
 sys.argv[0] = str(ROOT / "training" / "train.py")
 runpy.run_path(sys.argv[0], run_name="__main__")

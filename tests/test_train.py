@@ -38,7 +38,7 @@ TINY = [
     "--save_images_steps=1000",
     "--num_inference_steps=4",
     "--num_samples=4",
-    "--mixed_precision=no",  # exactness is checked in fp32 (on a bf16 CPU, auto would choose bf16)
+    "--mixed_precision=fp32",  # exactness is checked in fp32 (on a bf16 CPU, auto would choose bf16)
     "--shuffle_buffer_size=32",
     "--logger=tensorboard",
 ]
@@ -97,6 +97,38 @@ def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnis
     whole_ids, resumed_ids = read_ids(whole_record / "seen-0.txt"), read_ids(resumed_record / "seen-0.txt")
     assert len(whole_ids) == 9 * 16 and resumed_ids[-5 * 16 :] == whole_ids[4 * 16 :]
     assert sorted(whole_ids[: 6 * 16]) == list(range(96)), "epoch 1 showed every example once"
+
+
+@pytest.mark.parametrize("data", [[], ["--decode_once"]], ids=["stream", "decode_once"])
+def test_a_conditional_run_sees_each_digit_label_drops_some_and_resumes_bitwise(tmp_path, mnist_folder, data):
+    flags = ["--class_conditional", "--class_dropout_prob=0.5", "--save_images_steps=6", *data]
+    whole, whole_dir, whole_record = train(tmp_path, mnist_folder, "whole", "--max_train_steps=6", *flags)
+    assert whole.returncode == 0, whole.stderr
+    # The fixture's example i has label i % 10: the UNet saw each example's label, or the null class 10.
+    ids, labels = read_ids(whole_record / "seen-0.txt"), read_ids(whole_record / "labels-0.txt")
+    assert len(ids) == len(labels) == 6 * 16
+    assert all(label in (i % 10, 10) for i, label in zip(ids, labels, strict=True))
+    assert 20 <= labels.count(10) <= 76, "about half the labels dropped to the null class"
+    # Its sample grid has one row per digit: 4 samples round up to one column of 10 digits, 4x upscaled.
+    assert Image.open(whole_dir / "samples" / "step-0000006.png").size == (28 * 4, 28 * 4 * 10)
+    pipe = DDPMMnistPipeline.from_pretrained(whole_dir)
+    assert pipe.is_class_conditional and pipe.unet.config.num_class_embeds == 10
+    assert pipe(class_labels=[1, 2], guidance_scale=2.0, num_inference_steps=2, output_type="np").images.shape == (
+        2, 28, 28, 1,
+    )  # fmt: skip
+    first, resumed_dir, _ = train(
+        tmp_path, mnist_folder, "first", "--max_train_steps=4", "--checkpointing_steps=4", *flags
+    )
+    assert first.returncode == 0, first.stderr
+    second, _, resumed_record = train(
+        tmp_path, mnist_folder, "second", f"--output_dir={resumed_dir}", "--max_train_steps=6",
+        "--resume_from_checkpoint=latest", *flags,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert read_ids(resumed_record / "labels-0.txt") == labels[4 * 16 :], "the same labels were dropped after resume"
+    assert (whole_record / "weights-0.txt").read_text() == (resumed_record / "weights-0.txt").read_text()
+    ema = "unet/diffusion_pytorch_model.safetensors"
+    assert (whole_dir / ema).read_bytes() == (resumed_dir / ema).read_bytes()
 
 
 def test_the_output_folder_is_a_pipeline_with_card_and_samples(tmp_path, mnist_folder):
@@ -243,6 +275,11 @@ BAD_INPUTS = {
     "dataset path missing": (["--dataset_name=./no/such/folder"], "dataset path './no/such/folder' does not exist"),
     "no image column": (["--dataset_name={bad}/no-image"], "has no column 'image'; its columns are label. Pass"),
     "other image column named": (["--image_column=img"], "no column 'img'; its columns are image, label"),
+    "no label column": (
+        ["--class_conditional", "--label_column=digit"],
+        "has no column 'digit'; its columns are image, label. Pass the right one with --label_column",
+    ),
+    "class dropout 1": (["--class_conditional", "--class_dropout_prob=1"], "--class_dropout_prob must be in [0, 1)"),
     "empty dataset": (["--dataset_name={bad}/empty"], "has no examples in its 'train' split; pass a non-empty one"),
     "corrupt parquet": (["--dataset_name={bad}/corrupt"], "check or re-download its files"),
     "batch size 0": (["--train_batch_size=0"], "--train_batch_size must be positive, got 0"),
@@ -354,6 +391,17 @@ def test_resuming_with_other_settings_is_refused_naming_them(train_module, finis
     assert message in str(error.value)
 
 
+def test_resuming_across_a_change_of_conditioning_is_refused(train_module, finished_run):
+    args = train_module["parse_args"](
+        [f"--output_dir={finished_run}", *TINY, "--resume_from_checkpoint=latest", "--class_conditional"]
+    )
+    settings = train_module["run_settings"](args, num_processes=1, num_classes=10)
+    with pytest.raises(UsageError, match="cannot resume") as error:
+        train_module["check_resume"](finished_run / "checkpoints" / "checkpoint-2", settings)
+    assert "unet_config.num_class_embeds: None -> 10" in str(error.value)
+    assert "class_dropout_prob: None -> 0.1" in str(error.value)
+
+
 def test_resuming_with_another_number_of_processes_is_refused(train_module, finished_run):
     args = train_module["parse_args"]([f"--output_dir={finished_run}", *TINY, "--resume_from_checkpoint=latest"])
     settings = train_module["run_settings"](args, num_processes=2)
@@ -461,6 +509,27 @@ def test_a_time_budget_alone_decays_the_learning_rate_to_the_end_of_the_run(tmp_
     # half the 3 s budget unless one step took half of it, so its rate is under half the peak.
     assert len(rates) >= 2 and rates[0] == pytest.approx(2e-4) and rates[-1] < 1e-4
     assert (np.diff(rates) <= 0).all(), rates
+    # The bar counts the 3 s of the time budget that ends the run, not the 100 epochs' steps it will never take.
+    bar = process.stderr.split("\r")
+    assert any("/3 s [" in draw for draw in bar) and not any("/600 " in draw for draw in bar)
+    # Resuming says exactly what is not bit for bit: the clock drives the learning rate.
+    resumed, _, _ = train(
+        tmp_path, mnist_folder, "timed-2", f"--output_dir={output_dir}", "--max_train_minutes=0.1",
+        "--lr_scheduler=cosine", "--lr_warmup_steps=0", "--resume_from_checkpoint=latest",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the learning rate follows the clock (--max_train_minutes alone): it continues from the recorded" in (
+        resumed.stderr
+    )
+
+
+def test_the_step_bar_draws_each_step_once(tmp_path, mnist_folder):
+    process, _, _ = train(tmp_path, mnist_folder, "bar", "--max_train_steps=5")
+    assert process.returncode == 0, process.stderr
+    draws = [draw for draw in process.stderr.split("\r") if "step=" in draw]
+    for step in range(1, 5):  # the last step is drawn again when the bar closes
+        assert sum(f"step={step}/5," in draw for draw in draws) <= 1, draws
+    assert any("step=5/5," in draw and "5/5 [" in draw for draw in draws)
 
 
 def test_a_time_budget_alone_runs_the_lr_schedule_over_the_time(train_module):

@@ -39,7 +39,15 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
-from ddpm_mnist.data import DEFAULT_DATASET, ImagePreprocessor, TrainingData, check_readable, load_image_stream
+from ddpm_mnist.data import (
+    DEFAULT_DATASET,
+    ImagePreprocessor,
+    TrainingData,
+    check_readable,
+    class_count,
+    load_image_stream,
+)
+from ddpm_mnist.deprecation import MIXED_PRECISION_RENAMES, renamed_values
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.evaluation import digit_grid
 from ddpm_mnist.hardware import auto_mixed_precision, describe_device, idle_cores_warning
@@ -66,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataset_name", default=DEFAULT_DATASET, help="Hub dataset id, or a local folder/parquet")
     data.add_argument("--dataset_config_name", default=None, help="the dataset's config name")
     data.add_argument("--image_column", default="image", help="the column holding the images")
+    data.add_argument("--label_column", default="label", help="the column of class ids (with --class_conditional)")
     data.add_argument("--random_flip", action="store_true", help="random horizontal flips (wrong for digits)")
     data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="examples in the shuffle buffer")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
@@ -78,6 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = p.add_argument_group("model and noise schedule")
     model.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="a DDPMMnistUNet preset")
     model.add_argument("--model_config_name_or_path", default=None, help="a UNet config.json (overrides --preset)")
+    model.add_argument(
+        "--class_conditional",
+        action="store_true",
+        help="learn p(x|y) from --label_column, for classifier-free guidance (the UNet gets num_class_embeds)",
+    )
+    model.add_argument(
+        "--class_dropout_prob",
+        type=float,
+        default=0.1,
+        help="with --class_conditional, the share of labels replaced by the null class (Ho & Salimans 2022)",
+    )
     model.add_argument("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     model.add_argument("--ddpm_beta_schedule", default="linear", help="the beta schedule (the paper's: linear)")
     model.add_argument(
@@ -126,9 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--mixed_precision",
         default="auto",
-        choices=["auto", "no", "fp16", "bf16"],
+        type=renamed_values(MIXED_PRECISION_RENAMES, "--mixed_precision"),
+        choices=["auto", "fp32", "fp16", "bf16"],
         help="auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or "
-        "AVX512-BF16), else fp32 ('no'); an accelerate config's fp16/bf16 also wins over auto",
+        "AVX512-BF16), else fp32; an accelerate config's fp16/bf16 also wins over auto",
     )
     io = p.add_argument_group("checkpoints, samples, logging, Hub")
     io.add_argument("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
@@ -186,6 +207,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}.")
+    if not 0 <= args.class_dropout_prob < 1:
+        raise UsageError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
     if not 0 < args.ema_max_decay <= 1:
         raise UsageError(f"--ema_max_decay must be in (0, 1], got {args.ema_max_decay}.")
     if args.num_inference_steps > args.ddpm_num_steps:
@@ -324,17 +347,26 @@ class TrainingProgress:
 RESUME_MUST_KEEP = (
     "unet_config ddpm_num_steps ddpm_beta_schedule prediction_type variance_type train_batch_size "
     "gradient_accumulation_steps num_processes seed learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 "
-    "adam_weight_decay adam_epsilon snr_gamma use_ema ema_max_decay ema_inv_gamma ema_power"
+    "adam_weight_decay adam_epsilon snr_gamma use_ema ema_max_decay ema_inv_gamma ema_power class_dropout_prob"
 ).split()
 RESUME_MAY_CHANGE = (
-    "dataset_name decode_once random_flip max_train_steps num_epochs max_train_minutes mixed_precision".split()
-)
+    "dataset_name label_column decode_once random_flip max_train_steps num_epochs max_train_minutes mixed_precision"
+).split()
+CLASS_SETTINGS = ("class_dropout_prob", "label_column")  # recorded for a class-conditional run only
 
 
-def run_settings(args: argparse.Namespace, num_processes: int) -> dict:
-    """The settings a checkpoint records (`SETTINGS_FILE`), for `check_resume` to compare with a resumed run's."""
+def run_settings(args: argparse.Namespace, num_processes: int, num_classes: int | None = None) -> dict:
+    """The settings a checkpoint records (`SETTINGS_FILE`), for `check_resume` to compare with a resumed run's.
+
+    `num_classes` (None: unconditional) is that of the training data's labels: the UNet's `num_class_embeds`.
+    """
     settings = {name: getattr(args, name) for name in RESUME_MUST_KEEP + RESUME_MAY_CHANGE if hasattr(args, name)}
-    return {**settings, "unet_config": model_config(args), "num_processes": num_processes}
+    unet_config = model_config(args)
+    if num_classes is not None:
+        unet_config["num_class_embeds"] = num_classes
+    else:
+        settings.update(dict.fromkeys(CLASS_SETTINGS))
+    return {**settings, "unet_config": unet_config, "num_processes": num_processes}
 
 
 def check_resume(checkpoint: Path, settings: dict) -> list[str]:
@@ -446,22 +478,34 @@ def min_snr_weight(
 
 
 def diffusion_loss(
-    unet: torch.nn.Module, noise_scheduler: DDPMMnistScheduler, x_0: torch.Tensor, snr_gamma: float | None
+    unet: torch.nn.Module,
+    noise_scheduler: DDPMMnistScheduler,
+    x_0: torch.Tensor,
+    snr_gamma: float | None,
+    class_labels: torch.Tensor | None = None,
+    class_dropout_prob: float = 0.0,
+    null_class_label: int | None = None,
 ) -> torch.Tensor:
     """L_simple (eq. 14) of a batch, or its min-SNR-weighted form: Algorithm 1's loss.
 
     t ~ U{0..T-1} and eps ~ N(0, I) come from this process's own generator (seeded with the seed plus the rank), then
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4), and the network regresses the target of the scheduler's
-    prediction type: eps, x_0, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
+    prediction type: eps, x_0, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0. With `class_labels` the network sees
+    each image's class, replaced by `null_class_label` with probability `class_dropout_prob`, so that one network learns
+    both eps(x_t, y) and eps(x_t) for classifier-free guidance (Ho & Salimans 2022, Algorithm 1).
     """
     prediction_type = noise_scheduler.config.prediction_type
     eps = torch.randn_like(x_0)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x_0.shape[0],), device=x_0.device)
+    if class_labels is not None:
+        dropped = torch.rand(x_0.shape[0], device=x_0.device) < class_dropout_prob
+        class_labels = class_labels.masked_fill(dropped, null_class_label)
     x_t = noise_scheduler.add_noise(x_0, eps, t)
     target = {"epsilon": eps, "sample": x_0}.get(prediction_type)
     if target is None:
         target = noise_scheduler.get_velocity(x_0, eps, t)
-    loss = F.mse_loss(unet(x_t, t).sample.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    prediction = unet(x_t, t, class_labels).sample
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         loss = loss * min_snr_weight(noise_scheduler, t, snr_gamma, prediction_type)
     return loss.mean()
@@ -477,7 +521,8 @@ def stop_reason(
     if not math.isfinite(mean_loss):
         raise WorkFailed(
             f"the loss became {mean_loss} at step {progress.global_step}; the last good checkpoint stays in "
-            f"{Path(args.output_dir) / 'checkpoints'}. Lower --learning_rate or use --mixed_precision no, then resume."
+            f"{Path(args.output_dir) / 'checkpoints'}. Lower --learning_rate or use --mixed_precision fp32, then "
+            "resume."
         )
     if signalled:
         return "stopped on request"
@@ -490,12 +535,12 @@ def stop_reason(
 
 def resumed_batches(
     data: TrainingData, progress: TrainingProgress, batches_per_epoch: int, rank: int, world: int
-) -> Iterator[torch.Tensor]:
-    """Batches epoch after epoch, from where `progress` stands; each epoch's remainder waits for its next shuffle."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Batches (x_0, labels) epoch after epoch from where `progress` stands; an epoch's remainder waits for the next."""
     while True:
-        for x_0 in islice(data.batches(progress.epoch, rank, world), progress.batches_in_epoch, batches_per_epoch):
+        for batch in islice(data.batches(progress.epoch, rank, world), progress.batches_in_epoch, batches_per_epoch):
             progress.batches_in_epoch += 1
-            yield x_0
+            yield batch
         progress.epoch += 1
         progress.batches_in_epoch = 0
 
@@ -504,10 +549,10 @@ def resumed_batches(
 # Sample grids
 
 
-def release_pipeline(
+def grid_pipeline(
     unet: DDPMMnistUNet, scheduler: DDPMMnistScheduler | DDIMScheduler, ema: EMAModel | None
 ) -> DDPMMnistPipeline:
-    """A pipeline around a copy of the weights to release: the EMA ones when there is an EMA."""
+    """A pipeline around a copy of the weights to sample and save: the EMA ones when there is an EMA."""
     unet = copy.deepcopy(unet).eval()
     if ema is not None:
         ema.copy_to(unet.parameters())
@@ -521,16 +566,22 @@ def save_sample_grid(
 ) -> Path:
     """A fixed-seed grid of samples, `samples/step-N.png`, upscaled 4x (nearest) so that digits are readable.
 
-    Also sent to tensorboard. Returns the grid's path.
+    A class-conditional model draws one row per class (`--num_samples` rounded up to whole rows). Also sent to
+    tensorboard. Returns the grid's path.
     """
     generator = torch.Generator(device=pipeline.device).manual_seed(args.seed)
+    rows, cols = None, None
+    if pipeline.is_class_conditional:
+        rows = pipeline.unet.config.num_class_embeds
+        cols = math.ceil(args.num_samples / rows)
     images = pipeline(
-        batch_size=args.num_samples,
+        batch_size=None if rows else args.num_samples,
+        class_labels=torch.arange(rows).repeat_interleave(cols) if rows else None,
         generator=generator,
         num_inference_steps=args.num_inference_steps,
         output_type="pt",
     ).images
-    grid = digit_grid(images, upscale=4)
+    grid = digit_grid(images, cols=cols, upscale=4)
     path = sample_grid_path(args, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -550,22 +601,28 @@ def sample_grid_path(args: argparse.Namespace, step: int) -> Path:
 
 
 def resolve_mixed_precision(requested: str, device: torch.device) -> tuple[str, str]:
-    """The mixed precision to train with, and why: an explicit choice, an accelerate config's fp16/bf16, or auto."""
+    """The mixed precision to train with, in accelerate's words ("no" for fp32), and why: an explicit choice, an
+    accelerate config's fp16/bf16, or auto."""
     if requested != "auto":
-        return requested, "--mixed_precision"
+        return requested.replace("fp32", "no"), "--mixed_precision"
     configured = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # set by `accelerate launch` from its config
     if configured in ("fp16", "bf16"):
         return configured, "the accelerate config"
     return auto_mixed_precision(device), f"automatic for {describe_device(device)}"
 
 
-def load_training_data(args: argparse.Namespace, sample_size: int, num_processes: int) -> tuple[TrainingData, int]:
-    """The training split, checked readable (before any full scan), and the optimizer steps of one epoch.
+def load_training_data(
+    args: argparse.Namespace, sample_size: int, num_processes: int
+) -> tuple[TrainingData, int, int | None]:
+    """The training split, checked readable (before any full scan), the optimizer steps of one epoch, and the number
+    of classes of its labels with --class_conditional (None without).
 
     Every process takes the same whole number of optimizer steps per epoch; an epoch's remainder of examples waits for
     the next epoch's shuffle.
     """
-    stream = load_image_stream(args.dataset_name, "train", args.dataset_config_name, args.image_column)
+    label_column = args.label_column if args.class_conditional else None
+    stream = load_image_stream(args.dataset_name, "train", args.dataset_config_name, args.image_column, label_column)
+    num_classes = class_count(stream, args.dataset_name) if args.class_conditional else None
     preprocess = ImagePreprocessor(sample_size, random_flip=args.random_flip)
     check_readable(stream, preprocess, args.dataset_name)
     data = TrainingData(
@@ -583,7 +640,7 @@ def load_training_data(args: argparse.Namespace, sample_size: int, num_processes
             f"{data.num_examples} examples over {num_processes} processes give no full batch of "
             f"{args.train_batch_size} x {args.gradient_accumulation_steps}; lower --train_batch_size."
         )
-    return data, steps_per_epoch
+    return data, steps_per_epoch, num_classes
 
 
 def lr_over_time(args: argparse.Namespace) -> bool:
@@ -643,6 +700,16 @@ def make_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def progress_bar(args: argparse.Namespace, progress: TrainingProgress, max_train_steps: int, disable: bool) -> tqdm:
+    """The training bar, against the budget that ends the run: seconds of the time budget when one is given (what is
+    left then counts down to the time that stops the run), else optimizer steps."""
+    if args.max_train_minutes is not None:
+        budget = 60 * args.max_train_minutes
+        return tqdm(total=budget, initial=min(progress.train_seconds, budget), unit="s", disable=disable,
+                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")  # fmt: skip
+    return tqdm(total=max_train_steps, initial=progress.global_step, unit="step", disable=disable)
+
+
 class StopRequest:
     """SIGINT/SIGTERM set `requested`: the run finishes its step, writes a checkpoint and exits cleanly."""
 
@@ -668,7 +735,7 @@ def training_record(
         "global_step": progress.global_step,
         "images_seen": progress.global_step * total_batch_size,
         "total_batch_size": total_batch_size,
-        "mixed_precision": accelerator.mixed_precision,
+        "mixed_precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
         "hardware": f"{accelerator.num_processes} x {describe_device(accelerator.device)}",
         "training_time": f"{progress.train_seconds / 60:.1f} minutes",
     }
@@ -694,12 +761,12 @@ def main(args: argparse.Namespace) -> None:
     if state.is_main_process and output_dir.is_dir():
         lock.acquire()
     mixed_precision, why = resolve_mixed_precision(args.mixed_precision, state.device)
-    settings = run_settings(args, state.num_processes)
+    data, steps_per_epoch, num_classes = load_training_data(
+        args, model_config(args).get("sample_size", 28), state.num_processes
+    )
+    settings = run_settings(args, state.num_processes, num_classes)
     resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     changes = check_resume(resume_path, settings) if resume_path else []
-    data, steps_per_epoch = load_training_data(
-        args, settings["unet_config"].get("sample_size", 28), state.num_processes
-    )
     max_train_steps = args.max_train_steps or (args.num_epochs or 100) * steps_per_epoch
 
     # Only now, with every input checked, does a new output folder come into being (and its lock).
@@ -716,7 +783,7 @@ def main(args: argparse.Namespace) -> None:
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
     )
-    logger.info(f"mixed precision: {mixed_precision} ({why})")
+    logger.info(f"mixed precision: {'fp32' if mixed_precision == 'no' else mixed_precision} ({why})")
     if state.device.type == "cpu":
         # Physical cores, at most as many as this process may run on (on Linux, a container's share of them).
         allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -765,6 +832,12 @@ def main(args: argparse.Namespace) -> None:
     if resume_path is not None:
         accelerator.load_state(str(resume_path))  # weights, optimizer, lr, EMA, progress and every process's RNG
         logger.info(f"resumed from {resume_path} at step {progress.global_step}")
+        if lr_over_time(args):
+            logger.warning(
+                f"the learning rate follows the clock (--max_train_minutes alone): it continues from the recorded "
+                f"{progress.train_seconds / 60:.1f} minutes, but the steps ahead take other times than they would "
+                "have, so this run will not equal an uninterrupted one bit for bit; give --max_train_steps for that."
+            )
     elif args.resume_from_checkpoint:
         logger.info(f"no checkpoint in {checkpoints_dir}; starting from scratch")
 
@@ -778,16 +851,21 @@ def main(args: argparse.Namespace) -> None:
     stop = StopRequest()
     batches_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
     batches = resumed_batches(data, progress, batches_per_epoch, accelerator.process_index, accelerator.num_processes)
-    bar = tqdm(total=max_train_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process)
+    bar = progress_bar(args, progress, max_train_steps, disable=not accelerator.is_local_main_process)
     start_time, start_step, last_time = time.time(), progress.global_step, time.time()
     reason = "finished" if progress.global_step >= max_train_steps else None
     unet.train()
     with bar:
         while reason is None:
             # One optimizer step: gradient_accumulation_steps batches of Algorithm 1.
-            for x_0 in islice(batches, args.gradient_accumulation_steps):
+            for x_0, class_labels in islice(batches, args.gradient_accumulation_steps):
                 with accelerator.accumulate(unet):
-                    loss = diffusion_loss(unet, noise_scheduler, x_0.to(accelerator.device), args.snr_gamma)
+                    if class_labels is not None:
+                        class_labels = class_labels.to(accelerator.device)
+                    x_0 = x_0.to(accelerator.device)
+                    loss = diffusion_loss(
+                        unet, noise_scheduler, x_0, args.snr_gamma, class_labels, args.class_dropout_prob, num_classes
+                    )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -810,22 +888,28 @@ def main(args: argparse.Namespace) -> None:
             logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
             logs.update(images_per_second=images_per_second, **({"ema_decay": ema.cur_decay_value} if ema else {}))
             accelerator.log(logs, step=progress.global_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}")
+            bar.set_postfix(
+                step=f"{progress.global_step}/{max_train_steps}",
+                loss=f"{mean_loss:.4f}",
+                lr=f"{logs['lr']:.2e}",
+                img_s=f"{images_per_second:.0f}",
+                refresh=False,  # the update below draws the bar once per step
+            )
+            bar.update(progress.train_seconds - bar.n if bar.unit == "s" else 1)
             if progress.global_step % args.checkpointing_steps == 0 or reason is not None:
                 # Also at the end of every run, so that it can be continued with a larger budget.
                 save_checkpoint(
                     accelerator, checkpoints_dir, progress.global_step, args.checkpoints_total_limit, settings
                 )
             if progress.global_step % args.save_images_steps == 0 and accelerator.is_main_process:
-                pipeline = release_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
+                pipeline = grid_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
                 save_sample_grid(accelerator, pipeline, progress.global_step, args)
 
     if reason == "stopped on request":
         logger.info(f"stopped at step {progress.global_step} on request; resume with --resume_from_checkpoint latest")
     elif accelerator.is_main_process:
         # The pipeline folder: EMA weights (safetensors), scheduler, a sample grid and the model card.
-        pipeline = release_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
+        pipeline = grid_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
         grid_path = sample_grid_path(args, progress.global_step)
         if not grid_path.exists():  # the last step may have drawn its grid already
             save_sample_grid(accelerator, pipeline, progress.global_step, args)
