@@ -31,7 +31,8 @@ setup(
     ],
     extras_require={
         "train": ["accelerate>=1.0", "psutil", "tensorboard", "matplotlib"],
-        "dev": ["pytest>=8", "ruff"],
+        "dev": ["pytest>=8", "ruff", "playwright"],
+        "demo": ["gradio>=6.0,<7"],
     },
     entry_points={"console_scripts": ["ddpm-mnist=ddpm_mnist.cli:main"]},
 )

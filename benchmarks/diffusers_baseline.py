@@ -103,8 +103,9 @@ class DiffusersLoop:
     Each step is the script's: noise and timesteps, `add_noise` (the forward process q(x_t | x_0), eq. 4 of the
     DDPM paper), forward and the MSE of L_simple (eq. 14) under `accelerator.accumulate`, backward, gradient clipping
     at 1.0, AdamW, the warm-up/cosine schedule, the EMA step, and the logged loss (`.item()`) every step. The cosine
-    schedule decays over NUM_EPOCHS passes over the data, as in the script. Call `close()` at the end:
-    it ends the trackers and resets accelerate's state, so that a next loop may ask for another mixed precision.
+    schedule decays over NUM_EPOCHS passes over the data, as in the script. `mixed_precision` is "fp32" (the script's
+    "no") or "bf16". Call `close()` at the end: it ends the trackers and resets accelerate's state, so that a next
+    loop may ask for another mixed precision.
     """
 
     def __init__(
@@ -117,7 +118,11 @@ class DiffusersLoop:
         *,
         seed: int = 0,
     ) -> None:
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_dir=project_dir)
+        self.accelerator = Accelerator(
+            mixed_precision="no" if mixed_precision == "fp32" else mixed_precision,
+            log_with="tensorboard",
+            project_dir=project_dir,
+        )
         self.accelerator.init_trackers("train_unconditional")
         self.ema_model = EMAModel(
             model.parameters(), decay=EMA_MAX_DECAY, use_ema_warmup=True, inv_gamma=EMA_INV_GAMMA, power=EMA_POWER

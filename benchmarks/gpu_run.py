@@ -1,4 +1,4 @@
-"""The one-shot GPU run of issue 13: prove training and sampling on CUDA, measure them, train the seed's model.
+"""The one-shot GPU run: prove training and sampling on CUDA, measure them, train the seed's model.
 
     bash benchmarks/gpu_run.sh OUT_DIR [--dry-run]      (gpu_run.sh does the set-up, then runs this file)
 
@@ -12,8 +12,8 @@ still run (those that need its output are skipped):
    and noise schedule: 32x32 padded digits, 4 resolutions, attention at 16x16, dropout 0.1, linear betas, T = 1000)
    in bf16 with `--decode_once`, for what is left of the time budget after the other stages (at most 5 minutes).
 5. evaluation on the GPU with the `ddpm-mnist` CLI (`--json`): the package's metrics on 10,000 samples of the
-   recommended few-step sampler (the pipeline's own DDPM on 50 respaced steps) and on 1,000 samples of 1000-step
-   DDPM, each beside its real-vs-real floor; the exact NLL bound (all T terms) on 1,000 test digits; a grid.
+   recommended few-step setting (the pipeline's own DDPM scheduler on 50 respaced steps) and on 1,000 samples of
+   1000-step DDPM, each beside its real-vs-real floor; the exact NLL bound (all T terms) on 1,000 test digits; a grid.
 6. bring-back: at most 8 files in OUT_DIR: `results.json` (every stage's figures), `train.log`, `stages.log` (the
    other stages' output), `grid.png` (64 digits, 1000-step DDPM) and the pipeline folder (EMA weights, configs,
    card, training record, tensorboard logs; no checkpoints) as `pipeline.tar.gz.00`, `.01`, ... in parts under
@@ -80,7 +80,7 @@ PART_BYTES = 15 * 2**20  # each archive part under the 16 MB a file may have to 
 MAX_FILES = 8  # files that may come back from the GPU machine
 MAX_TRAIN_MINUTES = 5.0
 # Seconds kept back from the budget for what follows training, an estimate until a GPU run measures it: sampling
-# 10,000 x 50 + 1,000 x 1000 passes of the bf16 U-Net (4.8 PFLOP), the exact bound's 1,000 x 1000 float32 passes
+# 10,000 x 50 + 1,000 x 1000 passes of the bf16 U-Net (4.8 PFLOP), the exact bound's 1,000 x 1000 fp32 passes
 # (3.2 PFLOP, TF32 convolutions), the grid, the pipeline save and the archive.
 RESERVE_AFTER_TRAINING = 150
 TRAIN_START_SECONDS = 30  # imports, CUDA start-up, decoding the 60,000 digits once
@@ -208,10 +208,10 @@ def throughput_command(sizes: Sizes, compile_models: bool) -> list[str]:
     command = [sys.executable, "benchmarks/throughput.py", "--device", sizes.device, "--json"]
     command += ["--compile"] if compile_models else []
     if sizes is DRY:
-        flags = "--presets tiny --precisions fp32 bf16 --parts models --repeats 1 --sample_batch_size 4"
+        flags = "--presets tiny --dtypes fp32 bf16 --parts models --repeats 1 --sample_batch_size 4"
     else:
         # Sampling at batch 500: enough to fill the GPU, and the 12 timed 50-step loops stay within seconds.
-        flags = "--presets mnist cifar10 --precisions fp32 bf16 --channels_last --parts models sample --repeats 3"
+        flags = "--presets mnist cifar10 --dtypes fp32 bf16 --channels_last --parts models sample --repeats 3"
         flags += " --sample_batch_size 500"
     return [*command, *flags.split(), "--batch_size", str(sizes.train_batch_size)]
 
@@ -238,7 +238,7 @@ def train_command(sizes: Sizes, dataset: Path, run: Path, max_train_steps: int, 
         f"--checkpointing_steps={max_train_steps}",
         f"--save_images_steps={max_train_steps}",
         "--num_samples=16",
-        f"--num_inference_steps={sizes.fast_steps}",  # the grid: the recommended sampler, DDPM on 50 steps
+        f"--num_inference_steps={sizes.fast_steps}",  # the grid: the recommended setting, DDPM on 50 steps
     ]
     if minutes is not None:
         flags.append(f"--max_train_minutes={minutes:.2f}")
@@ -261,10 +261,10 @@ def evaluation_commands(sizes: Sizes, dataset: Path, run: Path, out: Path) -> di
     """The evaluation stages: few-step and 1000-step sampling quality with their floors, the NLL bound, the grid.
 
     DDPM without `--num_inference_steps` runs all T steps; `nll` without `--nll_timesteps` sums all T terms exactly.
-    Sampling runs the U-Net in bf16 (x_t and the scheduler stay float32): a third of the fp32 time on the GPU; the
-    bound keeps the U-Net in float32.
+    Sampling runs the U-Net in bf16 (x_t and the scheduler stay fp32): a third of the fp32 time on the GPU; the
+    bound keeps the U-Net in fp32.
     """
-    sampling = {"scheduler": "ddpm", "dtype": "bfloat16"}
+    sampling = {"scheduler": "ddpm", "dtype": "bf16"}
     flags = {
         "evaluate_fast": {**sampling, "num_inference_steps": sizes.fast_steps, "num_samples": sizes.fast_samples},
         "evaluate_ddpm": {**sampling, "num_samples": sizes.ddpm_samples},

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Stage what benchmarks/gpu_run.sh needs on the GPU machine and cannot fetch there (it has no network).
 #
-#     bash benchmarks/stage_gpu.sh [MNIST_COPY]      # default: ../shared/data/mnist beside the checkout
+#     bash benchmarks/stage_gpu.sh path/to/mnist      # a local copy of the Hub dataset ylecun/mnist
 #
-# 1. `.whl/`: the wheels that machine lacks, for its Python 3.12 on manylinux x86_64. It already has torch 2.11
-#    (CUDA 13), accelerate, huggingface_hub (>= 1.32, as diffusers and datasets need), safetensors, numpy, pandas,
-#    pyarrow, fsspec, xxhash, filelock, pillow, regex, requests, pyyaml, tqdm, tensorboard, matplotlib and pytest
-#    (the device notes' package list), but not diffusers, datasets, or these needs of theirs: dill and multiprocess
-#    (datasets), importlib_metadata and its lazy-importer (diffusers). Each is fetched alone (--no-deps), at the
+# 1. `.whl/`: the wheels that machine may lack, for Python 3.12 on manylinux x86_64. It is expected to have a CUDA
+#    build of torch, accelerate, huggingface_hub (>= 1.32, as diffusers and datasets need), safetensors, numpy,
+#    pandas, pyarrow, fsspec, xxhash, filelock, pillow, regex, requests, pyyaml, tqdm, tensorboard, matplotlib and
+#    pytest, but not diffusers, datasets, or these needs of theirs: dill and multiprocess (datasets),
+#    importlib_metadata and its lazy-importer (diffusers). Each is fetched alone (--no-deps), at the
 #    version of this checkout's environment, so that both machines run the same code; never torch.
-# 2. `.gpu_data/mnist/`: a copy of the local MNIST (the parquet files of `ylecun/mnist`), since `../shared` does not
-#    travel with the working tree.
-# Both folders are ignored by git and named in the `run` tool's `carry` (benchmarks/README.md, "GPU"); together
-# about 30 MB of the 64 MiB that may travel.
+# 2. `.gpu_data/mnist/`: a copy of the local MNIST (the parquet files of `ylecun/mnist`), inside the checkout so that
+#    it travels with it.
+# Both folders are ignored by git; copy them to the GPU machine with the checkout (benchmarks/README.md, "GPU").
+# Together about 30 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mnist="${1:-../shared/data/mnist}"
-if [ ! -f "$mnist/mnist/train-00000-of-00001.parquet" ]; then
-    echo "stage_gpu.sh: error: $mnist holds no mnist/train-00000-of-00001.parquet; pass a local copy of ylecun/mnist" >&2
+mnist="${1:-}"
+if [ -z "$mnist" ] || [ ! -f "$mnist/mnist/train-00000-of-00001.parquet" ]; then
+    echo "stage_gpu.sh: error: '$mnist' holds no mnist/train-00000-of-00001.parquet; pass a local copy of ylecun/mnist:" \
+        "bash benchmarks/stage_gpu.sh path/to/mnist" >&2
     exit 2
 fi
 python="${PYTHON:-python3}"

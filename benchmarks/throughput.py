@@ -1,6 +1,6 @@
 """Throughput of ddpm-mnist against diffusers at equal architecture, measured side by side on this machine.
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--presets mnist-small mnist] [--precisions fp32 bf16]
+    python benchmarks/throughput.py [--device cpu|cuda] [--presets mnist-small mnist] [--dtypes fp32 bf16]
         [--parts models sample e2e quality profile data] [--compile] [--channels_last] [--quick] [--json]
 
 It first prints where it runs (the CPU model with its relevant ISA flags, or the GPU's name) and the matmul peak in
@@ -15,7 +15,7 @@ fp32 and bf16 there. Then, for each part asked for:
 * e2e: training end to end, data loading included: `training/train.py` with its defaults (a subprocess on the local
   MNIST, `--max_train_steps` two lengths so that start-up and the end-of-run work cancel) against the loop of
   diffusers' `examples/unconditional_image_generation/train_unconditional.py` at equal architecture (written out in
-  `benchmarks/diffusers_baseline.py`), in the precisions that script offers ("no" and "bf16").
+  `benchmarks/diffusers_baseline.py`), in the mixed precisions that script offers (fp32, its "no", and bf16).
 * quality: whether bf16 sampling keeps the quality: `--num_samples` digits from `--pipeline` (50 DDPM steps) scored
   with `ddpm_mnist.metrics.quality` against the MNIST test digits, in fp32 with two seeds (their difference is the
   noise of the metric) and in bf16 with the first seed, ours and `DDPMPipeline` (which keeps x_t in the UNet's dtype).
@@ -53,7 +53,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import ImagePreprocessor, decode_stream, epoch_order, load_image_stream, load_x_0, shuffled_shard
+from ddpm_mnist.deprecation import add_renamed_flag
 from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.evaluation import DTYPES
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs, sample_quality
@@ -62,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
 DEFAULT_PIPELINE = ROOT / "pretrained" / "ddpm-mnist-small"
 PARTS = ("models", "sample", "e2e", "quality", "profile", "data")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BENCHMARK_DTYPES = ("fp32", "bf16")  # the DTYPES measured: fp32, and bf16 (autocast in training, bf16 weights sampling)
 
 
 def twins(preset: str, device: torch.device) -> tuple[DDPMMnistUNet, UNet2DModel]:
@@ -155,7 +157,7 @@ def measure_models(args: argparse.Namespace, device: torch.device, preset: str) 
     variants = [(False, False)] + [(True, False)] * args.compile + [(False, True)] * args.channels_last
     for compile_it, channels_last in variants:
         suffix = "_compiled" * compile_it + "_channels_last" * channels_last
-        for precision in args.precisions:
+        for precision in args.dtypes:
             for name, base in (("ours", ours), ("diffusers", theirs)):
                 # Training: fp32 weights under autocast, as accelerate trains.
                 model = variant(base, torch.float32, compile_it, channels_last).train()
@@ -191,7 +193,7 @@ def profile_training(args: argparse.Namespace, device: torch.device, preset: str
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     results = {}
-    for precision in args.precisions:
+    for precision in args.dtypes:
         for name, model in (("ours", ours), ("diffusers", theirs)):
             step = train_step_fn(model.train(), args.batch_size, device, precision, channels_last=False)
             step()
@@ -211,7 +213,7 @@ def measure_pipelines(args: argparse.Namespace, device: torch.device) -> dict[st
     """Images/s of the whole sampling loop: our pipeline against DDPMPipeline, per precision, alternately."""
     ours, theirs = twins(args.presets[0], device)
     results = {}
-    for precision in args.precisions:
+    for precision in args.dtypes:
         dtype = DTYPES[precision]
         pipelines = {
             "ours": DDPMMnistPipeline(copy.deepcopy(ours).to(dtype).eval(), DDPMMnistScheduler()),
@@ -323,28 +325,28 @@ def diffusers_loop_rate(args: argparse.Namespace, mixed_precision: str, steps: t
 
 
 def measure_end_to_end(args: argparse.Namespace) -> dict[str, float]:
-    """train.py (subprocess, two lengths) against the diffusers loop in "no" and "bf16", alternately."""
+    """train.py (subprocess, two lengths) against the diffusers loop in fp32 and bf16, alternately."""
     short, long = args.e2e_steps
-    train_py, loop = [], {"no": [], "bf16": []}
+    train_py, loop = [], {"fp32": [], "bf16": []}
     for _ in range(args.e2e_rounds):
         first = train_py_seconds(args, short)
-        loop["no"].append(diffusers_loop_rate(args, "no", (short, long)))
+        loop["fp32"].append(diffusers_loop_rate(args, "fp32", (short, long)))
         second = train_py_seconds(args, long)
         loop["bf16"].append(diffusers_loop_rate(args, "bf16", (short, long)))
         train_py.append((long - short) * args.train_batch_size / (second - first))
         print(
             f"end to end, {args.e2e_preset}, batch {args.train_batch_size}: train.py {train_py[-1]:.1f} images/s "
-            f"(runs of {short} and {long} steps: {first:.1f} s, {second:.1f} s); diffusers loop no "
-            f"{loop['no'][-1]:.1f}, bf16 {loop['bf16'][-1]:.1f} images/s",
+            f"(runs of {short} and {long} steps: {first:.1f} s, {second:.1f} s); diffusers loop fp32 "
+            f"{loop['fp32'][-1]:.1f}, bf16 {loop['bf16'][-1]:.1f} images/s",
             flush=True,
         )
     results = {
         "e2e_train_py": statistics.median(train_py),
-        "e2e_diffusers_no": statistics.median(loop["no"]),
+        "e2e_diffusers_fp32": statistics.median(loop["fp32"]),
         "e2e_diffusers_bf16": statistics.median(loop["bf16"]),
     }
     results["e2e_speedup_vs_diffusers_best"] = results["e2e_train_py"] / max(
-        results["e2e_diffusers_no"], results["e2e_diffusers_bf16"]
+        results["e2e_diffusers_fp32"], results["e2e_diffusers_bf16"]
     )
     return results
 
@@ -408,7 +410,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=["mnist-small"], choices=DDPMMnistUNet.preset_names())
-    parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument(
+        "--dtypes", nargs="+", default=list(BENCHMARK_DTYPES), choices=BENCHMARK_DTYPES, help="the precisions measured"
+    )
+    add_renamed_flag(parser, "--precisions", "--dtypes")
     parser.add_argument("--parts", nargs="+", default=["models", "sample", "e2e"], choices=PARTS)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     parser.add_argument("--channels_last", action="store_true", help="also measure models in channels_last")
@@ -450,9 +455,9 @@ def main() -> None:
     results: dict[str, object] = {
         "device": describe_device(device),
         "torch": torch.__version__,
-        **{f"matmul_peak_gflops_{p}": matmul_peak_gflops(device, 2048, DTYPES[p]) for p in args.precisions},
+        **{f"matmul_peak_gflops_{p}": matmul_peak_gflops(device, 2048, DTYPES[p]) for p in args.dtypes},
     }
-    peaks = ", ".join(f"{p} {results[f'matmul_peak_gflops_{p}']:.0f}" for p in args.precisions)
+    peaks = ", ".join(f"{p} {results[f'matmul_peak_gflops_{p}']:.0f}" for p in args.dtypes)
     print(f"{results['device']}; torch {torch.__version__}; 2048^3 matmul GFLOP/s: {peaks}", flush=True)
     if "models" in args.parts:
         for preset in args.presets:

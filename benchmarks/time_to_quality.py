@@ -1,7 +1,7 @@
 """Time to quality: our training recipe against the diffusers baseline at equal architecture, on the same machine.
 
     python benchmarks/time_to_quality.py --config training/recipes/e-release-cosine.json --output_dir runs/ttq \\
-        [--snapshot_minutes 10 20 30 ...] [--num_samples 1000] [--num_inference_steps 50] [--dtype bfloat16]
+        [--snapshot_minutes 10 20 30 ...] [--num_samples 1000] [--num_inference_steps 50] [--dtype bf16]
         [--dataset_name DIR]
 
 Both sides train for the same wall-clock budget and are scored at the same training minutes (`--snapshot_minutes`,
@@ -16,13 +16,13 @@ wall time of the training loop only: start-up, saving for the snapshot and scori
 * the baseline: `diffusers.UNet2DModel` built to the recipe's UNet (`diffusers_baseline.diffusers_twin`), trained
   in this process by the loop of diffusers' `train_unconditional.py` with that script's defaults (DDPMScheduler,
   AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, cosine schedule with 500 warm-up steps, EMAModel 0.9999 with
-  inv_gamma 1 and power 3/4, `--baseline_batch_size` 16, `--baseline_mixed_precision` "no"), on the same data. Its
+  inv_gamma 1 and power 3/4, `--baseline_batch_size` 16, `--baseline_mixed_precision` fp32), on the same data. Its
   EMA weights at each snapshot go into `DDPMMnistPipeline` with the same noise schedule.
 
 The two sides alternate, snapshot by snapshot, so that a change in the machine's load falls on both; the recipe's
 subprocess gets this process's thread count (OMP_NUM_THREADS). Every snapshot is scored by one protocol:
-`--num_samples` digits from seed `--seed` with the pipeline's own DDPM sampler (Algorithm 2 of the DDPM paper) on
-`--num_inference_steps` respaced steps, the UNet in `--dtype` (float32 by default; bfloat16 is faster on a CPU
+`--num_samples` digits from seed `--seed` with the pipeline's own DDPM scheduler (Algorithm 2 of the DDPM paper) on
+`--num_inference_steps` respaced steps, the UNet in `--dtype` (fp32 by default; bf16 is faster on a CPU
 with bf16 hardware), scored with `ddpm_mnist.evaluation.QualityReference` against the MNIST test
 digits (mean classifier confidence, share of each digit, FID, KID, precision and recall on the package classifier's
 features), beside the real floor at the same N.
@@ -52,6 +52,7 @@ import torch
 from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersLoop, checked_twin
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
+from ddpm_mnist.deprecation import DTYPE_RENAMES, MIXED_PRECISION_RENAMES, renamed_values
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.evaluation import (
     DTYPES,
@@ -94,13 +95,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=default_device(), help="where the samples are drawn and scored")
     parser.add_argument(
         "--dtype",
-        default="float32",
+        type=renamed_values(DTYPE_RENAMES, "--dtype"),
+        default="fp32",
         choices=list(DTYPES),
-        help="both sides' UNet dtype while sampling (x_t and the scheduler stay float32); training is untouched",
+        help="both sides' UNet dtype while sampling (x_t and the scheduler stay fp32); training is untouched",
     )
     parser.add_argument("--baseline_batch_size", type=int, default=TRAIN_BATCH_SIZE, help="the diffusers loop's")
     parser.add_argument(
-        "--baseline_mixed_precision", default="no", choices=["no", "bf16"], help="the diffusers loop's precision"
+        "--baseline_mixed_precision",
+        type=renamed_values(MIXED_PRECISION_RENAMES, "--baseline_mixed_precision"),
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="the diffusers loop's mixed precision",
     )
     args = parser.parse_args()
     minutes = args.snapshot_minutes
@@ -182,7 +188,7 @@ def train_recipe(config: str, run_dir: Path, dataset: str, minutes: float, resum
         raise WorkFailed(f"train.py failed at {minutes} minutes (see {run_dir / 'train.log'}): {last}")
 
 
-def score(pipe: DDPMMnistPipeline, reference: QualityReference, args: argparse.Namespace) -> dict:
+def score_snapshot(pipe: DDPMMnistPipeline, reference: QualityReference, args: argparse.Namespace) -> dict:
     """The protocol: `--num_samples` digits of the pipeline's DDPM on `--num_inference_steps` steps, scored."""
     start = time.perf_counter()
     samples = generate_digits(
@@ -212,7 +218,7 @@ def recipe_snapshot(
         "steps": record["global_step"],
         "images_seen": record["images_seen"],
         "training_time": record["training_time"],
-        "metrics": score(pipe, reference, args),
+        "metrics": score_snapshot(pipe, reference, args),
     }
 
 
@@ -233,7 +239,7 @@ def baseline_snapshot(
         "steps": loop.global_step,
         "images_seen": loop.global_step * args.baseline_batch_size,
         "training_time": f"{clock[0] / 60:.2f} minutes",
-        "metrics": score(pipe, reference, args),
+        "metrics": score_snapshot(pipe, reference, args),
     }
 
 
@@ -331,7 +337,7 @@ def main() -> None:
             "snapshot_minutes": args.snapshot_minutes,
             "num_samples": args.num_samples,
             "num_inference_steps": args.num_inference_steps,
-            "sampler": "ddpm",
+            "scheduler": "ddpm",
             "sampling_dtype": args.dtype,
             "seed": args.seed,
             "reference_images": reference.num_images,

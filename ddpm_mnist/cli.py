@@ -20,10 +20,11 @@ import torch
 
 from . import __version__
 from .data import DEFAULT_DATASET
+from .deprecation import DTYPE_RENAMES, renamed_values
 from .errors import UsageError, run_entry_point
 from .evaluation import (
     DTYPES,
-    FAST_SAMPLER_STEPS,
+    FAST_SCHEDULER_STEPS,
     SCHEDULERS,
     QualityReference,
     default_device,
@@ -32,7 +33,7 @@ from .evaluation import (
     load_nll_digits,
     load_pipeline,
     nll_bound,
-    sampler_steps,
+    scheduler_steps,
     to_pil_images,
 )
 from .hardware import describe_device
@@ -42,7 +43,7 @@ from .pipeline_ddpm_mnist import DDPMMnistPipeline
 QUALITY_KEYS = ("fid", "kid", "precision", "recall", "mean_confidence", "class_entropy", "rarest_class_share")
 
 
-def _option(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+def _add_option(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
     """Add `--name` under its underscore and its hyphen spelling."""
     spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
     parser.add_argument(*spellings, dest=name, **kwargs)
@@ -59,21 +60,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     loading = argparse.ArgumentParser(add_help=False)
     loading.add_argument("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
-    _option(loading, "device", default=default_device(), help="torch device (default: %(default)s)")
-    _option(loading, "batch_size", type=int, default=64, help="images per network call (default: %(default)s)")
+    _add_option(loading, "device", default=default_device(), help="torch device (default: %(default)s)")
+    _add_option(loading, "batch_size", type=int, default=64, help="images per network call (default: %(default)s)")
     sampling = argparse.ArgumentParser(add_help=False)
-    _option(sampling, "scheduler", choices=SCHEDULERS, default="ddpm", help="the sampler, on the pipeline's schedule")
-    _option(
+    _add_option(
+        sampling,
+        "scheduler",
+        choices=SCHEDULERS,
+        default="ddpm",
+        help="the scheduler, on the pipeline's noise schedule",
+    )
+    _add_option(
         sampling,
         "num_inference_steps",
         type=int,
         default=None,
-        help=f"sampling steps (default: all T for ddpm, {FAST_SAMPLER_STEPS} for the others)",
+        help=f"sampling steps (default: all T for ddpm, {FAST_SCHEDULER_STEPS} for the others)",
     )
-    _option(sampling, "dtype", choices=DTYPES, default="float32", help="inference dtype (default: %(default)s)")
-    _option(sampling, "seed", type=int, default=0, help="seed of the initial noise and of data subsets")
+    _add_option(
+        sampling,
+        "dtype",
+        type=renamed_values(DTYPE_RENAMES, "--dtype"),
+        choices=DTYPES,
+        default="fp32",
+        help="the U-Net's dtype while sampling (default: %(default)s)",
+    )
+    _add_option(sampling, "seed", type=int, default=0, help="seed of the initial noise and of data subsets")
     data = argparse.ArgumentParser(add_help=False)
-    _option(
+    _add_option(
         data,
         "dataset_name",
         default=DEFAULT_DATASET,
@@ -83,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser(
         "sample", parents=[loading, sampling], help="write a grid of sampled digits", description="Sample digits."
     )
-    _option(sample, "num_samples", type=int, default=64, help="digits to sample (default: %(default)s)")
-    _option(sample, "output_dir", default="samples", help="the folder for grid.png (default: %(default)s)")
-    _option(sample, "upscale", type=int, default=2, help="grid pixels per digit pixel (default: %(default)s)")
-    _option(sample, "save_digits", action="store_true", help="also write each digit as OUTPUT_DIR/digits/NNNNN.png")
+    _add_option(sample, "num_samples", type=int, default=64, help="digits to sample (default: %(default)s)")
+    _add_option(sample, "output_dir", default="samples", help="the folder for grid.png (default: %(default)s)")
+    _add_option(sample, "upscale", type=int, default=2, help="grid pixels per digit pixel (default: %(default)s)")
+    _add_option(sample, "save_digits", action="store_true", help="also write each digit as OUTPUT_DIR/digits/NNNNN.png")
     sample.set_defaults(run=_sample)
 
     evaluate = commands.add_parser(
@@ -96,11 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="FID, KID, precision/recall, confidence and class balance of samples against the MNIST test "
         "digits (features of the package's MNIST classifier), beside the floor of as many real training digits.",
     )
-    _option(evaluate, "num_samples", type=int, default=10_000, help="digits to sample (default: %(default)s)")
-    _option(evaluate, "reference_images", type=int, default=None, help="test digits to compare with (default: all)")
+    _add_option(evaluate, "num_samples", type=int, default=10_000, help="digits to sample (default: %(default)s)")
+    _add_option(evaluate, "reference_images", type=int, default=None, help="test digits to compare with (default: all)")
     evaluate.add_argument("--nll", action="store_true", help="also bound the NLL on test digits (see `nll`)")
-    _option(evaluate, "nll_images", type=int, default=1000, help="test digits for --nll (default: %(default)s)")
-    _option(evaluate, "nll_timesteps", type=int, default=None, help="sampled timesteps for --nll (default: exact)")
+    _add_option(evaluate, "nll_images", type=int, default=1000, help="test digits for --nll (default: %(default)s)")
+    _add_option(evaluate, "nll_timesteps", type=int, default=None, help="sampled timesteps for --nll (default: exact)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     evaluate.set_defaults(run=_evaluate)
 
@@ -112,15 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         "pixel, with its prior, diffusion and decoder terms.",
     )
     nll.add_argument("--split", choices=["train", "test"], default="test", help="the MNIST split (default: test)")
-    _option(nll, "nll_images", type=int, default=None, help="digits to use (default: the whole split)")
-    _option(
+    _add_option(nll, "nll_images", type=int, default=None, help="digits to use (default: the whole split)")
+    _add_option(
         nll,
         "nll_timesteps",
         type=int,
         default=None,
         help="estimate the diffusion terms from this many sampled timesteps per digit (default: all, exact)",
     )
-    _option(nll, "seed", type=int, default=0, help="seed of the x_t noise and of the digit subset")
+    _add_option(nll, "seed", type=int, default=0, help="seed of the x_t noise and of the digit subset")
     nll.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     nll.set_defaults(run=_nll)
     return parser
@@ -136,17 +150,17 @@ def main(argv: list[str] | None = None) -> None:
 # Sub-commands
 
 
-def _load(args: argparse.Namespace) -> DDPMMnistPipeline:
+def _load_pipeline(args: argparse.Namespace) -> DDPMMnistPipeline:
     """The pipeline on the chosen device, which is named in one line."""
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}.")
-    pipe = load_pipeline(args.pipeline, args.device, getattr(args, "dtype", "float32"))
+    pipe = load_pipeline(args.pipeline, args.device, getattr(args, "dtype", "fp32"))
     print(f"device: {pipe.device} ({describe_device(pipe.device)})")
     return pipe
 
 
 def _generate(pipe: DDPMMnistPipeline, args: argparse.Namespace) -> torch.Tensor:
-    """--num_samples digits from the chosen sampler, seed and batch size."""
+    """--num_samples digits from the chosen scheduler, seed and batch size."""
     return generate_digits(
         pipe,
         args.num_samples,
@@ -164,7 +178,7 @@ def _sample(args: argparse.Namespace) -> None:
         raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder.")
     if args.upscale < 1:
         raise UsageError(f"--upscale must be at least 1, got {args.upscale}.")
-    images = _generate(_load(args), args)
+    images = _generate(_load_pipeline(args), args)
     output_dir.mkdir(parents=True, exist_ok=True)
     digit_grid(images, upscale=args.upscale).save(output_dir / "grid.png")
     if args.save_digits:
@@ -176,8 +190,8 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     """`ddpm-mnist evaluate`: quality of samples against the test digits, beside the real-vs-real floor."""
-    pipe = _load(args)
-    steps = sampler_steps(pipe, args.scheduler, args.num_inference_steps)
+    pipe = _load_pipeline(args)
+    steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
     # All data first, so that a bad --dataset_name or count fails before the sampling.
     if args.nll:
         nll_x_0 = load_nll_digits(
@@ -209,7 +223,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _nll(args: argparse.Namespace) -> None:
     """`ddpm-mnist nll`: the variational bound in bits/dim with its terms."""
-    pipe = _load(args)
+    pipe = _load_pipeline(args)
     x_0 = load_nll_digits(
         pipe,
         args.dataset_name,

@@ -1,9 +1,9 @@
-"""Evaluation of a saved pipeline: draw digits with a named sampler, score them beside the real floor, bound the NLL.
+"""Evaluation of a saved pipeline: draw digits with a named scheduler, score them beside the real floor, bound the NLL.
 
-The one place that `ddpm-mnist sample | evaluate | nll`, `training/release.py` and `benchmarks/sampler_quality.py`
+The one place that `ddpm-mnist sample | evaluate | nll`, `training/release.py` and `benchmarks/scheduler_quality.py`
 call:
 
-    pipe = load_pipeline("pretrained/ddpm-mnist-small", device="cpu", dtype="float32")
+    pipe = load_pipeline("pretrained/ddpm-mnist-small", device="cpu", dtype="fp32")
     reference = QualityReference("ylecun/mnist")                  # the MNIST test digits, as the classifier sees them
     floor = reference.floor(1000)                                  # 1000 real training digits against the same digits
     samples = generate_digits(pipe, 1000, scheduler="ddim", num_inference_steps=50, seed=0)
@@ -38,17 +38,17 @@ from .metrics.quality import SampleQuality, classifier_outputs, sample_quality
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 from .scheduling_ddpm_mnist import DDPMMnistScheduler
 
-# Samplers by their command-line name; each is built with `from_config(pipe.scheduler.config)`, the pipeline's
-# noise schedule, so that every sampler runs the schedule the network was trained on.
+# Schedulers by their command-line name; each is built with `from_config(pipe.scheduler.config)`, the pipeline's
+# noise schedule, so that every scheduler runs the schedule the network was trained on.
 SCHEDULERS = {
     "ddpm": DDPMMnistScheduler,
     "ddim": DDIMScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-FAST_SAMPLER_STEPS = 50  # the default num_inference_steps of every sampler but ddpm, which runs all T steps
-# Inference dtypes by their command-line name.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FAST_SCHEDULER_STEPS = 50  # the default num_inference_steps of every scheduler but ddpm, which runs all T steps
+# Inference dtypes by their command-line name (earlier names: `ddpm_mnist.deprecation.DTYPE_RENAMES`).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_SCORED_IMAGES = 4  # precision and recall need more digits than their k = 3 neighbours
 
 
@@ -69,7 +69,7 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def load_pipeline(
-    name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str = "float32"
+    name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str = "fp32"
 ) -> DDPMMnistPipeline:
     """A saved pipeline (a folder written by `save_pretrained`, or a Hub repo id) on `device`, in `dtype`.
 
@@ -92,13 +92,13 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def sampler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps: int | None = None) -> int:
-    """The checked step count of the named sampler on `pipe`: by default all T steps for ddpm, 50 for the others."""
+def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps: int | None = None) -> int:
+    """The checked step count of the named scheduler on `pipe`: by default all T steps for ddpm, 50 for the others."""
     if scheduler not in SCHEDULERS:
         raise UsageError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}; pass one of them.")
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if num_inference_steps is None:
-        return num_train_timesteps if scheduler == "ddpm" else min(FAST_SAMPLER_STEPS, num_train_timesteps)
+        return num_train_timesteps if scheduler == "ddpm" else min(FAST_SCHEDULER_STEPS, num_train_timesteps)
     if not 1 <= num_inference_steps <= num_train_timesteps:
         raise UsageError(
             f"num_inference_steps {num_inference_steps} is outside 1..{num_train_timesteps}, the pipeline's "
@@ -118,12 +118,12 @@ def generate_digits(
     batch_size: int = 64,
     progress: bool = True,
 ) -> torch.Tensor:
-    """`num_samples` digits (N, 1, 28, 28) in [0, 1], float32 on the CPU, from the named sampler (Algorithm 2 for
+    """`num_samples` digits (N, 1, 28, 28) in [0, 1], float32 on the CPU, from the named scheduler (Algorithm 2 for
     ddpm) on the pipeline's schedule, batch by batch from one CPU generator seeded with `seed`.
 
-    The sampler replaces `pipe.scheduler` for the call only: the pipeline keeps the schedule it was saved with.
+    The scheduler replaces `pipe.scheduler` for the call only: the pipeline keeps the one it was saved with.
     """
-    steps = sampler_steps(pipe, scheduler, num_inference_steps)
+    steps = scheduler_steps(pipe, scheduler, num_inference_steps)
     if num_samples < 1 or batch_size < 1:
         raise UsageError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}.")
     saved_scheduler = pipe.scheduler

@@ -1,21 +1,27 @@
-"""Hugging Face Hub glue: the model card, the files of a pushed repo, and the push.
+"""Hugging Face Hub glue: the full model card, the files a pipeline folder pushes, and the end of a training run.
 
-A pushed repo holds the pipeline (model_index.json, `unet/` and `scheduler/` with safetensors weights), the model card
-and the sample grids, plus what lets diffusers load it without this package: the pipeline, UNet and scheduler modules
-copied as they are, and a model_index.json that names them (`_class_name: ["pipeline_ddpm_mnist",
-"DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist", "DDPMMnistUNet"]`). That is the layout diffusers' custom pipeline
-loader reads with `trust_remote_code=True`: a list `_class_name` is loaded from `<module>.py` at the repo root, a
-component from `<component>/<module>.py`. With the package installed, `DDPMMnistPipeline.from_pretrained` reads those
-names as the package's own modules instead.
+`DDPMMnistPipeline.save_pretrained` writes the layout of a pushed repo: the pipeline (model_index.json, `unet/` and
+`scheduler/` with safetensors weights) plus the pipeline, UNet and scheduler modules copied as they are, which the
+model_index.json names (`_class_name: ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist",
+"DDPMMnistUNet"]`). That is the layout diffusers' custom pipeline loader reads with `trust_remote_code=True`; with the
+package installed, `DDPMMnistPipeline.from_pretrained` reads those names as the package's own modules instead.
+diffusers' own push paths (`pipe.push_to_hub(...)`, `pipe.save_pretrained(..., push_to_hub=True)`) upload that folder
+with the repo's model card, or a short one. The full card comes from `render_model_card`, written into the folder
+before the push:
+
+    render_model_card(pipe, "user/ddpm-mnist").save("ddpm-mnist/README.md")
+    pipe.save_pretrained("ddpm-mnist", push_to_hub=True, repo_id="user/ddpm-mnist")  # keeps that README.md
+
+A folder that already holds its card and `samples/` (what `save_training_run` writes, with checkpoints and logs beside
+them) goes up with `push_pipeline_folder(folder, repo_id)`, which uploads only what `hub_files` lists.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import json
 import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from .unet_ddpm_mnist import PRESETS
 CARD_TEMPLATE = Path(__file__).parent / "model_card_template.md"
 CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "unconditional-image-generation"]
 CARD_DATASET = "ylecun/mnist"  # the card's dataset when training read a local copy of it
+DISTRIBUTION = "ddpm-mnist"  # the installed package's name, whose metadata gives the card its home page link
 # Metric keys the card accepts -> their name in the card and in `model-index`.
 METRICS = {
     "fid": "FID",
@@ -124,6 +131,7 @@ def render_model_card(
         template_path=str(template_path),
         model_name=model_name,
         repo_id=repo_id,
+        homepage=_homepage(),
         dataset_name=dataset_name,
         samples_image=samples_image,
         denoising_image=denoising_image,
@@ -150,6 +158,14 @@ def render_model_card(
     )
 
 
+def _homepage() -> str | None:
+    """The package's home page (`url` in setup.py) from its installed metadata; None when unset or not installed."""
+    try:
+        return importlib.metadata.metadata(DISTRIBUTION).get("Home-page")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _preset_name(unet_config: dict[str, Any]) -> str:
     """The `DDPMMnistUNet` preset a UNet config was built from, or "custom"."""
     for name, preset in PRESETS.items():
@@ -158,32 +174,33 @@ def _preset_name(unet_config: dict[str, Any]) -> str:
     return "custom"
 
 
-def hub_files(folder: str | os.PathLike) -> dict[str, Path | bytes]:
-    """What pushing a pipeline folder uploads, by path in the repo: a local file, or generated content."""
-    # The pipeline (model_index.json rewritten for remote code, each component's configs and safetensors weights),
-    # the modules the entries name, README.md and `samples/*.png`; never checkpoints, optimizer states or logs.
+def hub_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """What pushing a pipeline folder uploads: its files, by path in the repo."""
+    # The pipeline as `save_pretrained` writes it (model_index.json, the code files it names, each component's configs
+    # and safetensors weights), README.md and `samples/*.png`; never checkpoints, optimizer states or logs.
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; save a pipeline there with `save_pretrained`.")
     index = json.loads((folder / "model_index.json").read_text())
-    if index.get("_class_name") != DDPMMnistPipeline.__name__:
-        raise ValueError(f"{folder} holds a {index.get('_class_name')}, not a {DDPMMnistPipeline.__name__}.")
-    files: dict[str, Path | bytes] = {}
-    module_name, module_file = _module_file(DDPMMnistPipeline.__module__)
-    index["_class_name"] = [module_name, DDPMMnistPipeline.__name__]
-    files[f"{module_name}.py"] = module_file
+    module, class_name = DDPMMnistPipeline.__module__.rpartition(".")[2], DDPMMnistPipeline.__name__
+    if index.get("_class_name") == class_name:
+        raise ValueError(
+            f"{folder} was saved without the code that trust_remote_code runs; save it again with "
+            f"`{class_name}.from_pretrained(folder).save_pretrained(folder)`."
+        )
+    if index.get("_class_name") != [module, class_name]:
+        raise ValueError(f"{folder} holds a {index.get('_class_name')}, not a {class_name}.")
+    files = {"model_index.json": folder / "model_index.json", f"{module}.py": folder / f"{module}.py"}
     for component, entry in index.items():
         if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
             continue
         if list((folder / component).glob("*.bin")):
             raise ValueError(f"{folder / component} holds pickled weights (.bin); save with safe_serialization=True.")
+        code = folder / component / f"{entry[0]}.py"  # a component whose module the folder carries
         for path in sorted([*(folder / component).glob("*.json"), *(folder / component).glob("*.safetensors")]):
             files[path.relative_to(folder).as_posix()] = path
-        if entry[0].startswith(f"{__package__}."):
-            module_name, module_file = _module_file(entry[0])
-            index[component] = [module_name, entry[1]]
-            files[f"{component}/{module_name}.py"] = module_file
-    files["model_index.json"] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        if code.is_file():
+            files[code.relative_to(folder).as_posix()] = code
     extras = [folder / "README.md", *sorted((folder / "samples").glob("*.png"))]
     files.update({path.relative_to(folder).as_posix(): path for path in extras if path.is_file()})
     return files
@@ -195,16 +212,11 @@ def export_pipeline_folder(folder: str | os.PathLike, destination: str | os.Path
     if destination.exists():
         raise FileExistsError(f"{destination} exists; export into a new folder, or remove it first.")
     files = hub_files(folder)
-    for path, content in files.items():
+    for path, source in files.items():
         target = destination / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+        target.write_bytes(source.read_bytes())
     return destination
-
-
-def _module_file(module: str) -> tuple[str, Path]:
-    """The short name and the source file of one of this package's modules."""
-    return module.rpartition(".")[2], Path(importlib.import_module(module).__file__)
 
 
 def push_pipeline_folder(
@@ -214,10 +226,7 @@ def push_pipeline_folder(
     files = hub_files(folder)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    operations = [
-        CommitOperationAdd(path_in_repo=path, path_or_fileobj=content if isinstance(content, bytes) else str(content))
-        for path, content in files.items()
-    ]
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(source)) for path, source in files.items()]
     return api.create_commit(repo_id, operations, commit_message=f"Upload {DDPMMnistPipeline.__name__}").commit_url
 
 
@@ -257,18 +266,3 @@ def push_training_run(output_dir: str | os.PathLike, repo_id: str, private: bool
             f"the upload to {repo_id} failed ({reason}); {output_dir} is intact. Retry the upload alone with: "
             f"python -c {shlex.quote('from ddpm_mnist.hub import push_pipeline_folder; ' + call)}"
         ) from e
-
-
-def push_pipeline(
-    pipeline: DDPMMnistPipeline,
-    repo_id: str,
-    private: bool | None = None,
-    token: str | None = None,
-    card: ModelCard | None = None,
-) -> str:
-    """Push a pipeline in memory with its card (default: `render_model_card`) and code; return the commit URL."""
-    repo_id = check_push_access(repo_id, token)
-    with tempfile.TemporaryDirectory() as folder:
-        pipeline.save_pretrained(folder)
-        (card or render_model_card(pipeline, repo_id)).save(os.path.join(folder, "README.md"))
-        return push_pipeline_folder(folder, repo_id, private=private, token=token)

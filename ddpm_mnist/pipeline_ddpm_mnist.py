@@ -135,10 +135,12 @@ class DDPMMnistPipeline(DiffusionPipeline):
         generic loader runs those files with `trust_remote_code=True`; `DDPMMnistPipeline.from_pretrained` reads the
         names as the package's own modules (see `load_config`).
 
-        `push_to_hub=True` then uploads the folder, with diffusers' `repo_id` (default: the folder's name),
-        `commit_message`, `private`, `token` and `create_pr`, and returns the commit URL. The model card that goes up is
-        the folder's README.md if it has one (a full card: `ddpm_mnist.hub.render_model_card(...).save(...)` before the
-        push), else the repo's card, else a short card on how to load the pipeline.
+        `push_to_hub=True` then uploads the whole folder, as diffusers does, with diffusers' `repo_id` (default: the
+        folder's name), `commit_message`, `private`, `token` and `create_pr`, and returns the commit URL (a training
+        run's folder, with its checkpoints and logs, goes up with `ddpm_mnist.hub.push_pipeline_folder` instead, which
+        leaves those out). The model card that goes up is the folder's README.md if it has one (a full card:
+        `ddpm_mnist.hub.render_model_card(...).save(...)` before the push), else the repo's card, else a short card on
+        how to load the pipeline.
         """
         if push_to_hub:
             upload = {name: kwargs.pop(name, None) for name in ("commit_message", "token", "subfolder")}

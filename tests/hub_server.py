@@ -12,7 +12,8 @@ the status codes, headers and JSON shapes of the real Hub, so the client code ru
     POST /{repo}.git/info/lfs/objects/batch                LFS batch: basic-transfer upload and verify actions
     PUT  {cdn}/upload/{oid}                                the LFS upload itself, to a second origin (like S3)
     POST /{repo}.git/info/lfs/objects/verify               LFS verify
-    POST /api/models/{repo}/commit/{rev}                   the NDJSON commit (file, lfsFile, deletedFile/Folder)
+    POST /api/models/{repo}/commit/{rev}                   the NDJSON commit (file, lfsFile, deletedFile/Folder);
+                                                           with create_pr=1 a pull request: the commit on refs/pr/N
     HEAD/GET /{repo}/resolve/{rev}/{path}                  regular files with ETag; LFS files as a 302 to the CDN
                                                            with X-Linked-Etag and X-Linked-Size; X-Repo-Commit always
     GET  {cdn}/blobs/{sha256}                              LFS content, served without authentication
@@ -28,8 +29,8 @@ What it cannot prove:
   modes follow the default `.gitattributes` plus a binary sniff, not the Hub's exact rules.
 - Auth scopes: tokens are a fixed table with a read or write role; fine-grained tokens, organisations, gated repos,
   rate limits and quotas do not exist here.
-- Scale and breadth: no pagination (over 1000 tree entries), Range requests, multipart uploads, pull requests, tags or
-  branches other than `main`.
+- Scale and breadth: no pagination (over 1000 tree entries), Range requests, multipart uploads, tags or branches other
+  than `main`; a pull request is only its commit and its `refs/pr/N` revision (no discussion, no merge).
 """
 
 from __future__ import annotations
@@ -109,15 +110,22 @@ class Repo:
     created_at: str = field(default_factory=now)
     commits: dict[str, Commit] = field(default_factory=dict)
     main: str = ""
+    pull_requests: list[str] = field(default_factory=list)  # the commit of refs/pr/N at index N - 1
 
-    def commit(self, title: str, files: dict[str, StoredFile]) -> Commit:
-        """Add a commit on top of `main` holding exactly `files`."""
+    def commit(self, title: str, files: dict[str, StoredFile], pull_request: bool = False) -> Commit:
+        """Add a commit on top of `main` holding exactly `files`: to `main`, or as a new pull request."""
         sha = hashlib.sha1(f"{self.repo_id}\0{self.main}\0{title}\0{len(self.commits)}".encode()).hexdigest()
         self.commits[sha] = Commit(sha, title, now(), files)
-        self.main = sha
+        if pull_request:
+            self.pull_requests.append(sha)
+        else:
+            self.main = sha
         return self.commits[sha]
 
     def resolve(self, revision: str) -> Commit | None:
+        if m := re.fullmatch(r"refs/pr/(\d+)", revision):
+            number = int(m[1])
+            return self.commits[self.pull_requests[number - 1]] if 0 < number <= len(self.pull_requests) else None
         return self.commits.get(self.main if revision == "main" else revision)
 
 
@@ -312,8 +320,6 @@ class HubServer:
         return {"success": True}
 
     def commit(self, repo: Repo, revision: str, lines: list[dict], params: dict[str, list[str]]) -> dict:
-        if params.get("create_pr"):
-            raise HubError(400, "The stand-in does not support pull requests.")
         if repo.repo_id in self.fail_commits_to:
             raise HubError(500, "Internal Error - We're working hard to fix this as soon as possible!")
         parent = self.commit_of(repo, revision)
@@ -338,9 +344,13 @@ class HubServer:
                 files = {p: f for p, f in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
             else:
                 raise HubError(400, f"Unknown commit operation {key}")
-        commit = repo.commit(header["summary"], files)
+        pull_request = bool(params.get("create_pr"))
+        commit = repo.commit(header["summary"], files, pull_request)
         url = f"{self.endpoint}/{repo.repo_id}/commit/{commit.sha}"
-        return {"success": True, "commitOid": commit.sha, "commitUrl": url, "hookOutput": ""}
+        answer = {"success": True, "commitOid": commit.sha, "commitUrl": url, "hookOutput": ""}
+        if pull_request:
+            answer["pullRequestUrl"] = f"{self.endpoint}/{repo.repo_id}/discussions/{len(repo.pull_requests)}"
+        return answer
 
     def resolve(self, repo: Repo, revision: str, path: str) -> tuple[int, dict[str, str], bytes]:
         commit = self.commit_of(repo, revision)

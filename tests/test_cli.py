@@ -101,9 +101,17 @@ def test_evaluate_prints_one_json_object_with_every_score(pipeline_dir, mnist_fo
 
 def test_evaluate_prints_a_table_beside_the_floor(pipeline_dir, mnist_folder, capsys):
     out = run(capsys, "evaluate", pipeline_dir, "--num_samples", 6, "--num-inference-steps", 2, "--dataset-name",
-              mnist_folder, "--dtype", "bfloat16")  # fmt: skip
+              mnist_folder, "--dtype", "bf16")  # fmt: skip
     assert "real floor" in out and "6 samples (ddpm, 2 steps) against 32 MNIST test" in out
     assert all(name in out for name in ("fid", "kid", "precision", "recall", "mean_confidence", "class_entropy"))
+
+
+def test_the_earlier_dtype_spellings_still_work_with_a_one_line_warning(capsys):
+    for old, new in [("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")]:
+        assert build_parser().parse_args(["sample", "pipe", "--dtype", old]).dtype == new
+        assert capsys.readouterr().err == f"warning: --dtype {old} is deprecated; use --dtype {new}.\n"
+    assert build_parser().parse_args(["sample", "pipe", "--dtype", "bf16"]).dtype == "bf16"
+    assert capsys.readouterr().err == ""
 
 
 def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):

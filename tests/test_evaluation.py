@@ -13,7 +13,7 @@ from ddpm_mnist.evaluation import (
     generate_digits,
     load_pipeline,
     nll_bound,
-    sampler_steps,
+    scheduler_steps,
     to_pil_images,
 )
 from tests.utils import tiny_unet
@@ -45,7 +45,7 @@ def test_grid_tiles_row_by_row_with_black_spare_tiles_and_upscales_by_whole_pixe
         digit_grid(digits[:0])
 
 
-def test_each_sampler_runs_on_the_saved_schedule_for_the_call_only(pipeline_dir):
+def test_each_scheduler_runs_on_the_saved_noise_schedule_for_the_call_only(pipeline_dir):
     pipe = load_pipeline(pipeline_dir)
     seen = []
     pipe.unet.register_forward_pre_hook(lambda module, inputs: seen.append(type(pipe.scheduler)))
@@ -57,11 +57,11 @@ def test_each_sampler_runs_on_the_saved_schedule_for_the_call_only(pipeline_dir)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     other = generate_digits(pipe, 3, scheduler="ddim", num_inference_steps=2, seed=5, batch_size=2, progress=False)
     assert not torch.equal(other, first)
-    assert sampler_steps(pipe, "ddpm") == T and sampler_steps(pipe, "unipc") == T  # 50 capped at T
+    assert scheduler_steps(pipe, "ddpm") == T and scheduler_steps(pipe, "unipc") == T  # 50 capped at T
 
 
 def test_load_pipeline_passes_the_dtype_through(pipeline_dir):
-    pipe = load_pipeline(pipeline_dir, "cpu", "bfloat16")
+    pipe = load_pipeline(pipeline_dir, "cpu", "bf16")
     assert pipe.unet.dtype == torch.bfloat16
     digits = generate_digits(pipe, 2, num_inference_steps=2, progress=False)
     assert digits.dtype == torch.float32 and digits.shape == (2, 1, 28, 28)
@@ -70,8 +70,8 @@ def test_load_pipeline_passes_the_dtype_through(pipeline_dir):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda pipe: sampler_steps(pipe, "euler"), "scheduler 'euler' is not one of ddpm, ddim, dpm++, unipc"),
-        (lambda pipe: sampler_steps(pipe, "ddim", T + 1), f"num_inference_steps {T + 1} is outside 1..{T}"),
+        (lambda pipe: scheduler_steps(pipe, "euler"), "scheduler 'euler' is not one of ddpm, ddim, dpm++, unipc"),
+        (lambda pipe: scheduler_steps(pipe, "ddim", T + 1), f"num_inference_steps {T + 1} is outside 1..{T}"),
         (lambda pipe: generate_digits(pipe, 0), "num_samples and batch_size must be at least 1"),
         (lambda pipe: nll_bound(pipe, torch.zeros(1, 1, 28, 28), nll_timesteps=T), f"is outside 1..{T - 1}"),
     ],
@@ -84,7 +84,7 @@ def test_bad_arguments_are_usage_errors_naming_the_argument(pipeline_dir, call, 
 def test_load_pipeline_refuses_bad_input_in_one_line(pipeline_dir, tmp_path):
     for args, message in [
         ((tmp_path / "nothing",), "is not a folder"),
-        ((pipeline_dir, "cpu", "int8"), "dtype 'int8' is not one of float32, bfloat16, float16"),
+        ((pipeline_dir, "cpu", "int8"), "dtype 'int8' is not one of fp32, bf16, fp16"),
         ((pipeline_dir, "tpu9"), "is not a torch device"),
     ]:
         with pytest.raises(UsageError, match=message) as error:

@@ -1,7 +1,7 @@
-"""The fault campaign (`tests/fault_campaign.py`) in its short form: 5 SIGKILLs, one during a checkpoint write.
+"""The fault campaign (`benchmarks/fault_campaign.py`) in its short form: 5 SIGKILLs, one during a checkpoint write.
 
-The full campaign (the README's figure) is `python tests/fault_campaign.py --kills 20 --checkpoint_kills 4
---max_train_steps 40`.
+The full campaign (the figures of benchmarks/README.md, "Faults") is `python benchmarks/fault_campaign.py --kills 20
+--checkpoint_kills 4 --max_train_steps 40 --seed 1`.
 """
 
 import json
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CAMPAIGN = Path(__file__).resolve().parent / "fault_campaign.py"
+CAMPAIGN = Path(__file__).resolve().parents[1] / "benchmarks" / "fault_campaign.py"
 
 
 def test_killed_and_resumed_training_ends_bitwise_equal_and_never_sees_half_a_checkpoint(tmp_path, mnist_folder):

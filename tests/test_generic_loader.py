@@ -1,9 +1,10 @@
-"""diffusers' generic loader, `DiffusionPipeline.from_pretrained`, on this package's folders and repos.
+"""diffusers' generic loader, `DiffusionPipeline.from_pretrained`, on this package's folders, and on others.
 
-With the package imported, a folder saved by `save_pretrained` and one in the pushed (remote-code) layout load with
-the package's classes and no `trust_remote_code`, from a local folder or a repo id; without the package, the pushed
-layout still loads as remote code with `trust_remote_code=True`, and gives the same digits. Repo ids are served by the
-Hub stand-in of tests/hub_server.py, to clients in fresh interpreters (see tests/test_hub.py for why).
+A folder written by `save_pretrained` carries the code diffusers runs with `trust_remote_code=True`. The generic loader
+runs it when the caller asks, with the package imported or not, and it gives the digits `DDPMMnistPipeline` gives;
+without `trust_remote_code` it refuses in its own words. Importing the package changes nothing in diffusers: no class
+attribute, and no request to the Hub when another pipeline loads (repo ids are served by the Hub stand-in of
+tests/hub_server.py, to clients in fresh interpreters: see tests/test_hub.py for why).
 """
 
 import json
@@ -17,12 +18,12 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.hub import export_pipeline_folder
 from tests.hub_server import HubServer
 from tests.utils import HIDE_PACKAGE, run_python, tiny_unet
 
 PACKAGE_CLASSES = ["ddpm_mnist.pipeline_ddpm_mnist", "ddpm_mnist.unet_ddpm_mnist", "ddpm_mnist.scheduling_ddpm_mnist"]
 REMOTE_CLASSES = ["pipeline_ddpm_mnist", "unet_ddpm_mnist", "scheduling_ddpm_mnist"]
+ROOT = Path(__file__).resolve().parents[1]
 # Script lines defining `sample(pipe)` (two digits from a fixed seed, saved as `<name>.npy`) and `classes(pipe)`.
 SAMPLE = """
 import numpy as np
@@ -47,79 +48,104 @@ def sample(pipe: DiffusionPipeline) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """A tiny pipeline saved by `save_pretrained`, the same exported as a push uploads it, and its digits."""
+    """A tiny pipeline saved by `save_pretrained`, and its digits."""
     tmp = tmp_path_factory.mktemp("generic")
     pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10))
     pipe.save_pretrained(tmp / "saved")
-    export_pipeline_folder(tmp / "saved", tmp / "pushed")
-    digits = sample(DDPMMnistPipeline.from_pretrained(tmp / "saved"))
-    return SimpleNamespace(saved=tmp / "saved", pushed=tmp / "pushed", digits=digits)
+    return SimpleNamespace(saved=tmp / "saved", digits=sample(pipe))
 
 
-def test_the_two_layouts_name_the_package_and_the_remote_code(folders):
-    saved = json.loads((folders.saved / "model_index.json").read_text())
-    pushed = json.loads((folders.pushed / "model_index.json").read_text())
-    assert saved["_class_name"] == "DDPMMnistPipeline" and saved["unet"][0] == "ddpm_mnist.unet_ddpm_mnist"
-    assert pushed["_class_name"] == ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]
-    assert (folders.pushed / "pipeline_ddpm_mnist.py").is_file()
+def test_a_saved_folder_names_the_code_it_carries(folders):
+    index = json.loads((folders.saved / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]
+    assert index["unet"] == ["unet_ddpm_mnist", "DDPMMnistUNet"]
+    assert index["scheduler"] == ["scheduling_ddpm_mnist", "DDPMMnistScheduler"]
+    for path in ("pipeline_ddpm_mnist.py", "unet/unet_ddpm_mnist.py", "scheduler/scheduling_ddpm_mnist.py"):
+        source = ROOT / "ddpm_mnist" / path.rpartition("/")[2]
+        assert (folders.saved / path).read_bytes() == source.read_bytes(), f"{path} is not a copy of {source.name}"
+    assert not (folders.saved / "README.md").exists(), "a card is written by a push, which knows the repo id"
 
 
-@pytest.mark.parametrize("layout", ["saved", "pushed"])
-def test_with_the_package_a_folder_loads_with_its_classes_without_trusting_code(folders, layout):
-    pipe = DiffusionPipeline.from_pretrained(getattr(folders, layout))
-    assert isinstance(pipe, DDPMMnistPipeline)
+def test_the_package_loads_a_folder_and_the_generic_loader_asks_for_trust_remote_code(folders):
+    pipe = DDPMMnistPipeline.from_pretrained(folders.saved)
     assert [type(part).__module__ for part in (pipe, pipe.unet, pipe.scheduler)] == PACKAGE_CLASSES
-    np.testing.assert_array_equal(sample(pipe), folders.digits)
+    np.testing.assert_allclose(sample(pipe), folders.digits, atol=1e-6, rtol=0)
+    refusal = r"contains custom code in pipeline_ddpm_mnist.py .*\n.*trust_remote_code=True"  # diffusers' words
+    with pytest.raises(ValueError, match=refusal):
+        DiffusionPipeline.from_pretrained(folders.saved)  # with the package imported
+
+
+def save_other_pipeline(folder: Path) -> None:
+    """A tiny pipeline of diffusers' own (`DDPMPipeline` with a `UNet2DModel`), saved in `folder`."""
+    blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1, **blocks)
+    DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=10)).save_pretrained(folder)
 
 
 def test_other_pipelines_keep_diffusers_loader(tmp_path):
-    blocks = {"down_block_types": ("DownBlock2D",) * 2, "up_block_types": ("UpBlock2D",) * 2}
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1, **blocks)
-    DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path)
+    save_other_pipeline(tmp_path)
     assert type(DiffusionPipeline.from_pretrained(tmp_path)) is DDPMPipeline
     with pytest.raises(ValueError, match="is neither a valid local path nor a valid repo id"):  # diffusers' words
         DiffusionPipeline.from_pretrained(str(tmp_path / "missing"))
 
 
-def test_without_the_package_a_folder_loads_as_remote_code_only_when_trusted(folders, tmp_path):
-    code = f"""{HIDE_PACKAGE}{SAMPLE}
+@pytest.mark.parametrize("package", ["imported", "not installed"])
+def test_a_folder_runs_its_code_only_when_trusted_with_or_without_the_package(folders, tmp_path, package):
+    code = f"""{HIDE_PACKAGE if package == "not installed" else "import ddpm_mnist"}{SAMPLE}
 from diffusers import DiffusionPipeline
 try:
-    DiffusionPipeline.from_pretrained({str(folders.pushed)!r})
+    DiffusionPipeline.from_pretrained({str(folders.saved)!r})
 except ValueError as error:
     print("refused:", "trust_remote_code" in str(error))
-pipe = DiffusionPipeline.from_pretrained({str(folders.pushed)!r}, trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained({str(folders.saved)!r}, trust_remote_code=True)
 sample(pipe, "remote.npy")
 classes(pipe)
 """
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     refused, classes = run_python(code, env, tmp_path).strip().splitlines()[-2:]
     assert refused == "refused: True"
-    assert classes.split() == [f"diffusers_modules.local.{name}" for name in REMOTE_CLASSES]
+    assert classes.split() == [f"diffusers_modules.local.{name}" for name in REMOTE_CLASSES]  # the folder's code
     np.testing.assert_allclose(np.load(tmp_path / "remote.npy"), folders.digits, atol=1e-6, rtol=0)
 
 
-def test_a_repo_id_loads_with_the_package_and_as_remote_code_without_it(folders, hub: HubServer, tmp_path: Path):
-    env = {**hub.client_env(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    push = f"from ddpm_mnist.hub import push_pipeline_folder\npush_pipeline_folder({str(folders.saved)!r}, 'generic')"
-    run_python(push, env, tmp_path)
-    with_package = f"""{SAMPLE}
+# Script lines that import the package and every module in it, and print which attributes of diffusers' base classes
+# that changed (none: `[[], [], [], [], []]`) and whether `DiffusionPipeline.from_pretrained` is still diffusers' own.
+IMPORT_EVERYTHING = """
+import importlib
+import pkgutil
+
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
+from diffusers.utils import PushToHubMixin
+
+classes = (DiffusionPipeline, ConfigMixin, ModelMixin, SchedulerMixin, PushToHubMixin)
+before = [dict(vars(cls)) for cls in classes]
+from_pretrained = DiffusionPipeline.from_pretrained.__func__
 import ddpm_mnist
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("tester/generic")
-sample(pipe, "package.npy")
-classes(pipe)
+
+for module in pkgutil.walk_packages(ddpm_mnist.__path__, "ddpm_mnist."):
+    importlib.import_module(module.name)
+print([sorted(name for name in {*old, *vars(cls)} if vars(cls).get(name) is not old.get(name))
+       for old, cls in zip(before, classes)])
+print("diffusers' own from_pretrained:", DiffusionPipeline.from_pretrained.__func__ is from_pretrained)
 """
-    assert run_python(with_package, env, tmp_path).split()[-3:] == PACKAGE_CLASSES
-    without_package = f"""{HIDE_PACKAGE}{SAMPLE}
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("tester/generic", trust_remote_code=True)
-sample(pipe, "remote.npy")
-classes(pipe)
+
+
+def test_importing_the_package_changes_nothing_in_diffusers(hub: HubServer, tmp_path: Path):
+    # Not a class attribute, and not a request to the Hub when another pipeline loads, from a cold cache.
+    save_other_pipeline(tmp_path / "other")
+    env = {**hub.client_env(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    upload = f"""
+from huggingface_hub import HfApi
+HfApi().upload_folder(repo_id=HfApi().create_repo("other").repo_id, folder_path={str(tmp_path / "other")!r})
 """
-    remote_classes = run_python(without_package, env, tmp_path).split()[-3:]
-    assert [name.rpartition(".")[2] for name in remote_classes] == REMOTE_CLASSES
-    assert all(name.startswith("diffusers_modules.") for name in remote_classes)
-    package, remote = np.load(tmp_path / "package.npy"), np.load(tmp_path / "remote.npy")
-    np.testing.assert_array_equal(remote, package)
-    np.testing.assert_allclose(package, folders.digits, atol=1e-6, rtol=0)
+    run_python(upload, env, tmp_path)
+    load = "from diffusers import DiffusionPipeline\nprint(type(DiffusionPipeline.from_pretrained('tester/other')))\n"
+    asked, printed = {}, {}
+    for case, first_lines in (("with", IMPORT_EVERYTHING), ("without", "")):
+        seen = len(hub.requests)
+        printed[case] = run_python(first_lines + load, {**env, "HF_HOME": str(tmp_path / case)}, tmp_path)
+        asked[case] = sorted((method, path) for method, path, _ in hub.requests[seen:])  # downloads run in parallel
+    changed, own, loaded = printed["with"].strip().splitlines()[-3:]
+    assert (changed, own) == ("[[], [], [], [], []]", "diffusers' own from_pretrained: True")
+    assert "DDPMPipeline" in loaded
+    assert asked["with"] and asked["with"] == asked["without"]

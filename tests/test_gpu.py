@@ -103,10 +103,10 @@ def test_mixed_precision_training_on_cuda_resumes_and_saves_a_working_pipeline(t
 def test_bf16_training_reaches_the_float32_loss_in_the_same_steps(tmp_path, mnist_folder):
     steps = ["--max_train_steps=30", "--decode_once", "--learning_rate=1e-3"]
     runs = {}
-    for precision in ("no", "bf16"):
+    for precision in ("fp32", "bf16"):
         process, runs[precision], _ = train(tmp_path, mnist_folder, precision, *steps, f"--mixed_precision={precision}")
         assert process.returncode == 0, process.stderr
-    fp32, bf16 = logged_scalars(runs["no"], "loss"), logged_scalars(runs["bf16"], "loss")
+    fp32, bf16 = logged_scalars(runs["fp32"], "loss"), logged_scalars(runs["bf16"], "loss")
     # Same seed, data order, t and eps: the curves differ only by rounding; compare the last 10 steps' mean.
     assert abs(bf16[-10:].mean() / fp32[-10:].mean() - 1) < 0.1, (fp32[-10:], bf16[-10:])
     assert bf16[-10:].mean() < 0.8 * bf16[:3].mean()  # and it did learn

@@ -154,11 +154,11 @@ def test_the_release_is_assembled_from_the_dry_run_without_sampling(dry_run, rel
     assert "| metric | DDPM, 5 steps (N=16) | real floor (N=16) | DDPM, 20 steps (N=8) | real floor (N=8) |" in card
     assert f"| {stages['evaluate_fast']['fid']:.4f} | {stages['evaluate_fast']['floor']['fid']:.4f} |" in card
     assert f"**{stages['nll']['nll_bpd']:.3f} +- " in card and "exact over all T terms" in card
-    assert (
-        "**Targets**" in card
-        and "--lr_scheduler=cosine" in card
-        and results["stages"]["setup"]["result"]["device"] in card
-    )
+    # The GPU release's own targets, its NLL bound among them, on the recommended setting's column.
+    assert "**Targets** (at DDPM, 5 steps, N=16):" in card and "- mean classifier confidence " in card
+    nll_line = f"- NLL bound {stages['nll']['nll_bpd']:.3f} bits/dim (target <= 1.3): **"
+    assert "(target <= 1.3x): **" in card and nll_line in card
+    assert "--lr_scheduler=cosine" in card and results["stages"]["setup"]["result"]["device"] in card
     assert "ylecun/mnist" in card and str(out) not in card
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"] == str(folder)
     # The release holds the GPU run's weights: the same digits for the same seed.

@@ -1,14 +1,18 @@
 """The Hub round trip against the stand-in of tests/hub_server.py: push, load by repo id, load without the package.
 
+Pushes go through each of diffusers' own paths (`pipe.push_to_hub`, `pipe.save_pretrained(..., push_to_hub=True)`)
+and through the package's folder push at the end of training.
+
 Client code runs in fresh interpreters with the environment of `HubServer.client_env`: huggingface_hub reads
 HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME when it is imported, and this process imported it with the offline settings
 of conftest.py.
 """
 
 import hashlib
+import importlib.metadata
+import inspect
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -19,9 +23,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from diffusers import DiffusionPipeline
+from diffusers.utils import PushToHubMixin
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.hub import export_pipeline_folder, render_model_card
+from ddpm_mnist.hub import export_pipeline_folder, hub_files, render_model_card
 from tests.hub_server import WRITE_TOKEN, HubServer
 from tests.test_train import TINY
 from tests.utils import tiny_unet
@@ -52,6 +58,15 @@ SAVE_IMAGES = "import numpy as np\nnp.save({!r}, np.stack([np.asarray(image) for
 CARD_CODE = r"```python\n(.*?)```"  # the model card's code blocks, with re.DOTALL
 # Two tiny runs of 2 steps with T = 10, so that the card's sampling code runs in a moment.
 PUSH_RUN = [*TINY, "--max_train_steps=2", "--checkpointing_steps=2", "--ddpm_num_steps=10", "--push_to_hub"]
+# One pipeline in memory pushed to a repo of its own by each of diffusers' push paths (the `pushes` fixture), and the
+# full model card pushed through one of them: repo name -> the titles of its commits after the initial one (a pull
+# request's included), and the revision that holds the pipeline.
+PUSHES = {
+    "via-push": (["Upload digits"], "main"),
+    "via-pr": (["Propose digits"], "refs/pr/1"),
+    "via-save": (["Save digits"], "main"),
+    "with-card": (["Upload DDPMMnistPipeline", "Update weights"], "main"),
+}
 
 
 def client_env(hub: HubServer, hf_home: Path, token: str | None = WRITE_TOKEN) -> dict[str, str]:
@@ -93,27 +108,63 @@ def runs(hub: HubServer, mnist_folder: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
-def from_memory(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """`pipe.push_to_hub("in-memory")` of a tiny pipeline with random weights, then its card's code for package users.
+def pushes(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The `PUSHES` of one tiny pipeline with random weights, each loaded back with and without the package.
 
-    Returns the commit URL `push_to_hub` gave and the folder where the card's code saved `digit.png` and the
-    digits of its first snippet as `package.npy`.
+    With the package: the pushes, the in-memory pipeline's digits (`memory.npy`), each repo's digits loaded with
+    `DDPMMnistPipeline` (`package-<repo>.npy`) and the card code for package users of via-push's short card and
+    with-card's full card (`card-package-<repo>.npy`). Without it: each repo's digits loaded by diffusers with
+    `trust_remote_code=True` (`remote-<repo>.npy`), the last of them saved again (`resaved/`), and the cards' code for
+    the others (`card-remote-<repo>.npy`).
+    Returns the folder of those files, and by repo the URLs the pushes returned (commit, pull request) and the
+    modules of the pipeline diffusers loaded.
     """
-    tmp = tmp_path_factory.mktemp("from-memory")
-    code = f"""
-import re
+    tmp = tmp_path_factory.mktemp("pushes")
+    env = {**client_env(hub, tmp / "hf"), "PYTHONPATH": str(ROOT)}
+    with_package = f"""{SAMPLE}
+import json, re
 from huggingface_hub import hf_hub_download
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist.hub import render_model_card
 from tests.utils import tiny_unet
 
 pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10))
-print(pipe.push_to_hub("in-memory"))
-card = open(hf_hub_download("tester/in-memory", "README.md")).read()
-with_package, ddim, _ = re.findall({CARD_CODE!r}, card, flags=re.DOTALL)
-exec(with_package + {SAVE_IMAGES.format("package.npy")!r} + ddim)
+urls = {{
+    "via-push": pipe.push_to_hub("via-push", "Upload digits"),  # diffusers' positional commit_message
+    "via-pr": pipe.push_to_hub("via-pr", "Propose digits", create_pr=True),
+    "via-save": pipe.save_pretrained("saved", push_to_hub=True, repo_id="via-save", commit_message="Save digits"),
+}}
+render_model_card(pipe, "tester/with-card").save("full/README.md")
+first = DDPMMnistPipeline(tiny_unet(seed=1), DDPMMnistScheduler(num_train_timesteps=10))
+urls["with-card"] = first.save_pretrained("full", push_to_hub=True, repo_id="with-card")  # keeps that README.md
+pipe.push_to_hub("with-card", "Update weights")  # other weights to a repo with a card: the card stays
+np.save("memory.npy", sample(pipe))
+for name, (_, revision) in {PUSHES!r}.items():
+    np.save(f"package-{{name}}.npy", sample(DDPMMnistPipeline.from_pretrained(f"tester/{{name}}", revision=revision)))
+for name in ("via-push", "with-card"):
+    blocks = re.findall({CARD_CODE!r}, open(hf_hub_download(f"tester/{{name}}", "README.md")).read(), flags=re.DOTALL)
+    exec(blocks[0] + {SAVE_IMAGES!r}.format(f"card-package-{{name}}.npy") + "".join(blocks[1:-1]))
+print(json.dumps({{name: [str(url), url.pr_url] for name, url in urls.items()}}))
 """
-    commit_url = python(code, {**client_env(hub, tmp / "hf"), "PYTHONPATH": str(ROOT)}, tmp).strip()
-    return SimpleNamespace(commit_url=commit_url, dir=tmp)
+    urls = json.loads(python(with_package, env, tmp).splitlines()[-1])
+    without_package = f"""{WITHOUT_PACKAGE}{SAMPLE}
+import json, re
+from diffusers import DiffusionPipeline
+from huggingface_hub import hf_hub_download
+
+modules = {{}}
+for name, (_, revision) in {PUSHES!r}.items():
+    pipe = DiffusionPipeline.from_pretrained(f"tester/{{name}}", revision=revision, trust_remote_code=True)
+    modules[name] = [type(part).__module__ for part in (pipe, pipe.unet, pipe.scheduler)]
+    np.save(f"remote-{{name}}.npy", sample(pipe))
+pipe.save_pretrained("resaved")  # the code diffusers ran saves itself again
+for name in ("via-push", "with-card"):
+    blocks = re.findall({CARD_CODE!r}, open(hf_hub_download(f"tester/{{name}}", "README.md")).read(), flags=re.DOTALL)
+    exec(blocks[-1] + {SAVE_IMAGES!r}.format(f"card-remote-{{name}}.npy"))
+print(json.dumps(modules))
+"""
+    modules = json.loads(python(without_package, env, tmp).splitlines()[-1])
+    return SimpleNamespace(dir=tmp, urls=urls, modules=modules)
 
 
 def test_train_pushes_the_pipeline_card_samples_and_code_and_nothing_else(runs, hub):
@@ -125,16 +176,10 @@ def test_train_pushes_the_pipeline_card_samples_and_code_and_nothing_else(runs, 
     # Checkpoints (with their optimizer states) and tensorboard logs exist locally, and stayed there.
     assert (run.dir / "checkpoints" / "checkpoint-2" / "optimizer.bin").is_file()
     assert list((run.dir / "logs").rglob("events.out.tfevents.*"))
-    for path in ("README.md", "samples/step-0000002.png", "unet/diffusion_pytorch_model.safetensors"):
+    # What went up is the run folder as `save_pretrained` wrote it, code included.
+    for path in ("README.md", "samples/step-0000002.png", *PIPELINE_FILES, *REMOTE_CODE):
         assert files[path] == (run.dir / path).read_bytes(), path
-    for path, source in REMOTE_CODE.items():
-        assert files[path] == source.read_bytes(), f"{path} is not a verbatim copy of {source.name}"
-    index = json.loads(files["model_index.json"])
-    assert index["_class_name"] == ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]
-    assert index["unet"] == ["unet_ddpm_mnist", "DDPMMnistUNet"]
-    assert index["scheduler"] == ["scheduling_ddpm_mnist", "DDPMMnistScheduler"]
-    # The local folder keeps the plain diffusers layout.
-    assert json.loads((run.dir / "model_index.json").read_text())["unet"][0] == "ddpm_mnist.unet_ddpm_mnist"
+    assert_remote_code_layout(files)
     # The weights went through the LFS protocol to the storage origin, which never saw the token.
     weights_sha = hashlib.sha256(files["unet/diffusion_pytorch_model.safetensors"]).hexdigest()
     assert ("PUT", f"cdn:/upload/{weights_sha}", False) in hub.requests
@@ -230,26 +275,95 @@ except Exception as e:
     assert python(SAMPLE + offline, env, tmp_path).split() == ["LocalEntryNotFoundError"]
 
 
-def test_push_to_hub_from_memory_uploads_weights_card_and_code(from_memory, hub):
-    repo = hub.repos["tester/in-memory"]  # the token's user is the namespace of a bare name
-    assert from_memory.commit_url == f"{hub.endpoint}/tester/in-memory/commit/{repo.main}"
-    files = hub.files("tester/in-memory")
+def assert_remote_code_layout(files: dict[str, bytes]) -> None:
+    """The repo's model_index.json names the code files it carries, verbatim copies of the package's modules."""
+    for path, source in REMOTE_CODE.items():
+        assert files[path] == source.read_bytes(), f"{path} is not a verbatim copy of {source.name}"
+    index = json.loads(files["model_index.json"])
+    assert index["_class_name"] == ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]
+    assert index["unet"] == ["unet_ddpm_mnist", "DDPMMnistUNet"]
+    assert index["scheduler"] == ["scheduling_ddpm_mnist", "DDPMMnistScheduler"]
+
+
+def test_push_to_hub_takes_diffusers_arguments():
+    ours, diffusers = (inspect.signature(cls.push_to_hub).parameters for cls in (DDPMMnistPipeline, PushToHubMixin))
+    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in diffusers.values()]
+
+
+@pytest.mark.parametrize("name", PUSHES)
+def test_each_push_path_uploads_weights_code_and_a_card(pushes, hub, name):
+    titles, revision = PUSHES[name]
+    repo = hub.repos[f"tester/{name}"]  # the token's user is the namespace of a bare name
+    assert [commit.title for commit in repo.commits.values()] == ["initial commit", *titles]
+    files = hub.files(f"tester/{name}", revision)
     assert sorted(files) == sorted([".gitattributes", "README.md", *PIPELINE_FILES, *REMOTE_CODE])
+    assert_remote_code_layout(files)
     card = files["README.md"].decode()
-    assert 'DDPMMnistPipeline.from_pretrained("tester/in-memory")' in card
-    assert "preset `tiny`" in card and "its training run was not recorded" in card
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "unconditional-image-generation"
+    assert f'DDPMMnistPipeline.from_pretrained("tester/{name}")' in card
+    assert f'DiffusionPipeline.from_pretrained("tester/{name}", trust_remote_code=True)' in card
+    commit_url, pr_url = pushes.urls[name]  # what the first push returned
+    repo_url, _, sha = commit_url.rpartition("/commit/")
+    assert repo_url == f"{hub.endpoint}/tester/{name}" and repo.commits[sha].title == titles[0]
+    assert (pr_url is not None) == (revision != "main")
 
 
-def test_the_cards_code_runs_and_gives_the_same_digits_with_and_without_the_package(from_memory, hub, tmp_path):
-    # The fixture ran the code for package users; here a new user without the package runs the code for them.
-    without_package = re.findall(CARD_CODE, hub.files("tester/in-memory")["README.md"].decode(), flags=re.DOTALL)[2]
-    code = WITHOUT_PACKAGE + without_package + SAVE_IMAGES.format("remote.npy") + "print(type(pipe).__module__)"
-    stdout = python(code, client_env(hub, tmp_path / "hf"), tmp_path)
-    assert stdout.split()[-1] == "diffusers_modules.local.pipeline_ddpm_mnist"
-    package, remote = np.load(from_memory.dir / "package.npy"), np.load(tmp_path / "remote.npy")
+def test_a_pull_request_leaves_main_alone(pushes, hub):
+    assert sorted(hub.files("tester/via-pr")) == [".gitattributes"]
+    assert pushes.urls["via-pr"][1] == f"{hub.endpoint}/tester/via-pr/discussions/1"
+
+
+def test_a_full_card_goes_up_from_the_folder_and_a_later_push_keeps_it(pushes, hub):
+    repo = hub.repos["tester/with-card"]
+    cards = [commit.files["README.md"].data.decode() for commit in list(repo.commits.values())[1:]]
+    assert cards[0] == cards[1] == (pushes.dir / "full" / "README.md").read_text()
+    assert "preset `tiny`" in cards[0] and "its training run was not recorded" in cards[0]
+    short = hub.files("tester/via-push")["README.md"].decode()
+    assert "preset `tiny`" not in short, "a push without a card in the folder or the repo writes the short card"
+
+
+@pytest.mark.parametrize("name", PUSHES)
+def test_each_pushed_repo_gives_the_same_digits_with_and_without_the_package(pushes, name):
+    memory = np.load(pushes.dir / "memory.npy")
+    assert memory.shape == (2, 28, 28, 1) and memory.std() > 0.05, "random weights give varied digits"
+    np.testing.assert_array_equal(np.load(pushes.dir / f"package-{name}.npy"), memory)
+    np.testing.assert_array_equal(np.load(pushes.dir / f"remote-{name}.npy"), memory)
+    assert [module.rpartition(".")[2] for module in pushes.modules[name]] == [
+        "pipeline_ddpm_mnist", "unet_ddpm_mnist", "scheduling_ddpm_mnist"]  # fmt: skip
+    assert all(module.startswith("diffusers_modules.") for module in pushes.modules[name])
+
+
+@pytest.mark.parametrize("name", ["via-push", "with-card"])  # the short card, and the full one
+def test_the_cards_code_runs_and_gives_the_same_digits_with_and_without_the_package(pushes, name):
+    package = np.load(pushes.dir / f"card-package-{name}.npy")
+    remote = np.load(pushes.dir / f"card-remote-{name}.npy")
     assert package.shape == (16, 28, 28) and package.std() > 10, "random weights give varied digits"
     np.testing.assert_array_equal(remote, package)
-    assert (from_memory.dir / "digit.png").is_file()
+
+
+def test_a_pipeline_loaded_as_remote_code_saves_the_same_layout(pushes):
+    folder = pushes.dir / "resaved"
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert sorted(files) == sorted([*PIPELINE_FILES, *REMOTE_CODE])
+    assert_remote_code_layout(files)
+
+
+def test_a_folder_saved_without_the_code_is_refused_with_the_fix(tmp_path):
+    pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler())
+    DiffusionPipeline.save_pretrained(pipe, tmp_path)  # diffusers' own layout, without the code files
+    with pytest.raises(ValueError, match=r"without the code that trust_remote_code runs; save it again with `DDPM"):
+        hub_files(tmp_path)
+
+
+def test_the_card_links_the_home_page_only_when_the_package_metadata_has_one(monkeypatch):
+    pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler())
+    assert importlib.metadata.metadata("ddpm-mnist").get("Home-page") is None, "setup.py sets no url"
+    card = render_model_card(pipe, "tester/linked").text
+    assert "ddpm-mnist, which implements the paper" in card and "[ddpm-mnist](" not in card
+    metadata = {"Name": "ddpm-mnist", "Home-page": "https://example.org/ddpm-mnist"}
+    monkeypatch.setattr(importlib.metadata, "metadata", lambda name: metadata if name == "ddpm-mnist" else None)
+    assert "[ddpm-mnist](https://example.org/ddpm-mnist), which" in render_model_card(pipe, "tester/linked").text
 
 
 def test_the_model_card_has_the_hub_metadata_and_the_training_details(runs, hub):

@@ -10,7 +10,14 @@ from datasets import Image, load_dataset
 
 from ddpm_mnist.data import ImagePreprocessor
 from ddpm_mnist.metrics.classifier import WEIGHTS_PATH, load_mnist_classifier, recorded_test_accuracy
-from ddpm_mnist.metrics.quality import ClassifierOutputs, SampleQuality, classifier_outputs, sample_quality
+from ddpm_mnist.metrics.quality import (
+    ClassifierOutputs,
+    SampleQuality,
+    balanced_class_labels,
+    class_accuracy,
+    classifier_outputs,
+    sample_quality,
+)
 
 N = 500  # digits per set: enough to separate the cases below, small enough for a few seconds on a CPU
 
@@ -135,3 +142,30 @@ def test_bad_images_are_rejected():
         classifier_outputs(torch.full((2, 1, 28, 28), -1.0))
     with pytest.raises(ValueError, match="more than k=3"):
         sample_quality(features(torch.zeros(3, 2)), features(torch.zeros(10, 2)))
+
+
+def test_class_accuracy_reads_real_digits_as_their_labels_and_wrong_labels_as_wrong(mnist):
+    images, labels = mnist["test_images"][:N], mnist["test_labels"][:N]
+    outputs = classifier_outputs(images, mnist["classifier"], progress=False)
+    right = class_accuracy(outputs, labels)
+    assert right.accuracy > 0.97 and right.num_images == N
+    assert all(share > 0.9 for share in right.per_class)
+    wrong = class_accuracy(outputs, (labels + 1) % 10)
+    assert wrong.accuracy < 0.05
+    # The threes asked for as eights: the eights' accuracy drops, no three was asked for, the rest are unchanged.
+    shifted = labels.clone()
+    shifted[labels == 3] = 8
+    partly = class_accuracy(outputs, shifted)
+    assert partly.per_class[8] < 0.6 and math.isnan(partly.per_class[3])
+    assert [partly.per_class[d] for d in (0, 1, 2, 4, 5, 6, 7, 9)] == [
+        right.per_class[d] for d in (0, 1, 2, 4, 5, 6, 7, 9)
+    ]
+    with pytest.raises(ValueError, match="need one class label per sample"):
+        class_accuracy(outputs, labels[:-1])
+
+
+def test_balanced_labels_ask_for_every_digit_equally_often():
+    assert balanced_class_labels(1000).bincount().tolist() == [100] * 10
+    assert balanced_class_labels(12).tolist() == [0, 0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match="cannot hold each of the 10 classes"):
+        balanced_class_labels(9)

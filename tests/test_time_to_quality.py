@@ -40,7 +40,7 @@ def toy_run(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         "num_inference_steps": 4,
     }
     (folder / "recipe.json").write_text(json.dumps(recipe))
-    flags = ["--config", str(folder / "recipe.json"), "--output_dir", str(folder / "out"), *TOY, "--dtype", "bfloat16"]
+    flags = ["--config", str(folder / "recipe.json"), "--output_dir", str(folder / "out"), *TOY, "--dtype", "bf16"]
     result = run_script(*flags, "--dataset_name", str(mnist_folder))
     assert result.returncode == 0, result.stderr[-3000:]
     return folder / "out"
@@ -50,7 +50,7 @@ def test_both_sides_have_every_snapshot(toy_run: Path) -> None:
     results = json.loads((toy_run / "time_to_quality.json").read_text())
     assert results["settings"]["num_samples"] == 16
     assert results["settings"]["recipe"]["preset"] == "tiny"
-    assert results["settings"]["sampling_dtype"] == "bfloat16"
+    assert results["settings"]["sampling_dtype"] == "bf16"
     assert METRICS <= set(results["floor"]) and results["floor"]["num_images"] == 16
     for side, batch in (("recipe", 16), ("baseline", 16)):
         snapshots = results[side]

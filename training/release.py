@@ -4,11 +4,11 @@
         --hub_model_id ddpm-mnist/ddpm-mnist-small --dataset_name ../shared/data/mnist
 
 Reads the run's pipeline folder (written by training/train.py, with its `training.json` and tensorboard logs), then:
-1. scores samples of the recommended sampler (default: the pipeline's own DDPM on 50 respaced steps) and of the
-   paper's 1000-step DDPM sampler with the project's metrics, each beside the real-vs-real floor of as many MNIST
-   training digits, checks the release targets, and bounds the NLL (`ddpm_mnist.evaluation`, on the GPU where there
-   is one); the recommended setting runs again from `--extra_seeds` further seeds, so that the card shows how far
-   its metrics move from seed to seed;
+1. scores samples of the recommended scheduler setting (default: the pipeline's own DDPM on 50 respaced steps) and
+   of the paper's 1000-step DDPM with the project's metrics, each beside the real-vs-real floor of as many MNIST
+   training digits, checks the release targets (`TARGETS`, see `ddpm_mnist.targets`), and bounds the NLL
+   (`ddpm_mnist.evaluation`, on the GPU where there is one); the recommended setting runs again from `--extra_seeds`
+   further seeds, so that the card shows how far its metrics move from seed to seed;
 2. draws an 8x8 grid of samples, one digit denoised from x_T to x_0, the training loss curve, the per-timestep terms
    of the NLL bound and, when given, the time-to-quality curve of benchmarks/time_to_quality.py;
 3. renders the model card with those results and writes the folder exactly as a push would upload it
@@ -32,6 +32,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
 from ddpm_mnist.data import DEFAULT_DATASET
+from ddpm_mnist.deprecation import DTYPE_RENAMES, renamed_values
 from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.evaluation import (
     DTYPES,
@@ -43,20 +44,21 @@ from ddpm_mnist.evaluation import (
     load_nll_digits,
     load_pipeline,
     nll_bound,
-    sampler_steps,
+    scheduler_steps,
 )
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.hub import export_pipeline_folder, render_model_card
 from ddpm_mnist.metrics.likelihood import VariationalBound
 from ddpm_mnist.metrics.quality import SampleQuality
+from ddpm_mnist.targets import ReleaseTargets
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++", "unipc": "UniPC"}
-# The targets of a release, at the recommended sampler: confident digits, every digit near its 10% share, and a FID
-# within 2x the real-vs-real floor at the same number of images.
-MIN_CONFIDENCE, DIGIT_SHARES, MAX_FID_RATIO = 0.95, (0.07, 0.13), 2.0
+SCHEDULER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++", "unipc": "UniPC"}
+# The targets of a release, at the recommended scheduler setting: confident digits, every digit near its 10% share,
+# and a FID within 2x the real-vs-real floor at the same number of images.
+TARGETS = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
 STRIP_FRAMES = 11  # x_T, then every 100th step, down to x_0
 
 
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True, help="the release folder to write (must not exist)")
     p.add_argument("--hub_model_id", required=True, help="the Hub id the release would have, user/name")
     p.add_argument("--dataset_name", default=DEFAULT_DATASET, help="MNIST, a Hub id or a local copy")
-    p.add_argument("--scheduler", default="ddpm", choices=sorted(SCHEDULERS), help="the sampler the card recommends")
+    p.add_argument("--scheduler", default="ddpm", choices=sorted(SCHEDULERS), help="the scheduler the card recommends")
     p.add_argument("--num_inference_steps", type=int, default=50, help="its steps (ddpm: respaced; default: 50)")
     p.add_argument("--num_samples", type=int, default=1000, help="samples scored at the recommended setting")
     p.add_argument("--ddpm_samples", type=int, default=256, help="samples of 1000-step DDPM (0: skip it)")
@@ -78,10 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=250, help="images per forward pass")
     p.add_argument(
         "--dtype",
-        default="float32",
+        type=renamed_values(DTYPE_RENAMES, "--dtype"),
+        default="fp32",
         choices=sorted(DTYPES),
-        help="the UNet's dtype while sampling (x_t and the scheduler stay float32; the release and its NLL bound are "
-        "float32 whatever this is)",
+        help="the UNet's dtype while sampling (x_t and the scheduler stay fp32; the release and its NLL bound are "
+        "fp32 whatever this is)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of the data subsets")
     p.add_argument(
@@ -123,7 +126,7 @@ def evaluation_markdown(
     nll: dict[str, float],
     note: str,
     num_reference: int,
-    dtype: str = "float32",
+    dtype: str = "fp32",
     seed_spread: Sequence[SampleQuality] = (),
 ) -> str:
     """The card's evaluation section: a table of every setting beside its floor, the bound and the targets.
@@ -158,7 +161,7 @@ def evaluation_markdown(
             f"Measured with ddpm-mnist's own metrics against {num_reference:,} MNIST test digits. FID and KID use the "
             "features of the project's MNIST classifier (99.46% test accuracy), not Inception: they compare with the "
             "real-vs-real floor beside them, never with published FIDs. The `model-index` metadata carries the first "
-            f"column. The samples were drawn with the U-Net in {dtype} (x_t and the scheduler in float32).",
+            f"column. The samples were drawn with the U-Net in {dtype} (x_t and the scheduler in fp32).",
             "",
             *rows,
             "",
@@ -170,55 +173,14 @@ def evaluation_markdown(
             f"{nll['nll_bpd_stderr']:.3f} bits/dim** = prior L_T {nll['prior_bpd']:.4f} + diffusion terms "
             f"{nll['diffusion_bpd']:.3f} + decoder L_0 {nll['decoder_bpd']:.3f}.",
             "",
-            f"**Targets** (at {recommended_name}, N={recommended.num_images}):",
-            "",
-            *target_lines(recommended, floor),
-            *(["", spread_line(recommended, seed_spread, floor)] if seed_spread else []),
+            *TARGETS.markdown(recommended_name, recommended, floor),
+            *(["", seed_spread_line(recommended, seed_spread, floor)] if seed_spread else []),
             *(["", note] if note else []),
         ]
     )
 
 
-def target_checks(quality: SampleQuality, floor: SampleQuality) -> list[tuple[str, float, str, str]]:
-    """Each release target as (what was measured against which target, how far short of it, gap format, unit).
-
-    A gap of 0 or less means the target is met.
-    """
-    low, high = DIGIT_SHARES
-    shares = (min(quality.class_histogram), max(quality.class_histogram))
-    fid_ratio = quality.fid / floor.fid
-    return [
-        (
-            f"mean classifier confidence {quality.mean_confidence:.3f} (target >= {MIN_CONFIDENCE})",
-            MIN_CONFIDENCE - quality.mean_confidence,
-            ".3f",
-            "",
-        ),
-        (
-            f"every digit's share between {shares[0]:.1%} and {shares[1]:.1%} (target {low:.0%} to {high:.0%})",
-            max(low - shares[0], shares[1] - high),
-            ".1%",
-            " of the samples",
-        ),
-        (
-            f"FID {quality.fid:.2f}, {fid_ratio:.2f}x the real-vs-real floor of {floor.fid:.2f} (target <= "
-            f"{MAX_FID_RATIO:g}x)",
-            fid_ratio - MAX_FID_RATIO,
-            ".2f",
-            "x the floor",
-        ),
-    ]
-
-
-def target_lines(quality: SampleQuality, floor: SampleQuality) -> list[str]:
-    """One Markdown bullet per release target: the measured value, the target, and met or missed by how much."""
-    return [
-        f"- {text}: **{'met' if gap <= 0 else f'missed by {gap:{spec}}{unit}'}**"
-        for text, gap, spec, unit in target_checks(quality, floor)
-    ]
-
-
-def spread_line(quality: SampleQuality, spread: Sequence[SampleQuality], floor: SampleQuality) -> str:
+def seed_spread_line(quality: SampleQuality, spread: Sequence[SampleQuality], floor: SampleQuality) -> str:
     """How the recommended setting's metrics move over seeds, as ranges, with the seeds that meet every target.
 
     `quality` is the card's seed, `spread` the next seeds (as many samples each), all against the same floor.
@@ -229,7 +191,7 @@ def spread_line(quality: SampleQuality, spread: Sequence[SampleQuality], floor: 
         return f"{min(values):{spec}} to {max(values):{spec}}"
 
     ratios = [q.fid / floor.fid for q in runs]
-    met = sum(all(gap <= 0 for _, gap, _, _ in target_checks(q, floor)) for q in runs)
+    met = sum(TARGETS.all_met(q, floor) for q in runs)
     return (
         f"Seed to seed: {quality.num_images} samples from each of {len(runs)} seeds (the card's and the next "
         f"{len(spread)}) give FID {span([q.fid for q in runs], '.2f')} ({span(ratios, '.2f')}x the floor, mean "
@@ -240,8 +202,8 @@ def spread_line(quality: SampleQuality, spread: Sequence[SampleQuality], floor: 
     )
 
 
-def nll_terms_plot(bound: VariationalBound, path: Path) -> None:
-    """L_{t-1} against t (log scale), with L_T and L_0 marked: where in the chain the bound's bits are spent."""
+def draw_nll_terms(bound: VariationalBound, path: Path) -> None:
+    """Draw L_{t-1} against t (log scale) into `path`, with L_T and L_0 marked: where the bound's bits are spent."""
     t, terms = bound.timestep_curve()
     summary = bound.summary()
     kind = "every t" if bound.exact else f"mean over each of {len(t)} strata of t"
@@ -294,8 +256,9 @@ def denoising_strip(pipe: DDPMMnistPipeline, seed: int) -> Image.Image:
     return digit_grid((digits.clamp(-1, 1) + 1) / 2, cols=len(frames), upscale=3)
 
 
-def loss_curve(logs: Path, path: Path) -> None:
-    """The training loss per step from the run's tensorboard logs (all resumed runs), raw and smoothed."""
+def draw_loss_curve(logs: Path, path: Path) -> None:
+    """Draw the training loss per step from the run's tensorboard logs (all resumed runs) into `path`, raw and
+    smoothed."""
     points: dict[int, float] = {}
     for events in sorted(logs.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
@@ -324,16 +287,16 @@ def main(args: argparse.Namespace) -> None:
     run = Path(args.run)
     record = json.loads((run / "training.json").read_text())
     pipe = load_pipeline(run, args.device)
-    sampler = pipe if args.dtype == "float32" else load_pipeline(run, args.device, args.dtype)
+    sampling_pipe = pipe if args.dtype == "fp32" else load_pipeline(run, args.device, args.dtype)
     print(f"device: {pipe.device} ({describe_device(pipe.device)})")
-    recommended_steps = sampler_steps(pipe, args.scheduler, args.num_inference_steps)
+    recommended_steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
     num_steps = pipe.scheduler.config.num_train_timesteps
     # Every input before any sampling: the reference, both floors and the NLL digits.
     reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
     settings = [(args.scheduler, recommended_steps, args.num_samples)]
     if args.ddpm_samples and (args.scheduler, recommended_steps) != ("ddpm", num_steps):
         settings.append(("ddpm", num_steps, args.ddpm_samples))
-    sample_counts = {f"{SAMPLER_NAMES[name]}, {steps} steps": (name, steps, count) for name, steps, count in settings}
+    sample_counts = {f"{SCHEDULER_NAMES[name]}, {steps} steps": (name, steps, count) for name, steps, count in settings}
     floors = {name: reference.floor(count) for name, (_, _, count) in sample_counts.items()}
     x_0 = load_nll_digits(
         pipe, args.dataset_name, nll_images=args.nll_images, nll_timesteps=args.nll_timesteps, seed=args.seed
@@ -341,14 +304,14 @@ def main(args: argparse.Namespace) -> None:
 
     def draw(scheduler: str, steps: int, count: int, seed: int) -> torch.Tensor:
         return generate_digits(
-            sampler, count, scheduler=scheduler, num_inference_steps=steps, seed=seed, batch_size=args.batch_size
+            sampling_pipe, count, scheduler=scheduler, num_inference_steps=steps, seed=seed, batch_size=args.batch_size
         )
 
     results, samples = {}, {}
     for name, (scheduler, steps, count) in sample_counts.items():
         samples[name] = draw(scheduler, steps, count, args.seed)
         results[name] = (reference.score(samples[name]), floors[name])
-    grid_source = samples[next(iter(samples))]  # the recommended sampler's: what the card's code gives
+    grid_source = samples[next(iter(samples))]  # the recommended setting's: what the card's code gives
     seed_spread = [
         reference.score(draw(args.scheduler, recommended_steps, args.num_samples, args.seed + k))
         for k in range(1, args.extra_seeds + 1)
@@ -362,8 +325,8 @@ def main(args: argparse.Namespace) -> None:
         digit_grid(grid_source[:64], upscale=3).save(staging / "samples" / "grid.png")
         denoising_strip(pipe, args.seed).save(staging / "samples" / "denoising.png")
         pipe.save_pretrained(staging)
-        loss_curve(run / "logs", staging / "samples" / "loss.png")
-        nll_terms_plot(bound, staging / "samples" / "nll_terms.png")
+        draw_loss_curve(run / "logs", staging / "samples" / "loss.png")
+        draw_nll_terms(bound, staging / "samples" / "nll_terms.png")
         if args.time_to_quality_image:
             shutil.copyfile(args.time_to_quality_image, staging / "samples" / "time_to_quality.png")
         quality, _ = next(iter(results.values()))

@@ -4,10 +4,11 @@
 
 GPU_RESULTS is the folder the GPU run wrote: `results.json`, the pipeline archive in parts (`pipeline.tar.gz.00`,
 `.01`, ...) and `grid.png` (its `train.log` and `stages.log` are for reading). Nothing is sampled here: the card's
-quality is what the GPU measured, the package's metrics on 10,000 samples of the recommended sampler (DDPM on 50
-respaced steps) and on 1,000 of 1000-step DDPM, each beside its real floor, and the exact NLL bound on 1,000 test
+quality is what the GPU measured, the package's metrics on 10,000 samples of the recommended scheduler setting (DDPM
+on 50 respaced steps) and on 1,000 of 1000-step DDPM, each beside its real floor, and the exact NLL bound on 1,000 test
 digits; its training table (hardware, minutes, images seen, every optimiser setting) is the run's own record, and the
-evaluation section adds the exact training command and the issue's targets, met or not.
+evaluation section adds the exact training command and this release's targets (`TARGETS`, see `ddpm_mnist.targets`),
+each met or missed by how much.
 
 The folder is written as `training/release.py` writes one: the pipeline re-saved, the card rendered by
 `ddpm_mnist.hub.render_model_card`, and the layout a push uploads (`ddpm_mnist.hub.export_pipeline_folder`), with
@@ -23,16 +24,18 @@ import shlex
 import shutil
 import tarfile
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.hub import CARD_DATASET, export_pipeline_folder, render_model_card
+from ddpm_mnist.metrics.quality import SampleQuality
+from ddpm_mnist.targets import ReleaseTargets
 
-# The issue's targets for the released seed-recipe model, at the recommended sampler.
-MIN_CONFIDENCE = 0.97
-MAX_FID_OVER_FLOOR = 1.3
-MAX_NLL_BPD = 1.3
+# The targets of the GPU-trained release, at the recommended scheduler setting: more confident digits than the CPU
+# release's, a FID within 1.3x the real-vs-real floor at the same number of images, and an NLL bound of 1.3 bits/dim.
+TARGETS = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.3, max_nll_bpd=1.3)
 ROWS = {
     "fid": "FID (classifier features)",
     "kid": "KID",
@@ -46,6 +49,7 @@ NEEDED_STAGES = ("train", "evaluate_fast", "evaluate_ddpm", "nll", "grid", "arch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="the folder benchmarks/gpu_run.sh wrote (results.json, pipeline.tar.gz.NN, ...)")
     p.add_argument("--output_dir", required=True, help="the release folder to write (must not exist)")
@@ -84,22 +88,9 @@ def unpack(parts: list[Path], destination: Path) -> Path:
     return run
 
 
-def targets_line(fast: dict, nll: dict) -> str:
-    """The issue's three targets for this model, each with its measured value and whether it is met."""
-    checks = [
-        (f"mean confidence >= {MIN_CONFIDENCE}", fast["mean_confidence"] >= MIN_CONFIDENCE, fast["mean_confidence"]),
-        (
-            f"FID / real floor <= {MAX_FID_OVER_FLOOR}",
-            fast["fid"] <= MAX_FID_OVER_FLOOR * fast["floor"]["fid"],
-            fast["fid"] / fast["floor"]["fid"],
-        ),
-        (f"NLL bound <= {MAX_NLL_BPD} bits/dim", nll["nll_bpd"] <= MAX_NLL_BPD, nll["nll_bpd"]),
-    ]
-    return (
-        "**Targets** (at the recommended sampler): "
-        + "; ".join(f"{name}: {value:.3f}, **{'met' if met else 'not met'}**" for name, met, value in checks)
-        + "."
-    )
+def scores(result: dict) -> SampleQuality:
+    """The scores in a result of `ddpm-mnist evaluate --json` (or in its "floor")."""
+    return SampleQuality(**{field.name: result[field.name] for field in fields(SampleQuality)})
 
 
 def portable_command(command: list[str]) -> str:
@@ -129,11 +120,12 @@ def evaluation_markdown(results: dict) -> str:
     nll = stages["nll"]["result"]
     how = "exact over all T terms" if nll["exact"] else "unbiased estimate from sampled timesteps"
     command = portable_command(stages["train"]["result"]["command"])
+    recommended_name, recommended = next(iter(columns.items()))
     return "\n".join(
         [
             f"Measured on the device that trained it ({environment['device']}, {environment['date']}) by "
             "`benchmarks/gpu_run.sh`, with ddpm-mnist's own metrics against the MNIST test digits; samples drawn "
-            "with a bf16 U-Net (x_t and the scheduler in float32). FID and KID use the features of the project's "
+            "with a bf16 U-Net (x_t and the scheduler in fp32). FID and KID use the features of the project's "
             "MNIST classifier, not Inception: compare them with the real-vs-real floor beside them, never with "
             "published FIDs. The `model-index` metadata carries the first column.",
             "",
@@ -150,7 +142,7 @@ def evaluation_markdown(results: dict) -> str:
             f"{nll['nll_bpd_stderr']:.3f} bits/dim** = prior L_T {nll['prior_bpd']:.4f} + diffusion terms "
             f"{nll['diffusion_bpd']:.3f} + decoder L_0 {nll['decoder_bpd']:.3f}.",
             "",
-            targets_line(stages["evaluate_fast"]["result"], nll),
+            *TARGETS.markdown(recommended_name, scores(recommended), scores(recommended["floor"]), nll["nll_bpd"]),
             "",
             f"Trained with `{command}` (torch {environment['torch']}, CUDA {environment['cuda'] or 'none'}); the "
             "recipe and its reasons are in `benchmarks/gpu_run.py`.",

@@ -59,7 +59,17 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 SETTINGS_FILE = "training_settings.json"  # in every checkpoint: what a resumed run must keep (see `run_settings`)
 TIME_SCHEDULE_STEPS = 100_000  # the resolution of a learning-rate schedule over a time budget (see `make_optimizer`)
 # The pipeline files of a finished run: what --overwrite_output_dir replaces, with the checkpoints, samples and logs.
-RUN_FILES = ("model_index.json", "unet", "scheduler", "README.md", "training.json", "checkpoints", "samples", "logs")
+RUN_FILES = (
+    "model_index.json",
+    "pipeline_ddpm_mnist.py",
+    "unet",
+    "scheduler",
+    "README.md",
+    "training.json",
+    "checkpoints",
+    "samples",
+    "logs",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -117,6 +117,38 @@ def sample_quality(
     )
 
 
+@dataclass
+class ClassAccuracy:
+    """How often the classifier reads a class-conditional sample as the digit it was asked for."""
+
+    accuracy: float
+    per_class: list[float]  # the accuracy for each requested digit 0-9 (NaN for a digit never requested)
+    num_images: int
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        """The scores as a JSON-ready dict."""
+        return asdict(self)
+
+
+def balanced_class_labels(num_samples: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """`num_samples` class labels with every class equally often (to within one): 0, 0, ..., 1, 1, ..., 9."""
+    if num_samples < num_classes:
+        raise ValueError(f"{num_samples} samples cannot hold each of the {num_classes} classes; ask for more.")
+    return torch.arange(num_samples) * num_classes // num_samples
+
+
+def class_accuracy(samples: ClassifierOutputs, class_labels: torch.Tensor) -> ClassAccuracy:
+    """The share of samples that the classifier reads as their requested `class_labels`, overall and per digit."""
+    class_labels = torch.as_tensor(class_labels).cpu()
+    if class_labels.shape != (len(samples.logits),):
+        raise ValueError(
+            f"need one class label per sample, got {tuple(class_labels.shape)} for {len(samples.logits)} samples."
+        )
+    correct = (samples.logits.argmax(1) == class_labels).double()
+    per_class = [correct[class_labels == digit].mean().item() for digit in range(NUM_CLASSES)]
+    return ClassAccuracy(correct.mean().item(), per_class, len(correct))
+
+
 class _Precomputed(nn.Module):
     """The identity, as torchmetrics' feature extractor: FID and KID receive features computed beforehand."""
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Recipe round 2 (issue 12): the r2-*.json arms at equal wall clock, scored with one protocol.
+# Recipe round 2: the r2-*.json arms at equal wall clock, scored with one protocol.
 #
 #   bash training/recipes/round2.sh            # all ten arms, training seed 0
 #   bash training/recipes/round2.sh 1 r2-cosine r2-batch32   # finalists again, training seed 1
+#   DATASET_NAME=path/to/mnist bash training/recipes/round2.sh   # a local copy of the Hub dataset ylecun/mnist
 #
 # Run from the repository root with the package installed. Arms train two at a time, one process and one CPU
 # thread each, for the 15 minutes of training time their configs give (the learning rate decays over that time
-# budget, see train.py's --lr_scheduler); then each is scored on 1,000 samples of the release's sampler (the
+# budget, see train.py's --lr_scheduler); then each is scored on 1,000 samples of the release's scheduler (the
 # pipeline's DDPM on 50 respaced steps, U-Net in bf16, sampling seed 0) against the 10,000 MNIST test digits.
 # Results: runs/round2/seed$SEED/ARM (the run) and ARM.json (`ddpm-mnist evaluate --json`). An arm already scored is
 # skipped and one cut short resumes from its last checkpoint, so the script can be run again after a stop.
@@ -23,6 +24,7 @@ if [ ${#arms[@]} -eq 0 ]; then
   arms=(r2-cosine r2-constant r2-batch32 r2-batch128 r2-ema-short r2-ema-long r2-minsnr5 r2-dropout r2-width48 r2-fp32)
 fi
 root=runs/round2/seed$seed
+dataset=${DATASET_NAME:-ylecun/mnist}
 mkdir -p "$root"
 
 train() {  # ARM: train it on one thread, or resume it, unless its pipeline is saved
@@ -31,7 +33,8 @@ train() {  # ARM: train it on one thread, or resume it, unless its pipeline is s
   local resume=()
   [ -d "$out/checkpoints" ] && resume=(--resume_from_checkpoint latest)
   accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 1 training/train.py \
-    --config "training/recipes/$1.json" --seed "$seed" --output_dir "$out" ${resume[@]+"${resume[@]}"} >> "$out.log" 2>&1
+    --config "training/recipes/$1.json" --dataset_name "$dataset" --seed "$seed" --output_dir "$out" \
+    ${resume[@]+"${resume[@]}"} >> "$out.log" 2>&1
 }
 
 score() {  # ARM SAMPLING_SEED: the release's protocol, one JSON line
@@ -39,7 +42,7 @@ score() {  # ARM SAMPLING_SEED: the release's protocol, one JSON line
   [ "$2" -ne 0 ] && result=$root/$1.sampling-seed$2.json
   [ -f "$result" ] && return 0
   ddpm-mnist evaluate "$root/$1" --scheduler ddpm --num_inference_steps 50 --num_samples 1000 --batch_size 250 \
-    --dtype bfloat16 --seed "$2" --dataset_name ../shared/data/mnist --json | tail -n 1 > "$result.part"
+    --dtype bf16 --seed "$2" --dataset_name "$dataset" --json | tail -n 1 > "$result.part"
   mv "$result.part" "$result"
 }
 

@@ -1,4 +1,4 @@
-"""Tests for benchmarks/sampler_quality.py, run in-process on a tiny pipeline and a small MNIST-layout folder."""
+"""Tests for benchmarks/scheduler_quality.py, run in-process on a tiny pipeline and a small MNIST-layout folder."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ddpm_mnist.errors import run_entry_point
 from ddpm_mnist.metrics.quality import SampleQuality
 from tests.utils import tiny_unet
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_quality.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scheduler_quality.py"
 T = 10  # the tiny pipeline's training timesteps: --steps above it are skipped
 
 
@@ -77,7 +77,7 @@ def test_every_option_states_its_default(bench, capsys):
     assert "--reference_images" in capsys.readouterr().out
 
 
-def test_tabulates_each_sampler_at_each_step_count(bench, pipeline_dir, mnist_folder, capsys, pipeline_calls):
+def test_tabulates_each_scheduler_at_each_step_count(bench, pipeline_dir, mnist_folder, capsys, pipeline_calls):
     argv = [pipeline_dir, "--schedulers", "ddpm", "ddim", "--num_inference_steps", "4", "2", str(T + 1)]
     argv += ["--batch_size", "5", "--num_samples", "12", "--reference_images", "24", "--json", "--device", "cpu"]
     argv += ["--dataset_name", str(mnist_folder)]
@@ -94,11 +94,11 @@ def test_tabulates_each_sampler_at_each_step_count(bench, pipeline_dir, mnist_fo
         assert 0 <= cell["precision"] <= 1 and 0 <= cell["recall"] <= 1 and 0 < cell["mean_confidence"] <= 1
         assert cell["seconds"] > 0 and cell["images_per_second"] == pytest.approx(12 / cell["seconds"])
         assert cell["fid_vs_ddpm_1000"] is None
-    assert len({cell["fid"] for cell in result["cells"]}) == 4  # each sampler and step count gives other digits
+    assert len({cell["fid"] for cell in result["cells"]}) == 4  # each scheduler and step count gives other digits
     assert math.isfinite(result["floor"]["fid"]) and result["floor"]["num_images"] == 12
     assert result["within_10_percent_of_ddpm_1000"] is None  # DDPM at 1000 steps cannot run with T = 10
 
-    # Each cell samples 12 digits in batches of 5 with its own sampler on the pipeline's schedule; nothing at T + 1.
+    # Each cell samples 12 digits in batches of 5 with its own scheduler on the pipeline's schedule; nothing at T + 1.
     expected = [
         (scheduler, T, steps, size)
         for scheduler, steps in [("DDPMMnistScheduler", 2), ("DDPMMnistScheduler", 4)]
@@ -109,7 +109,7 @@ def test_tabulates_each_sampler_at_each_step_count(bench, pipeline_dir, mnist_fo
     assert sampling == expected
 
     rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| sampler | steps | FID | FID / DDPM-1000 | KID |") and rows[1].startswith("| --- |")
+    assert rows[0].startswith("| scheduler | steps | FID | FID / DDPM-1000 | KID |") and rows[1].startswith("| --- |")
     assert [row.split(" | ")[:2] for row in rows[2:6]] == [[f"| {s}", str(n)] for s, n in pairs]
     assert rows[6].startswith("| real floor (12 train digits) | - |") and len(rows) == 7
 
@@ -138,10 +138,10 @@ def test_bad_input_fails_in_one_line_before_sampling(
         "8",
     ]
     with pytest.raises(SystemExit) as exit_info:
-        run_entry_point(lambda: bench.main(argv), "sampler_quality.py")
+        run_entry_point(lambda: bench.main(argv), "scheduler_quality.py")
     assert exit_info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("sampler_quality.py: error:") and message in line
+    assert line.startswith("scheduler_quality.py: error:") and message in line
     assert pipeline_calls == []
 
 

@@ -1,21 +1,21 @@
-"""Sample quality against wall time of few-step sampling: DDPM, DDIM, DPM-Solver++ and UniPC at 10 to 1000 steps.
+"""Sample quality against wall time of few-step schedulers: DDPM, DDIM, DPM-Solver++ and UniPC at 10 to 1000 steps.
 
-    python benchmarks/sampler_quality.py PIPELINE [--schedulers ddpm ddim dpm++ unipc]
+    python benchmarks/scheduler_quality.py PIPELINE [--schedulers ddpm ddim dpm++ unipc]
         [--num_inference_steps 10 20 50 100 1000] [--num_samples 1000] [--reference_images 10000]
         [--dataset_name ylecun/mnist] [--seed 0] [--batch_size 250] [--device cuda|cpu] [--json]
 
 PIPELINE is a folder saved by `DDPMMnistPipeline.save_pretrained` or a Hub repo id. On a machine without the Hub,
 pass `--dataset_name ../shared/data/mnist` (a local copy of ylecun/mnist).
 
-Each cell (sampler, steps) draws --num_samples digits from one generator seeded with --seed (the same seed in every
-cell, so every sampler starts from the same noise), timed with `time.perf_counter` around the sampling alone, and
+Each cell (scheduler, steps) draws --num_samples digits from one generator seeded with --seed (the same seed in every
+cell, so every scheduler starts from the same noise), timed with `time.perf_counter` around the sampling alone, and
 scores them with `ddpm_mnist.evaluation` (FID, KID, precision, recall, classifier confidence, share of the rarest
 predicted digit) against the first --reference_images MNIST test digits, whose classifier features are computed
 once. The floor row scores as many real MNIST training digits against the same reference: what real digits score at
 this sample count. Step counts above the pipeline's training timesteps T are skipped.
 
-The table gives each FID as a multiple of the FID of DDPM at 1000 steps (the paper's sampler) when that cell ran,
-and the summary names, per sampler, the fewest steps whose FID is at most 10% above it. With --json the last line
+The table gives each FID as a multiple of the FID of DDPM at 1000 steps (the paper's Algorithm 2) when that cell ran,
+and the summary names, per scheduler, the fewest steps whose FID is at most 10% above it. With --json the last line
 is one JSON object with every cell, the floor and that summary (null when DDPM at 1000 steps did not run).
 FIDs here come from the project's MNIST classifier, not Inception: compare them only with each other.
 """
@@ -39,13 +39,13 @@ from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.quality import SampleQuality
 
 DEFAULT_STEPS = [10, 20, 50, 100, 1000]
-BASELINE = ("ddpm", 1000)  # the sampler every FID is compared with: Algorithm 2 over all T = 1000 steps
+BASELINE = ("ddpm", 1000)  # the scheduler setting every FID is compared with: Algorithm 2 over all T = 1000 steps
 TOLERANCE = 0.10  # "as good as the baseline": an FID at most 10% above the baseline's
 
 
 @dataclass
 class Cell:
-    """The samples of one sampler at one step count: their scores and the seconds their sampling took."""
+    """The samples of one scheduler at one step count: their scores and the seconds their sampling took."""
 
     scheduler: str
     steps: int
@@ -77,7 +77,7 @@ def _spaced(values: Iterable[object]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The script's options, each with its default in --help."""
     parser = argparse.ArgumentParser(
-        prog="sampler_quality.py",
+        prog="scheduler_quality.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -88,14 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCHEDULERS,
         default=list(SCHEDULERS),
         metavar="NAME",
-        help=f"samplers to compare, of {', '.join(SCHEDULERS)} (default: {_spaced(SCHEDULERS)})",
+        help=f"schedulers to compare, of {', '.join(SCHEDULERS)} (default: {_spaced(SCHEDULERS)})",
     )
     parser.add_argument(
         "--num_inference_steps",
         nargs="+",
         type=int,
         default=DEFAULT_STEPS,
-        help=f"step counts of each sampler, those above the pipeline's T skipped (default: {_spaced(DEFAULT_STEPS)})",
+        help=f"step counts of each scheduler, those above the pipeline's T skipped (default: {_spaced(DEFAULT_STEPS)})",
     )
     parser.add_argument("--num_samples", type=int, default=1000, help="digits sampled per cell (default: %(default)s)")
     parser.add_argument(
@@ -154,7 +154,7 @@ def baseline_fid(cells: list[Cell]) -> float | None:
 
 
 def fewest_steps_near_baseline(cells: list[Cell], tolerance: float = TOLERANCE) -> dict[str, int | None] | None:
-    """Per sampler, the fewest steps whose FID is at most `tolerance` above DDPM-1000's (None if never);
+    """Per scheduler, the fewest steps whose FID is at most `tolerance` above DDPM-1000's (None if never);
     None as a whole if DDPM at 1000 steps did not run."""
     reference = baseline_fid(cells)
     if reference is None:
@@ -195,7 +195,7 @@ def _row(label: str, steps: str, quality: SampleQuality, seconds: float | None, 
 def markdown_table(cells: list[Cell], floor: SampleQuality) -> str:
     """One row per cell, then the real-vs-real floor."""
     reference = baseline_fid(cells)
-    columns = ["sampler", "steps", "FID", "FID / DDPM-1000", "KID", "precision", "recall", "mean confidence"]
+    columns = ["scheduler", "steps", "FID", "FID / DDPM-1000", "KID", "precision", "recall", "mean confidence"]
     columns += ["rarest digit", "seconds", "images/s"]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += [_row(c.scheduler, str(c.steps), c.quality, c.seconds, reference) for c in cells]
@@ -204,7 +204,7 @@ def markdown_table(cells: list[Cell], floor: SampleQuality) -> str:
 
 
 def summary_lines(cells: list[Cell]) -> list[str]:
-    """One line per sampler: the fewest steps within 10% of DDPM-1000's FID."""
+    """One line per scheduler: the fewest steps within 10% of DDPM-1000's FID."""
     fewest = fewest_steps_near_baseline(cells)
     if fewest is None:
         return ["(DDPM at 1000 steps was not run: no steps-to-match summary)"]
@@ -223,7 +223,7 @@ def run_cells(
     args: argparse.Namespace,
     reference: QualityReference,
 ) -> list[Cell]:
-    """Sample and score every (sampler, steps) cell, each sampler built on the pipeline's own schedule."""
+    """Sample and score every (scheduler, steps) cell, each scheduler built on the pipeline's own noise schedule."""
     pipe(batch_size=1, num_inference_steps=1, output_type="pt")  # warm-up: first-call costs stay out of the timings
     cells = []
     for name in schedulers:
@@ -282,4 +282,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_entry_point(main, "sampler_quality.py")
+    run_entry_point(main, "scheduler_quality.py")

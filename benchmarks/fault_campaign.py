@@ -1,6 +1,6 @@
 """A fault campaign: kill training with SIGKILL at random moments, resume it each time, and compare the end.
 
-    python tests/fault_campaign.py --kills 20 --max_train_steps 40 --checkpointing_steps 3 --seed 1
+    python benchmarks/fault_campaign.py --kills 20 --checkpoint_kills 4 --max_train_steps 40 --seed 1
 
 Trains the `tiny` preset on an MNIST-layout folder (by default 96 random digits written for the campaign) twice:
 once without interruption, and once killed `--kills` times, each time resumed with `--resume_from_checkpoint latest`.

@@ -1,0 +1,346 @@
+"""Completing digits with RePaint: how often the classifier reads a completion as the original digit, and its cost.
+
+    python benchmarks/inpainting.py [PIPELINE] [--dataset_name ylecun/mnist] [--num_images 200]
+        [--settings 25,5,1 50,10,1 50,10,2 ...] [--masks top left] [--class_labels_from_truth]
+        [--guidance_scale 1.0] [--seed 0] [--batch_size 200] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+        [--output benchmarks/results/inpainting.json] [--figure benchmarks/results/inpainting.png]
+
+PIPELINE (default: pretrained/ddpm-mnist-small) is a folder saved by `save_pretrained` or a Hub repo id. On a machine
+without the Hub, pass `--dataset_name path/to/mnist` (a local copy of ylecun/mnist).
+
+Each setting NUM_INFERENCE_STEPS,JUMP_LENGTH,JUMP_N_SAMPLE of `DDPMMnistInpaintPipeline` completes the first
+--num_images MNIST test digits with one half kept: the top half (`top`: the bottom is filled in) and the left half
+(`left`). A completion counts as right when the package's MNIST classifier reads it as the test digit's label. Beside
+the settings: the classifier on the whole digits (the ceiling) and on the kept half alone with the rest black (what
+the kept half tells without the model). Cost: UNet calls per digit (from the jump schedule), wall seconds per digit in
+batches of --batch_size, and the seconds one digit takes alone (a batch of one, as an app completes a sketch). Every
+setting starts from one generator seeded with --seed. A conditional pipeline can be told each digit's true label
+(--class_labels_from_truth, with --guidance_scale).
+
+The table ends with the cheapest setting (fewest UNet calls) whose top-half completions are read right at least 90%
+of the time. The JSON (--output) holds every row, the ceiling and the kept-half rows, that choice and where it ran.
+--figure writes a picture of a few completions with the pipeline's defaults (originals, kept top halves, two
+completions each) and, beside its name with `_interpolation`, a row of `ddpm_mnist.interpolate` between two test
+digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ddpm_mnist import DDPMMnistInpaintPipeline, interpolate
+from ddpm_mnist.data import DEFAULT_DATASET, decode_labels, load_image_stream, load_x_0
+from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.evaluation import DTYPES, default_device, digit_grid, load_pipeline
+from ddpm_mnist.hardware import describe_device
+from ddpm_mnist.metrics.classifier import MnistClassifier, load_mnist_classifier
+from ddpm_mnist.metrics.quality import classifier_outputs
+from ddpm_mnist.pipeline_ddpm_mnist_inpaint import jump_schedule
+
+DEFAULT_PIPELINE = "pretrained/ddpm-mnist-small"
+DEFAULT_SETTINGS = ["25,5,1", "50,10,1", "100,10,1", "25,5,2", "50,10,2", "25,5,5", "50,10,5"]
+MASKS = ("top", "left")  # which half is kept
+TARGET = 0.90  # the share of top-half completions the classifier must read as the original digit
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One RePaint setting of `DDPMMnistInpaintPipeline`."""
+
+    num_inference_steps: int
+    jump_length: int
+    jump_n_sample: int
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """STEPS,JUMP_LENGTH,JUMP_N_SAMPLE as typed on the command line."""
+        try:
+            steps, length, samples = (int(part) for part in text.split(","))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"setting {text!r} is not three integers STEPS,JUMP_LENGTH,JUMP_N_SAMPLE, e.g. 50,10,2"
+            ) from error
+        if not (steps >= 1 and 1 <= length <= steps and samples >= 1):
+            raise argparse.ArgumentTypeError(
+                f"setting {text!r} needs STEPS >= 1, 1 <= JUMP_LENGTH <= STEPS and JUMP_N_SAMPLE >= 1"
+            )
+        return cls(steps, length, samples)
+
+    def __str__(self) -> str:
+        return f"{self.num_inference_steps},{self.jump_length},{self.jump_n_sample}"
+
+    def unet_calls(self, pipe: DDPMMnistInpaintPipeline) -> int:
+        """UNet calls per completion: the steps of every pass of the jump schedule on the pipeline's timesteps."""
+        pipe.scheduler.set_timesteps(self.num_inference_steps)
+        passes = jump_schedule(pipe.scheduler.timesteps.tolist(), self.jump_length, self.jump_n_sample)
+        return sum(len(timesteps) - 1 for timesteps in passes)
+
+
+@dataclass
+class Row:
+    """The measurements of one setting on one kept half."""
+
+    setting: str
+    mask: str
+    unet_calls: int
+    accuracy: float
+    seconds_per_digit: float
+    seconds_one_digit_alone: float
+
+
+def keep_half(mask: str) -> torch.Tensor:
+    """The (1, 1, 28, 28) mask that keeps the top or the left half of a digit (1 = keep)."""
+    keep = torch.zeros(1, 1, 28, 28)
+    if mask == "top":
+        keep[..., :14, :] = 1
+    else:
+        keep[..., :, :14] = 1
+    return keep
+
+
+def accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: MnistClassifier) -> float:
+    """The share of digits (N, 1, 28, 28) in [0, 1] that the classifier reads as their label."""
+    logits = classifier_outputs(images, classifier, progress=False).logits
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def complete(
+    pipe: DDPMMnistInpaintPipeline,
+    x_0: torch.Tensor,
+    keep: torch.Tensor,
+    setting: Setting,
+    labels: torch.Tensor | None,
+    args: argparse.Namespace,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Completions (N, 1, 28, 28) in [0, 1] on the CPU, batch by batch from one generator."""
+    batches = []
+    for start in range(0, len(x_0), args.batch_size):
+        batch = x_0[start : start + args.batch_size]
+        batches.append(
+            pipe(
+                batch,
+                keep,
+                class_labels=None if labels is None else labels[start : start + len(batch)],
+                guidance_scale=args.guidance_scale,
+                num_inference_steps=setting.num_inference_steps,
+                jump_length=setting.jump_length,
+                jump_n_sample=setting.jump_n_sample,
+                generator=generator,
+                output_type="pt",
+            )
+            .images.float()
+            .cpu()
+        )
+    return torch.cat(batches)
+
+
+def measure(
+    pipe: DDPMMnistInpaintPipeline,
+    x_0: torch.Tensor,
+    labels: torch.Tensor,
+    setting: Setting,
+    mask: str,
+    args: argparse.Namespace,
+    classifier: MnistClassifier,
+) -> Row:
+    """Complete every digit with one setting and kept half, then one digit alone; score and time them."""
+    keep = keep_half(mask)
+    class_labels = labels if args.class_labels_from_truth else None
+    start = time.perf_counter()
+    images = complete(pipe, x_0, keep, setting, class_labels, args, torch.Generator().manual_seed(args.seed))
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    alone = None if class_labels is None else class_labels[:1]
+    complete(pipe, x_0[:1], keep, setting, alone, args, torch.Generator().manual_seed(args.seed))
+    seconds_alone = time.perf_counter() - start
+    return Row(
+        str(setting),
+        mask,
+        setting.unet_calls(pipe),
+        accuracy(images, labels, classifier),
+        seconds / len(x_0),
+        seconds_alone,
+    )
+
+
+def cheapest_meeting_target(rows: list[Row]) -> Row | None:
+    """The top-half row with the fewest UNet calls (then the highest accuracy) that reaches TARGET, if any."""
+    passing = [row for row in rows if row.mask == "top" and row.accuracy >= TARGET]
+    return min(passing, key=lambda row: (row.unet_calls, -row.accuracy), default=None)
+
+
+def markdown_table(rows: list[Row], ceiling: float, kept_only: dict[str, float], masks: list[str]) -> str:
+    """One line per setting, its accuracy on each kept half, its cost; then the ceiling and the kept halves alone."""
+    columns = ["steps, jump_length, jump_n_sample", "UNet calls"]
+    columns += [f"{mask} half kept: read right" for mask in masks]
+    columns += ["s per digit (batches)", "s for one digit alone"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for setting in dict.fromkeys(row.setting for row in rows):
+        cells = {row.mask: row for row in rows if row.setting == setting}
+        first = next(iter(cells.values()))
+        entries = [setting, str(first.unet_calls)]
+        entries += [f"{cells[mask].accuracy:.1%}" for mask in masks]
+        entries += [
+            f"{sum(r.seconds_per_digit for r in cells.values()) / len(cells):.3f}",
+            f"{sum(r.seconds_one_digit_alone for r in cells.values()) / len(cells):.2f}",
+        ]
+        lines.append("| " + " | ".join(entries) + " |")
+    lines.append(
+        "| kept half alone, the rest black | 0 | " + " | ".join(f"{kept_only[m]:.1%}" for m in masks) + " | - | - |"
+    )
+    lines.append("| whole digits (the ceiling) | 0 | " + " | ".join(f"{ceiling:.1%}" for _ in masks) + " | - | - |")
+    return "\n".join(lines)
+
+
+def save_figures(
+    pipe: DDPMMnistInpaintPipeline, x_0: torch.Tensor, figure: Path, seed: int, class_labels: torch.Tensor | None
+) -> list[Path]:
+    """Completions with the pipeline's defaults, and an interpolation row, as two PNGs; their paths."""
+    digits = x_0[:8]
+    keep = keep_half("top")
+    labels = None if class_labels is None else class_labels[:8]
+    completions = [
+        pipe(digits, keep, class_labels=labels, generator=torch.Generator().manual_seed(seed + i), output_type="pt")
+        .images.float()
+        .cpu()
+        for i in range(2)
+    ]
+    kept = torch.where(keep.bool(), digits / 2 + 0.5, torch.full_like(digits, 0.3))  # the filled-in half in grey
+    rows = torch.cat([digits / 2 + 0.5, kept, *completions])
+    paths = [figure, figure.with_name(f"{figure.stem}_interpolation{figure.suffix}")]
+    digit_grid(rows, cols=len(digits), upscale=3).save(paths[0])
+    generator = torch.Generator().manual_seed(seed)
+    row = interpolate(pipe, x_0[:1], x_0[1:2], t=500, num_inference_steps=50, generator=generator, output_type="pt")
+    digit_grid(row.images.float().cpu(), cols=len(row.images), upscale=3).save(paths[1])
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options, each with its default in --help."""
+    parser = argparse.ArgumentParser(
+        prog="inpainting.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "pipeline",
+        nargs="?",
+        default=DEFAULT_PIPELINE,
+        metavar="PIPELINE",
+        help="a folder saved by save_pretrained, or a Hub repo id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dataset_name", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy (default: %(default)s)"
+    )
+    parser.add_argument("--num_images", type=int, default=200, help="test digits completed (default: %(default)s)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        type=Setting.parse,
+        default=[Setting.parse(s) for s in DEFAULT_SETTINGS],
+        metavar="STEPS,JUMP_LENGTH,JUMP_N_SAMPLE",
+        help=f"RePaint settings, run one after another (default: {' '.join(DEFAULT_SETTINGS)})",
+    )
+    parser.add_argument(
+        "--masks", nargs="+", choices=MASKS, default=list(MASKS), help="the halves kept (default: top left)"
+    )
+    parser.add_argument(
+        "--class_labels_from_truth",
+        action="store_true",
+        help="give a class-conditional pipeline each digit's true label (default: no labels)",
+    )
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="with the true labels (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every setting's noise (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=200, help="digits per pipeline call (default: %(default)s)")
+    parser.add_argument(
+        "--device", default=default_device(), help="torch device (default: the GPU where there is one, else cpu)"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="the UNet's precision (default: %(default)s)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "inpainting.json",
+        help="the JSON record (default: benchmarks/results/inpainting.json)",
+    )
+    parser.add_argument("--figure", type=Path, help="write the completions and interpolation PNGs (default: none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check the options, load everything, then complete, score and print the table; write the JSON and figures."""
+    args = build_parser().parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UsageError("--num_images and --batch_size take integers of at least 1.")
+    masks = list(dict.fromkeys(args.masks))
+    settings = list(dict.fromkeys(args.settings))
+    pipe = DDPMMnistInpaintPipeline(**load_pipeline(args.pipeline, args.device, args.dtype).components)
+    pipe.set_progress_bar_config(disable=True)
+    if args.class_labels_from_truth and not pipe.is_class_conditional:
+        raise UsageError(f"--class_labels_from_truth needs a class-conditional pipeline; {args.pipeline} is not one.")
+    x_0 = load_x_0(args.dataset_name, "test", args.num_images)
+    stream = load_image_stream(args.dataset_name, "test", label_column="label")
+    labels = decode_labels(stream)[: args.num_images]
+    classifier = load_mnist_classifier()
+    device = describe_device(args.device)
+    print(f"device: {args.device} ({device}), UNet {args.dtype}", flush=True)
+
+    ceiling = accuracy(x_0 / 2 + 0.5, labels, classifier)
+    kept_only = {
+        mask: accuracy(torch.where(keep_half(mask).bool(), x_0, -1.0) / 2 + 0.5, labels, classifier) for mask in masks
+    }
+    warm_up_labels = labels[:1] if args.class_labels_from_truth else None  # first-call costs stay out of the timings
+    complete(pipe, x_0[:1], keep_half("top"), Setting(2, 1, 1), warm_up_labels, args, torch.Generator())
+    rows = []
+    for setting in settings:
+        for mask in masks:
+            rows.append(measure(pipe, x_0, labels, setting, mask, args, classifier))
+            row = rows[-1]
+            print(
+                f"{setting} {mask} half kept: {row.accuracy:.1%} read right, {row.unet_calls} UNet calls, "
+                f"{row.seconds_per_digit:.3f} s per digit, {row.seconds_one_digit_alone:.2f} s alone",
+                flush=True,
+            )
+    chosen = cheapest_meeting_target(rows)
+    print(
+        f"\nThe first {args.num_images} MNIST test digits, one half kept, seed {args.seed}, {args.dtype} UNet on "
+        f"{device}:\n"
+    )
+    print(markdown_table(rows, ceiling, kept_only, masks))
+    print(
+        f"\ncheapest setting with at least {TARGET:.0%} of top-half completions read right: "
+        + (f"{chosen.setting} ({chosen.unet_calls} UNet calls)" if chosen else "none of those run")
+    )
+    record = {
+        "pipeline": args.pipeline,
+        "dataset_name": os.fspath(args.dataset_name),
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": f"{args.device} ({device})",
+        "dtype": args.dtype,
+        "class_labels_from_truth": args.class_labels_from_truth,
+        "guidance_scale": args.guidance_scale,
+        "target": TARGET,
+        "ceiling_whole_digits": ceiling,
+        "kept_half_alone": kept_only,
+        "rows": [asdict(row) for row in rows],
+        "cheapest_meeting_target": None if chosen is None else asdict(chosen),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    if args.figure:
+        class_labels = labels if args.class_labels_from_truth else None
+        for path in save_figures(pipe, x_0, args.figure, args.seed, class_labels):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main, "inpainting.py")

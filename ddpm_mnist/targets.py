@@ -1,0 +1,122 @@
+"""The quality targets a release states in its model card, and their verdicts: met, or missed by how much.
+
+Each release states its own numbers; `training/release.py` and `training/release_gpu.py` both check them here:
+
+    targets = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
+    targets.markdown("DDPM, 50 steps", quality, floor)
+    # ["**Targets** (at DDPM, 50 steps, N=1000):",
+    #  "",
+    #  "- mean classifier confidence 0.962 (target >= 0.95): **met**",
+    #  "- every digit's share between 8.1% and 12.4% (target 7% to 13%): **met**",
+    #  "- FID 45.10, 2.26x the real-vs-real floor of 19.96 (target <= 2x): **missed by 0.26x the floor**"]
+
+`quality` is the `SampleQuality` of the samples at the recommended scheduler setting and `floor` that of as many real
+training digits (`QualityReference.score` and `.floor` in `ddpm_mnist.evaluation`); a target on the NLL bound also
+takes the bound in bits/dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .metrics.quality import SampleQuality
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One target against its measurement.
+
+    Args:
+        measured: the measured value and the target, as the card states them.
+        gap: how far the measurement falls short of the target, in the target's own terms; 0 or less: met.
+        gap_format: the format spec the gap is printed with (".3f", ".1%").
+        unit: the words after the printed gap.
+    """
+
+    measured: str
+    gap: float
+    gap_format: str
+    unit: str = ""
+
+    @property
+    def met(self) -> bool:
+        """Whether the measurement reaches the target."""
+        return self.gap <= 0
+
+    def line(self) -> str:
+        """A Markdown bullet: the measurement, the target, and **met** or **missed by** the gap."""
+        verdict = "met" if self.met else f"missed by {self.gap:{self.gap_format}}{self.unit}"
+        return f"- {self.measured}: **{verdict}**"
+
+
+@dataclass(frozen=True)
+class ReleaseTargets:
+    """What a release must reach at its recommended scheduler setting; a target left at None is not checked.
+
+    Args:
+        min_confidence: the least mean classifier confidence of the samples.
+        max_fid_ratio: the most FID of the samples, as a multiple of the real-vs-real floor's FID at the same N.
+        digit_shares: (low, high): every digit's share of the samples (by the classifier's prediction) in this range.
+        max_nll_bpd: the most NLL bound, in bits/dim.
+    """
+
+    min_confidence: float
+    max_fid_ratio: float
+    digit_shares: tuple[float, float] | None = None
+    max_nll_bpd: float | None = None
+
+    def checks(self, quality: SampleQuality, floor: SampleQuality, nll_bpd: float | None = None) -> list[TargetCheck]:
+        """Each target against the samples' scores, the floor's and, for the NLL target, the bound in bits/dim."""
+        if self.max_nll_bpd is not None and nll_bpd is None:
+            raise ValueError("these targets include the NLL bound; pass nll_bpd, the bound in bits/dim.")
+        confidence = quality.mean_confidence
+        checks = [
+            TargetCheck(
+                f"mean classifier confidence {confidence:.3f} (target >= {self.min_confidence:g})",
+                self.min_confidence - confidence,
+                ".3f",
+            )
+        ]
+        if self.digit_shares is not None:
+            low, high = self.digit_shares
+            rarest, commonest = min(quality.class_histogram), max(quality.class_histogram)
+            checks.append(
+                TargetCheck(
+                    f"every digit's share between {rarest:.1%} and {commonest:.1%} (target {low:.0%} to {high:.0%})",
+                    max(low - rarest, commonest - high),
+                    ".1%",
+                    " of the samples",
+                )
+            )
+        fid_ratio = quality.fid / floor.fid
+        checks.append(
+            TargetCheck(
+                f"FID {quality.fid:.2f}, {fid_ratio:.2f}x the real-vs-real floor of {floor.fid:.2f} "
+                f"(target <= {self.max_fid_ratio:g}x)",
+                fid_ratio - self.max_fid_ratio,
+                ".2f",
+                "x the floor",
+            )
+        )
+        if self.max_nll_bpd is not None:
+            checks.append(
+                TargetCheck(
+                    f"NLL bound {nll_bpd:.3f} bits/dim (target <= {self.max_nll_bpd:g})",
+                    nll_bpd - self.max_nll_bpd,
+                    ".3f",
+                    " bits/dim",
+                )
+            )
+        return checks
+
+    def all_met(self, quality: SampleQuality, floor: SampleQuality, nll_bpd: float | None = None) -> bool:
+        """Whether every target is met."""
+        return all(check.met for check in self.checks(quality, floor, nll_bpd))
+
+    def markdown(
+        self, setting: str, quality: SampleQuality, floor: SampleQuality, nll_bpd: float | None = None
+    ) -> list[str]:
+        """The card's lines on the targets: a heading naming the scheduler `setting` and N, then one bullet per
+        target with the measured value, the target, and met or missed by how much."""
+        heading = f"**Targets** (at {setting}, N={quality.num_images}):"
+        return [heading, "", *(check.line() for check in self.checks(quality, floor, nll_bpd))]

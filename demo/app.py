@@ -1,0 +1,499 @@
+"""The ddpm-mnist demo: generate digits, complete a sketched one and interpolate between two, in the browser.
+
+    python demo/app.py                                   # http://127.0.0.1:7860
+    python demo/app.py --model ddpm-mnist/ddpm-mnist-small --model path/to/another/pipeline
+
+GRADIO_SERVER_NAME and GRADIO_SERVER_PORT move the server, as a Hugging Face Space sets them; DDPM_MNIST_MODELS
+(comma-separated folders or Hub repo ids) stands in for `--model`. By default the app serves the released pipelines,
+each from `pretrained/<name>` beside the app where the checkout has it, else from the Hub. They are loaded once, on the
+GPU where there is one, with the UNet in bf16 where the hardware computes bf16 natively, and every picture comes
+from the library:
+
+- Generate: `DDPMMnistPipeline` with a scheduler of `ddpm_mnist.evaluation.SCHEDULERS` (classifier-free guidance
+  toward a chosen digit for a class-conditional model); the step callback feeds the progress bar and the strip of
+  one digit's denoising.
+- Complete: `DDPMMnistInpaintPipeline` (RePaint) keeps what was drawn and fills in the chosen region; the package's
+  MNIST classifier reads each completion.
+- Interpolate: `ddpm_mnist.interpolate` (the DDPM paper's section 4.4) between two bundled MNIST test digits.
+
+Bad input (a step count outside 1..T, an empty sketch, a digit for an unconditional model) is a one-line message in
+the page; the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+import ddpm_mnist
+from ddpm_mnist import DDPMMnistPipeline
+from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.evaluation import SCHEDULERS, default_device, digit_grid, load_pipeline, scheduler_steps
+from ddpm_mnist.hardware import describe_device, has_native_bf16
+from ddpm_mnist.metrics.classifier import load_mnist_classifier
+from ddpm_mnist.metrics.quality import classifier_outputs
+from ddpm_mnist.pipeline_ddpm_mnist_inpaint import (
+    DEFAULT_JUMP_LENGTH,
+    DEFAULT_JUMP_N_SAMPLE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DDPMMnistInpaintPipeline,
+    jump_schedule,
+)
+
+APP_DIR = Path(__file__).resolve().parent
+RELEASES = ("ddpm-mnist-small", "ddpm-mnist-cond-small")  # the released pipelines: pretrained/<name>, or the Hub
+HUB_NAMESPACE = "ddpm-mnist"
+MODELS_VARIABLE = "DDPM_MNIST_MODELS"
+# What the released model card measured and recommends: the pipeline's DDPM on 50 respaced steps.
+RECOMMENDED_SCHEDULER, RECOMMENDED_STEPS = "ddpm", 50
+TEST_DIGITS = APP_DIR / "mnist_test_digits.png"  # the first 100 digits of MNIST's test split, 10 x 10
+ANY_DIGIT = "any"
+DIGIT_CHOICES = [ANY_DIGIT, *(str(digit) for digit in range(10))]
+MAX_IMAGES = 64
+UPSCALE = 4  # screen pixels per digit pixel: nearest-neighbour blocks keep the digits sharp
+STRIP_FRAMES = 10
+INK = 0.2  # a drawn pixel at 28 x 28, in [0, 1]
+# The region the model redraws, as (rows, columns) of the digit; what is drawn is kept wherever it lies.
+HALF = 14
+REGIONS = {
+    "bottom half": (slice(HALF, None), slice(None)),
+    "top half": (slice(None, HALF), slice(None)),
+    "right half": (slice(None), slice(HALF, None)),
+    "left half": (slice(None), slice(None, HALF)),
+    "everything not drawn": (slice(None), slice(None)),
+}
+# The latents' step of the Interpolate tab: at t = 250 the released model's rows start and end at the two digits;
+# at the paper's t = 500 (for 256 x 256 faces) MNIST's 28 x 28 digits are mostly redrawn as other digits.
+INTERPOLATION_T = 250
+SAMPLING = "sampling"  # the concurrency group of every event that runs the UNet
+# The defaults that mark a handler's progress argument; Gradio passes each call a tracker of its own in their place,
+# fed by the handler or, for the second, by the progress bars (tqdm) of what the handler calls.
+PROGRESS = gr.Progress()
+PROGRESS_OF_TQDM = gr.Progress(track_tqdm=True)
+
+
+def default_models() -> list[str]:
+    """The released pipelines: `pretrained/<name>` beside the app where it exists, else the Hub repo id."""
+    local = [APP_DIR.parent / "pretrained" / name for name in RELEASES]
+    return [str(path) if path.is_dir() else f"{HUB_NAMESPACE}/{path.name}" for path in local]
+
+
+def load_models(models: Sequence[str | os.PathLike], device: str, dtype: str, *, required: bool) -> dict:
+    """The pipelines by display name (folder or repo name). With `required`, each must load (a UsageError names the
+    first that does not); without it, those that cannot be loaded are skipped with a printed line."""
+    pipelines = {}
+    for name in models:
+        try:
+            pipelines[Path(os.fspath(name)).name] = load_pipeline(name, device, dtype)
+        except UsageError as error:
+            if required:
+                raise
+            print(f"skipping {name}: {error}")
+    if not pipelines:
+        raise UsageError(f"no pipeline could be loaded of {', '.join(map(str, models))}; pass one with --model.")
+    return pipelines
+
+
+def _reported(handler: Callable) -> Callable:
+    """Show bad input (the library's and the app's ValueErrors) as a one-line message in the page."""
+
+    @functools.wraps(handler)
+    def report(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except ValueError as error:
+            raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
+
+    return report
+
+
+def _whole(value: float | None, name: str, low: int | None = None, high: int | None = None) -> int:
+    """`value` as an int, or a ValueError naming the field: not a whole number, or outside low..high when given."""
+    if value is None or value != int(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f" from {low} to {high}" if low is not None and high is not None else ""
+        raise ValueError(f"{name} must be a whole number{bounds}, got {value}.")
+    return int(value)
+
+
+def _upscaled(digits: torch.Tensor, cols: int | None = None) -> Image.Image:
+    """Digits (N, 1, 28, 28) in [0, 1] as one grid image, UPSCALE screen pixels per digit pixel."""
+    return digit_grid(digits.float().cpu(), cols=cols, upscale=UPSCALE)
+
+
+def _fresh(pipe: DDPMMnistPipeline, scheduler: str = "ddpm", pipeline_class: type = DDPMMnistPipeline):
+    """A `pipeline_class` over `pipe`'s UNet with a scheduler of its own (`SCHEDULERS[scheduler]` on the pipeline's
+    noise schedule), so that calls running at once never share a scheduler's timesteps."""
+    fresh = pipeline_class(
+        unet=pipe.unet,
+        scheduler=SCHEDULERS[scheduler].from_config(pipe.scheduler.config),
+        image_size=pipe.config.image_size,
+    )
+    fresh.set_progress_bar_config(disable=True)
+    return fresh
+
+
+def sketch_to_digit(sketch: dict | None, size: int) -> np.ndarray:
+    """The sketch pad's picture (or an uploaded one) as a size x size digit in [0, 1], white on black as MNIST's.
+
+    The pad draws black on white: a picture brighter than mid-grey on average is inverted. Nothing drawn is a
+    ValueError.
+    """
+    composite = (sketch or {}).get("composite")
+    if composite is not None:
+        pixels = np.asarray(composite.convert("L").resize((size, size), Image.BOX), dtype=np.float32) / 255
+        digit = 1 - pixels if pixels.mean() > 0.5 else pixels
+        if digit.max() >= INK:
+            return digit
+    raise ValueError("the sketch is empty: draw part of a digit (or upload one), then press Complete.")
+
+
+def keep_mask(digit: np.ndarray, region: str) -> np.ndarray:
+    """1 where the pixel is kept: everywhere outside `region` (one of REGIONS), and every drawn pixel."""
+    if region not in REGIONS:
+        raise ValueError(f"region {region!r} is not one of {', '.join(REGIONS)}; pick one of them.")
+    keep = np.ones_like(digit)
+    keep[REGIONS[region]] = 0
+    return np.maximum(keep, digit >= INK)
+
+
+class DigitDemo:
+    """What the app does, one method per tab, over pipelines loaded once; each returns the tab's outputs."""
+
+    def __init__(self, pipelines: dict[str, DDPMMnistPipeline], device: str, dtype: str) -> None:
+        self.pipelines = pipelines
+        self.hardware = f"{dtype} UNet on {describe_device(device)}"
+        self.classifier = load_mnist_classifier(device=device)
+        sprite = np.asarray(Image.open(TEST_DIGITS).convert("L"), dtype=np.float32) / 255
+        tiles = sprite.reshape(10, 28, 10, 28).transpose(0, 2, 1, 3).reshape(100, 1, 28, 28)
+        self.test_digits = torch.from_numpy(tiles)
+
+    def pipeline(self, model: str) -> DDPMMnistPipeline:
+        """The loaded pipeline named `model`."""
+        if model not in self.pipelines:
+            raise ValueError(f"model {model!r} is not loaded; pick one of {', '.join(self.pipelines)}.")
+        return self.pipelines[model]
+
+    def class_labels(self, model: str, digit: str, count: int) -> list[int] | None:
+        """`count` labels of the chosen digit, or None for any digit; a digit needs a class-conditional model."""
+        if digit == ANY_DIGIT:
+            return None
+        if not self.pipeline(model).is_class_conditional:
+            raise ValueError(
+                f"{model} draws any digit (it is unconditional): choose {ANY_DIGIT!r}, or a conditional model."
+            )
+        return [int(digit)] * count
+
+    def guidance(self, labels: list[int] | None, guidance_scale: float) -> float:
+        """The guidance scale to sample with: guidance steers toward a chosen digit, so none without one."""
+        return 1.0 if labels is None else float(guidance_scale)
+
+    @_reported
+    def generate(
+        self,
+        model: str,
+        digit: str,
+        num_images: float,
+        guidance_scale: float,
+        scheduler: str,
+        num_inference_steps: float,
+        seed: float,
+        progress: gr.Progress = PROGRESS,
+    ) -> tuple[Image.Image, Image.Image, str]:
+        """A grid of digits, the denoising of the first one (x_t after evenly spaced steps), and how long it took."""
+        pipe = self.pipeline(model)
+        count = _whole(num_images, "the number of digits", 1, MAX_IMAGES)
+        labels = self.class_labels(model, digit, count)
+        steps = scheduler_steps(pipe, scheduler, _whole(num_inference_steps, "steps"))
+        generator = torch.Generator().manual_seed(_whole(seed, "the seed", 0, 2**32 - 1))
+        sampler = _fresh(pipe, scheduler)
+        frame_steps = set(np.linspace(0, steps - 1, min(STRIP_FRAMES, steps)).round().astype(int).tolist())
+        frames = []
+
+        def on_step_end(pipeline: DDPMMnistPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+            progress((i + 1, steps), desc=f"{scheduler}, step {i + 1} of {steps}", unit="steps")
+            if i in frame_steps:
+                frames.append(pipeline.postprocess(tensors["image"][:1], output_type="pt"))
+            return tensors
+
+        start = time.perf_counter()
+        images = sampler(
+            batch_size=count,
+            class_labels=labels,
+            guidance_scale=self.guidance(labels, guidance_scale),
+            generator=generator,
+            num_inference_steps=steps,
+            output_type="pt",
+            callback_on_step_end=on_step_end,
+        ).images
+        seconds = time.perf_counter() - start
+        info = f"{count} digits in {seconds:.2f} s ({scheduler}, {steps} steps; {self.hardware})"
+        return _upscaled(images), _upscaled(torch.cat(frames), cols=len(frames)), info
+
+    @_reported
+    def complete(
+        self,
+        model: str,
+        sketch: dict | None,
+        region: str,
+        digit: str,
+        guidance_scale: float,
+        num_completions: float,
+        num_inference_steps: float,
+        seed: float,
+        progress: gr.Progress = PROGRESS,
+    ) -> tuple[Image.Image, list[tuple[Image.Image, str]], str]:
+        """What the model keeps of the sketch (the region it redraws in grey), its completions of a few seeds with
+        what the classifier reads in each, and how long it took."""
+        pipe = self.pipeline(model)
+        size = pipe.config.image_size
+        known = sketch_to_digit(sketch, size)
+        keep = keep_mask(known, region)
+        count = _whole(num_completions, "the number of completions", 1, MAX_IMAGES)
+        labels = self.class_labels(model, digit, count)
+        steps = scheduler_steps(pipe, "ddpm", _whole(num_inference_steps, "steps"))
+        first_seed = _whole(seed, "the seed", 0, 2**32 - count)
+        inpaint = _fresh(pipe, pipeline_class=DDPMMnistInpaintPipeline)
+        jump_length = min(DEFAULT_JUMP_LENGTH, steps)
+        inpaint.scheduler.set_timesteps(steps)
+        passes = jump_schedule(inpaint.scheduler.timesteps.tolist(), jump_length, DEFAULT_JUMP_N_SAMPLE)
+        calls = sum(len(timesteps) - 1 for timesteps in passes)  # the UNet calls of RePaint's jumps
+
+        def on_step_end(pipeline: DDPMMnistInpaintPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+            progress((i + 1, calls), desc=f"RePaint, UNet call {i + 1} of {calls}", unit="steps")
+            return tensors
+
+        start = time.perf_counter()
+        images = inpaint(
+            image=[Image.fromarray(np.uint8(known * 255))] * count,
+            mask_image=Image.fromarray(np.uint8(keep * 255)),
+            class_labels=labels,
+            guidance_scale=self.guidance(labels, guidance_scale),
+            num_inference_steps=steps,
+            jump_length=jump_length,
+            generator=[torch.Generator().manual_seed(first_seed + i) for i in range(count)],
+            output_type="pt",
+            callback_on_step_end=on_step_end,
+        ).images
+        seconds = time.perf_counter() - start
+        probabilities = classifier_outputs(images.float().cpu(), self.classifier, progress=False).logits.softmax(-1)
+        confidence, read = probabilities.max(dim=1)
+        completions = [
+            (_upscaled(image[None]), f"seed {first_seed + i}: reads {int(read[i])} ({float(confidence[i]):.0%})")
+            for i, image in enumerate(images)
+        ]
+        kept = torch.from_numpy(np.where(keep > 0, known, 0.4))[None, None]
+        info = f"{count} completions in {seconds:.2f} s (RePaint, {steps} steps, {calls} UNet calls; {self.hardware})"
+        return _upscaled(kept), completions, info
+
+    def test_digit(self, index: float) -> torch.Tensor:
+        """The bundled MNIST test digit number `index` (0-99), (1, 1, 28, 28) in [0, 1]."""
+        return self.test_digits[_whole(index, "the test digit", 0, len(self.test_digits) - 1)][None]
+
+    @_reported
+    def interpolate(
+        self,
+        model: str,
+        index_a: float,
+        index_b: float,
+        timestep: float,
+        num_lambdas: float,
+        num_inference_steps: float,
+        seed: float,
+        progress: gr.Progress = PROGRESS_OF_TQDM,
+    ) -> tuple[Image.Image, str]:
+        """The row between two test digits, lambda from 0 (digit A) to 1 (digit B), and how long it took."""
+        decoder = _fresh(self.pipeline(model))
+        decoder.set_progress_bar_config(desc="decoding the row")  # what the progress bar follows
+        t = _whole(timestep, "t")
+        lambdas = np.linspace(0, 1, _whole(num_lambdas, "the number of images", 2, MAX_IMAGES)).tolist()
+        steps = scheduler_steps(decoder, "ddpm", _whole(num_inference_steps, "steps"))
+        start = time.perf_counter()
+        images = ddpm_mnist.interpolate(
+            decoder,
+            self.test_digit(index_a) * 2 - 1,
+            self.test_digit(index_b) * 2 - 1,
+            t=t,
+            lambdas=lambdas,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(_whole(seed, "the seed", 0, 2**32 - 1)),
+            output_type="pt",
+        ).images
+        seconds = time.perf_counter() - start
+        info = f"{len(lambdas)} digits through t = {t} in {seconds:.2f} s ({steps}-step chain; {self.hardware})"
+        return _upscaled(images, cols=len(lambdas)), info
+
+
+def build_demo(
+    models: Sequence[str | os.PathLike] | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    concurrency_limit: int | None = None,
+) -> gr.Blocks:
+    """The app, its queue set up, over pipelines loaded once (folders or Hub repo ids; by default the released ones).
+
+    `device` defaults to the GPU where there is one; `dtype` to bf16 where the device computes it natively, else
+    fp32; `concurrency_limit` (how many sampling calls run at once, over all tabs) to 1 on a CPU, whose cores one call
+    already keeps busy, and 4 on a GPU. A model that cannot be loaded is a UsageError.
+    """
+    device = device or default_device()
+    dtype = dtype or ("bf16" if has_native_bf16(device) else "fp32")
+    pipelines = load_models(models or default_models(), device, dtype, required=models is not None)
+    app = DigitDemo(pipelines, device, dtype)
+    conditional = [name for name, pipe in pipelines.items() if pipe.is_class_conditional]
+    first = (conditional or list(pipelines))[0]
+    num_train_timesteps = pipelines[first].scheduler.config.num_train_timesteps
+
+    def class_controls(model: str) -> tuple[dict, ...]:
+        """Digit and guidance controls, usable only with a class-conditional model."""
+        usable = app.pipeline(model).is_class_conditional
+        digit = gr.update(interactive=True) if usable else gr.update(interactive=False, value=ANY_DIGIT)
+        guidance = gr.update(interactive=usable)
+        return digit, guidance, digit, guidance
+
+    def test_digit(index: float) -> Image.Image:
+        """A bundled test digit, enlarged, as the page shows it."""
+        return _upscaled(app.test_digit(index))
+
+    def digit_choice(label: str) -> gr.Dropdown:
+        return gr.Dropdown(DIGIT_CHOICES, value=ANY_DIGIT, label=label, interactive=bool(conditional))
+
+    def guidance_choice() -> gr.Slider:
+        return gr.Slider(
+            1, 10, value=3, step=0.5, label="guidance scale (with a chosen digit)", interactive=bool(conditional)
+        )
+
+    def seed_choice() -> gr.Number:
+        return gr.Number(0, precision=0, label="seed")
+
+    sampling = {
+        "concurrency_id": SAMPLING,
+        "concurrency_limit": concurrency_limit or (1 if torch.device(device).type == "cpu" else 4),
+    }
+    with gr.Blocks(title="ddpm-mnist") as demo:
+        gr.Markdown(
+            "# ddpm-mnist\nHandwritten digits from a denoising diffusion probabilistic model (Ho et al. 2020) trained "
+            "on MNIST: draw new ones, let the model finish yours, or walk from one digit to another."
+        )
+        model = gr.Dropdown(list(pipelines), value=first, label="model")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                digit = digit_choice("digit")
+                num_images = gr.Slider(1, MAX_IMAGES, value=16, step=1, label="how many")
+                guidance = guidance_choice()
+            with gr.Row():
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=RECOMMENDED_SCHEDULER, label="scheduler")
+                steps = gr.Number(
+                    RECOMMENDED_STEPS, precision=0, label=f"steps (1 to {num_train_timesteps})", elem_id="steps"
+                )
+                seed = seed_choice()
+            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            grid = gr.Image(label="digits", format="png", elem_id="grid")
+            strip = gr.Image(label="the first digit, denoised step by step (x_t, left to right)", format="png")
+            generate_info = gr.Markdown(elem_id="generate-info")
+        with gr.Tab("Complete"):
+            with gr.Row():
+                sketch = gr.Sketchpad(
+                    label="draw part of a digit (or upload one), large and centred as in MNIST",
+                    type="pil",
+                    image_mode="L",
+                    sources=["upload"],
+                    canvas_size=(280, 280),
+                    fixed_canvas=True,
+                    brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"),
+                    elem_id="sketch",
+                )
+                with gr.Column():
+                    region = gr.Radio(list(REGIONS), value="bottom half", label="the model redraws")
+                    complete_digit = digit_choice("as the digit")
+                    complete_guidance = guidance_choice()
+                    num_completions = gr.Slider(1, 8, value=4, step=1, label="completions")
+                    complete_steps = gr.Number(
+                        DEFAULT_NUM_INFERENCE_STEPS, precision=0, label="steps", elem_id="complete-steps"
+                    )
+                    complete_seed = seed_choice()
+                    complete = gr.Button("Complete", variant="primary", elem_id="complete")
+            with gr.Row():
+                kept = gr.Image(label="kept (grey: redrawn)", format="png", scale=1)
+                completions = gr.Gallery(
+                    label="completions", format="png", columns=4, height="auto", scale=4, elem_id="completions"
+                )
+            complete_info = gr.Markdown()
+        with gr.Tab("Interpolate"):
+            with gr.Row():
+                index_a = gr.Slider(0, len(app.test_digits) - 1, value=0, step=1, label="test digit A")
+                index_b = gr.Slider(0, len(app.test_digits) - 1, value=1, step=1, label="test digit B")
+                timestep = gr.Slider(
+                    0,
+                    num_train_timesteps - 1,
+                    value=min(INTERPOLATION_T, num_train_timesteps - 1),
+                    step=1,
+                    label="t (the latents' step)",
+                )
+                num_lambdas = gr.Slider(2, 16, value=11, step=1, label="images in the row")
+            with gr.Row():
+                interpolate_steps = gr.Number(
+                    RECOMMENDED_STEPS, precision=0, label="steps of the whole chain", elem_id="interpolate-steps"
+                )
+                interpolate_seed = seed_choice()
+            with gr.Row():
+                digit_a = gr.Image(test_digit(0), label="A", format="png", scale=1)
+                digit_b = gr.Image(test_digit(1), label="B", format="png", scale=1)
+            interpolate = gr.Button("Interpolate", variant="primary")
+            row = gr.Image(label="from A (left) to B (right), mixed at step t and denoised", format="png")
+            interpolate_info = gr.Markdown()
+
+        model.change(
+            class_controls, model, [digit, guidance, complete_digit, complete_guidance], api_visibility="private"
+        )
+        index_a.change(test_digit, index_a, digit_a, api_visibility="private", queue=False)
+        index_b.change(test_digit, index_b, digit_b, api_visibility="private", queue=False)
+        generate.click(
+            app.generate,
+            [model, digit, num_images, guidance, scheduler, steps, seed],
+            [grid, strip, generate_info],
+            api_name="generate",
+            **sampling,
+        )
+        complete.click(
+            app.complete,
+            [model, sketch, region, complete_digit, complete_guidance, num_completions, complete_steps, complete_seed],
+            [kept, completions, complete_info],
+            api_name="complete",
+            **sampling,
+        )
+        interpolate.click(
+            app.interpolate,
+            [model, index_a, index_b, timestep, num_lambdas, interpolate_steps, interpolate_seed],
+            [row, interpolate_info],
+            api_name="interpolate",
+            **sampling,
+        )
+    return demo.queue(max_size=64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="demo/app.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        action="append",
+        help=f"a pipeline folder or Hub repo id, repeatable (default: ${MODELS_VARIABLE}, else the released ones)",
+    )
+    parser.add_argument("--device", help="cpu or cuda (default: the GPU where there is one)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the UNet's (default: bf16 where native)")
+    args = parser.parse_args()
+    models = args.model or [name for name in os.environ.get(MODELS_VARIABLE, "").split(",") if name] or None
+    build_demo(models, device=args.device, dtype=args.dtype).launch()
+
+
+if __name__ == "__main__":
+    run_entry_point(main, "demo/app.py")

@@ -1,0 +1,117 @@
+"""The demo in a real browser: headless Chromium driven by Playwright, for the tests, the load benchmark and the
+README's screenshot (`python demo/browser.py --output demo/screenshot.png`, the released pipelines after one Generate).
+
+    with chromium_page() as page:
+        open_app(page, "http://127.0.0.1:7860")
+        press_generate(page)
+        page.screenshot(path="screenshot.png", full_page=True)
+
+Playwright's Python package drives the system's Chromium (`chromium` on the PATH, as Debian's package installs it),
+started headless with a fresh profile and without anything that reaches the network on its own. Nothing here runs
+in a Space; it needs `pip install playwright` and a Chromium, and `chromium_executable()` says whether there is one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from playwright.sync_api import Page, sync_playwright
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+    # Chromium still looks up Google's sign-in, autofill and update hosts: no name but 127.0.0.1's resolves.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+VIEWPORT = {"width": 1280, "height": 1000}
+TIMEOUT_MS = 120_000  # sampling on a busy CPU can take a while
+
+
+def chromium_executable() -> str | None:
+    """The system's Chromium, or None where there is none."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextmanager
+def chromium_page(executable: str | None = None) -> Iterator[Page]:
+    """A page of a headless Chromium with a fresh user-data folder, closed (and the folder removed) afterwards."""
+    executable = executable or chromium_executable()
+    if executable is None:
+        raise FileNotFoundError("no chromium on the PATH; install it (Debian: apt-get install chromium).")
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=executable, headless=True, args=CHROMIUM_FLAGS, viewport=VIEWPORT
+        )
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def open_app(page: Page, url: str) -> float:
+    """Load the app and wait until its Generate button shows; the seconds that took."""
+    start = time.perf_counter()
+    page.goto(url)
+    page.locator("#generate").wait_for(state="visible")
+    return time.perf_counter() - start
+
+
+def press_generate(page: Page) -> None:
+    """Press Generate and wait for the grid and the line saying how long it took."""
+    page.locator("#generate").click()
+    page.locator("#grid img").wait_for(state="visible")
+    page.get_by_text(" s (").first.wait_for(state="visible")
+
+
+def draw_and_complete(page: Page, stroke: Sequence[tuple[float, float]]) -> None:
+    """Draw one stroke on the sketch pad of the open Complete tab (points as fractions of the pad's width and
+    height), press Complete and wait for the completions."""
+    page.locator("#sketch").get_by_role("button", name="Brush", exact=True).click()
+    pad = page.locator("#sketch canvas").first
+    pad.wait_for(state="visible")
+    box = pad.bounding_box()
+    points = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in stroke]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for point in points[1:]:
+        page.mouse.move(*point, steps=3)
+    page.mouse.up()
+    page.locator("#complete").click()
+    page.locator("#completions img").first.wait_for(state="visible")
+
+
+def main() -> None:
+    """Save a screenshot of the app serving the released pipelines, after one Generate with the default settings."""
+    import argparse
+
+    import app  # demo/app.py, beside this file when run as a script
+
+    parser = argparse.ArgumentParser(prog="demo/browser.py", description=main.__doc__)
+    parser.add_argument("--output", default="demo/screenshot.png", help="where to save the PNG")
+    parser.add_argument("--model", action="append", help="a pipeline folder or Hub repo id (default: the released)")
+    args = parser.parse_args()
+    demo = app.build_demo(args.model)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        with chromium_page() as page:
+            open_app(page, demo.local_url)
+            press_generate(page)
+            page.screenshot(path=args.output, full_page=True)
+    finally:
+        demo.close()
+    print(f"saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The demo app (demo/app.py) served on 127.0.0.1 and called through its API with gradio_client, on tiny random
+pipelines: every tab's images come back at the right size and count, and bad input is a one-line message after which
+the app keeps serving."""
+
+import importlib.util
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
+pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler  # noqa: E402
+from tests.utils import tiny_unet  # noqa: E402
+
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+TILE = 28 * 4  # one digit on the page: 28 pixels, each shown as a 4 x 4 block
+
+
+def load_demo_module(name: str) -> ModuleType:
+    """A module of demo/ (not a package: a Space runs app.py as a script) loaded from its path."""
+    spec = importlib.util.spec_from_file_location(f"ddpm_mnist_demo_{name}", DEMO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tiny_pipelines(folder: Path) -> list[Path]:
+    """An unconditional and a class-conditional tiny pipeline with random weights, saved as `tiny` and `tiny-cond`."""
+    for name, overrides in (("tiny", {}), ("tiny-cond", {"num_class_embeds": 10})):
+        DDPMMnistPipeline(tiny_unet(**overrides), DDPMMnistScheduler()).save_pretrained(folder / name)
+    return [folder / "tiny", folder / "tiny-cond"]
+
+
+@contextmanager
+def serve_demo(models: list[Path]) -> Iterator[str]:
+    """The app over `models`, on the CPU, served on 127.0.0.1 while the block runs; yields its URL."""
+    demo = load_demo_module("app").build_demo(models, device="cpu", dtype="fp32")
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    with serve_demo(save_tiny_pipelines(tmp_path_factory.mktemp("pipelines"))) as url:
+        yield Client(url, verbose=False)
+
+
+def pixels(path: str) -> np.ndarray:
+    """An image the app returned, as a greyscale array."""
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def generate(
+    client: Client, model="tiny-cond", digit="3", num_images=5, guidance=2.0, scheduler="ddim", steps=3, seed=0
+):
+    """The Generate tab's (grid, strip, info) for these settings."""
+    return client.predict(model, digit, num_images, guidance, scheduler, steps, seed, api_name="/generate")
+
+
+def test_generate_returns_the_grid_the_strip_and_the_time(client: Client) -> None:
+    grid, strip, info = generate(client)
+    assert pixels(grid).shape == (2 * TILE, 3 * TILE)  # 5 digits on a near-square grid: 3 columns, 2 rows
+    assert pixels(strip).shape == (TILE, 3 * TILE)  # x_t after each of the 3 steps
+    assert re.fullmatch(r"5 digits in \d+\.\d\d s \(ddim, 3 steps; fp32 UNet on CPU .*\)", info)
+    # The seed fixes the digits; the chosen digit reaches the class-conditional UNet.
+    assert (pixels(generate(client)[0]) == pixels(grid)).all()
+    assert (pixels(generate(client, seed=1)[0]) != pixels(grid)).any()
+    assert (pixels(generate(client, digit="5")[0]) != pixels(grid)).any()
+
+
+def test_generate_with_an_unconditional_model_and_the_pipelines_scheduler(client: Client) -> None:
+    grid, strip, info = generate(client, model="tiny", digit="any", num_images=4, guidance=1, steps=2, scheduler="ddpm")
+    assert pixels(grid).shape == (2 * TILE, 2 * TILE)
+    assert pixels(strip).shape == (TILE, 2 * TILE)
+    assert info.startswith("4 digits in ")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"steps": 0}, "num_inference_steps 0 is outside 1..1000"),
+        ({"steps": 1001}, "num_inference_steps 1001 is outside 1..1000"),
+        ({"digit": "12"}, "Value: 12 is not in the list of choices"),
+        ({"model": "tiny", "digit": "3"}, "tiny draws any digit (it is unconditional)"),
+        ({"model": "missing"}, "Value: missing is not in the list of choices"),
+    ],
+)
+def test_bad_input_is_a_one_line_message_and_the_app_keeps_serving(client: Client, settings, message) -> None:
+    with pytest.raises(AppError) as error:
+        generate(client, **settings)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert pixels(generate(client, num_images=1, steps=1)[0]).shape == (TILE, TILE)
+
+
+def sketch_file(folder: Path, stroke: bool = True) -> dict:
+    """The sketch pad's value as the page sends it: a white 280 x 280 pad, with a black bar drawn on it exactly over
+    digit pixels 4-19 of rows and 13-14 of columns (10 x 10 pad pixels each)."""
+    pad = np.full((280, 280), 255, dtype=np.uint8)
+    if stroke:
+        pad[40:200, 130:150] = 0
+    path = folder / f"sketch-{stroke}.png"
+    Image.fromarray(pad).save(path)
+    return {"background": handle_file(path), "layers": [], "composite": handle_file(path)}
+
+
+def test_complete_keeps_the_drawing_and_the_top_half(client: Client, tmp_path: Path) -> None:
+    settings = ("bottom half", "7", 2.0, 3, 4, 5)  # region, digit, guidance, completions, steps, seed
+    kept, completions, info = client.predict("tiny-cond", sketch_file(tmp_path), *settings, api_name="/complete")
+    drawn = np.zeros((28, 28), dtype=np.uint8)
+    drawn[4:20, 13:15] = 255
+    # What the model keeps: the top half and the drawn pixels; the rest (grey on the page) it redraws.
+    expected = np.where(np.arange(28)[:, None] < 14, drawn, np.where(drawn > 0, 255, 102))
+    assert (pixels(kept)[::4, ::4] == expected).all()
+    assert [item["caption"].split(":")[0] for item in completions] == ["seed 5", "seed 6", "seed 7"]
+    for item in completions:
+        assert re.fullmatch(r"seed \d: reads \d \(\d+%\)", item["caption"])
+        digit = pixels(item["image"])
+        assert digit.shape == (TILE, TILE)
+        assert (digit[::4, ::4][:14] == drawn[:14]).all()  # RePaint returns the kept pixels exactly
+    assert info.startswith("3 completions in ")
+
+
+def test_complete_without_a_drawing_is_a_message(client: Client, tmp_path: Path) -> None:
+    settings = ("everything not drawn", "any", 1.0, 2, 2, 0)
+    with pytest.raises(AppError, match="the sketch is empty"):
+        client.predict("tiny", sketch_file(tmp_path, stroke=False), *settings, api_name="/complete")
+
+
+def test_interpolate_returns_the_row(client: Client) -> None:
+    # Test digits 0 and 1, mixed at t = 100 into 6 images and decoded on a 20-step chain (its 3 steps at or below t).
+    row, info = client.predict("tiny", 0, 1, 100, 6, 20, 0, api_name="/interpolate")
+    assert pixels(row).shape == (TILE, 6 * TILE)
+    assert re.fullmatch(r"6 digits through t = 100 in \d+\.\d\d s \(20-step chain; .*\)", info)
