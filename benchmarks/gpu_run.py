@@ -74,8 +74,8 @@ from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.hardware import describe_device
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGED_MNIST = ROOT / ".gpu_data" / "mnist"  # benchmarks/stage_gpu.sh copies it there; it travels with `carry`
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+# The GPU machine has no network: benchmarks/stage_gpu.sh copies a local MNIST here, to travel with the checkout.
+STAGED_MNIST = ROOT / ".gpu_data" / "mnist"
 PART_BYTES = 15 * 2**20  # each archive part under the 16 MB a file may have to come back
 MAX_FILES = 8  # files that may come back from the GPU machine
 MAX_TRAIN_MINUTES = 5.0
@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("output_dir", help="the folder for the files to bring back (new or empty)")
     p.add_argument("--dry-run", action="store_true", help="every stage at toy sizes on the CPU")
     p.add_argument(
-        "--dataset_name", default=None, help="MNIST, a local copy (default: .gpu_data/mnist, else ../shared/data/mnist)"
+        "--dataset_name", default=None, help="MNIST, a local copy (default: .gpu_data/mnist, from stage_gpu.sh)"
     )
     p.add_argument("--work_dir", default=None, help="scratch folder for the run (default: a temporary folder)")
     p.add_argument("--budget_minutes", type=float, default=8.0, help="the whole run's time budget")
@@ -177,8 +177,7 @@ def check_args(args: argparse.Namespace) -> tuple[Sizes, Path]:
         raise UsageError(f"{out} is a file or a non-empty folder; pass a new or empty folder for the results.")
     if args.budget_minutes <= 0:
         raise UsageError(f"--budget_minutes must be positive, got {args.budget_minutes}.")
-    default = STAGED_MNIST if STAGED_MNIST.is_dir() else SHARED_MNIST
-    dataset = Path(args.dataset_name) if args.dataset_name else default
+    dataset = Path(args.dataset_name) if args.dataset_name else STAGED_MNIST
     if not list(dataset.glob("**/train-*.parquet")):
         raise UsageError(f"{dataset} holds no MNIST parquet files; run benchmarks/stage_gpu.sh or pass --dataset_name.")
     sizes = DRY if args.dry_run else REAL
@@ -336,7 +335,8 @@ def final_loss(output: str) -> float | None:
 
 def bf16_fraction_of_peak(throughput: dict, preset: str) -> float | None:
     """Our bf16 training FLOP/s over the measured bf16 matmul peak: FLOPs per image (throughput.py counts them in its
-    fp32 step) times bf16 images/s, over the peak; None where a figure is missing."""
+    fp32 step) times bf16 images/s, over the peak; None where a figure is missing (throughput.py measures no bf16
+    peak where bf16 is emulated)."""
     models = throughput.get(preset, {})
     needed = [models.get(key) for key in ("train_gflops_per_second_ours_fp32", "train_ours_fp32", "train_ours_bf16")]
     peak = throughput.get("matmul_peak_gflops_bf16")
@@ -353,8 +353,9 @@ def describe_throughput(throughput: dict, sizes: Sizes) -> str:
     if not (ours and theirs):
         return "no bf16 training figures"
     fraction = throughput.get("train_fraction_of_bf16_peak")
-    peak = f", {fraction:.1%} of the bf16 matmul peak" if fraction is not None else ""
-    return f"{sizes.preset} bf16 training: {ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x){peak}"
+    peak = f"{fraction:.1%} of the bf16 matmul peak" if fraction is not None else "bf16 matmul peak not measured"
+    ratio = f"{ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x)"
+    return f"{sizes.preset} bf16 training: {ratio}, {peak}"
 
 
 def describe_quality(result: dict) -> str:

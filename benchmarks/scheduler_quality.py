@@ -5,7 +5,7 @@
         [--dataset_name ylecun/mnist] [--seed 0] [--batch_size 250] [--device cuda|cpu] [--json]
 
 PIPELINE is a folder saved by `DDPMMnistPipeline.save_pretrained` or a Hub repo id. On a machine without the Hub,
-pass `--dataset_name ../shared/data/mnist` (a local copy of ylecun/mnist).
+pass `--dataset_name path/to/mnist` (a local copy of ylecun/mnist).
 
 Each cell (scheduler, steps) draws --num_samples digits from one generator seeded with --seed (the same seed in every
 cell, so every scheduler starts from the same noise), timed with `time.perf_counter` around the sampling alone, and

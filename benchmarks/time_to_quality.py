@@ -2,7 +2,7 @@
 
     python benchmarks/time_to_quality.py --config training/recipes/e-release-cosine.json --output_dir runs/ttq \\
         [--snapshot_minutes 10 20 30 ...] [--num_samples 1000] [--num_inference_steps 50] [--dtype bf16]
-        [--dataset_name DIR]
+        [--dataset_name path/to/mnist]
 
 Both sides train for the same wall-clock budget and are scored at the same training minutes (`--snapshot_minutes`,
 wall time of the training loop only: start-up, saving for the snapshot and scoring are not counted):
@@ -52,6 +52,7 @@ import torch
 from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersLoop, checked_twin
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
+from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.deprecation import DTYPE_RENAMES, MIXED_PRECISION_RENAMES, renamed_values
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.evaluation import (
@@ -69,7 +70,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAT_SCHEDULES = ("constant", "constant_with_warmup")  # learning-rate schedules that do not depend on the budget
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist"
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=100, help="images per forward pass when sampling")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the floor's real digits")
     parser.add_argument(
-        "--dataset_name", default=None, help="MNIST for both sides (default: the recipe's, else ../shared/data/mnist)"
+        "--dataset_name", default=None, help=f"MNIST for both sides (default: the recipe's, else {DEFAULT_DATASET})"
     )
     parser.add_argument("--reference_images", type=int, default=None, help="test digits to score against (all)")
     parser.add_argument("--device", default=default_device(), help="where the samples are drawn and scored")
@@ -150,13 +150,13 @@ def root_relative(value: str) -> str:
 
 
 def dataset_for(args: argparse.Namespace, recipe: dict) -> str:
-    """The MNIST both sides train on: --dataset_name, else the recipe's, else the local copy beside the checkout."""
+    """The MNIST both sides train on: --dataset_name, else the recipe's, else ylecun/mnist."""
     if args.dataset_name is not None:
         path = Path(args.dataset_name)
         return str(path.resolve()) if path.exists() else args.dataset_name
     if "dataset_name" in recipe:
         return root_relative(recipe["dataset_name"])
-    return str(DEFAULT_DATA)
+    return DEFAULT_DATASET
 
 
 def recipe_unet(recipe: dict) -> DDPMMnistUNet:

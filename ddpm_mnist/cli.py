@@ -1,22 +1,32 @@
-"""The `ddpm-mnist` command line: sample digits from a saved pipeline, score their quality, bound its likelihood.
+"""The `ddpm-mnist` command line: sample digits from a saved pipeline, score their quality, bound its likelihood,
+complete a partly known digit, interpolate between two.
 
     ddpm-mnist sample PIPELINE --num_samples 64 --num_inference_steps 50 --scheduler ddim --seed 0 --output_dir samples
-    ddpm-mnist evaluate PIPELINE --num_samples 10000 --num_inference_steps 50 --scheduler ddim [--nll] [--json]
+        [--class_labels 3 7 | --class_labels all] [--guidance_scale 2]
+    ddpm-mnist evaluate PIPELINE --num_samples 10000 --num_inference_steps 50 --scheduler ddim [--guidance_scale 2]
+        [--nll] [--json]
     ddpm-mnist nll PIPELINE --split test --nll_images 1000
+    ddpm-mnist inpaint PIPELINE (--image digit.png | --test_digit 0) (--mask mask.png | --keep top) --output out.png
+    ddpm-mnist interpolate PIPELINE (--image_a a.png --image_b b.png | --test_digits 0 1) --t 500 --output row.png
 
 PIPELINE is a folder written by `DDPMMnistPipeline.save_pretrained` or a Hub repo id. Every option is also accepted
-with hyphens (`--num-samples`). Argument parsing and printing live here; the work is `ddpm_mnist.evaluation`'s. The
-pipeline, classifier and data are loaded before any sampling starts, and bad input ends in a one-line error (exit
-status 2).
+with hyphens (`--num-samples`). `--class_labels` asks a class-conditional pipeline for digits, repeated in order to
+give one per image; `evaluate` asks one for every digit equally often and reports its class accuracy. Digits in PNG
+files are white on black, as MNIST. Argument parsing and printing live here; the work is the library's
+(`ddpm_mnist.evaluation`, the pipelines, `ddpm_mnist.interpolate`). The pipeline, classifier and data are loaded
+before any sampling starts, and bad input ends in a one-line error (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .data import DEFAULT_DATASET
@@ -25,25 +35,40 @@ from .errors import UsageError, run_entry_point
 from .evaluation import (
     DTYPES,
     FAST_SCHEDULER_STEPS,
+    HALVES,
     SCHEDULERS,
     QualityReference,
+    balanced_labels,
+    check_class_inputs,
     default_device,
     digit_grid,
     generate_digits,
+    keep_half,
+    load_image,
     load_nll_digits,
     load_pipeline,
+    load_test_digits,
     nll_bound,
     scheduler_steps,
     to_pil_images,
 )
 from .hardware import describe_device
+from .interpolation import DEFAULT_LAMBDAS, interpolate
+from .metrics.classifier import NUM_CLASSES
 from .metrics.likelihood import VariationalBound
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
+from .pipeline_ddpm_mnist_inpaint import (
+    DEFAULT_NUM_INFERENCE_STEPS,
+    IMAGE_SIZE,
+    DDPMMnistInpaintPipeline,
+    prepare_image,
+)
+from .scheduling_ddpm_mnist import DDPMMnistScheduler
 
 QUALITY_KEYS = ("fid", "kid", "precision", "recall", "mean_confidence", "class_entropy", "rarest_class_share")
 
 
-def _add_option(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+def _add_option(parser: argparse._ActionsContainer, name: str, **kwargs: object) -> None:
     """Add `--name` under its underscore and its hyphen spelling."""
     spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
     parser.add_argument(*spellings, dest=name, **kwargs)
@@ -61,7 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     loading = argparse.ArgumentParser(add_help=False)
     loading.add_argument("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
     _add_option(loading, "device", default=default_device(), help="torch device (default: %(default)s)")
-    _add_option(loading, "batch_size", type=int, default=64, help="images per network call (default: %(default)s)")
+    batching = argparse.ArgumentParser(add_help=False)
+    _add_option(batching, "batch_size", type=int, default=64, help="images per network call (default: %(default)s)")
+    precision = argparse.ArgumentParser(add_help=False)
+    _add_option(
+        precision,
+        "dtype",
+        type=renamed_values(DTYPE_RENAMES, "--dtype"),
+        choices=DTYPES,
+        default="fp32",
+        help="the U-Net's dtype while sampling (default: %(default)s)",
+    )
     sampling = argparse.ArgumentParser(add_help=False)
     _add_option(
         sampling,
@@ -77,15 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"sampling steps (default: all T for ddpm, {FAST_SCHEDULER_STEPS} for the others)",
     )
-    _add_option(
-        sampling,
-        "dtype",
-        type=renamed_values(DTYPE_RENAMES, "--dtype"),
-        choices=DTYPES,
-        default="fp32",
-        help="the U-Net's dtype while sampling (default: %(default)s)",
-    )
     _add_option(sampling, "seed", type=int, default=0, help="seed of the initial noise and of data subsets")
+    labels = argparse.ArgumentParser(add_help=False)
+    _add_option(
+        labels,
+        "class_labels",
+        nargs="+",
+        type=_class_label,
+        metavar="DIGIT",
+        help="the digits 0-9 to ask a class-conditional pipeline for, repeated in order to give one per image "
+        "(`all`: 0 1 ... 9; default: any digit)",
+    )
+    guidance = argparse.ArgumentParser(add_help=False)
+    _add_option(
+        guidance,
+        "guidance_scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance toward the digits asked for, at least 1 (1: none; default: %(default)s)",
+    )
+    picture = argparse.ArgumentParser(add_help=False)
+    _add_option(picture, "upscale", type=int, default=2, help="picture pixels per digit pixel (default: %(default)s)")
     data = argparse.ArgumentParser(add_help=False)
     _add_option(
         data,
@@ -95,20 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sample = commands.add_parser(
-        "sample", parents=[loading, sampling], help="write a grid of sampled digits", description="Sample digits."
+        "sample",
+        parents=[loading, batching, precision, sampling, labels, guidance, picture],
+        help="write a grid of sampled digits",
+        description="Sample digits. With --class_labels, the grid has one column per label given.",
     )
     _add_option(sample, "num_samples", type=int, default=64, help="digits to sample (default: %(default)s)")
     _add_option(sample, "output_dir", default="samples", help="the folder for grid.png (default: %(default)s)")
-    _add_option(sample, "upscale", type=int, default=2, help="grid pixels per digit pixel (default: %(default)s)")
     _add_option(sample, "save_digits", action="store_true", help="also write each digit as OUTPUT_DIR/digits/NNNNN.png")
     sample.set_defaults(run=_sample)
 
     evaluate = commands.add_parser(
         "evaluate",
-        parents=[loading, sampling, data],
+        parents=[loading, batching, precision, sampling, guidance, data],
         help="score samples against the MNIST test set",
         description="FID, KID, precision/recall, confidence and class balance of samples against the MNIST test "
-        "digits (features of the package's MNIST classifier), beside the floor of as many real training digits.",
+        "digits (features of the package's MNIST classifier), beside the floor of as many real training digits. A "
+        "class-conditional pipeline is asked for every digit equally often, and scored also on its class accuracy: "
+        "how often the classifier reads a sample as the digit asked for, overall and per digit.",
     )
     _add_option(evaluate, "num_samples", type=int, default=10_000, help="digits to sample (default: %(default)s)")
     _add_option(evaluate, "reference_images", type=int, default=None, help="test digits to compare with (default: all)")
@@ -120,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     nll = commands.add_parser(
         "nll",
-        parents=[loading, data],
+        parents=[loading, batching, data],
         help="bound the negative log-likelihood in bits/dim",
         description="The variational bound of Ho et al. (2020, eq. 5) on 8-bit MNIST digits, in bits per digit "
         "pixel, with its prior, diffusion and decoder terms.",
@@ -137,6 +188,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(nll, "seed", type=int, default=0, help="seed of the x_t noise and of the digit subset")
     nll.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     nll.set_defaults(run=_nll)
+
+    inpaint = commands.add_parser(
+        "inpaint",
+        parents=[loading, precision, labels, guidance, data, picture],
+        help="complete a partly known digit",
+        description="Keep part of a digit and fill in the rest with RePaint (Lugmayr et al. 2022), a few times over. "
+        "Writes one row: the digit, the part kept (the rest black), then each completion.",
+    )
+    digit = inpaint.add_mutually_exclusive_group(required=True)
+    _add_option(digit, "image", help="a PNG of the digit, white on black as MNIST")
+    _add_option(digit, "test_digit", type=int, metavar="INDEX", help="the MNIST test digit at this index instead")
+    region = inpaint.add_mutually_exclusive_group(required=True)
+    _add_option(region, "mask", help="a PNG the size of the digit: white pixels are kept, black ones filled in")
+    _add_option(region, "keep", choices=HALVES, help="keep this half of the digit and fill in the other one")
+    _add_option(inpaint, "num_images", type=int, default=4, help="completions to draw (default: %(default)s)")
+    _add_option(
+        inpaint,
+        "num_inference_steps",
+        type=int,
+        default=None,
+        help=f"RePaint's steps, each taken a few times over (default: {DEFAULT_NUM_INFERENCE_STEPS}, at most T)",
+    )
+    _add_option(inpaint, "seed", type=int, default=0, help="seed of the noise")
+    _add_option(inpaint, "output", default="inpainted.png", help="the picture to write (default: %(default)s)")
+    inpaint.set_defaults(run=_inpaint)
+
+    between = commands.add_parser(
+        "interpolate",
+        parents=[loading, precision, labels, guidance, data, picture],
+        help="interpolate between two digits",
+        description="Encode two digits to x_t, mix them by each lambda and decode (Ho et al. 2020, section 4.4). "
+        "Writes one row: the first digit, one decoded digit per lambda, the second digit.",
+    )
+    _add_option(between, "image_a", help="a PNG of the first digit, white on black as MNIST")
+    _add_option(between, "image_b", help="a PNG of the second digit")
+    _add_option(
+        between, "test_digits", type=int, nargs=2, metavar="INDEX", help="two MNIST test digits by index instead"
+    )
+    between.add_argument(
+        "--t",
+        type=int,
+        default=500,
+        help="the timestep of the latents, 0 to T-1: small keeps the digits' shapes, large draws new digits "
+        "(default: %(default)s)",
+    )
+    _add_option(
+        between,
+        "lambdas",
+        type=float,
+        nargs="+",
+        default=DEFAULT_LAMBDAS,
+        metavar="LAMBDA",
+        help="the mixing weights, each in [0, 1] (default: 0 0.1 ... 1)",
+    )
+    _add_option(
+        between,
+        "num_inference_steps",
+        type=int,
+        default=None,
+        help="respaced decoding steps from t (default: every timestep from t down)",
+    )
+    _add_option(between, "seed", type=int, default=0, help="seed of the encoder and decoder noise")
+    _add_option(between, "output", default="interpolation.png", help="the picture to write (default: %(default)s)")
+    between.set_defaults(run=_interpolate)
     return parser
 
 
@@ -152,15 +267,43 @@ def main(argv: list[str] | None = None) -> None:
 
 def _load_pipeline(args: argparse.Namespace) -> DDPMMnistPipeline:
     """The pipeline on the chosen device, which is named in one line."""
-    if args.batch_size < 1:
+    if getattr(args, "batch_size", 1) < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}.")
     pipe = load_pipeline(args.pipeline, args.device, getattr(args, "dtype", "fp32"))
     print(f"device: {pipe.device} ({describe_device(pipe.device)})")
     return pipe
 
 
-def _generate(pipe: DDPMMnistPipeline, args: argparse.Namespace) -> torch.Tensor:
-    """--num_samples digits from the chosen scheduler, seed and batch size."""
+def _class_label(value: str) -> int | str:
+    """One value of --class_labels: a digit 0-9, or `all`."""
+    if value == "all":
+        return value
+    if not (value.isdigit() and int(value) < NUM_CLASSES):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a digit 0-9 or `all`")
+    return int(value)
+
+
+def _asked_digits(args: argparse.Namespace) -> list[int] | None:
+    """The digits of --class_labels, `all` standing for 0 1 ... 9; None without the flag."""
+    if args.class_labels is None:
+        return None
+    if args.class_labels == ["all"]:
+        return list(range(NUM_CLASSES))
+    if "all" in args.class_labels:
+        raise UsageError("--class_labels all stands alone; pass `all`, or digits such as 3 7.")
+    return args.class_labels
+
+
+def _class_labels(args: argparse.Namespace, num_images: int) -> list[int] | None:
+    """--class_labels repeated in order to give one label to each of `num_images` images; None without the flag."""
+    digits = _asked_digits(args)
+    return None if digits is None else [digits[i % len(digits)] for i in range(num_images)]
+
+
+def _generate(
+    pipe: DDPMMnistPipeline, args: argparse.Namespace, class_labels: list[int] | torch.Tensor | None
+) -> torch.Tensor:
+    """--num_samples digits of `class_labels` from the chosen scheduler, guidance, seed and batch size."""
     return generate_digits(
         pipe,
         args.num_samples,
@@ -168,7 +311,15 @@ def _generate(pipe: DDPMMnistPipeline, args: argparse.Namespace) -> torch.Tensor
         num_inference_steps=args.num_inference_steps,
         seed=args.seed,
         batch_size=args.batch_size,
+        class_labels=class_labels,
+        guidance_scale=args.guidance_scale,
     )
+
+
+def _check_upscale(args: argparse.Namespace) -> None:
+    """--upscale enlarges a picture by whole pixels."""
+    if args.upscale < 1:
+        raise UsageError(f"--upscale must be at least 1, got {args.upscale}.")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -176,11 +327,12 @@ def _sample(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.is_file():
         raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder.")
-    if args.upscale < 1:
-        raise UsageError(f"--upscale must be at least 1, got {args.upscale}.")
-    images = _generate(_load_pipeline(args), args)
+    _check_upscale(args)
+    digits = _asked_digits(args)
+    images = _generate(_load_pipeline(args), args, _class_labels(args, args.num_samples))
     output_dir.mkdir(parents=True, exist_ok=True)
-    digit_grid(images, upscale=args.upscale).save(output_dir / "grid.png")
+    cols = min(len(digits), len(images)) if digits is not None and len(digits) > 1 else None  # a column per label
+    digit_grid(images, cols=cols, upscale=args.upscale).save(output_dir / "grid.png")
     if args.save_digits:
         (output_dir / "digits").mkdir(exist_ok=True)
         for i, digit in enumerate(to_pil_images(images)):
@@ -192,6 +344,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     """`ddpm-mnist evaluate`: quality of samples against the test digits, beside the real-vs-real floor."""
     pipe = _load_pipeline(args)
     steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
+    if args.guidance_scale > 1 and not pipe.is_class_conditional:
+        raise UsageError("--guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
+    # A class-conditional pipeline is asked for every digit equally often.
+    class_labels = balanced_labels(args.num_samples) if pipe.is_class_conditional else None
+    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_samples)
     # All data first, so that a bad --dataset_name or count fails before the sampling.
     if args.nll:
         nll_x_0 = load_nll_digits(
@@ -200,9 +357,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
     floor = reference.floor(args.num_samples)
 
-    samples = _generate(pipe, args)
-    quality = reference.score(samples)
-    result = {**quality.as_dict(), "floor": floor.as_dict(), "scheduler": args.scheduler, "steps": steps}
+    samples = _generate(pipe, args, class_labels)
+    scores = reference.score(samples) if class_labels is None else reference.score_conditional(samples, class_labels)
+    result = {
+        **scores.as_dict(),
+        "floor": floor.as_dict(),
+        "scheduler": args.scheduler,
+        "steps": steps,
+        "class_conditional": pipe.is_class_conditional,
+        "guidance_scale": args.guidance_scale,
+    }
     if args.nll:
         bound = nll_bound(pipe, nll_x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
         result["nll_bpd"] = bound.summary()["nll_bpd"]
@@ -212,11 +376,18 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     print(f"{args.num_samples} samples ({args.scheduler}, {steps} steps) against {reference.num_images} MNIST test")
-    print(f"digits; floor: {args.num_samples} MNIST training digits against the same test digits.\n")
-    print(f"{'':24}{'samples':>12}{'real floor':>12}")
+    print(f"digits; floor: {args.num_samples} MNIST training digits against the same test digits.")
+    if class_labels is not None:
+        print(f"Each digit asked for equally often, guidance scale {args.guidance_scale:g}; class_accuracy: the share")
+        print("of samples the classifier reads as the digit asked for.")
+    print(f"\n{'':24}{'samples':>12}{'real floor':>12}")
     for name in QUALITY_KEYS:
         print(f"{name:24}{result[name]:12.4f}{result['floor'][name]:12.4f}")
-    print("predicted digits 0-9:  " + " ".join(f"{share:.3f}" for share in quality.class_histogram))
+    if class_labels is not None:
+        print(f"{'class_accuracy':24}{result['class_accuracy']:12.4f}")
+    print("predicted digits 0-9:  " + _shares(result["class_histogram"]))
+    if class_labels is not None:
+        print("accuracy per digit 0-9: " + _shares(result["class_accuracy_per_digit"]))
     if args.nll:
         print(f"\nNLL bound on {len(nll_x_0)} test digits: {_describe_bound(bound)}")
 
@@ -248,6 +419,111 @@ def _nll(args: argparse.Namespace) -> None:
         shown = sorted({round(i * (num_terms - 1) / 9) for i in range(10)})
         print("  L_(t-1) at t = " + ", ".join(f"{i + 2}: {terms[i].item():.2e}" for i in shown))
         print("  (all T terms: --json, key terms_bpd)")
+
+
+def _inpaint(args: argparse.Namespace) -> None:
+    """`ddpm-mnist inpaint`: a row of the digit, its kept part and --num_images completions."""
+    output = _picture_path(args)
+    if args.num_images < 1:
+        raise UsageError(f"--num_images must be at least 1, got {args.num_images}.")
+    pipe = _load_pipeline(args)
+    class_labels = _class_labels(args, args.num_images)
+    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_images)
+    steps = args.num_inference_steps
+    if steps is None:
+        steps = min(DEFAULT_NUM_INFERENCE_STEPS, pipe.scheduler.config.num_train_timesteps)
+    scheduler_steps(pipe, "ddpm", steps)
+    if args.image is not None:
+        x_0 = prepare_image(load_image(args.image, "--image"), IMAGE_SIZE)
+    else:
+        x_0 = load_test_digits(args.dataset_name, [args.test_digit])
+    mask = load_image(args.mask, "--mask") if args.mask is not None else keep_half(args.keep)
+    keep = prepare_image(mask, IMAGE_SIZE, is_mask=True)
+    inpaint = DDPMMnistInpaintPipeline(
+        unet=pipe.unet, scheduler=_ddpm_scheduler(pipe), image_size=pipe.config.image_size
+    )
+    completions = inpaint(
+        x_0.repeat(args.num_images, 1, 1, 1),
+        keep,
+        class_labels=class_labels,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="pt",
+    ).images
+    kept = torch.where(keep.bool(), x_0, -1.0)
+    _save_row([(x_0 + 1) / 2, (kept + 1) / 2, completions], output, args.upscale)
+    print(f"wrote the digit, its kept part and {args.num_images} completions to {output}")
+
+
+def _interpolate(args: argparse.Namespace) -> None:
+    """`ddpm-mnist interpolate`: a row of the first digit, one decoded digit per lambda, the second digit."""
+    output = _picture_path(args)
+    from_files = args.image_a is not None or args.image_b is not None
+    if from_files == (args.test_digits is not None) or (from_files and None in (args.image_a, args.image_b)):
+        raise UsageError("pass two digits: --image_a A.png --image_b B.png, or --test_digits I J.")
+    pipe = _load_pipeline(args)
+    class_labels = _class_labels(args, len(args.lambdas))
+    check_class_inputs(pipe, class_labels, args.guidance_scale, len(args.lambdas))
+    if args.num_inference_steps is not None:
+        scheduler_steps(pipe, "ddpm", args.num_inference_steps)
+    if from_files:
+        files = ((args.image_a, "--image_a"), (args.image_b, "--image_b"))
+        x_0 = torch.cat([prepare_image(load_image(path, flag), IMAGE_SIZE) for path, flag in files])
+    else:
+        x_0 = load_test_digits(args.dataset_name, args.test_digits)
+    pipe.scheduler = _ddpm_scheduler(pipe)
+    pipe.set_progress_bar_config()  # the decoding runs up to T steps: show them
+    with _checked_by_the_pipeline():
+        decoded = interpolate(
+            pipe,
+            x_0[:1],
+            x_0[1:],
+            t=args.t,
+            lambdas=args.lambdas,
+            num_inference_steps=args.num_inference_steps,
+            class_labels=class_labels,
+            guidance_scale=args.guidance_scale,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="pt",
+        ).images
+    _save_row([(x_0[:1] + 1) / 2, decoded, (x_0[1:] + 1) / 2], output, args.upscale)
+    print(f"wrote the two digits and {len(decoded)} interpolations at t={args.t} to {output}")
+
+
+def _picture_path(args: argparse.Namespace) -> Path:
+    """--output, checked to be an image file name, and --upscale."""
+    _check_upscale(args)
+    output = Path(args.output)
+    if output.is_dir() or output.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--output {args.output!r} is not an image file name; pass one such as out.png.")
+    return output
+
+
+def _save_row(parts: list[torch.Tensor], output: Path, upscale: int) -> None:
+    """Digits (N, 1, 28, 28) in [0, 1], part after part, as one row of a picture at `output`."""
+    row = torch.cat([part.float().cpu() for part in parts])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    digit_grid(row, cols=len(row), upscale=upscale).save(output)
+
+
+def _ddpm_scheduler(pipe: DDPMMnistPipeline) -> DDPMMnistScheduler:
+    """DDPM's reverse step on the pipeline's noise schedule: editing restarts the chain, which it can follow."""
+    return SCHEDULERS["ddpm"].from_config(pipe.scheduler.config)
+
+
+@contextmanager
+def _checked_by_the_pipeline() -> Iterator[None]:
+    """Report a ValueError of `interpolate` as bad input (t, lambdas): it checks its input before sampling."""
+    try:
+        yield
+    except ValueError as error:
+        raise UsageError(str(error).splitlines()[0]) from error
+
+
+def _shares(values: list[float]) -> str:
+    """Ten shares or accuracies, one per digit, on one line."""
+    return " ".join(f"{value:.3f}" for value in values)
 
 
 def _describe_bound(bound: VariationalBound) -> str:

@@ -12,17 +12,31 @@ call:
     bound = nll_bound(pipe, x_0)                                   # the variational bound of eq. 5, in bits/dim
     digit_grid(samples[:64], upscale=2).save("grid.png")
 
+A class-conditional pipeline is scored on balanced labels, each digit equally often, with its class accuracy (how
+often the classifier reads a sample as the digit asked for), at one guidance scale or over a sweep of them:
+
+    labels = balanced_labels(1000)                                 # 0, 0, ..., 9
+    samples = generate_digits(pipe, 1000, class_labels=labels, guidance_scale=2.0, scheduler="ddim", seed=0)
+    scores = reference.score_conditional(samples, labels)          # .quality as above, .accuracy overall and per digit
+    sweep = guidance_sweep(pipe, reference, 1000, (1, 1.5, 2, 3, 5))  # {guidance scale: scores}
+
+For the editing commands: `load_image` reads a PNG of a digit, `load_test_digits` picks MNIST test digits by index,
+`keep_half` is the mask that keeps one half of a digit.
+
 Arguments carry the names of the command-line flags (`num_samples`, `num_inference_steps`, `batch_size`,
-`dataset_name`, `reference_images`, `nll_images`, `nll_timesteps`, `device`, `dtype`), so a message about one names
-the flag to fix. Bad input raises `ddpm_mnist.errors.UsageError` before any sampling: an entry point loads the
-pipeline, the reference and every set of digits first, then samples. Scores use the features of the package's MNIST
-classifier (`metrics/quality.py`): compare them with the floor beside them, never with published Inception FIDs.
+`dataset_name`, `reference_images`, `nll_images`, `nll_timesteps`, `device`, `dtype`, `class_labels`,
+`guidance_scale`, `test_digits`), so a message about one names the flag to fix. Bad input raises
+`ddpm_mnist.errors.UsageError` before any sampling: an entry point loads the pipeline, the reference and every set of
+digits first, then samples. Scores use the features of the package's MNIST classifier (`metrics/quality.py`): compare
+them with the floor beside them, never with published Inception FIDs.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
@@ -34,7 +48,15 @@ from .data import load_x_0
 from .errors import UsageError
 from .metrics.classifier import load_mnist_classifier
 from .metrics.likelihood import VariationalBound, variational_bound
-from .metrics.quality import SampleQuality, classifier_outputs, sample_quality
+from .metrics.quality import (
+    ClassAccuracy,
+    ClassifierOutputs,
+    SampleQuality,
+    balanced_class_labels,
+    class_accuracy,
+    classifier_outputs,
+    sample_quality,
+)
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 from .scheduling_ddpm_mnist import DDPMMnistScheduler
 
@@ -50,6 +72,14 @@ FAST_SCHEDULER_STEPS = 50  # the default num_inference_steps of every scheduler 
 # Inference dtypes by their command-line name (earlier names: `ddpm_mnist.deprecation.DTYPE_RENAMES`).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_SCORED_IMAGES = 4  # precision and recall need more digits than their k = 3 neighbours
+DEFAULT_GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0)  # the classifier-free guidance scales a sweep draws with
+# The halves of a 28x28 digit an inpainting mask can keep, as the (rows, columns) they span.
+HALVES = {
+    "top": (slice(0, 14), slice(None)),
+    "bottom": (slice(14, 28), slice(None)),
+    "left": (slice(None), slice(0, 14)),
+    "right": (slice(None), slice(14, 28)),
+}
 
 
 def default_device() -> str:
@@ -107,6 +137,31 @@ def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps
     return num_inference_steps
 
 
+def check_class_inputs(
+    pipe: DDPMMnistPipeline,
+    class_labels: Sequence[int] | torch.Tensor | None,
+    guidance_scale: float,
+    num_samples: int,
+) -> None:
+    """A UsageError unless `class_labels` (one per sample, or None) and `guidance_scale` suit the pipeline: labels
+    only for a class-conditional pipeline, each a digit 0-9, guidance of at least 1 and above 1 only with labels."""
+    if class_labels is not None and len(class_labels) != num_samples:
+        raise UsageError(f"got {len(class_labels)} class_labels for num_samples {num_samples}; pass one per sample.")
+    try:
+        pipe.check_class_inputs(class_labels, guidance_scale, num_samples)
+    except ValueError as error:
+        raise UsageError(str(error).splitlines()[0]) from error
+
+
+def balanced_labels(num_samples: int) -> torch.Tensor:
+    """`num_samples` class labels, each digit equally often (to within one), in order: what a conditional pipeline is
+    scored with. A count below 10 is a UsageError."""
+    try:
+        return balanced_class_labels(num_samples)
+    except ValueError as error:
+        raise UsageError(f"num_samples {num_samples} cannot hold every digit 0-9; pass at least 10.") from error
+
+
 @torch.no_grad()
 def generate_digits(
     pipe: DDPMMnistPipeline,
@@ -116,24 +171,36 @@ def generate_digits(
     num_inference_steps: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    class_labels: Sequence[int] | torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
     progress: bool = True,
 ) -> torch.Tensor:
     """`num_samples` digits (N, 1, 28, 28) in [0, 1], float32 on the CPU, from the named scheduler (Algorithm 2 for
     ddpm) on the pipeline's schedule, batch by batch from one CPU generator seeded with `seed`.
 
-    The scheduler replaces `pipe.scheduler` for the call only: the pipeline keeps the one it was saved with.
+    A class-conditional pipeline draws digit `class_labels[i]` as sample i (one label per sample; None: any digit),
+    with classifier-free guidance when `guidance_scale` is above 1. The scheduler replaces `pipe.scheduler` for the
+    call only: the pipeline keeps the one it was saved with.
     """
     steps = scheduler_steps(pipe, scheduler, num_inference_steps)
     if num_samples < 1 or batch_size < 1:
         raise UsageError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}.")
+    check_class_inputs(pipe, class_labels, guidance_scale, num_samples)
     saved_scheduler = pipe.scheduler
     pipe.scheduler = SCHEDULERS[scheduler].from_config(saved_scheduler.config)
     generator = torch.Generator().manual_seed(seed)
-    sizes = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+    starts = range(0, num_samples, batch_size)
     try:
         batches = [
-            pipe(batch_size=size, generator=generator, num_inference_steps=steps, output_type="pt").images
-            for size in tqdm(sizes, desc=f"sampling, {scheduler} {steps} steps", unit="batch", disable=not progress)
+            pipe(
+                batch_size=min(batch_size, num_samples - start),
+                class_labels=None if class_labels is None else class_labels[start : start + batch_size],
+                guidance_scale=guidance_scale,
+                generator=generator,
+                num_inference_steps=steps,
+                output_type="pt",
+            ).images
+            for start in tqdm(starts, desc=f"sampling, {scheduler} {steps} steps", unit="batch", disable=not progress)
         ]
     finally:
         pipe.scheduler = saved_scheduler
@@ -149,6 +216,56 @@ def load_digits(
         return load_x_0(dataset_name, split, num_images, sample_size=sample_size, seed=seed)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(f"{str(error).splitlines()[0]} (dataset_name {os.fspath(dataset_name)!r})") from error
+
+
+def load_test_digits(dataset_name: str | os.PathLike, test_digits: Sequence[int]) -> torch.Tensor:
+    """The MNIST test digits at the indexes `test_digits` as x_0 (N, 1, 28, 28) in [-1, 1], in the order given."""
+    if min(test_digits) < 0:
+        raise UsageError(f"test_digits {list(test_digits)} holds a negative index; pass indexes from 0.")
+    try:
+        x_0 = load_digits(dataset_name, "test", max(test_digits) + 1, seed=None)
+    except UsageError as error:
+        raise UsageError(f"cannot read test digit {max(test_digits)}: {error}") from error
+    return x_0[list(test_digits)]
+
+
+def load_image(path: str | os.PathLike, name: str = "image") -> Image.Image:
+    """The image file at `path` (a PNG of a digit, white on black as MNIST) as a greyscale PIL image.
+
+    A missing or unreadable file is a UsageError that calls it `name`, the flag that passed it.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"{name} {os.fspath(path)!r} is not a file; pass the path of a PNG.")
+    try:
+        with Image.open(path) as image:
+            return image.convert("L")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{name} {os.fspath(path)!r} cannot be read as an image ({error}); pass a PNG.") from error
+
+
+def keep_half(region: str) -> torch.Tensor:
+    """The (1, 1, 28, 28) inpainting mask that keeps one half of a digit, one of `HALVES` (1 = keep, 0 = fill in)."""
+    if region not in HALVES:
+        raise UsageError(f"keep {region!r} is not one of {', '.join(HALVES)}; pass one of them.")
+    keep = torch.zeros(1, 1, 28, 28)
+    keep[(..., *HALVES[region])] = 1
+    return keep
+
+
+@dataclass
+class ConditionalQuality:
+    """The scores of class-conditional samples: `quality` as for any samples, and the class accuracy."""
+
+    quality: SampleQuality
+    accuracy: ClassAccuracy
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        """The quality scores with `class_accuracy` (overall) and `class_accuracy_per_digit` (0-9), JSON-ready."""
+        return {
+            **self.quality.as_dict(),
+            "class_accuracy": self.accuracy.accuracy,
+            "class_accuracy_per_digit": self.accuracy.per_class,
+        }
 
 
 class QualityReference:
@@ -192,10 +309,20 @@ class QualityReference:
 
     def score(self, samples: torch.Tensor) -> SampleQuality:
         """FID, KID, precision, recall, confidence and class balance of digits (N, 1, 28, 28) in [0, 1]."""
+        return sample_quality(self._classify(samples), self.outputs, seed=self.seed)
+
+    def score_conditional(self, samples: torch.Tensor, class_labels: torch.Tensor) -> ConditionalQuality:
+        """`score`, and how often the classifier reads sample i as the digit `class_labels[i]` it was drawn as."""
+        outputs = self._classify(samples)
+        return ConditionalQuality(
+            sample_quality(outputs, self.outputs, seed=self.seed), class_accuracy(outputs, class_labels)
+        )
+
+    def _classify(self, samples: torch.Tensor) -> ClassifierOutputs:
+        """The classifier's features and logits of digits to be scored, of which there must be enough."""
         if len(samples) < MIN_SCORED_IMAGES:
             raise UsageError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {len(samples)}.")
-        outputs = classifier_outputs(samples, self.classifier, progress=self.progress)
-        return sample_quality(outputs, self.outputs, seed=self.seed)
+        return classifier_outputs(samples, self.classifier, progress=self.progress)
 
     def floor(self, num_samples: int) -> SampleQuality:
         """The real-vs-real floor of `num_samples` training digits, computed once per count.
@@ -208,6 +335,48 @@ class QualityReference:
             real = load_digits(self.dataset_name, "train", num_samples, seed=self.seed)
             self._floors[num_samples] = self.score((real + 1) / 2)
         return self._floors[num_samples]
+
+
+def guidance_sweep(
+    pipe: DDPMMnistPipeline,
+    reference: QualityReference,
+    num_samples: int,
+    guidance_scales: Sequence[float] = DEFAULT_GUIDANCE_SCALES,
+    *,
+    scheduler: str = "ddpm",
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[float, ConditionalQuality]:
+    """The scores of a class-conditional pipeline at each classifier-free guidance scale, in the order given.
+
+    Each scale draws `num_samples` digits with balanced labels (`balanced_labels`) from the same seed, so the scales
+    differ only in guidance. Guidance trades variety (FID, recall) for digits read as the one asked for (class
+    accuracy, confidence). Every scale is checked before the first digit is drawn.
+    """
+    if not pipe.is_class_conditional:
+        raise UsageError("a guidance sweep needs a class-conditional pipeline (its UNet has num_class_embeds).")
+    if not guidance_scales:
+        raise UsageError("guidance_scales is empty; pass at least one scale, e.g. 1 1.5 2 3 5.")
+    class_labels = balanced_labels(num_samples)
+    for guidance_scale in guidance_scales:
+        check_class_inputs(pipe, class_labels, guidance_scale, num_samples)
+    scores = {}
+    for guidance_scale in guidance_scales:
+        samples = generate_digits(
+            pipe,
+            num_samples,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            batch_size=batch_size,
+            class_labels=class_labels,
+            guidance_scale=guidance_scale,
+            progress=progress,
+        )
+        scores[guidance_scale] = reference.score_conditional(samples, class_labels)
+    return scores
 
 
 def _check_nll_timesteps(pipe: DDPMMnistPipeline, nll_timesteps: int | None) -> None:

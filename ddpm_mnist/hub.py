@@ -83,7 +83,7 @@ def render_model_card(
     loss_curve_image: str | None = None,
     nll_terms_image: str | None = None,
     time_to_quality_image: str | None = None,
-    recommended_sampler: tuple[str, int] | None = None,
+    recommended_scheduler: tuple[str, int] | None = None,
     training: dict[str, Any] | None = None,
     eval_results: dict[str, float] | None = None,
     eval_split: str = "test",
@@ -92,8 +92,8 @@ def render_model_card(
 ) -> ModelCard:
     """The model card of a pipeline: Hub metadata, the model, both ways to load it, training and evaluation.
 
-    Images are paths inside the repo. `recommended_sampler` is the (scheduler name, steps) the evaluation supports,
-    used in the card's code; by default the paper's sampler on all T steps. `eval_results` go into the `model-index`
+    Images are paths inside the repo. `recommended_scheduler` is the (scheduler name, steps) the evaluation supports,
+    used in the card's code; by default the paper's DDPM on all T steps. `eval_results` go into the `model-index`
     metadata and, unless `evaluation` (Markdown for the card's evaluation section) is given, into a table of their own.
     """
     unknown = sorted(set(eval_results or {}) - set(METRICS))
@@ -125,7 +125,7 @@ def render_model_card(
         eval_results=results or None,
     )
     unet_config, schedule = pipeline.unet.config, pipeline.scheduler.config
-    recommended_scheduler, recommended_steps = recommended_sampler or ("ddpm", schedule.num_train_timesteps)
+    scheduler_name, recommended_steps = recommended_scheduler or ("ddpm", schedule.num_train_timesteps)
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -138,7 +138,7 @@ def render_model_card(
         loss_curve_image=loss_curve_image,
         nll_terms_image=nll_terms_image,
         time_to_quality_image=time_to_quality_image,
-        recommended_scheduler=recommended_scheduler,
+        recommended_scheduler=scheduler_name,
         recommended_steps=recommended_steps,
         evaluation=evaluation,
         preset=_preset_name(dict(unet_config)),

@@ -54,7 +54,9 @@ def interpolate(
         t (`int`, *optional*, defaults to 500):
             The timestep of the latents, 0 to T - 1 (diffusers' numbering: the paper's t - 1). Small t keeps the
             digits' shapes and blends them like pixels; large t keeps less of them, and the decoded row looks more
-            like new digits.
+            like new digits. The default is the paper's (of T = 1000, on 256x256 faces); with the released MNIST
+            pipeline, t = 250 keeps both ends' digits and passes from one to the other, while at t = 500 the ends
+            already decode to other digits (benchmarks/results/inpainting_interpolation.png).
         lambdas (`Sequence[float]`, *optional*, defaults to 0.0, 0.1, ..., 1.0):
             The mixing weights, each in [0, 1]; one image per lambda, in order.
         num_inference_steps (`int`, *optional*):

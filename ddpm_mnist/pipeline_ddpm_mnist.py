@@ -248,9 +248,12 @@ class DDPMMnistPipeline(DiffusionPipeline):
         """
         model_input = x_t.to(self.unet.dtype)
         if class_labels is None or guidance_scale <= 1:
-            return self.unet(model_input, t, class_labels).sample.float()
+            # No labels: called as diffusers calls an unconditional UNet, so that any UNet of that signature serves.
+            labels = {} if class_labels is None else {"class_labels": class_labels}
+            return self.unet(model_input, t, **labels).sample.float()
         null = torch.full_like(class_labels, self.unet.config.num_class_embeds)
-        eps = self.unet(torch.cat([model_input, model_input]), t, torch.cat([class_labels, null])).sample.float()
+        model_input = torch.cat([model_input, model_input])
+        eps = self.unet(model_input, t, class_labels=torch.cat([class_labels, null])).sample.float()
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -434,8 +437,11 @@ def _package_entries(config: dict, pipeline_class: type) -> dict:
     # A pushed repo's `["unet_ddpm_mnist", "DDPMMnistUNet"]` and `_class_name: ["pipeline_ddpm_mnist", ...]` point
     # diffusers to the code files the repo carries; with the package imported they mean its own modules, e.g.
     # `["ddpm_mnist.unet_ddpm_mnist", "DDPMMnistUNet"]`, which diffusers loads without running downloaded code.
+    # A folder of one of this package's pipelines loads as the class asked for (a base pipeline's folder as the
+    # inpainting pipeline, say), as diffusers loads a folder into any pipeline class that takes its components.
     config = dict(config)
-    if config.get("_class_name") == [pipeline_class.__module__.rpartition(".")[2], pipeline_class.__name__]:
+    saved_as = config.get("_class_name")
+    if isinstance(saved_as, list) and f"{_PACKAGE}.{saved_as[0]}" in sys.modules:
         config["_class_name"] = pipeline_class.__name__
     for name, entry in config.items():
         if name != "_class_name" and isinstance(entry, list) and f"{_PACKAGE}.{entry[0]}" in sys.modules:

@@ -159,8 +159,8 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
     r"""
     Completion of partly known MNIST digits with RePaint, from the components of a [`DDPMMnistPipeline`].
 
-    Build it from a loaded pipeline, `DDPMMnistInpaintPipeline(**pipe.components)`, or load it directly with
-    `DDPMMnistInpaintPipeline.from_pretrained(folder)`.
+    Build it from a loaded pipeline: `DDPMMnistInpaintPipeline(**pipe.components)`, which shares its UNet and
+    scheduler.
 
     Parameters:
         unet ([`DDPMMnistUNet`]):

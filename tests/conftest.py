@@ -20,7 +20,11 @@ from tests.utils import write_mnist_folder  # noqa: E402
 # apache/arrow#45214); these tests end dozens of streams in one long-lived process.
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+# The real MNIST (a local copy of ylecun/mnist) for the few tests that need real digits: $DDPM_MNIST_REAL_DATA, else
+# the `shared/data/mnist` folder that sits beside the checkout's own folder, where a test machine keeps one.
+REAL_MNIST = Path(
+    os.environ.get("DDPM_MNIST_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,9 +35,9 @@ def mnist_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_mnist() -> Path:
-    """The real MNIST beside the checkout (`../shared/data/mnist`); tests that need it skip where it is absent."""
+    """The real MNIST (`REAL_MNIST`); tests that need it skip where it is absent."""
     if not REAL_MNIST.is_dir():
-        pytest.skip(f"the real MNIST is not at {REAL_MNIST}")
+        pytest.skip(f"the real MNIST is not at {REAL_MNIST}; set DDPM_MNIST_REAL_DATA to a local copy of ylecun/mnist")
     return REAL_MNIST
 
 

@@ -1,17 +1,29 @@
 """Tests for `ddpm_mnist.evaluation` on a tiny saved pipeline and a small MNIST-layout folder."""
 
+import functools
+import math
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, ImagePipelineOutput
+from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist.data import decode_labels, load_image_stream, load_x_0
 from ddpm_mnist.errors import UsageError
 from ddpm_mnist.evaluation import (
     QualityReference,
+    balanced_labels,
     digit_grid,
     generate_digits,
+    guidance_sweep,
+    keep_half,
+    load_image,
     load_pipeline,
+    load_test_digits,
     nll_bound,
     scheduler_steps,
     to_pil_images,
@@ -28,6 +40,44 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     scheduler = DDPMMnistScheduler(num_train_timesteps=T, variance_type="fixed_large")
     DDPMMnistPipeline(tiny_unet(), scheduler).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def conditional_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved tiny class-conditional pipeline (10 digits and the null class) with a 10-step schedule."""
+    folder = tmp_path_factory.mktemp("conditional")
+    DDPMMnistPipeline(tiny_unet(num_class_embeds=10), DDPMMnistScheduler(num_train_timesteps=T)).save_pretrained(folder)
+    return str(folder)
+
+
+@functools.cache
+def real_digits_by_class(real_mnist: Path) -> list[torch.Tensor]:
+    """Four real MNIST test digits of each class 0-9, by their dataset labels, in [0, 1]."""
+    x_0 = load_x_0(str(real_mnist), "test", 200)
+    labels = decode_labels(load_image_stream(str(real_mnist), "test", label_column="label"))[:200]
+    return [(x_0[labels == digit][:4] + 1) / 2 for digit in range(10)]
+
+
+def draw_real_digits(monkeypatch: pytest.MonkeyPatch, real_mnist: Path, shift: int = 0) -> list[dict]:
+    """Make `DDPMMnistPipeline` draw, for each class label, a real MNIST digit of class (label + shift) % 10.
+
+    Returns the list that records the arguments of every call: a stand-in for a perfectly (shift 0) or wrongly
+    (shift 1) conditioned model, so that class accuracy is known without a trained one.
+    """
+    digits, calls = real_digits_by_class(real_mnist), []
+
+    def call(pipe: DDPMMnistPipeline, batch_size=None, class_labels=None, guidance_scale=1.0, **kwargs):
+        calls.append({"batch_size": batch_size, "class_labels": class_labels, "guidance_scale": guidance_scale})
+        drawn = Counter()
+        images = []
+        for label in torch.as_tensor(class_labels).tolist():
+            digit = (label + shift) % 10
+            images.append(digits[digit][drawn[digit] % len(digits[digit])])
+            drawn[digit] += 1
+        return ImagePipelineOutput(images=torch.stack(images))
+
+    monkeypatch.setattr(DDPMMnistPipeline, "__call__", call)
+    return calls
 
 
 def test_grid_tiles_row_by_row_with_black_spare_tiles_and_upscales_by_whole_pixels():
@@ -102,3 +152,119 @@ def test_the_floor_is_computed_once_per_count_and_checked_before_sampling(mnist_
         reference.floor(97)
     with pytest.raises(UsageError, match="num_samples must be at least 4"):
         reference.score(torch.rand(3, 1, 28, 28))
+
+
+def unet_labels(pipe: DDPMMnistPipeline) -> list[list[int]]:
+    """Record the class labels of every UNet call of `pipe` (None for a call without labels)."""
+    seen = []
+    pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(None if args[2] is None else args[2].tolist()), with_kwargs=True
+    )
+    return seen
+
+
+def test_generate_digits_hands_each_batch_its_labels_and_the_guidance_scale(conditional_dir):
+    pipe = load_pipeline(conditional_dir)
+    seen = unet_labels(pipe)
+    labels = [3, 1, 4, 1, 5]
+    plain = generate_digits(pipe, 5, num_inference_steps=1, batch_size=3, class_labels=labels, progress=False)
+    assert seen == [[3, 1, 4], [1, 5]]  # one step, two batches, no null batch without guidance
+    seen.clear()
+    guided = generate_digits(
+        pipe, 5, num_inference_steps=1, batch_size=3, class_labels=labels, guidance_scale=3.0, progress=False
+    )
+    assert seen == [[3, 1, 4, 10, 10, 10], [1, 5, 10, 10]]  # each batch with its null batch (class 10)
+    assert guided.shape == plain.shape == (5, 1, 28, 28) and not torch.equal(guided, plain)
+    seen.clear()
+    generate_digits(pipe, 2, num_inference_steps=1, progress=False)
+    assert seen == [None]  # no labels: any digit
+
+
+def test_balanced_labels_ask_for_every_digit_equally_often():
+    assert balanced_labels(10).tolist() == list(range(10))
+    assert torch.bincount(balanced_labels(25), minlength=10).tolist() == [3, 2, 3, 2, 3, 2, 3, 2, 3, 2]
+    with pytest.raises(UsageError, match="num_samples 9 cannot hold every digit 0-9; pass at least 10"):
+        balanced_labels(9)
+
+
+@pytest.mark.parametrize(
+    ("conditional", "kwargs", "message"),
+    [
+        (False, {"class_labels": [1, 2]}, "class_labels were given to an unconditional model"),
+        (True, {"class_labels": [1, 10]}, "class_labels must be digits between 0 and 9"),
+        (True, {"class_labels": [1]}, "got 1 class_labels for num_samples 2"),
+        (True, {"class_labels": [1, 2], "guidance_scale": 0.5}, "guidance_scale must be a number of at least 1"),
+        (True, {"guidance_scale": 2.0}, "guidance_scale > 1 needs class_labels"),
+    ],
+)
+def test_bad_class_inputs_are_usage_errors_before_any_sampling(
+    pipeline_dir, conditional_dir, conditional, kwargs, message
+):
+    pipe = load_pipeline(conditional_dir if conditional else pipeline_dir)
+    seen = unet_labels(pipe)
+    with pytest.raises(UsageError, match=message) as error:
+        generate_digits(pipe, 2, num_inference_steps=1, progress=False, **kwargs)
+    assert "\n" not in str(error.value) and seen == []
+
+
+def test_class_accuracy_is_scored_against_the_labels_asked_for(conditional_dir, real_mnist, monkeypatch):
+    reference = QualityReference(real_mnist, 20, progress=False)
+    pipe = load_pipeline(conditional_dir)
+    labels = balanced_labels(20)
+    for shift, accuracy in [(0, 1.0), (1, 0.0)]:
+        calls = draw_real_digits(monkeypatch, real_mnist, shift)
+        samples = generate_digits(pipe, 20, batch_size=8, class_labels=labels, guidance_scale=2.0, progress=False)
+        assert [call["class_labels"].tolist() for call in calls] == [labels[i : i + 8].tolist() for i in (0, 8, 16)]
+        scores = reference.score_conditional(samples, labels)
+        assert scores.accuracy.accuracy == accuracy and scores.accuracy.per_class == [accuracy] * 10
+        result = scores.as_dict()
+        assert result["class_accuracy"] == accuracy and result["class_accuracy_per_digit"] == [accuracy] * 10
+        assert result["fid"] == scores.quality.fid == reference.score(samples).fid and result["num_images"] == 20
+
+
+def test_a_guidance_sweep_scores_each_scale_on_the_same_balanced_labels(
+    pipeline_dir, conditional_dir, real_mnist, monkeypatch
+):
+    reference = QualityReference(real_mnist, 20, progress=False)
+    pipe = load_pipeline(conditional_dir)
+    calls = draw_real_digits(monkeypatch, real_mnist)
+    sweep = guidance_sweep(pipe, reference, 20, (1.0, 2.5), num_inference_steps=2, progress=False)
+    assert list(sweep) == [1.0, 2.5]
+    assert [call["guidance_scale"] for call in calls] == [1.0, 2.5]
+    assert all(call["class_labels"].tolist() == balanced_labels(20).tolist() for call in calls)
+    assert all(scores.accuracy.accuracy == 1.0 and math.isfinite(scores.quality.fid) for scores in sweep.values())
+    calls.clear()
+    with pytest.raises(UsageError, match="guidance_scale must be a number of at least 1"):
+        guidance_sweep(pipe, reference, 20, (2.0, 0.5))
+    with pytest.raises(UsageError, match="needs a class-conditional pipeline"):
+        guidance_sweep(load_pipeline(pipeline_dir), reference, 20)
+    assert calls == []  # every scale was checked before the first draw
+
+
+def test_keep_half_keeps_the_named_half():
+    rows, cols = torch.meshgrid(torch.arange(28), torch.arange(28), indexing="ij")
+    expected = {"top": rows < 14, "bottom": rows >= 14, "left": cols < 14, "right": cols >= 14}
+    for region, kept in expected.items():
+        assert torch.equal(keep_half(region), kept.float()[None, None])
+    with pytest.raises(UsageError, match="keep 'middle' is not one of top, bottom, left, right"):
+        keep_half("middle")
+
+
+def test_editing_inputs_load_from_png_files_and_test_digit_indexes(mnist_folder, tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "digit.png")
+    image = load_image(tmp_path / "digit.png")
+    assert image.mode == "L" and np.array_equal(np.asarray(image), np.asarray(Image.fromarray(pixels).convert("L")))
+    (tmp_path / "notes.png").write_text("not an image")
+    for path, message in [("nothing.png", "nothing.png' is not a file"), ("notes.png", "cannot be read as an image")]:
+        with pytest.raises(UsageError, match=f"--image_a '.*{message}"):
+            load_image(tmp_path / path, "--image_a")
+
+    def ids(x_0: torch.Tensor) -> list[int]:  # the fixture writes example i's index into its top-left pixel
+        return ((x_0[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+
+    assert ids(load_test_digits(mnist_folder, [5, 2])) == [5, 2]
+    with pytest.raises(UsageError, match="cannot read test digit 40: .*which holds 32"):
+        load_test_digits(mnist_folder, [1, 40])
+    with pytest.raises(UsageError, match="negative index"):
+        load_test_digits(mnist_folder, [-1])

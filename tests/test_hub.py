@@ -411,7 +411,7 @@ def test_the_card_shows_the_release_pictures_and_a_given_evaluation_section():
         loss_curve_image="samples/loss.png",
         training=training,
         eval_results={"fid": 3.1},
-        evaluation="| sampler | FID |\n| --- | --- |\n| DDIM, 50 steps | 3.1 |",
+        evaluation="| scheduler | FID |\n| --- | --- |\n| DDIM, 50 steps | 3.1 |",
     ).text
     for image in ("samples/grid.png", "samples/denoising.png", "samples/loss.png"):
         assert f"]({image})" in card

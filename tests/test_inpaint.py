@@ -239,3 +239,10 @@ def test_release_completes_the_top_half_of_test_digits_as_the_same_digit(real_mn
 
     assert accuracy(release.unet) >= 6 / 8
     assert accuracy(tiny_unet()) <= 4 / 8
+
+
+def test_the_inpainting_pipeline_loads_a_saved_pipeline_folder(tmp_path):
+    DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler()).save_pretrained(tmp_path / "pipe")
+    loaded = DDPMMnistInpaintPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded) is DDPMMnistInpaintPipeline
+    assert type(DDPMMnistPipeline.from_pretrained(tmp_path / "pipe")) is DDPMMnistPipeline

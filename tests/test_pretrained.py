@@ -64,7 +64,7 @@ def test_the_release_folder_is_what_a_push_uploads(pipe):
     assert json.loads((PRETRAINED / "model_index.json").read_text())["unet"] == ["unet_ddpm_mnist", "DDPMMnistUNet"]
     card = (PRETRAINED / "README.md").read_text()
     assert "ddpm-mnist/ddpm-mnist-small" in card and "**Targets**" in card
-    assert "num_inference_steps=50, generator=generator" in card  # the recommended sampler, in the card's code
+    assert "num_inference_steps=50, generator=generator" in card  # the recommended setting, in the card's code
     assert sum(p.numel() for p in pipe.unet.parameters()) == 1_623_169
 
 
@@ -77,7 +77,7 @@ def test_the_checks_pass_real_digits_and_fail_noise_and_a_single_digit(judge, re
 
 
 def test_samples_from_a_fixed_seed_are_confidently_recognised_digits(pipe, judge):
-    # The release's own DDPM sampler on 50 of its 1000 timesteps, the setting its card recommends.
+    # The release's own DDPM scheduler on 50 of its 1000 timesteps, the setting its card recommends.
     generator = torch.Generator().manual_seed(0)
     images = pipe(batch_size=NUM_SAMPLES, num_inference_steps=50, generator=generator, output_type="pt").images
     assert judge(images) == []

@@ -1,7 +1,9 @@
 """Turn a finished training run into a release folder: measured quality, pictures and the model card.
 
     python training/release.py runs/final --output_dir pretrained/ddpm-mnist-small \
-        --hub_model_id ddpm-mnist/ddpm-mnist-small --dataset_name ../shared/data/mnist
+        --hub_model_id ddpm-mnist/ddpm-mnist-small
+
+MNIST comes from the Hub (`ylecun/mnist`); `--dataset_name path/to/mnist` reads a local copy instead.
 
 Reads the run's pipeline folder (written by training/train.py, with its `training.json` and tensorboard logs), then:
 1. scores samples of the recommended scheduler setting (default: the pipeline's own DDPM on 50 respaced steps) and
@@ -339,7 +341,7 @@ def main(args: argparse.Namespace) -> None:
             loss_curve_image="samples/loss.png",
             nll_terms_image="samples/nll_terms.png",
             time_to_quality_image="samples/time_to_quality.png" if args.time_to_quality_image else None,
-            recommended_sampler=(args.scheduler, recommended_steps),
+            recommended_scheduler=(args.scheduler, recommended_steps),
             training=record["training"],
             eval_results={
                 "fid": round(quality.fid, 3),

@@ -114,8 +114,14 @@ class DDPMMnistUNet(ModelMixin, ConfigMixin):
         attention_resolutions: tuple[int, ...] = (14,),
         dropout: float = 0.1,
         norm_num_groups: int = 32,
+        num_class_embeds: int | None = None,
     ) -> None:
-        """Build the U-Net of the paper: embedding, down path, middle, up path, output head."""
+        """Build the U-Net of the paper: embedding, down path, middle, up path, output head.
+
+        `num_class_embeds` (diffusers' `UNet2DModel` name) makes the model class-conditional: a learned embedding of
+        `num_class_embeds + 1` rows is added to the timestep embedding, the last row being the "null" class that
+        classifier-free guidance (Ho & Salimans 2022) predicts without a label. None builds the unconditional model.
+        """
         super().__init__()
         channel_mult = tuple(channel_mult)  # config.json round trips store lists
         attention_resolutions = tuple(attention_resolutions)
@@ -130,11 +136,17 @@ class DDPMMnistUNet(ModelMixin, ConfigMixin):
             dropout,
             norm_num_groups,
         )
+        if num_class_embeds is not None and num_class_embeds < 1:
+            raise ValueError(f"num_class_embeds={num_class_embeds} must be a positive integer, or None for no classes.")
         temb_channels = 4 * base_channels
         block_kwargs = dict(temb_channels=temb_channels, dropout=dropout, groups=norm_num_groups)
 
         # 1. Timestep embedding: sinusoidal features -> Dense, SiLU, Dense.
         self.time_embedding = TimestepEmbedding(base_channels, temb_channels)
+        # 1b. Optional class embedding, added to it; row `num_class_embeds` is the null class.
+        self.class_embedding = None
+        if num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(num_class_embeds + 1, temb_channels)
 
         # 2. Input convolution.
         self.conv_in = nn.Conv2d(in_channels, base_channels, kernel_size=3, padding=1)
@@ -198,18 +210,35 @@ class DDPMMnistUNet(ModelMixin, ConfigMixin):
         """Names accepted by `from_preset`."""
         return tuple(PRESETS)
 
+    @property
+    def null_class_label(self) -> int | None:
+        """The class id that stands for "no label" (classifier-free guidance), or None for an unconditional model."""
+        return self.config.num_class_embeds
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | int | float,
+        class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDPMMnistUNetOutput | tuple[torch.Tensor]:
-        """Predict the noise eps_theta(x_t, t) for a batch of noisy images x_t at diffusion step(s) t."""
+        """Predict the noise eps_theta(x_t, t[, y]) for a batch of noisy images x_t at diffusion step(s) t.
+
+        `class_labels` (B,) are class ids in [0, num_class_embeds], the last one being the null class; a
+        class-conditional model called without them predicts with the null class for every image.
+        """
         self._check_sample(sample)
         timesteps = _broadcast_timesteps(timestep, sample.shape[0], sample.device)
 
-        # 1. Timestep embedding.
+        # 1. Timestep embedding, plus the class embedding of a conditional model.
         temb = self.time_embedding(timesteps)  # float32 timesteps; cast after the sinusoid
+        if self.class_embedding is not None:
+            temb = temb + self.class_embedding(self._class_ids(class_labels, sample.shape[0], sample.device))
+        elif class_labels is not None:
+            raise ValueError(
+                "class_labels were given to an unconditional model (num_class_embeds is None); call it without "
+                "class_labels, or train a model with num_class_embeds."
+            )
 
         # 2.-3. Input conv and down path; keep every activation for the skips.
         skips = [self.conv_in(sample)]
@@ -229,6 +258,23 @@ class DDPMMnistUNet(ModelMixin, ConfigMixin):
         if not return_dict:
             return (out,)
         return DDPMMnistUNetOutput(sample=out)
+
+    def _class_ids(self, class_labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) class ids on `device`: the null class where no labels are given; a ValueError for bad ones."""
+        if class_labels is None:
+            return torch.full((batch,), self.null_class_label, dtype=torch.long, device=device)
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.shape != (batch,) or labels.is_floating_point():
+            raise ValueError(
+                f"class_labels must be ({batch},) integer class ids, one per sample, got shape {tuple(labels.shape)} "
+                f"of {labels.dtype}."
+            )
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= self.null_class_label:
+            raise ValueError(
+                f"class_labels must lie in [0, {self.null_class_label}] ({self.null_class_label} is the null class), "
+                f"got {labels.min().item()}..{labels.max().item()}."
+            )
+        return labels.long()
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         """Raise a ValueError if `sample` is not a (B, in_channels, sample_size, sample_size) batch."""
