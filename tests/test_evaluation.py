@@ -157,9 +157,12 @@ def test_the_floor_is_computed_once_per_count_and_checked_before_sampling(mnist_
 def unet_labels(pipe: DDPMMnistPipeline) -> list[list[int]]:
     """Record the class labels of every UNet call of `pipe` (None for a call without labels)."""
     seen = []
-    pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(None if args[2] is None else args[2].tolist()), with_kwargs=True
-    )
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)  # unet(sample, timestep, class_labels)
+        seen.append(None if labels is None else labels.tolist())
+
+    pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
     return seen
 
 
