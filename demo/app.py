@@ -214,7 +214,7 @@ class DigitDemo:
         labels = self.class_labels(model, digit, count)
         steps = scheduler_steps(pipe, scheduler, _whole(num_inference_steps, "steps"))
         generator = torch.Generator().manual_seed(_whole(seed, "the seed", 0, 2**32 - 1))
-        sampler = _fresh(pipe, scheduler)
+        pipeline_copy = _fresh(pipe, scheduler)
         frame_steps = set(np.linspace(0, steps - 1, min(STRIP_FRAMES, steps)).round().astype(int).tolist())
         frames = []
 
@@ -225,7 +225,7 @@ class DigitDemo:
             return tensors
 
         start = time.perf_counter()
-        images = sampler(
+        images = pipeline_copy(
             batch_size=count,
             class_labels=labels,
             guidance_scale=self.guidance(labels, guidance_scale),

@@ -1,4 +1,4 @@
-"""The DDPM noise schedule and ancestral sampler of Ho et al. (2020), as a diffusers scheduler.
+"""The DDPM noise schedule and ancestral sampling (Algorithm 2) of Ho et al. (2020), as a diffusers scheduler.
 
 "Denoising Diffusion Probabilistic Models", https://arxiv.org/abs/2006.11239. Equation numbers below refer
 to that paper:
@@ -82,7 +82,7 @@ def _posterior_coefficients(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tenso
 
 
 class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
-    """Noise schedule and reverse-process sampler of DDPM (Ho et al. 2020).
+    """Noise schedule and reverse-process step of DDPM (Ho et al. 2020).
 
     Args:
         num_train_timesteps: T, the number of forward-process steps.
