@@ -169,7 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     io.add_argument("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
     io.add_argument("--num_samples", type=int, default=16, help="digits in each sample grid")
-    io.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim"], help="the scheduler that draws the sample grids")
+    io.add_argument(
+        "--scheduler", default="ddpm", choices=["ddpm", "ddim"], help="the scheduler that draws the sample grids"
+    )
     io.add_argument(
         "--num_inference_steps",
         "--ddpm_num_inference_steps",
