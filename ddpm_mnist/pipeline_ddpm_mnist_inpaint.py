@@ -41,6 +41,11 @@ DEFAULT_JUMP_N_SAMPLE = 3
 ImageInput = PIL.Image.Image | Sequence[PIL.Image.Image] | torch.Tensor
 
 
+def default_jump_length(num_inference_steps: int) -> int:
+    """The default `jump_length` of a chain of `num_inference_steps`: a fifth of it, at least 1."""
+    return max(1, num_inference_steps // DEFAULT_JUMP_FRACTION)
+
+
 def check_one_step_scheduler(scheduler: SchedulerMixin) -> None:
     """Raise a one-line ValueError unless `scheduler` steps from (x_t, t) alone, as RePaint and interpolation need."""
     if not isinstance(scheduler, ONE_STEP_SCHEDULERS):
@@ -264,7 +269,7 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
             raise ValueError(f"got {num_labels} class_labels for {batch_size} images; pass one label per image.")
         self.check_inputs(batch_size, generator, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
         if jump_length is None:
-            jump_length = max(1, num_inference_steps // DEFAULT_JUMP_FRACTION)
+            jump_length = default_jump_length(num_inference_steps)
         if not isinstance(jump_length, int) or not 1 <= jump_length <= num_inference_steps:
             raise ValueError(
                 f"jump_length must be an integer between 1 and num_inference_steps={num_inference_steps}, got "

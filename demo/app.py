@@ -42,10 +42,10 @@ from ddpm_mnist.hardware import describe_device, has_native_bf16
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs
 from ddpm_mnist.pipeline_ddpm_mnist_inpaint import (
-    DEFAULT_JUMP_LENGTH,
     DEFAULT_JUMP_N_SAMPLE,
     DEFAULT_NUM_INFERENCE_STEPS,
     DDPMMnistInpaintPipeline,
+    default_jump_length,
     jump_schedule,
 )
 
@@ -262,7 +262,7 @@ class DigitDemo:
         steps = scheduler_steps(pipe, "ddpm", _whole(num_inference_steps, "steps"))
         first_seed = _whole(seed, "the seed", 0, 2**32 - count)
         inpaint = _fresh(pipe, pipeline_class=DDPMMnistInpaintPipeline)
-        jump_length = min(DEFAULT_JUMP_LENGTH, steps)
+        jump_length = default_jump_length(steps)
         inpaint.scheduler.set_timesteps(steps)
         passes = jump_schedule(inpaint.scheduler.timesteps.tolist(), jump_length, DEFAULT_JUMP_N_SAMPLE)
         calls = sum(len(timesteps) - 1 for timesteps in passes)  # the UNet calls of RePaint's jumps
