@@ -67,7 +67,7 @@ def train_command(args: argparse.Namespace, data: Path, output_dir: Path) -> lis
     """train.py on the tiny preset, fp32, resuming from the latest checkpoint whenever there is one."""
     return [
         sys.executable, str(TRAIN), f"--dataset_name={data}", f"--output_dir={output_dir}", "--preset=tiny",
-        "--train_batch_size=16", "--lr_warmup_steps=4", "--mixed_precision=no", "--num_samples=4",
+        "--train_batch_size=16", "--lr_warmup_steps=4", "--mixed_precision=fp32", "--num_samples=4",
         "--num_inference_steps=4", "--save_images_steps=100000", "--shuffle_buffer_size=32",
         f"--max_train_steps={args.max_train_steps}", f"--checkpointing_steps={args.checkpointing_steps}",
         "--resume_from_checkpoint=latest",

@@ -76,8 +76,8 @@ from ddpm_mnist.hardware import describe_device
 ROOT = Path(__file__).resolve().parents[1]
 # The GPU machine has no network: benchmarks/stage_gpu.sh copies a local MNIST here, to travel with the checkout.
 STAGED_MNIST = ROOT / ".gpu_data" / "mnist"
-PART_BYTES = 15 * 2**20  # each archive part under the 16 MB a file may have to come back
-MAX_FILES = 8  # files that may come back from the GPU machine
+PART_BYTES = 15 * 2**20  # results archives split into parts of at most 15 MB, easy to copy back
+MAX_FILES = 8  # at most this many result files, to copy back from the GPU machine
 MAX_TRAIN_MINUTES = 5.0
 # Seconds kept back from the budget for what follows training, an estimate until a GPU run measures it: sampling
 # 10,000 x 50 + 1,000 x 1000 passes of the bf16 U-Net (4.8 PFLOP), the exact bound's 1,000 x 1000 fp32 passes

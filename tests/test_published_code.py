@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm_mnist
 from ddpm_mnist import DDPMMnistPipeline
 from tests.utils import HIDE_PACKAGE, run_python
 
@@ -75,3 +76,13 @@ print(sorted(name for name in sys.modules if name.startswith("ddpm_mnist")))
     remote = np.load(tmp_path / "remote.npy")
     assert remote.shape == (2, 28, 28, 1) and remote.std() > 0.1
     np.testing.assert_array_equal(remote, package)
+
+
+def test_the_remote_code_modules_import_nothing_of_the_package():
+    # diffusers' remote-code loader imports every module an import line of the file names (docstrings and strings
+    # included): a line naming this package would make loading without it fail.
+    from diffusers.utils.dynamic_modules_utils import get_imports
+
+    for module in ("pipeline_ddpm_mnist", "unet_ddpm_mnist", "scheduling_ddpm_mnist"):
+        imports = get_imports(str(Path(ddpm_mnist.__file__).with_name(f"{module}.py")))
+        assert not [name for name in imports if name.startswith("ddpm_mnist")], (module, imports)

@@ -528,8 +528,8 @@ def test_the_step_bar_draws_each_step_once(tmp_path, mnist_folder):
     assert process.returncode == 0, process.stderr
     draws = [draw for draw in process.stderr.split("\r") if "step=" in draw]
     for step in range(1, 5):  # the last step is drawn again when the bar closes
-        assert sum(f"step={step}/5," in draw for draw in draws) <= 1, draws
-    assert any("step=5/5," in draw and "5/5 [" in draw for draw in draws)
+        assert sum(f"step={step}/5]" in draw for draw in draws) <= 1, draws
+    assert any("step=5/5]" in draw and "| 5/5 [" in draw for draw in draws), draws
 
 
 def test_a_time_budget_alone_runs_the_lr_schedule_over_the_time(train_module):

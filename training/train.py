@@ -376,7 +376,8 @@ def run_settings(args: argparse.Namespace, num_processes: int, num_classes: int 
     unet_config = model_config(args)
     if num_classes is not None:
         unet_config["num_class_embeds"] = num_classes
-    else:
+    else:  # a conditional run's config.json without --class_conditional trains an unconditional model
+        unet_config.pop("num_class_embeds", None)
         settings.update(dict.fromkeys(CLASS_SETTINGS))
     return {**settings, "unet_config": unet_config, "num_processes": num_processes}
 
@@ -907,7 +908,7 @@ def main(args: argparse.Namespace) -> None:
                 img_s=f"{images_per_second:.0f}",
                 refresh=False,  # the update below draws the bar once per step
             )
-            bar.update(progress.train_seconds - bar.n if bar.unit == "s" else 1)
+            bar.update(progress.train_seconds - bar.n if args.max_train_minutes is not None else 1)
             if progress.global_step % args.checkpointing_steps == 0 or reason is not None:
                 # Also at the end of every run, so that it can be continued with a larger budget.
                 save_checkpoint(

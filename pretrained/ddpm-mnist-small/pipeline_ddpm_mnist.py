@@ -480,6 +480,9 @@ def _model_card(pipeline: DiffusionPipeline, repo_id: str, token: str | None) ->
         library_name="diffusers", pipeline_tag="unconditional-image-generation", tags=["ddpm", "mnist"]
     )
     steps = pipeline.scheduler.config.num_train_timesteps
+    # Not written out as a line of this file: diffusers' remote-code loader imports every module that a line starting
+    # with `from X import` names, so such a line here would make loading without the package fail.
+    card_import = "from ddpm_mnist import"
     sample = (
         "generator = torch.Generator().manual_seed(0)\n"
         f"images = pipe(batch_size=16, num_inference_steps={steps}, generator=generator).images"
@@ -497,7 +500,7 @@ With the package installed (`pip install ddpm-mnist`), the pipeline loads with t
 
 ```python
 import torch
-from ddpm_mnist import {class_name}
+{card_import} {class_name}
 
 pipe = {class_name}.from_pretrained("{repo_id}")
 {sample}
