@@ -22,7 +22,7 @@ from datasets import Dataset, Features, Value
 from datasets import Image as DatasetImage
 from PIL import Image
 
-from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.errors import UsageError
 from tests.utils import assert_usage_error, logged_scalars, png_bytes
 
@@ -261,6 +261,24 @@ def train_module() -> dict:
     return runpy.run_path(str(TRAIN))
 
 
+def test_a_conditional_model_started_from_an_unconditional_one_begins_as_it(tmp_path, train_module):
+    """--pretrained_model_name_or_path: every label (and the null class) gives the pretrained model's prediction."""
+    torch.manual_seed(0)
+    pretrained = DDPMMnistUNet.from_preset("tiny")
+    pretrained.save_pretrained(tmp_path / "run" / "unet")
+    unet = DDPMMnistUNet.from_preset("tiny", num_class_embeds=10)
+    x_t, t = torch.randn(11, 1, 28, 28), torch.full((11,), 500)
+    train_module["load_pretrained_weights"](unet, str(tmp_path / "run"))
+    with torch.no_grad():
+        expected = pretrained(x_t, t).sample
+        for class_labels in (torch.arange(11), None):
+            torch.testing.assert_close(unet(x_t, t, class_labels=class_labels).sample, expected, rtol=0, atol=0)
+    # A conditional model cannot seed an unconditional run: its class embedding would be dropped silently.
+    unet.save_pretrained(tmp_path / "cond" / "unet")
+    with pytest.raises(UsageError, match="is a class-conditional model; continue it with --class_conditional"):
+        train_module["load_pretrained_weights"](pretrained, str(tmp_path / "cond"))
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, mnist_folder: Path) -> Path:
     """A finished 2-step run of the tiny preset, with its checkpoint-2."""
@@ -297,6 +315,7 @@ BAD_INPUTS = {
     ),
     "cifar10 preset": (["--preset=cifar10"], "--preset cifar10 is a model of 3-channel images, and MNIST digits have"),
     "model config missing": (["--model_config_name_or_path=/no/config.json"], "is not a readable UNet config.json"),
+    "pretrained model missing": (["--pretrained_model_name_or_path=/no/pipeline"], "is not a pipeline with a unet/"),
     "resume path missing": (["--resume_from_checkpoint={out}/checkpoints/checkpoint-7"], "is not a folder; pass"),
     "resume path elsewhere": (["--resume_from_checkpoint={bad}"], "checkpoints are read only from the run's own"),
     "output_dir is a file": (["--output_dir={file}"], "is a file; pass a folder (new, or one of your runs"),

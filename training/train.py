@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="a DDPMMnistUNet preset")
     model.add_argument("--model_config_name_or_path", default=None, help="a UNet config.json (overrides --preset)")
     model.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="start from this pipeline's UNet (a folder or Hub id; its config overrides --preset), for example to "
+        "fine-tune a released unconditional model into a conditional one (the new class embedding starts at zero)",
+    )
+    model.add_argument(
         "--class_conditional",
         action="store_true",
         help="learn p(x|y) from --label_column, for classifier-free guidance (the UNet gets num_class_embeds)",
@@ -270,7 +276,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def model_config(args: argparse.Namespace) -> dict:
-    """The UNet's config: the --model_config_name_or_path file, or the --preset."""
+    """The UNet's config: --pretrained_model_name_or_path's, the --model_config_name_or_path file, or the --preset."""
+    if args.pretrained_model_name_or_path is not None:
+        try:
+            return dict(DDPMMnistUNet.load_config(args.pretrained_model_name_or_path, subfolder="unet"))
+        except (OSError, ValueError) as e:
+            raise UsageError(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is not a pipeline with a unet/ "
+                "folder; pass a trained run's folder or a released model, such as pretrained/ddpm-mnist-small."
+            ) from e
     if args.model_config_name_or_path is None:
         return dict(PRESETS[args.preset])
     path = Path(args.model_config_name_or_path)
@@ -284,6 +298,23 @@ def model_config(args: argparse.Namespace) -> dict:
             f"--model_config_name_or_path {path} is not a readable UNet config.json; pass the path of one, such as "
             "training/recipes/mnist-small-nodrop.json."
         ) from e
+
+
+def load_pretrained_weights(unet: DDPMMnistUNet, name_or_path: str) -> None:
+    """Copy a pipeline's UNet weights into `unet`, whose config is that UNet's (see `model_config`).
+
+    A class embedding the pretrained UNet lacks starts at zero: the conditional model then begins as exactly the
+    unconditional one, for every label, and learns what each class adds.
+    """
+    pretrained = DDPMMnistUNet.from_pretrained(name_or_path, subfolder="unet")
+    missing, unexpected = unet.load_state_dict(pretrained.state_dict(), strict=False)
+    if unexpected:
+        raise UsageError(
+            f"--pretrained_model_name_or_path {name_or_path} is a class-conditional model; continue it with "
+            "--class_conditional."
+        )
+    if missing:  # only the class embedding: every other key comes from the same config
+        torch.nn.init.zeros_(unet.class_embedding.weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,7 +390,8 @@ class TrainingProgress:
 RESUME_MUST_KEEP = (
     "unet_config ddpm_num_steps ddpm_beta_schedule prediction_type variance_type train_batch_size "
     "gradient_accumulation_steps num_processes seed learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 "
-    "adam_weight_decay adam_epsilon snr_gamma use_ema ema_max_decay ema_inv_gamma ema_power class_dropout_prob"
+    "adam_weight_decay adam_epsilon snr_gamma use_ema ema_max_decay ema_inv_gamma ema_power class_dropout_prob "
+    "pretrained_model_name_or_path"
 ).split()
 RESUME_MAY_CHANGE = (
     "dataset_name label_column decode_once random_flip max_train_steps num_epochs max_train_minutes mixed_precision"
@@ -740,7 +772,7 @@ def training_record(
 ) -> dict:
     """The run's settings and numbers, for the model card and `training.json`."""
     card_flags = (
-        "learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay max_grad_norm "
+        "pretrained_model_name_or_path learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 adam_weight_decay max_grad_norm "
         "use_ema ema_max_decay ema_inv_gamma ema_power"
     ).split()
     return {
@@ -809,6 +841,8 @@ def main(args: argparse.Namespace) -> None:
     # Model (identical on every process: one seed) and the forward process q(x_t | x_0) of the paper.
     set_seed(args.seed)
     unet = DDPMMnistUNet.from_config(settings["unet_config"])
+    if args.pretrained_model_name_or_path is not None and resume_path is None:
+        load_pretrained_weights(unet, args.pretrained_model_name_or_path)
     noise_scheduler = DDPMMnistScheduler(
         num_train_timesteps=args.ddpm_num_steps,
         beta_schedule=args.ddpm_beta_schedule,
