@@ -37,7 +37,7 @@ import torch
 from ddpm_mnist import DDPMMnistInpaintPipeline, interpolate
 from ddpm_mnist.data import DEFAULT_DATASET, decode_labels, load_image_stream, load_x_0
 from ddpm_mnist.errors import UsageError, run_entry_point
-from ddpm_mnist.evaluation import DTYPES, default_device, digit_grid, load_pipeline
+from ddpm_mnist.evaluation import DTYPES, default_device, digit_grid, keep_half, load_pipeline
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.classifier import MnistClassifier, load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs
@@ -94,16 +94,6 @@ class Row:
     accuracy: float
     seconds_per_digit: float
     seconds_one_digit_alone: float
-
-
-def keep_half(mask: str) -> torch.Tensor:
-    """The (1, 1, 28, 28) mask that keeps the top or the left half of a digit (1 = keep)."""
-    keep = torch.zeros(1, 1, 28, 28)
-    if mask == "top":
-        keep[..., :14, :] = 1
-    else:
-        keep[..., :, :14] = 1
-    return keep
 
 
 def accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: MnistClassifier) -> float:
