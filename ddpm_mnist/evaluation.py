@@ -20,8 +20,8 @@ often the classifier reads a sample as the digit asked for), at one guidance sca
     scores = reference.score_conditional(samples, labels)          # .quality as above, .accuracy overall and per digit
     sweep = guidance_sweep(pipe, reference, 1000, (1, 1.5, 2, 3, 5))  # {guidance scale: scores}
 
-For the editing commands: `load_image` reads a PNG of a digit, `load_test_digits` picks MNIST test digits by index,
-`keep_half` is the mask that keeps one half of a digit.
+For the editing commands: `load_image` reads a PNG of a digit, `load_test_digits` picks MNIST test digits by index
+(`load_test_labels` their labels), `keep_half` is the mask that keeps one half of a digit.
 
 Arguments carry the names of the command-line flags (`num_samples`, `num_inference_steps`, `batch_size`,
 `dataset_name`, `reference_images`, `nll_images`, `nll_timesteps`, `device`, `dtype`, `class_labels`,
@@ -44,7 +44,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import load_x_0
+from .data import decode_labels, load_image_stream, load_x_0
 from .errors import UsageError
 from .metrics.classifier import load_mnist_classifier
 from .metrics.likelihood import VariationalBound, variational_bound
@@ -227,6 +227,15 @@ def load_test_digits(dataset_name: str | os.PathLike, test_digits: Sequence[int]
     except UsageError as error:
         raise UsageError(f"cannot read test digit {max(test_digits)}: {error}") from error
     return x_0[list(test_digits)]
+
+
+def load_test_labels(dataset_name: str | os.PathLike, test_digits: Sequence[int]) -> torch.Tensor:
+    """The labels (N,) of the MNIST test digits at the indexes `test_digits`, in the order given: what each of
+    `load_test_digits(dataset_name, test_digits)` is."""
+    labels = decode_labels(load_image_stream(dataset_name, "test", label_column="label"))
+    if max(test_digits) >= len(labels):
+        raise UsageError(f"test_digits {list(test_digits)} go past the {len(labels)} test digits; pass lower ones.")
+    return labels[list(test_digits)]
 
 
 def load_image(path: str | os.PathLike, name: str = "image") -> Image.Image:

@@ -29,12 +29,19 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.errors import HfHubHTTPError
 
 from .errors import WorkFailed
+from .evaluation import SCHEDULERS
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 from .unet_ddpm_mnist import PRESETS
 
 # A symlink to model_cards/ddpm_mnist_card.md in a checkout; the file itself in a wheel (package data).
 CARD_TEMPLATE = Path(__file__).parent / "model_card_template.md"
 CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "unconditional-image-generation"]
+# The Hub has no class-conditional task: its image-generation tasks take a prompt (text-to-image), an image
+# (image-to-image) or nothing (unconditional-image-generation), and DiT's class-conditional repos carry no task of
+# their own. A digit label is neither text nor an image, so a class-conditional card keeps the unconditional task as
+# its pipeline_tag (and model-index task) and says what it is with tags.
+CONDITIONAL_CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "class-conditional", "classifier-free-guidance"]
+PIPELINE_TAG = "unconditional-image-generation"
 CARD_DATASET = "ylecun/mnist"  # the card's dataset when training read a local copy of it
 DISTRIBUTION = "ddpm-mnist"  # the installed package's name, whose metadata gives the card its home page link
 # Metric keys the card accepts -> their name in the card and in `model-index`.
@@ -44,6 +51,7 @@ METRICS = {
     "precision": "Precision",
     "recall": "Recall",
     "mean_confidence": "Mean classifier confidence",
+    "class_accuracy": "Class accuracy",
     "nll_bpd": "NLL (bits/dim)",
 }
 
@@ -84,6 +92,11 @@ def render_model_card(
     nll_terms_image: str | None = None,
     time_to_quality_image: str | None = None,
     recommended_scheduler: tuple[str, int] | None = None,
+    recommended_guidance_scale: float | None = None,
+    guidance_image: str | None = None,
+    completion_image: str | None = None,
+    interpolation_image: str | None = None,
+    interpolation_t: int | None = None,
     training: dict[str, Any] | None = None,
     eval_results: dict[str, float] | None = None,
     eval_split: str = "test",
@@ -95,6 +108,11 @@ def render_model_card(
     Images are paths inside the repo. `recommended_scheduler` is the (scheduler name, steps) the evaluation supports,
     used in the card's code; by default the paper's DDPM on all T steps. `eval_results` go into the `model-index`
     metadata and, unless `evaluation` (Markdown for the card's evaluation section) is given, into a table of their own.
+
+    A class-conditional pipeline's card asks for digits in its code, with classifier-free guidance at
+    `recommended_guidance_scale` (None: none), and shows completing and interpolating digits, `interpolate` at
+    timestep `interpolation_t` (by default a quarter of the chain). Its pictures: `guidance_image` (the guidance
+    sweep, beside the evaluation), `completion_image` and `interpolation_image`.
     """
     unknown = sorted(set(eval_results or {}) - set(METRICS))
     if unknown:
@@ -102,10 +120,11 @@ def render_model_card(
     is_hub_dataset = "/" in dataset_name and not os.path.exists(dataset_name)
     dataset_id = dataset_name if is_hub_dataset else CARD_DATASET
     model_name = repo_id.split("/")[-1]
+    conditional = pipeline.is_class_conditional
     results = [
         EvalResult(
-            task_type="unconditional-image-generation",
-            task_name="Unconditional image generation",
+            task_type=PIPELINE_TAG,
+            task_name="Class-conditional image generation" if conditional else "Unconditional image generation",
             dataset_type=dataset_id,
             dataset_name="MNIST",
             dataset_split=eval_split,
@@ -117,15 +136,17 @@ def render_model_card(
     ]
     card_data = ModelCardData(
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
+        pipeline_tag=PIPELINE_TAG,
         license="apache-2.0",
-        tags=CARD_TAGS,
+        tags=CONDITIONAL_CARD_TAGS if conditional else CARD_TAGS,
         datasets=[dataset_id],
         model_name=model_name,
         eval_results=results or None,
     )
     unet_config, schedule = pipeline.unet.config, pipeline.scheduler.config
     scheduler_name, recommended_steps = recommended_scheduler or ("ddpm", schedule.num_train_timesteps)
+    # The class a conditional card's code swaps in; none for ddpm, the pipeline's own scheduler.
+    scheduler_class = None if scheduler_name == "ddpm" else SCHEDULERS[scheduler_name].__name__
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -140,6 +161,13 @@ def render_model_card(
         time_to_quality_image=time_to_quality_image,
         recommended_scheduler=scheduler_name,
         recommended_steps=recommended_steps,
+        class_conditional=conditional,
+        scheduler_class=scheduler_class,
+        guidance_scale=recommended_guidance_scale,
+        guidance_image=guidance_image,
+        completion_image=completion_image,
+        interpolation_image=interpolation_image,
+        interpolation_t=interpolation_t if interpolation_t is not None else schedule.num_train_timesteps // 4,
         evaluation=evaluation,
         preset=_preset_name(dict(unet_config)),
         num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",

@@ -12,14 +12,19 @@ Each release states its own numbers; `training/release.py` and `training/release
 
 `quality` is the `SampleQuality` of the samples at the recommended scheduler setting and `floor` that of as many real
 training digits (`QualityReference.score` and `.floor` in `ddpm_mnist.evaluation`); a target on the NLL bound also
-takes the bound in bits/dim.
+takes the bound in bits/dim, and a target on the class accuracy of a class-conditional release the `ClassAccuracy` of
+the samples (`QualityReference.score_conditional`):
+
+    targets = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.5, min_class_accuracy=0.99, min_digit_accuracy=0.97)
+    targets.markdown("DDPM, 50 steps, guidance 2", scores.quality, floor, accuracy=scores.accuracy)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from .metrics.quality import SampleQuality
+from .metrics.quality import ClassAccuracy, SampleQuality
 
 
 @dataclass(frozen=True)
@@ -58,17 +63,31 @@ class ReleaseTargets:
         max_fid_ratio: the most FID of the samples, as a multiple of the real-vs-real floor's FID at the same N.
         digit_shares: (low, high): every digit's share of the samples (by the classifier's prediction) in this range.
         max_nll_bpd: the most NLL bound, in bits/dim.
+        min_class_accuracy: for class-conditional samples, the least share read as the digit they were drawn as.
+        min_digit_accuracy: likewise, the least class accuracy of every digit 0-9 on its own.
     """
 
     min_confidence: float
     max_fid_ratio: float
     digit_shares: tuple[float, float] | None = None
     max_nll_bpd: float | None = None
+    min_class_accuracy: float | None = None
+    min_digit_accuracy: float | None = None
 
-    def checks(self, quality: SampleQuality, floor: SampleQuality, nll_bpd: float | None = None) -> list[TargetCheck]:
-        """Each target against the samples' scores, the floor's and, for the NLL target, the bound in bits/dim."""
+    def checks(
+        self,
+        quality: SampleQuality,
+        floor: SampleQuality,
+        nll_bpd: float | None = None,
+        accuracy: ClassAccuracy | None = None,
+    ) -> list[TargetCheck]:
+        """Each target against the samples' scores, the floor's and, for the NLL target, the bound in bits/dim; for
+        the class-accuracy targets, the samples' `accuracy`."""
         if self.max_nll_bpd is not None and nll_bpd is None:
             raise ValueError("these targets include the NLL bound; pass nll_bpd, the bound in bits/dim.")
+        needs_accuracy = self.min_class_accuracy is not None or self.min_digit_accuracy is not None
+        if needs_accuracy and accuracy is None:
+            raise ValueError("these targets include the class accuracy; pass accuracy, the samples' ClassAccuracy.")
         confidence = quality.mean_confidence
         checks = [
             TargetCheck(
@@ -88,6 +107,8 @@ class ReleaseTargets:
                     " of the samples",
                 )
             )
+        if needs_accuracy:
+            checks += self._accuracy_checks(accuracy)
         fid_ratio = quality.fid / floor.fid
         checks.append(
             TargetCheck(
@@ -109,14 +130,51 @@ class ReleaseTargets:
             )
         return checks
 
-    def all_met(self, quality: SampleQuality, floor: SampleQuality, nll_bpd: float | None = None) -> bool:
+    def _accuracy_checks(self, accuracy: ClassAccuracy) -> list[TargetCheck]:
+        """The class-accuracy targets: overall, then the worst digit's (digits never requested left out)."""
+        checks = []
+        if self.min_class_accuracy is not None:
+            checks.append(
+                TargetCheck(
+                    f"class accuracy {accuracy.accuracy:.1%} (target >= {self.min_class_accuracy:.0%})",
+                    self.min_class_accuracy - accuracy.accuracy,
+                    ".1%",
+                    " of the samples",
+                )
+            )
+        if self.min_digit_accuracy is not None:
+            requested = {digit: share for digit, share in enumerate(accuracy.per_class) if not math.isnan(share)}
+            worst = min(requested, key=requested.get)
+            checks.append(
+                TargetCheck(
+                    f"lowest class accuracy of a digit {requested[worst]:.1%}, digit {worst}'s (target >= "
+                    f"{self.min_digit_accuracy:.0%} for every digit)",
+                    self.min_digit_accuracy - requested[worst],
+                    ".1%",
+                    f" of digit {worst}'s samples",
+                )
+            )
+        return checks
+
+    def all_met(
+        self,
+        quality: SampleQuality,
+        floor: SampleQuality,
+        nll_bpd: float | None = None,
+        accuracy: ClassAccuracy | None = None,
+    ) -> bool:
         """Whether every target is met."""
-        return all(check.met for check in self.checks(quality, floor, nll_bpd))
+        return all(check.met for check in self.checks(quality, floor, nll_bpd, accuracy))
 
     def markdown(
-        self, setting: str, quality: SampleQuality, floor: SampleQuality, nll_bpd: float | None = None
+        self,
+        setting: str,
+        quality: SampleQuality,
+        floor: SampleQuality,
+        nll_bpd: float | None = None,
+        accuracy: ClassAccuracy | None = None,
     ) -> list[str]:
         """The card's lines on the targets: a heading naming the scheduler `setting` and N, then one bullet per
         target with the measured value, the target, and met or missed by how much."""
         heading = f"**Targets** (at {setting}, N={quality.num_images}):"
-        return [heading, "", *(check.line() for check in self.checks(quality, floor, nll_bpd))]
+        return [heading, "", *(check.line() for check in self.checks(quality, floor, nll_bpd, accuracy))]

@@ -418,6 +418,50 @@ def test_the_card_shows_the_release_pictures_and_a_given_evaluation_section():
     assert "| DDIM, 50 steps | 3.1 |" in card and "| FID | 3.1 |" not in card
 
 
+def test_a_class_conditional_card_asks_for_digits_with_the_recommended_guidance_and_keeps_hub_metadata():
+    pipe = DDPMMnistPipeline(tiny_unet(num_class_embeds=10), DDPMMnistScheduler())
+    card = render_model_card(
+        pipe,
+        "tester/digits",
+        samples_image="samples/grid.png",
+        guidance_image="samples/guidance.png",
+        completion_image="samples/completion.png",
+        recommended_scheduler=("unipc", 20),
+        recommended_guidance_scale=2.5,
+        eval_results={"fid": 3.1, "class_accuracy": 0.993},
+        evaluation="| scheduler | FID |",
+    )
+    metadata = yaml.safe_load(card.content.split("---\n")[1])
+    # The Hub has no class-conditional task: the unconditional one stays, and tags say what the model is.
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "unconditional-image-generation"
+    assert {"class-conditional", "classifier-free-guidance"} <= set(metadata["tags"])
+    assert "unconditional-image-generation" not in metadata["tags"]
+    (result,) = metadata["model-index"][0]["results"]
+    assert result["task"] == {"type": "unconditional-image-generation", "name": "Class-conditional image generation"}
+    assert {m["type"]: m["value"] for m in result["metrics"]} == {"fid": 3.1, "class_accuracy": 0.993}
+    text = card.text
+    # Both ways to load it draw one of each digit with the recommended scheduler, steps and guidance.
+    call = "    class_labels=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9],\n    guidance_scale=2.5,\n    num_inference_steps=20,\n"
+    assert text.count(call) == 2
+    assert text.count("pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)") == 2
+    assert 'DiffusionPipeline.from_pretrained("tester/digits", trust_remote_code=True)' in text
+    assert "inpaint = DDPMMnistInpaintPipeline(**pipe.components)" in text and "t=250," in text  # T = 1000
+    assert "](samples/completion.png)" in text and "](samples/guidance.png)" in text
+    assert "interpolation.png" not in text and "without any conditioning" not in text
+
+
+def test_a_conditional_card_without_a_recommendation_draws_without_guidance_and_an_unconditional_one_takes_no_labels():
+    conditional = DDPMMnistPipeline(tiny_unet(num_class_embeds=10), DDPMMnistScheduler(num_train_timesteps=40))
+    text = render_model_card(conditional, "tester/digits").text
+    assert "guidance_scale=2" not in text and "at guidance scale" not in text and ", without guidance" in text
+    assert "num_inference_steps=40," in text and "UniPC" not in text and "t=10," in text  # T / 4
+    unconditional = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler())
+    card = render_model_card(unconditional, "tester/any", training={"pretrained_model_name_or_path": "tester/base"})
+    assert "class_labels" not in card.text and "class-conditional" not in card.data.tags
+    assert "| started from | `tester/base` (its U-Net weights) |" in card.text
+    assert "started from" not in render_model_card(unconditional, "tester/any", training={"global_step": 1}).text
+
+
 def test_push_to_hub_without_a_usable_token_fails_before_training(hub, mnist_folder, tmp_path):
     cases = {
         "no-token": (None, "tester/x", "--push_to_hub needs a Hub token that can write to tester/x: no token found"),

@@ -1,17 +1,24 @@
 """`training/release.py` on a tiny finished run: the release folder, its pictures, its card, and its refusals."""
 
+import contextlib
+import io
 import json
+import re
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.errors import UsageError
+from ddpm_mnist.evaluation import load_test_digits
 from ddpm_mnist.metrics.quality import SampleQuality
 from tests.test_train import train
+from tests.utils import write_mnist_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = ROOT / "training" / "release.py"
@@ -32,14 +39,27 @@ def finished_run(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory) -
     return output_dir
 
 
-def release(module: dict, run: Path, out: Path, data: Path, *flags: str) -> None:
-    module["main"](
-        module["parse_args"](
-            [str(run), f"--output_dir={out}", "--hub_model_id=tester/released", f"--dataset_name={data}",
-             "--num_samples=64", "--ddpm_samples=64", "--reference_images=32", "--nll_images=8", "--batch_size=64",
-             "--num_inference_steps=5", "--nll_timesteps=3", "--device=cpu", *flags]
-        )
+@pytest.fixture(scope="module")
+def conditional_run(finished_run: Path, mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`finished_run` fine-tuned with labels for 3 steps into a class-conditional model, with T = 30: the
+    inpainting pipeline's default 25 steps fit."""
+    process, output_dir, _ = train(
+        tmp_path_factory.mktemp("conditional"), mnist_folder, "conditional", "--max_train_steps=3",
+        "--ddpm_num_steps=30", "--class_conditional", f"--pretrained_model_name_or_path={finished_run}",
     )  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    return output_dir
+
+
+def arguments(run: Path, out: Path, data: Path, *flags: str) -> list[str]:
+    """release.py's command line for a tiny release of `run` into `out`, with `flags` last (the last of a flag wins)."""
+    return [str(run), f"--output_dir={out}", "--hub_model_id=tester/released", f"--dataset_name={data}",
+            "--num_samples=64", "--ddpm_samples=64", "--reference_images=32", "--nll_images=8", "--batch_size=64",
+            "--num_inference_steps=5", "--nll_timesteps=3", "--device=cpu", *flags]  # fmt: skip
+
+
+def release(module: dict, run: Path, out: Path, data: Path, *flags: str) -> None:
+    module["main"](module["parse_args"](arguments(run, out, data, *flags)))
 
 
 def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
@@ -122,3 +142,136 @@ def test_the_seed_spread_gives_ranges_and_counts_the_seeds_that_meet_every_targe
         "every target is met at 1 of these 3 seeds. The verdicts above are the card's seed alone, and every ratio uses "
         "the one floor above (itself one draw of real digits)."
     )
+
+
+@pytest.fixture(scope="module")
+def larger_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset like `mnist_folder` with 128 training digits: the floor of a conditional release's 100 samples."""
+    return write_mnist_folder(tmp_path_factory.mktemp("mnist"), np.random.default_rng(1), num_train=128, num_test=32)
+
+
+@pytest.fixture(scope="module")
+def conditional_release(release_module, conditional_run, larger_mnist, tmp_path_factory) -> tuple[Path, dict]:
+    """The release of `conditional_run` (100 samples at the default guidance 2, a sweep over 1 and 2 at as many) and
+    the JSON summary it printed."""
+    out = tmp_path_factory.mktemp("conditional-release") / "release"
+    flags = ["--num_samples=100", "--extra_seeds=1", "--sweep_samples=100", "--guidance_scales", "1", "2"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        release(release_module, conditional_run, out, larger_mnist, *flags)
+    return out, json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+
+def test_a_conditional_release_scores_class_accuracy_and_draws_its_own_pictures(conditional_release):
+    out, result = conditional_release
+    files = {p.relative_to(out).as_posix() for p in (out / "samples").iterdir()}
+    assert {"samples/guidance.png", "samples/completion.png", "samples/interpolation.png"} <= files
+    assert Image.open(out / "samples" / "grid.png").size == (10 * 28 * 3, 10 * 28 * 3)  # one row of 10 per digit
+    assert Image.open(out / "samples" / "completion.png").size == (8 * 28 * 3, 3 * 28 * 3)
+    assert Image.open(out / "samples" / "interpolation.png").size == (13 * 28 * 3, 28 * 3)  # 11 lambdas and the ends
+    card = (out / "README.md").read_text()
+    recommended, ddpm = result["results"]["DDPM, 5 steps, guidance 2"], result["results"]["DDPM, 30 steps, guidance 2"]
+    quality = recommended["quality"]
+    assert quality["num_images"] == 100 and ddpm["quality"]["num_images"] == 64
+    # Balanced labels: every digit's accuracy is over its 10 samples, in tenths; the overall one is their mean.
+    per_digit = quality["class_accuracy_per_digit"]
+    assert all(round(share * 10, 6) == round(share * 10) for share in per_digit)
+    assert quality["class_accuracy"] == pytest.approx(sum(per_digit) / 10)
+    row = f"| DDPM, 5 steps, guidance 2 (N=100) | {quality['class_accuracy']:.1%} | " + " | ".join(
+        f"{share:.1%}" for share in per_digit
+    )
+    assert row in card and "| DDPM, 30 steps, guidance 2 (N=64) | " in card
+    assert f"- class accuracy {quality['class_accuracy']:.1%} (target >= 99%): **" in card
+    worst = min(range(10), key=per_digit.__getitem__)
+    assert f"- lowest class accuracy of a digit {per_digit[worst]:.1%}, digit {worst}'s (target >= 97% for" in card
+    assert "(target >= 0.97)" in card and "(target <= 1.5x)" in card and "every digit's share" not in card
+    # The sweep: scale 2 is the recommended setting itself (as many samples, one seed); scale 1 was drawn.
+    sweep, floor = result["guidance_sweep"], result["guidance_sweep_floor"]
+    assert list(sweep) == ["1", "2"] and sweep["2"] == quality and sweep["1"]["fid"] != quality["fid"]
+    for scale, scores in sweep.items():
+        assert (
+            f"| {scale} | {scores['fid']:.2f} | {scores['fid'] / floor['fid']:.2f} | {scores['class_accuracy']:.1%} | "
+            f"{scores['mean_confidence']:.3f} |" in card
+        )
+    assert result["seed_spread"][0]["class_accuracy"] == pytest.approx(
+        sum(result["seed_spread"][0]["class_accuracy_per_digit"]) / 10
+    )
+    assert "It bounds the model's unconditional p(x)" in card
+    for picture in ("grid", "guidance", "completion", "interpolation"):
+        assert f"](samples/{picture}.png)" in card, picture
+
+
+def test_the_conditional_card_is_hub_correct_and_says_where_training_started(conditional_release, conditional_run):
+    out, result = conditional_release
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "unconditional-image-generation"
+    assert {"class-conditional", "classifier-free-guidance"} <= set(card.data.tags)
+    (evaluated,) = {r.task_type for r in card.data.eval_results}
+    assert evaluated == card.data.pipeline_tag
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["class_accuracy"] == round(
+        result["results"]["DDPM, 5 steps, guidance 2"]["quality"]["class_accuracy"], 4
+    )
+    started = json.loads((conditional_run / "training.json").read_text())["training"]["pretrained_model_name_or_path"]
+    assert (
+        f"| started from | `{started}` (its U-Net weights; a class embedding it did not have started at zero) |"
+        in card.text
+    )
+
+
+def test_the_conditional_cards_code_runs_with_and_without_the_package(conditional_release, monkeypatch, tmp_path):
+    out, _ = conditional_release
+    monkeypatch.chdir(tmp_path)  # the card's code saves a digit where it runs
+    blocks = [
+        block.replace('"tester/released"', repr(str(out)))
+        for block in re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.DOTALL)
+    ]
+    package, remote, editing = blocks
+    assert "guidance_scale=2.0" in package and "num_inference_steps=5" in package
+    scope = {}
+    exec(package + editing, scope)
+    labels = [int(label) for label in re.search(r"class_labels=\[([\d, ]+)\]", package)[1].split(",")]
+    assert len(scope["images"]) == len(labels) == 10 and (tmp_path / "seven.png").is_file()
+    assert len(scope["completed"]) == 1 and len(scope["row"]) == 11
+    kept = np.asarray(scope["images"][8])[:14]
+    np.testing.assert_array_equal(np.asarray(scope["completed"][0])[:14], kept)  # RePaint keeps the known half
+    remote_scope = {}
+    exec(remote, remote_scope)
+    assert [np.asarray(image).tolist() for image in remote_scope["images"]] == [
+        np.asarray(image).tolist() for image in scope["images"]
+    ]
+
+
+def test_the_completion_picture_shows_the_test_digits_their_kept_halves_and_completions(conditional_release,
+                                                                                         larger_mnist):  # fmt: skip
+    out, _ = conditional_release
+    picture = np.asarray(Image.open(out / "samples" / "completion.png"))[::3, ::3]  # undo the 3x upscale
+    original, kept, completed = picture[:28], picture[28:56], picture[56:]
+    digits = load_test_digits(larger_mnist, range(8))
+    expected = ((digits[:, 0] + 1) / 2 * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(original, np.concatenate(list(expected), axis=1))
+    np.testing.assert_array_equal(kept[:14], original[:14])
+    assert not kept[14:].any()  # the half to fill in is black
+    np.testing.assert_array_equal(completed[:14], original[:14])
+
+
+def test_bad_guidance_flags_are_refused_in_one_line_before_any_work(
+    release_module, finished_run, conditional_run, mnist_folder, tmp_path
+):
+    def check(run: Path, *flags: str) -> None:
+        release_module["check_args"](
+            release_module["parse_args"](arguments(run, tmp_path / "new", mnist_folder, *flags))
+        )
+
+    cases = {
+        (finished_run, "--guidance_scale=2"): "--guidance_scale 2 needs a class-conditional run, and ",
+        (conditional_run, "--guidance_scale=0.5", "--num_samples=100"): "guidance scale 0.5 is below 1; pass ",
+        (conditional_run, "--guidance_scales", "1", "0", "--num_samples=100"): "guidance scale 0 is below 1; pass ",
+        (conditional_run, "--sweep_samples=5", "--num_samples=100"): r"--sweep_samples must be 0 \(skip the sweep\)",
+        (conditional_run, "--num_samples=64"): r"--num_samples must be at least 100 for a class-conditional run",
+    }
+    for (run, *flags), message in cases.items():
+        with pytest.raises(UsageError, match=message) as error:
+            check(run, *flags)
+        assert "\n" not in str(error.value), flags
+    check(finished_run, "--guidance_scale=1")  # no guidance is what an unconditional run draws with
+    check(conditional_run, "--num_samples=100", "--sweep_samples=0")

@@ -2,11 +2,12 @@
 
 import pytest
 
-from ddpm_mnist.metrics.quality import SampleQuality
+from ddpm_mnist.metrics.quality import ClassAccuracy, SampleQuality
 from ddpm_mnist.targets import ReleaseTargets
 
 CPU_RELEASE = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
 GPU_RELEASE = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.3, max_nll_bpd=1.3)
+COND_RELEASE = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.5, min_class_accuracy=0.99, min_digit_accuracy=0.97)
 
 
 def quality(confidence: float, fid: float, shares: list[float] | None = None) -> SampleQuality:
@@ -52,3 +53,42 @@ def test_the_gpu_release_states_its_own_numbers_and_the_nll_bound():
     assert len(CPU_RELEASE.checks(good, FLOOR, nll_bpd=9.9)) == 3
     with pytest.raises(ValueError, match="pass nll_bpd"):
         GPU_RELEASE.checks(good, FLOOR)
+
+
+def accuracy(overall: float, per_digit: dict[int, float]) -> ClassAccuracy:
+    """Class accuracy `overall`, each digit at 100% but those in `per_digit`."""
+    return ClassAccuracy(overall, [per_digit.get(digit, 1.0) for digit in range(10)], 1000)
+
+
+def test_the_conditional_release_checks_the_class_accuracy_overall_and_of_the_worst_digit():
+    good = quality(0.975, 29.0)  # 29 / 20 = 1.45x
+    assert COND_RELEASE.markdown("DDPM, 50 steps, guidance 2", good, FLOOR, accuracy=accuracy(0.995, {3: 0.98})) == [
+        "**Targets** (at DDPM, 50 steps, guidance 2, N=1000):",
+        "",
+        "- mean classifier confidence 0.975 (target >= 0.97): **met**",
+        "- class accuracy 99.5% (target >= 99%): **met**",
+        "- lowest class accuracy of a digit 98.0%, digit 3's (target >= 97% for every digit): **met**",
+        "- FID 29.00, 1.45x the real-vs-real floor of 20.00 (target <= 1.5x): **met**",
+    ]
+    # 0.97 - 0.96 = 0.010; 99% - 98.1% = 0.9 points; digit 8 is the worst, 97% - 94% = 3 points (digit 2's 95% is
+    # missed too, by less); 36 / 20 = 1.8x, 0.3 over 1.5x.
+    bad = COND_RELEASE.markdown("DDPM, 50 steps, guidance 2", quality(0.96, 36.0), FLOOR,
+                                accuracy=accuracy(0.981, {2: 0.95, 8: 0.94}))  # fmt: skip
+    assert bad[4].startswith("- lowest class accuracy of a digit 94.0%, digit 8's (target >= 97% for every digit)")
+    verdicts = [line.split("**")[1] for line in bad[2:]]
+    assert verdicts == ["missed by 0.010", "missed by 0.9% of the samples", "missed by 3.0% of digit 8's samples",
+                        "missed by 0.30x the floor"]  # fmt: skip
+    # Exactly on every target is meeting it: confidence 0.97, 99% overall, 97% for the worst digit, 30 / 20 = 1.5x.
+    assert COND_RELEASE.all_met(quality(0.97, 30.0), FLOOR, accuracy=accuracy(0.99, {5: 0.97}))
+    assert not COND_RELEASE.all_met(quality(0.97, 30.0), FLOOR, accuracy=accuracy(0.99, {5: 0.969}))
+
+
+def test_a_digit_never_requested_is_left_out_and_the_accuracy_targets_need_the_accuracy():
+    # Digit 0 was never asked for (NaN); of the others, digit 6 is the worst.
+    scores = ClassAccuracy(0.99, [float("nan"), 1.0, 1.0, 0.99, 1.0, 1.0, 0.975, 1.0, 1.0, 0.99], 900)
+    line = COND_RELEASE.markdown("DDIM, 20 steps", quality(0.98, 25.0), FLOOR, accuracy=scores)[4]
+    assert line == "- lowest class accuracy of a digit 97.5%, digit 6's (target >= 97% for every digit): **met**"
+    with pytest.raises(ValueError, match="include the class accuracy; pass accuracy"):
+        COND_RELEASE.checks(quality(0.98, 25.0), FLOOR)
+    # Targets without class accuracy ignore one: the CPU release checks its three.
+    assert len(CPU_RELEASE.checks(quality(0.98, 25.0), FLOOR, accuracy=scores)) == 3
