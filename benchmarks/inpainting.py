@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from ddpm_mnist import DDPMMnistInpaintPipeline, interpolate
-from ddpm_mnist.data import DEFAULT_DATASET, decode_labels, load_image_stream, load_x_0
+from ddpm_mnist.data import DEFAULT_DATASET, load_x_0
 from ddpm_mnist.errors import UsageError, run_entry_point
-from ddpm_mnist.evaluation import DTYPES, default_device, digit_grid, keep_half, load_pipeline
+from ddpm_mnist.evaluation import DTYPES, default_device, digit_grid, keep_half, load_pipeline, load_test_labels
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.classifier import MnistClassifier, load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs
@@ -283,8 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.class_labels_from_truth and not pipe.is_class_conditional:
         raise UsageError(f"--class_labels_from_truth needs a class-conditional pipeline; {args.pipeline} is not one.")
     x_0 = load_x_0(args.dataset_name, "test", args.num_images)
-    stream = load_image_stream(args.dataset_name, "test", label_column="label")
-    labels = decode_labels(stream)[: args.num_images]
+    labels = load_test_labels(args.dataset_name, range(args.num_images))
     classifier = load_mnist_classifier()
     device = describe_device(args.device)
     print(f"device: {args.device} ({device}), UNet {args.dtype}", flush=True)

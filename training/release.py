@@ -554,7 +554,7 @@ def sweep_guidance(
             seed=args.seed,
             batch_size=args.batch_size,
         )
-    return {scale: known.get(scale) or drawn[scale] for scale in scales}
+    return {scale: known[scale] if scale in known else drawn[scale] for scale in scales}
 
 
 def draw_class_pictures(
