@@ -279,6 +279,33 @@ def test_a_conditional_model_started_from_an_unconditional_one_begins_as_it(tmp_
         train_module["load_pretrained_weights"](pretrained, str(tmp_path / "cond"))
 
 
+def test_the_class_embedding_learns_at_its_own_rate(train_module):
+    """--class_embedding_lr: AdamW's first step moves each parameter by its group's learning rate (times the sign of
+    its gradient, with a negligible eps), so the class embedding moves 10x further than the rest, and the schedule scales both."""
+    torch.manual_seed(0)
+    unet = DDPMMnistUNet.from_preset("tiny", num_class_embeds=10)
+    for p in unet.parameters():  # as a trained model's: no zero-initialized layer that stops the gradient
+        torch.nn.init.normal_(p, std=0.05)
+    flags = ["--class_conditional", "--learning_rate=1e-3", "--lr_scheduler=cosine", "--lr_warmup_steps=0"]
+    args = train_module["parse_args"]([*flags, "--class_embedding_lr=1e-2", "--adam_epsilon=1e-30"])
+    optimizer, scheduler = train_module["make_optimizer"](unet, args, 1, 10, train_module["TrainingProgress"]())
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    x_t, labels = torch.randn(10, 1, 28, 28), torch.arange(10)
+    unet(x_t, torch.full((10,), 500), class_labels=labels).sample.square().mean().backward()
+    optimizer.step()
+    moved = {name: (p.detach() - before[name]).abs() for name, p in unet.named_parameters()}
+    torch.testing.assert_close(moved["class_embedding.weight"][:10], torch.full((10, 64), 1e-2), rtol=1e-2, atol=0)
+    assert moved["class_embedding.weight"][10].max() == 0, "the null class had no gradient"
+    rest = torch.cat([m.flatten() for name, m in moved.items() if name != "class_embedding.weight"])
+    assert rest.max() == pytest.approx(1e-3, rel=1e-3)
+    for _ in range(5):
+        scheduler.step()
+    np.testing.assert_allclose(scheduler.get_last_lr(), [5e-4, 5e-3], rtol=1e-6)  # cosine at half way
+    args = train_module["parse_args"](flags)
+    optimizer, _ = train_module["make_optimizer"](unet, args, 1, 10, train_module["TrainingProgress"]())
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-3]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, mnist_folder: Path) -> Path:
     """A finished 2-step run of the tiny preset, with its checkpoint-2."""
@@ -297,6 +324,7 @@ BAD_INPUTS = {
         ["--class_conditional", "--label_column=digit"],
         "has no column 'digit'; its columns are image, label. Pass the right one with --label_column",
     ),
+    "class embedding lr, unconditional": (["--class_embedding_lr=1e-2"], "add --class_conditional"),
     "class dropout 1": (["--class_conditional", "--class_dropout_prob=1"], "--class_dropout_prob must be in [0, 1)"),
     "empty dataset": (["--dataset_name={bad}/empty"], "has no examples in its 'train' split; pass a non-empty one"),
     "corrupt parquet": (["--dataset_name={bad}/corrupt"], "check or re-download its files"),
@@ -561,7 +589,8 @@ def test_a_time_budget_alone_runs_the_lr_schedule_over_the_time(train_module):
             ["--lr_scheduler=cosine", "--lr_warmup_steps=4", "--learning_rate=1e-3", *flags]
         )
         progress = train_module["TrainingProgress"]()
-        optimizer, scheduler = train_module["make_optimizer"](torch.nn.Linear(1, 1), args, 1, 1000, progress)
+        unet = DDPMMnistUNet.from_preset("tiny")
+        optimizer, scheduler = train_module["make_optimizer"](unet, args, 1, 1000, progress)
         rates = [scheduler.get_last_lr()[0]]
         for step_seconds in seconds:
             progress.train_seconds = step_seconds

@@ -114,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help="with --class_conditional, the share of labels replaced by the null class (Ho & Salimans 2022)",
     )
+    model.add_argument(
+        "--class_embedding_lr",
+        type=float,
+        default=None,
+        help="with --class_conditional, the class embedding's peak learning rate (default --learning_rate); a larger "
+        "one lets a fine-tuned model start using the labels it did not have",
+    )
     model.add_argument("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     model.add_argument("--ddpm_beta_schedule", default="linear", help="the beta schedule (the paper's: linear)")
     model.add_argument(
@@ -208,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 POSITIVE = (
     "train_batch_size gradient_accumulation_steps checkpointing_steps save_images_steps num_samples "
     "num_inference_steps ddpm_num_steps learning_rate max_grad_norm max_train_steps num_epochs max_train_minutes "
-    "snr_gamma checkpoints_total_limit shuffle_buffer_size"
+    "snr_gamma checkpoints_total_limit shuffle_buffer_size class_embedding_lr"
 ).split()
 NON_NEGATIVE = "lr_warmup_steps adam_weight_decay adam_epsilon dataloader_num_workers".split()
 
@@ -227,6 +234,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}.")
     if not 0 <= args.class_dropout_prob < 1:
         raise UsageError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
+    if args.class_embedding_lr is not None and not args.class_conditional:
+        raise UsageError("--class_embedding_lr sets the class embedding's learning rate; add --class_conditional.")
     if not 0 < args.ema_max_decay <= 1:
         raise UsageError(f"--ema_max_decay must be in (0, 1], got {args.ema_max_decay}.")
     if args.num_inference_steps > args.ddpm_num_steps:
@@ -391,12 +400,12 @@ RESUME_MUST_KEEP = (
     "unet_config ddpm_num_steps ddpm_beta_schedule prediction_type variance_type train_batch_size "
     "gradient_accumulation_steps num_processes seed learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 "
     "adam_weight_decay adam_epsilon snr_gamma use_ema ema_max_decay ema_inv_gamma ema_power class_dropout_prob "
-    "pretrained_model_name_or_path"
+    "pretrained_model_name_or_path class_embedding_lr"
 ).split()
 RESUME_MAY_CHANGE = (
     "dataset_name label_column decode_once random_flip max_train_steps num_epochs max_train_minutes mixed_precision"
 ).split()
-CLASS_SETTINGS = ("class_dropout_prob", "label_column")  # recorded for a class-conditional run only
+CLASS_SETTINGS = ("class_dropout_prob", "label_column", "class_embedding_lr")  # recorded for a class-conditional run only
 
 
 def run_settings(args: argparse.Namespace, num_processes: int, num_classes: int | None = None) -> dict:
@@ -708,8 +717,11 @@ def make_optimizer(
     counts them), so that a decaying schedule reaches its end when the time does, however long the warm-up takes.
     A time budget changed on resume re-times the rest of the schedule, as a changed step budget does.
     """
+    groups = [{"params": [p for name, p in unet.named_parameters() if not name.startswith("class_embedding.")]}]
+    if unet.class_embedding is not None:
+        groups.append({"params": unet.class_embedding.parameters(), "lr": args.class_embedding_lr or args.learning_rate})
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
