@@ -281,7 +281,8 @@ def test_a_conditional_model_started_from_an_unconditional_one_begins_as_it(tmp_
 
 def test_the_class_embedding_learns_at_its_own_rate(train_module):
     """--class_embedding_lr: AdamW's first step moves each parameter by its group's learning rate (times the sign of
-    its gradient, with a negligible eps), so the class embedding moves 10x further than the rest, and the schedule scales both."""
+    its gradient, with a negligible eps), so the class embedding moves 10x further than the rest; the schedule scales
+    both."""
     torch.manual_seed(0)
     unet = DDPMMnistUNet.from_preset("tiny", num_class_embeds=10)
     for p in unet.parameters():  # as a trained model's: no zero-initialized layer that stops the gradient

@@ -405,7 +405,8 @@ RESUME_MUST_KEEP = (
 RESUME_MAY_CHANGE = (
     "dataset_name label_column decode_once random_flip max_train_steps num_epochs max_train_minutes mixed_precision"
 ).split()
-CLASS_SETTINGS = ("class_dropout_prob", "label_column", "class_embedding_lr")  # recorded for a class-conditional run only
+# Recorded for a class-conditional run only.
+CLASS_SETTINGS = ("class_dropout_prob", "label_column", "class_embedding_lr")
 
 
 def run_settings(args: argparse.Namespace, num_processes: int, num_classes: int | None = None) -> dict:
@@ -719,7 +720,8 @@ def make_optimizer(
     """
     groups = [{"params": [p for name, p in unet.named_parameters() if not name.startswith("class_embedding.")]}]
     if unet.class_embedding is not None:
-        groups.append({"params": unet.class_embedding.parameters(), "lr": args.class_embedding_lr or args.learning_rate})
+        class_embedding_lr = args.class_embedding_lr or args.learning_rate
+        groups.append({"params": unet.class_embedding.parameters(), "lr": class_embedding_lr})
     optimizer = torch.optim.AdamW(
         groups,
         lr=args.learning_rate,
