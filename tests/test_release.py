@@ -46,6 +46,7 @@ def conditional_run(finished_run: Path, mnist_folder: Path, tmp_path_factory: py
     process, output_dir, _ = train(
         tmp_path_factory.mktemp("conditional"), mnist_folder, "conditional", "--max_train_steps=3",
         "--ddpm_num_steps=30", "--class_conditional", f"--pretrained_model_name_or_path={finished_run}",
+        "--class_embedding_lr=0.02",
     )  # fmt: skip
     assert process.returncode == 0, process.stderr
     return output_dir
@@ -216,6 +217,7 @@ def test_the_conditional_card_is_hub_correct_and_says_where_training_started(con
         f"| started from | `{started}` (its U-Net weights; a class embedding it did not have started at zero) |"
         in card.text
     )
+    assert "warm-up steps (the class embedding: 0.02) |" in card.text
 
 
 def test_the_conditional_cards_code_runs_with_and_without_the_package(conditional_release, monkeypatch, tmp_path):

@@ -786,8 +786,8 @@ def training_record(
 ) -> dict:
     """The run's settings and numbers, for the model card and `training.json`."""
     card_flags = (
-        "pretrained_model_name_or_path learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2 "
-        "adam_weight_decay max_grad_norm use_ema ema_max_decay ema_inv_gamma ema_power"
+        "pretrained_model_name_or_path learning_rate class_embedding_lr lr_scheduler lr_warmup_steps adam_beta1 "
+        "adam_beta2 adam_weight_decay max_grad_norm use_ema ema_max_decay ema_inv_gamma ema_power"
     ).split()
     return {
         **{name: getattr(args, name) for name in card_flags},
