@@ -76,6 +76,13 @@ def test_the_code_that_loads_without_the_package_runs_as_pasted(tmp_path):
     assert printed == ["16", "(28,", "28)", "diffusers_modules.local.unet_ddpm_mnist", "False"]  # the folder's code
 
 
+def test_the_conditional_code_runs_as_pasted(tmp_path):
+    code = code_block("Ask for a digit, complete one, interpolate", "python")
+    check = "\nprint(len(sevens), completed[0].size, len(row))"
+    printed = run_beside_pretrained(code + check, tmp_path).split()
+    assert printed == ["8", "(28,", "28)", "11"]  # one digit per lambda in 0, 0.1, ..., 1
+
+
 def tool_commands() -> list[str]:
     """Every command of the README that calls one of the project's tools: code-block lines and inline code."""
     text = (ROOT / "README.md").read_text()

@@ -22,8 +22,8 @@ equally often) and classifier-free guidance at `--guidance_scale`, scores the cl
 pictures: a 10x10 grid with one row per digit, FID against class accuracy over the sweep, test digits completed from
 their top half (`DDPMMnistInpaintPipeline`) and an interpolation between two test digits (`ddpm_mnist.interpolate`):
 
-    python training/release.py runs/cond-release --output_dir pretrained/ddpm-mnist-cond \
-        --hub_model_id ddpm-mnist/ddpm-mnist-cond --guidance_scale 2 --guidance_scales 1 1.5 2 3 5
+    python training/release.py runs/cond-release --output_dir pretrained/ddpm-mnist-cond-small \
+        --hub_model_id ddpm-mnist/ddpm-mnist-cond-small --guidance_scale 2 --guidance_scales 1 1.5 2 3 5
 """
 
 from __future__ import annotations

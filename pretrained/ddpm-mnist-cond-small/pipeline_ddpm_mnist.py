@@ -1,0 +1,522 @@
+"""DDPMMnistPipeline: Algorithm 2 of the DDPM paper (Ho et al. 2020) for MNIST digits.
+
+Noise x_T ~ N(0, I) -> for each timestep of the scheduler: eps = UNet(x_t, t), x_{t-1} = scheduler.step(...)
+-> x_0 in [-1, 1] -> 28x28 greyscale digits. Any diffusers scheduler compatible with the DDPM schedule can be
+swapped in (DDIM, DPM-Solver++, UniPC, Euler, Heun).
+
+This file imports only torch, diffusers (with its own dependency huggingface_hub) and the standard library, so that
+it can be copied as-is into a Hub repository and loaded with `trust_remote_code=True`.
+
+Loading by Hub repo id: diffusers' `DiffusionPipeline.download` refuses a model_index.json whose components come from a
+package outside diffusers (`_get_custom_components_and_folders` accepts only diffusers' own libraries or a
+`<component>/<module>.py` file in the repo), even when that package is installed. So `from_pretrained` fetches the repo
+with `huggingface_hub.snapshot_download` and loads the local snapshot, where diffusers resolves our components from
+the imported package. A folder written by `save_pretrained`, and so a repo pushed by `push_to_hub` or
+`save_pretrained(..., push_to_hub=True)`, names the module files it carries for `trust_remote_code`
+(`["unet_ddpm_mnist", "DDPMMnistUNet"]`); `load_config` reads those names as the modules beside this one, so the
+package's classes load it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import ModelCard, ModelCardData, create_repo, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+
+if TYPE_CHECKING:
+    import numpy as np
+    import PIL.Image
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+# Files a saved pipeline folder must hold for `from_pretrained` to rebuild it.
+REQUIRED_FILES = (
+    "model_index.json",
+    os.path.join("unet", "config.json"),
+    os.path.join("unet", "diffusion_pytorch_model.safetensors"),
+    os.path.join("scheduler", "scheduler_config.json"),
+)
+# What `from_pretrained` downloads of a Hub repo: model_index.json, the component configs and safetensors weights.
+PIPELINE_FILE_PATTERNS = ["*.json", "*.safetensors"]
+# The package this module is part of: its modules are the code files a saved folder carries for trust_remote_code.
+_PACKAGE = __name__.rpartition(".")[0]
+
+
+class DDPMMnistPipeline(DiffusionPipeline):
+    r"""
+    Unconditional generation of MNIST digits with a DDPM.
+
+    Parameters:
+        unet ([`DDPMMnistUNet`]):
+            The noise-prediction network eps_theta(x_t, t).
+        scheduler ([`SchedulerMixin`]):
+            The reverse process: [`DDPMMnistScheduler`] or any compatible diffusers scheduler.
+        image_size (`int`, *optional*, defaults to 28):
+            The side of the digits. A UNet whose `sample_size` is larger was trained on digits padded with the
+            background value; the pipeline crops the centre `image_size` pixels back out. Saved in
+            `model_index.json`, so a loaded pipeline crops the same way.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["image"]
+
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, image_size: int = 28):
+        super().__init__()
+        if image_size > unet.config.sample_size:
+            raise ValueError(
+                f"image_size={image_size} is larger than the UNet's sample_size={unet.config.sample_size}; "
+                "pass an image_size no larger than the UNet's sample_size."
+            )
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(image_size=image_size)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DDPMMnistPipeline:
+        """Load a saved folder or a Hub repo id (with `revision`, `cache_dir`, `local_files_only`, offline mode)."""
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            try:
+                validate_repo_id(folder)
+            except ValueError as e:
+                raise OSError(f"{folder} is neither a folder nor a Hub repo id (user/name): {e}") from e
+            folder = snapshot_download(
+                folder,
+                revision=kwargs.get("revision"),
+                cache_dir=kwargs.get("cache_dir"),
+                local_files_only=kwargs.get("local_files_only") or False,
+                token=kwargs.get("token"),
+                force_download=kwargs.get("force_download", False),
+                allow_patterns=PIPELINE_FILE_PATTERNS,
+            )
+        # The folder is checked for its files first, so a gap names itself.
+        missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise OSError(
+                f"{pretrained_model_name_or_path} is not a complete DDPMMnistPipeline folder: missing "
+                f"{', '.join(missing)}. Point to a folder written by `pipeline.save_pretrained(...)` or a repo pushed "
+                "with `pipeline.push_to_hub(...)`."
+            )
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs) -> dict | tuple:
+        """`ConfigMixin.load_config`, reading the remote-code entries of a pushed model_index.json as this package."""
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (_package_entries(loaded[0], cls), *loaded[1:])
+        return _package_entries(loaded, cls)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> str | None:
+        """`DiffusionPipeline.save_pretrained`, in the layout that loads with the package and without it.
+
+        model_index.json names the module files the folder carries (`_class_name: ["pipeline_ddpm_mnist",
+        "DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist", "DDPMMnistUNet"]`): this file at the root, and each
+        component's module, if it is one beside this file, in the component's folder, copied as they are. diffusers'
+        generic loader runs those files with `trust_remote_code=True`; `DDPMMnistPipeline.from_pretrained` reads the
+        names as the package's own modules (see `load_config`).
+
+        `push_to_hub=True` then uploads the whole folder, as diffusers does, with diffusers' `repo_id` (default: the
+        folder's name), `commit_message`, `private`, `token` and `create_pr`, and returns the commit URL (a training
+        run's folder, with its checkpoints and logs, goes up with `ddpm_mnist.hub.push_pipeline_folder` instead, which
+        leaves those out). The model card that goes up is the folder's README.md if it has one (a full card:
+        `ddpm_mnist.hub.render_model_card(...).save(...)` before the push), else the repo's card, else a short card on
+        how to load the pipeline.
+        """
+        if push_to_hub:
+            upload = {name: kwargs.pop(name, None) for name in ("commit_message", "token", "subfolder")}
+            create_pr, private = kwargs.pop("create_pr", False), kwargs.pop("private", None)
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            repo_id = create_repo(repo_id, private=private, token=upload["token"], exist_ok=True).repo_id
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
+        )
+        _write_remote_code(save_directory, type(self), self.components)
+        if not push_to_hub:
+            return None
+        card_path = os.path.join(save_directory, "README.md")
+        if not upload["subfolder"] and not os.path.isfile(card_path):  # diffusers puts no card in a subfolder
+            _model_card(self, repo_id, upload["token"]).save(card_path)
+        return self._upload_folder(save_directory, repo_id, create_pr=create_pr, **upload)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        subfolder: str | None = None,
+    ) -> str:
+        """diffusers' `push_to_hub`, uploading what `save_pretrained(..., push_to_hub=True)` does; the commit URL.
+
+        The weights, configs and the code `trust_remote_code` needs go up in one commit, with the repo's model card,
+        or a short one for a repo without a card.
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            return self.save_pretrained(
+                folder,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                push_to_hub=True,
+                repo_id=repo_id,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                create_pr=create_pr,
+                subfolder=subfolder,
+            )
+
+    @property
+    def is_class_conditional(self) -> bool:
+        """Whether the UNet takes class labels (its config has `num_class_embeds`)."""
+        return self.unet.config.get("num_class_embeds") is not None
+
+    def check_class_inputs(
+        self, class_labels: list[int] | torch.Tensor | None, guidance_scale: float, batch_size: int | None
+    ) -> int:
+        """Check the class labels and guidance scale against the UNet; return the batch size they imply.
+
+        Raises a ValueError before any sampling: labels for an unconditional model, a label outside the classes, a
+        guidance scale below 1 or without labels, or a `batch_size` that disagrees with the number of labels.
+        """
+        if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+            raise ValueError(
+                f"guidance_scale must be a number of at least 1 (1 = no guidance), got {guidance_scale!r}."
+            )
+        if class_labels is None:
+            if guidance_scale > 1:
+                raise ValueError(
+                    "guidance_scale > 1 needs class_labels to guide toward; pass class_labels, or guidance_scale=1."
+                )
+            return 1 if batch_size is None else batch_size
+        if not self.is_class_conditional:
+            raise ValueError(
+                "class_labels were given to an unconditional model; load a class-conditional pipeline (its UNet has "
+                "num_class_embeds), or leave class_labels out."
+            )
+        labels = torch.as_tensor(class_labels)
+        num_classes = self.unet.config.num_class_embeds
+        if labels.ndim != 1 or labels.numel() == 0 or labels.is_floating_point():
+            raise ValueError(f"class_labels must be a non-empty list of integers, got {class_labels!r}.")
+        if not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+            raise ValueError(f"class_labels must be digits between 0 and {num_classes - 1}, got {labels.tolist()}.")
+        if batch_size is not None and batch_size != len(labels):
+            raise ValueError(
+                f"batch_size={batch_size} disagrees with the {len(labels)} class_labels; pass one of the two, or "
+                "as many labels as images."
+            )
+        return len(labels)
+
+    def predict_noise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """eps_theta(x_t, t[, y]) in float32, with classifier-free guidance when `guidance_scale > 1`.
+
+        Guidance (Ho & Salimans 2022, eq. 6, in `DiTPipeline`'s form): eps = eps(x_t, null) + s (eps(x_t, y) -
+        eps(x_t, null)), the conditional and the null batch in one UNet call. `x_t` is float32; the UNet sees a copy
+        in its own dtype.
+        """
+        model_input = x_t.to(self.unet.dtype)
+        if class_labels is None or guidance_scale <= 1:
+            # No labels: called as diffusers calls an unconditional UNet, so that any UNet of that signature serves.
+            labels = {} if class_labels is None else {"class_labels": class_labels}
+            return self.unet(model_input, t, **labels).sample.float()
+        null = torch.full_like(class_labels, self.unet.config.num_class_embeds)
+        model_input = torch.cat([model_input, model_input])
+        eps = self.unet(model_input, t, class_labels=torch.cat([class_labels, null])).sample.float()
+        eps_cond, eps_uncond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def check_inputs(
+        self,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> None:
+        """Raise a ValueError naming the bad argument before any sampling starts."""
+        unknown = sorted(set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not tensors of this pipeline; pass a subset of "
+                f"{self._callback_tensor_inputs}."
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be an integer between 1 and {num_train_timesteps} (the number of "
+                f"training timesteps), got {num_inference_steps!r}."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got a list of {len(generator)} generators for batch_size={batch_size}; pass one generator "
+                "per image, or a single generator."
+            )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int | None = None,
+        class_labels: list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Sample digits by running the reverse process from pure noise (Algorithm 2), optionally of requested classes.
+
+        Precision: the UNet runs in its own dtype, while x_t, the noise and every scheduler update stay in float32.
+        On hardware with native bf16 (a CPU with AVX512-BF16 or AMX, a recent GPU) ask for a bf16 UNet with
+        `DDPMMnistPipeline.from_pretrained(path, dtype=torch.bfloat16)` (diffusers' older name: `torch_dtype`) or
+        `pipe.to(torch.bfloat16)`: it samples faster from the same noise, with digits that score like float32 ones
+        (benchmarks/README.md).
+
+        Args:
+            batch_size (`int`, *optional*):
+                The number of digits to generate: by default one per class label, or 1 without labels.
+            class_labels (`list[int]` or `torch.Tensor`, *optional*):
+                The digit (0-9) to draw for each image, for a class-conditional pipeline (`is_class_conditional`).
+                Without labels a conditional model draws any digit (its null class).
+            guidance_scale (`float`, *optional*, defaults to 1.0):
+                Classifier-free guidance scale, as in `DiTPipeline`: guidance is on when it is above 1; higher values
+                draw more clearly the requested digit at some cost in variety.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes sampling deterministic. With a list (one per image), image i is the image that a batch of
+                one would give with generator i.
+            num_inference_steps (`int`, *optional*, defaults to 1000):
+                The number of denoising steps, at most the scheduler's `num_train_timesteps`. The default follows
+                diffusers' `DDPMPipeline`: the paper's whole chain. Fewer steps respace it (`timestep_spacing`);
+                the released weights' model card measures 50 respaced DDPM steps against all 1000 and recommends
+                50.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"` (greyscale `PIL.Image`s, mode "L"), `"np"` (an array of shape (N, 28, 28, 1) in [0, 1])
+                or `"pt"` (a tensor of shape (N, 1, 28, 28) in [0, 1]).
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Return an [`~pipelines.ImagePipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called after every step as `callback_on_step_end(pipe, i, t, callback_kwargs)`, diffusers' callback
+                convention: `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (here
+                `"image"`, the current x_{t-1} in the model's space), and the dict it returns replaces them.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["image"]`):
+                The tensors handed to `callback_on_step_end`.
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
+
+        >>> pipe = DDPMMnistPipeline(DDPMMnistUNet.from_preset("tiny"), DDPMMnistScheduler())
+        >>> images = pipe(batch_size=4, num_inference_steps=10, output_type="np").images
+        >>> images.shape
+        (4, 28, 28, 1)
+        >>> pipe = pipe.to(torch.bfloat16)  # a bf16 UNet; x_t and the scheduler stay float32
+        >>> pipe(batch_size=4, num_inference_steps=10, output_type="pt").images.dtype
+        torch.float32
+        ```
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`: the images, as `.images` or as the tuple's only item.
+        """
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["image"]
+        batch_size = self.check_class_inputs(class_labels, guidance_scale, batch_size)
+        self.check_inputs(batch_size, generator, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        sample_size = self.unet.config.sample_size
+        shape = (batch_size, self.unet.config.in_channels, sample_size, sample_size)
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=device).long()
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # x_T ~ N(0, I), scaled for schedulers that work in sigma space (Euler, Heun), whose
+        # `init_noise_sigma` depends on the timesteps just set. x_t and the scheduler's arithmetic (eq. 11's update,
+        # the posterior variance of eq. 7) stay in float32 whatever the UNet's dtype: a bf16 UNet sees a bf16 copy.
+        image = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        image = image * self.scheduler.init_noise_sigma
+        image = self.denoise(
+            image,
+            self.scheduler.timesteps,
+            class_labels,
+            guidance_scale,
+            generator,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        image = self.postprocess(image, output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("image",),
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """The reverse process over `timesteps` (the scheduler's, already set, or their tail): x_t -> x_0, float32.
+
+        `progress=False` hides the progress bar, for a caller that runs several passes under a bar of its own.
+        """
+        # UniPC and a few others draw no noise and take no generator.
+        extra_step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            extra_step_kwargs["generator"] = generator
+        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
+            model_input = self.scheduler.scale_model_input(x_t, t)
+            model_output = self.predict_noise(model_input, t, class_labels, guidance_scale)
+            x_t = self.scheduler.step(model_output, t, x_t, **extra_step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"image": x_t}
+                outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                x_t = outputs.get("image", x_t)
+        return x_t
+
+    def postprocess(
+        self, x_0: torch.Tensor, output_type: str = "pil"
+    ) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
+        """x_0 in [-1, 1] -> digits in [0, 1]: the centre `image_size` crop, as `output_type` ("pil", "np", "pt")."""
+        # Crop the padding a 32x32 model was trained with, then map [-1, 1] to [0, 1].
+        border = (self.unet.config.sample_size - self.config.image_size) // 2
+        image = x_0[:, :, border : border + self.config.image_size, border : border + self.config.image_size]
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        return image
+
+
+def _package_entries(config: dict, pipeline_class: type) -> dict:
+    """model_index.json with the entries that name a module file beside this one pointing to that module instead."""
+    # A pushed repo's `["unet_ddpm_mnist", "DDPMMnistUNet"]` and `_class_name: ["pipeline_ddpm_mnist", ...]` point
+    # diffusers to the code files the repo carries; with the package imported they mean its own modules, e.g.
+    # `["ddpm_mnist.unet_ddpm_mnist", "DDPMMnistUNet"]`, which diffusers loads without running downloaded code.
+    # A folder of one of this package's pipelines loads as the class asked for (a base pipeline's folder as the
+    # inpainting pipeline, say), as diffusers loads a folder into any pipeline class that takes its components.
+    config = dict(config)
+    saved_as = config.get("_class_name")
+    if isinstance(saved_as, list) and f"{_PACKAGE}.{saved_as[0]}" in sys.modules:
+        config["_class_name"] = pipeline_class.__name__
+    for name, entry in config.items():
+        if name != "_class_name" and isinstance(entry, list) and f"{_PACKAGE}.{entry[0]}" in sys.modules:
+            config[name] = [f"{_PACKAGE}.{entry[0]}", entry[1]]
+    return config
+
+
+def _write_remote_code(folder: str | os.PathLike, pipeline_class: type, components: dict) -> None:
+    """Point a saved folder's model_index.json to module files, and copy those modules in (see `save_pretrained`)."""
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as file:
+        index = json.load(file)
+    module = pipeline_class.__module__.rpartition(".")[2]
+    index["_class_name"] = [module, pipeline_class.__name__]
+    shutil.copyfile(inspect.getsourcefile(pipeline_class), os.path.join(folder, f"{module}.py"))
+    # diffusers names a component whose class comes from outside its libraries by the full module name; of those, the
+    # modules beside this file ship with the folder (diffusers' own classes keep entries such as ["diffusers", ...]).
+    for name, component in components.items():
+        component_class = type(component)
+        package, _, module = component_class.__module__.rpartition(".")
+        if package == _PACKAGE and index.get(name) == [component_class.__module__, component_class.__name__]:
+            index[name] = [module, component_class.__name__]
+            shutil.copyfile(inspect.getsourcefile(component_class), os.path.join(folder, name, f"{module}.py"))
+    with open(index_path, "w") as file:
+        file.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _model_card(pipeline: DiffusionPipeline, repo_id: str, token: str | None) -> ModelCard:
+    """The repo's own model card, which a push keeps as diffusers' does; for a repo without one, a short card."""
+    try:
+        return ModelCard.load(repo_id, token=token)
+    except EntryNotFoundError:
+        pass
+    class_name, module = type(pipeline).__name__, type(pipeline).__module__.rpartition(".")[2]
+    metadata = ModelCardData(
+        library_name="diffusers", pipeline_tag="unconditional-image-generation", tags=["ddpm", "mnist"]
+    )
+    steps = pipeline.scheduler.config.num_train_timesteps
+    # Not written out as a line of this file: diffusers' remote-code loader imports every module that a line starting
+    # with `from X import` names, so such a line here would make loading without the package fail.
+    card_import = "from ddpm_mnist import"
+    sample = (
+        "generator = torch.Generator().manual_seed(0)\n"
+        f"images = pipe(batch_size=16, num_inference_steps={steps}, generator=generator).images"
+    )
+    return ModelCard(f"""---
+{metadata.to_yaml()}
+---
+
+# {repo_id.split("/")[-1]}
+
+Handwritten digits in the style of MNIST from a denoising diffusion probabilistic model (DDPM; Ho, Jain and Abbeel,
+["Denoising Diffusion Probabilistic Models"](https://arxiv.org/abs/2006.11239), 2020): a diffusers `{class_name}`.
+
+With the package installed (`pip install ddpm-mnist`), the pipeline loads with the package's own classes:
+
+```python
+import torch
+{card_import} {class_name}
+
+pipe = {class_name}.from_pretrained("{repo_id}")
+{sample}
+```
+
+Without the package, diffusers alone loads it: this repository carries the pipeline's code (`{module}.py`, and the
+modules that `model_index.json` names in the components' folders). Read it, then allow it to run with
+`trust_remote_code=True`:
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
+{sample}
+```
+
+Both ways give the same digits for the same seed.
+""")
