@@ -2,7 +2,7 @@
 
     python benchmarks/scheduler_quality.py PIPELINE [--schedulers ddpm ddim dpm++ unipc]
         [--num_inference_steps 10 20 50 100 1000] [--num_samples 1000] [--reference_images 10000]
-        [--dataset_name ylecun/mnist] [--seed 0] [--batch_size 250] [--device cuda|cpu] [--json]
+        [--dataset_name ylecun/mnist] [--seed 0] [--batch_size 250] [--guidance_scale 1.0] [--device cuda|cpu] [--json]
 
 PIPELINE is a folder saved by `DDPMMnistPipeline.save_pretrained` or a Hub repo id. On a machine without the Hub,
 pass `--dataset_name path/to/mnist` (a local copy of ylecun/mnist).
@@ -12,7 +12,9 @@ cell, so every scheduler starts from the same noise), timed with `time.perf_coun
 scores them with `ddpm_mnist.evaluation` (FID, KID, precision, recall, classifier confidence, share of the rarest
 predicted digit) against the first --reference_images MNIST test digits, whose classifier features are computed
 once. The floor row scores as many real MNIST training digits against the same reference: what real digits score at
-this sample count. Step counts above the pipeline's training timesteps T are skipped.
+this sample count. Step counts above the pipeline's training timesteps T are skipped. A class-conditional pipeline
+draws every digit equally often (in order), with classifier-free guidance at --guidance_scale, and each cell adds
+its class accuracy: the share of samples that the classifier reads as the digit asked for.
 
 The table gives each FID as a multiple of the FID of DDPM at 1000 steps (the paper's Algorithm 2) when that cell ran,
 and the summary names, per scheduler, the fewest steps whose FID is at most 10% above it. With --json the last line
@@ -34,7 +36,15 @@ import torch
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point
-from ddpm_mnist.evaluation import SCHEDULERS, QualityReference, default_device, generate_digits, load_pipeline
+from ddpm_mnist.evaluation import (
+    SCHEDULERS,
+    QualityReference,
+    balanced_labels,
+    check_class_inputs,
+    default_device,
+    generate_digits,
+    load_pipeline,
+)
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.quality import SampleQuality
 
@@ -51,6 +61,7 @@ class Cell:
     steps: int
     quality: SampleQuality
     seconds: float
+    class_accuracy: float | None = None  # a class-conditional pipeline's
 
     def as_dict(self, baseline_fid: float | None) -> dict[str, str | int | float | None]:
         """The JSON entry of the cell."""
@@ -64,6 +75,7 @@ class Cell:
             "recall": self.quality.recall,
             "mean_confidence": self.quality.mean_confidence,
             "rarest_class_share": self.quality.rarest_class_share,
+            "class_accuracy": self.class_accuracy,
             "seconds": self.seconds,
             "images_per_second": self.quality.num_images / self.seconds,
         }
@@ -112,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=int, default=250, help="images per pipeline call (default: %(default)s)")
     parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="a class-conditional pipeline's classifier-free guidance, at least 1 (1: none; default: %(default)s)",
+    )
+    parser.add_argument(
         "--device", default=default_device(), help="torch device (default: the GPU where there is one, else cpu)"
     )
     parser.add_argument(
@@ -127,7 +145,11 @@ def split_steps(steps: list[int], num_train_timesteps: int) -> tuple[list[int], 
 
 
 def timed_samples(
-    pipe: DDPMMnistPipeline, scheduler: str, steps: int, args: argparse.Namespace
+    pipe: DDPMMnistPipeline,
+    scheduler: str,
+    steps: int,
+    args: argparse.Namespace,
+    class_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The digits of `generate_digits` and the wall seconds their sampling took (`.cpu()` waits for the device)."""
     start = time.perf_counter()
@@ -138,6 +160,8 @@ def timed_samples(
         num_inference_steps=steps,
         seed=args.seed,
         batch_size=args.batch_size,
+        class_labels=class_labels,
+        guidance_scale=args.guidance_scale,
         progress=False,
     )
     return images, time.perf_counter() - start
@@ -173,8 +197,16 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _row(label: str, steps: str, quality: SampleQuality, seconds: float | None, reference: float | None) -> str:
-    """One Markdown table row of scores."""
+def _row(
+    label: str,
+    steps: str,
+    quality: SampleQuality,
+    seconds: float | None,
+    reference: float | None,
+    class_accuracy: float | None = None,
+    conditional: bool = False,
+) -> str:
+    """One Markdown table row of scores; `conditional` adds the class accuracy (a dash for the floor's)."""
     per_second = quality.num_images / seconds if seconds else None
     entries = [
         label,
@@ -189,6 +221,8 @@ def _row(label: str, steps: str, quality: SampleQuality, seconds: float | None, 
         _number(seconds, 1),
         _number(per_second, 2),
     ]
+    if conditional:
+        entries.append(_number(class_accuracy, 3))
     return "| " + " | ".join(entries) + " |"
 
 
@@ -197,9 +231,14 @@ def markdown_table(cells: list[Cell], floor: SampleQuality) -> str:
     reference = baseline_fid(cells)
     columns = ["scheduler", "steps", "FID", "FID / DDPM-1000", "KID", "precision", "recall", "mean confidence"]
     columns += ["rarest digit", "seconds", "images/s"]
+    conditional = any(c.class_accuracy is not None for c in cells)
+    columns += ["class accuracy"] if conditional else []
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += [_row(c.scheduler, str(c.steps), c.quality, c.seconds, reference) for c in cells]
-    lines.append(_row(f"real floor ({floor.num_images} train digits)", "-", floor, None, reference))
+    lines += [
+        _row(c.scheduler, str(c.steps), c.quality, c.seconds, reference, c.class_accuracy, conditional) for c in cells
+    ]
+    floor_label = f"real floor ({floor.num_images} train digits)"
+    lines.append(_row(floor_label, "-", floor, None, reference, conditional=conditional))
     return "\n".join(lines)
 
 
@@ -222,14 +261,20 @@ def run_cells(
     steps: list[int],
     args: argparse.Namespace,
     reference: QualityReference,
+    class_labels: torch.Tensor | None = None,
 ) -> list[Cell]:
-    """Sample and score every (scheduler, steps) cell, each scheduler built on the pipeline's own noise schedule."""
+    """Sample and score every (scheduler, steps) cell, each scheduler built on the pipeline's own noise schedule;
+    with `class_labels` (a conditional pipeline's, one per sample), the class accuracy too."""
     pipe(batch_size=1, num_inference_steps=1, output_type="pt")  # warm-up: first-call costs stay out of the timings
     cells = []
     for name in schedulers:
         for count in steps:
-            images, seconds = timed_samples(pipe, name, count, args)
-            cells.append(Cell(name, count, reference.score(images), seconds))
+            images, seconds = timed_samples(pipe, name, count, args, class_labels)
+            if class_labels is None:
+                cells.append(Cell(name, count, reference.score(images), seconds))
+            else:
+                scores = reference.score_conditional(images, class_labels)
+                cells.append(Cell(name, count, scores.quality, seconds, scores.accuracy.accuracy))
             print(f"{name} at {count} steps: FID {cells[-1].quality.fid:.4f} in {seconds:.1f} s", flush=True)
     return cells
 
@@ -243,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.num_inference_steps) < 1 or args.batch_size < 1:
         raise UsageError("--num_inference_steps and --batch_size take integers of at least 1.")
     pipe = load_pipeline(args.pipeline, args.device)
+    class_labels = balanced_labels(args.num_samples) if pipe.is_class_conditional else None
+    if class_labels is None and args.guidance_scale != 1:
+        raise UsageError(
+            f"--guidance_scale needs a class-conditional pipeline, and {args.pipeline} is not; leave it out."
+        )
+    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_samples)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     steps, skipped = split_steps(args.num_inference_steps, num_train_timesteps)
     if not steps:
@@ -258,10 +309,11 @@ def main(argv: list[str] | None = None) -> None:
 
     device = f"{args.device} ({describe_device(pipe.device)})"
     print(f"device: {device}")
-    cells = run_cells(pipe, schedulers, steps, args, reference)
+    cells = run_cells(pipe, schedulers, steps, args, reference, class_labels)
+    guidance = "" if class_labels is None else f", every digit equally often at guidance {args.guidance_scale:g}"
     print(
         f"\n{args.num_samples} samples per cell against the first {reference.num_images} MNIST test digits "
-        f"(features of the project's classifier), seed {args.seed}, device {device}:\n"
+        f"(features of the project's classifier), seed {args.seed}{guidance}, device {device}:\n"
     )
     print(markdown_table(cells, floor))
     print()
@@ -272,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             "num_samples": args.num_samples,
             "reference_images": reference.num_images,
             "seed": args.seed,
+            "guidance_scale": None if class_labels is None else args.guidance_scale,
             "device": device,
             "skipped_steps": skipped,
             "floor": floor.as_dict(),

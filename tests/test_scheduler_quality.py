@@ -126,6 +126,7 @@ def test_tabulates_each_scheduler_at_each_step_count(bench, pipeline_dir, mnist_
         ),
         (["{pipe}", "--num_samples", "97"], "which holds 96"),
         (["{pipe}", "--num_samples", "3"], "num_samples must be at least 4"),
+        (["{pipe}", "--guidance_scale", "2"], "--guidance_scale needs a class-conditional pipeline, and"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_sampling(
@@ -168,3 +169,33 @@ def test_fewest_steps_within_ten_percent_of_ddpm_1000(bench):
     summary = bench.summary_lines(cells)
     assert any(line.startswith("ddim:") and line.endswith("at 20 steps") for line in summary)
     assert any(line.startswith("dpm++:") and "none of the step counts" in line for line in summary)
+
+
+def test_a_conditional_pipeline_draws_every_digit_with_guidance_and_scores_class_accuracy(
+    bench, tmp_path, mnist_folder, capsys, monkeypatch
+):
+    folder = tmp_path / "conditional"
+    DDPMMnistPipeline(tiny_unet(num_class_embeds=10), DDPMMnistScheduler(num_train_timesteps=T)).save_pretrained(folder)
+    calls = []
+    original = DDPMMnistPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("class_labels"), kwargs.get("guidance_scale")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDPMMnistPipeline, "__call__", spy)
+    argv = [str(folder), "--schedulers", "ddpm", "--num_inference_steps", "2", "--guidance_scale", "2"]
+    argv += ["--batch_size", "8", "--num_samples", "20", "--reference_images", "24", "--json", "--device", "cpu"]
+    bench.main([*argv, "--dataset_name", str(mnist_folder)])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+
+    sampled = [(labels.tolist(), scale) for labels, scale in calls if labels is not None]
+    digits = [label for labels, _ in sampled for label in labels]
+    assert digits == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9]  # in batches of 8, 8 and 4
+    assert [len(labels) for labels, _ in sampled] == [8, 8, 4] and {scale for _, scale in sampled} == {2.0}
+    (cell,) = result["cells"]
+    assert result["guidance_scale"] == 2.0 and 0 <= cell["class_accuracy"] <= 1
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0].endswith("| images/s | class accuracy |")
+    assert rows[2].endswith(f"| {cell['class_accuracy']:.3f} |") and rows[3].endswith("| - |")  # the floor: none
