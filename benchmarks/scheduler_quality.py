@@ -39,11 +39,10 @@ from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.evaluation import (
     SCHEDULERS,
     QualityReference,
-    balanced_labels,
-    check_class_inputs,
     default_device,
     generate_digits,
     load_pipeline,
+    scoring_labels,
 )
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.quality import SampleQuality
@@ -265,7 +264,15 @@ def run_cells(
 ) -> list[Cell]:
     """Sample and score every (scheduler, steps) cell, each scheduler built on the pipeline's own noise schedule;
     with `class_labels` (a conditional pipeline's, one per sample), the class accuracy too."""
-    pipe(batch_size=1, num_inference_steps=1, output_type="pt")  # warm-up: first-call costs stay out of the timings
+    # Warm-up, guided as the cells are: first-call costs stay out of the timings.
+    warm_up_labels = None if class_labels is None else class_labels[:1]
+    pipe(
+        batch_size=1,
+        class_labels=warm_up_labels,
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=1,
+        output_type="pt",
+    )
     cells = []
     for name in schedulers:
         for count in steps:
@@ -288,12 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.num_inference_steps) < 1 or args.batch_size < 1:
         raise UsageError("--num_inference_steps and --batch_size take integers of at least 1.")
     pipe = load_pipeline(args.pipeline, args.device)
-    class_labels = balanced_labels(args.num_samples) if pipe.is_class_conditional else None
-    if class_labels is None and args.guidance_scale != 1:
-        raise UsageError(
-            f"--guidance_scale needs a class-conditional pipeline, and {args.pipeline} is not; leave it out."
-        )
-    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_samples)
+    class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale)
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     steps, skipped = split_steps(args.num_inference_steps, num_train_timesteps)
     if not steps:

@@ -38,7 +38,6 @@ from .evaluation import (
     HALVES,
     SCHEDULERS,
     QualityReference,
-    balanced_labels,
     check_class_inputs,
     default_device,
     digit_grid,
@@ -50,6 +49,7 @@ from .evaluation import (
     load_test_digits,
     nll_bound,
     scheduler_steps,
+    scoring_labels,
     to_pil_images,
 )
 from .hardware import describe_device
@@ -344,11 +344,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     """`ddpm-mnist evaluate`: quality of samples against the test digits, beside the real-vs-real floor."""
     pipe = _load_pipeline(args)
     steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
-    if args.guidance_scale > 1 and not pipe.is_class_conditional:
-        raise UsageError("--guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
-    # A class-conditional pipeline is asked for every digit equally often.
-    class_labels = balanced_labels(args.num_samples) if pipe.is_class_conditional else None
-    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_samples)
+    class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale)
     # All data first, so that a bad --dataset_name or count fails before the sampling.
     if args.nll:
         nll_x_0 = load_nll_digits(

@@ -162,6 +162,17 @@ def balanced_labels(num_samples: int) -> torch.Tensor:
         raise UsageError(f"num_samples {num_samples} cannot hold every digit 0-9; pass at least 10.") from error
 
 
+def scoring_labels(pipe: DDPMMnistPipeline, num_samples: int, guidance_scale: float) -> torch.Tensor | None:
+    """The class labels `num_samples` digits of `pipe` are scored with at `guidance_scale`: every digit equally often
+    (`balanced_labels`) for a class-conditional pipeline, None for an unconditional one. Guidance above 1 for an
+    unconditional pipeline, or below 1, is a UsageError."""
+    if guidance_scale > 1 and not pipe.is_class_conditional:
+        raise UsageError("--guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
+    class_labels = balanced_labels(num_samples) if pipe.is_class_conditional else None
+    check_class_inputs(pipe, class_labels, guidance_scale, num_samples)
+    return class_labels
+
+
 @torch.no_grad()
 def generate_digits(
     pipe: DDPMMnistPipeline,

@@ -153,7 +153,8 @@ def render_model_card(
         model_name=model_name,
         repo_id=repo_id,
         homepage=_homepage(),
-        dataset_name=dataset_name,
+        dataset_name=dataset_id,
+        local_dataset=not is_hub_dataset,  # the card names the Hub dataset, never the local path
         samples_image=samples_image,
         denoising_image=denoising_image,
         loss_curve_image=loss_curve_image,

@@ -379,6 +379,7 @@ def test_the_model_card_has_the_hub_metadata_and_the_training_details(runs, hub)
     assert "](samples/step-0000002.png)" in card and "samples/step-0000002.png" in hub.files("tester/tiny")
     assert "| optimizer steps | 2 |" in card and "176,849 parameters" in card and "preset `tiny`" in card
     assert "T = 10" in card and "Evaluation results" not in card
+    assert "| data | `ylecun/mnist` (a local copy), split `train`," in card  # the Hub id, never the local path
 
 
 def test_a_path_that_is_no_folder_is_not_taken_for_a_repo_id(tmp_path):

@@ -80,6 +80,8 @@ def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
     assert Image.open(out / "samples" / "grid.png").size == (8 * 28 * 3, 8 * 28 * 3)
     assert Image.open(out / "samples" / "denoising.png").size == (11 * 28 * 3, 28 * 3)
     assert Image.open(out / "samples" / "time_to_quality.png").size == (40, 30)
+    for config in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json"):
+        assert "_name_or_path" not in json.loads((out / config).read_text()), config  # the run's folder stays here
     card = (out / "README.md").read_text()
     for picture in ("grid", "denoising", "loss", "nll_terms", "time_to_quality"):
         assert f"](samples/{picture}.png)" in card, picture

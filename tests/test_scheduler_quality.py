@@ -126,7 +126,7 @@ def test_tabulates_each_scheduler_at_each_step_count(bench, pipeline_dir, mnist_
         ),
         (["{pipe}", "--num_samples", "97"], "which holds 96"),
         (["{pipe}", "--num_samples", "3"], "num_samples must be at least 4"),
-        (["{pipe}", "--guidance_scale", "2"], "--guidance_scale needs a class-conditional pipeline, and"),
+        (["{pipe}", "--guidance_scale", "2"], "--guidance_scale above 1 needs a class-conditional pipeline"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_sampling(
@@ -190,7 +190,8 @@ def test_a_conditional_pipeline_draws_every_digit_with_guidance_and_scores_class
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
 
-    sampled = [(labels.tolist(), scale) for labels, scale in calls if labels is not None]
+    warm_up, *sampled = [(labels.tolist(), scale) for labels, scale in calls if labels is not None]
+    assert warm_up == ([0], 2.0)  # one image, guided as the cells are
     digits = [label for labels, _ in sampled for label in labels]
     assert digits == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9]  # in batches of 8, 8 and 4
     assert [len(labels) for labels, _ in sampled] == [8, 8, 4] and {scale for _, scale in sampled} == {2.0}

@@ -20,10 +20,14 @@ A class-conditional run (its pipeline `is_class_conditional`) draws every settin
 equally often) and classifier-free guidance at `--guidance_scale`, scores the class accuracy beside the rest, checks
 `COND_TARGETS`, and sweeps the guidance scales `--guidance_scales` (`--sweep_samples` digits each; 0 skips it). Its
 pictures: a 10x10 grid with one row per digit, FID against class accuracy over the sweep, test digits completed from
-their top half (`DDPMMnistInpaintPipeline`) and an interpolation between two test digits (`ddpm_mnist.interpolate`):
+their top half (`DDPMMnistInpaintPipeline`) and an interpolation between two test digits (`ddpm_mnist.interpolate`).
+`pretrained/ddpm-mnist-cond-small` was released on a 2-core CPU with fewer samples than the defaults (its card's
+note says which):
 
     python training/release.py runs/cond-release --output_dir pretrained/ddpm-mnist-cond-small \
-        --hub_model_id ddpm-mnist/ddpm-mnist-cond-small --guidance_scale 2 --guidance_scales 1 1.5 2 3 5
+        --hub_model_id ddpm-mnist/ddpm-mnist-cond-small --scheduler ddpm --num_inference_steps 20 \
+        --guidance_scale 2 --extra_seeds 0 --ddpm_samples 0 --sweep_samples 100 --nll_images 100 --nll_timesteps 20 \
+        --device cpu --note "..."
 """
 
 from __future__ import annotations
@@ -582,6 +586,15 @@ def draw_class_pictures(
     }
 
 
+def drop_source_paths(folder: Path) -> None:
+    """Remove the `_name_or_path` that diffusers writes into a loaded pipeline's configs: the run's folder on this
+    machine means nothing to the release's users."""
+    for path in [folder / "model_index.json", *folder.glob("*/*config.json")]:
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def scores_dict(quality: SampleQuality, accuracy: ClassAccuracy | None) -> dict:
     """The JSON summary's scores of samples: the quality, and the class accuracy where there is one."""
     return quality.as_dict() if accuracy is None else ConditionalQuality(quality, accuracy).as_dict()
@@ -669,6 +682,7 @@ def main(args: argparse.Namespace) -> None:
         grid.save(staging / "samples" / "grid.png")
         denoising_strip(pipe, args.seed).save(staging / "samples" / "denoising.png")
         pipe.save_pretrained(staging)
+        drop_source_paths(staging)
         draw_loss_curve(run / "logs", staging / "samples" / "loss.png")
         draw_nll_terms(bound, staging / "samples" / "nll_terms.png")
         if args.time_to_quality_image:

@@ -718,10 +718,12 @@ def make_optimizer(
     counts them), so that a decaying schedule reaches its end when the time does, however long the warm-up takes.
     A time budget changed on resume re-times the rest of the schedule, as a changed step budget does.
     """
-    groups = [{"params": [p for name, p in unet.named_parameters() if not name.startswith("class_embedding.")]}]
-    if unet.class_embedding is not None:
-        class_embedding_lr = args.class_embedding_lr or args.learning_rate
-        groups.append({"params": unet.class_embedding.parameters(), "lr": class_embedding_lr})
+    # With --class_embedding_lr, the class embedding is a second parameter group at its own peak rate.
+    groups = [{"params": list(unet.parameters())}]
+    if args.class_embedding_lr is not None:
+        own = list(unet.class_embedding.parameters())
+        rest = [p for p in unet.parameters() if all(p is not q for q in own)]
+        groups = [{"params": rest}, {"params": own, "lr": args.class_embedding_lr}]
     optimizer = torch.optim.AdamW(
         groups,
         lr=args.learning_rate,
