@@ -25,7 +25,7 @@ their top half (`DDPMMnistInpaintPipeline`) and an interpolation between two tes
 note says which):
 
     python training/release.py runs/cond-release --output_dir pretrained/ddpm-mnist-cond-small \
-        --hub_model_id ddpm-mnist/ddpm-mnist-cond-small --scheduler ddpm --num_inference_steps 20 \
+        --hub_model_id ddpm-mnist/ddpm-mnist-cond-small --scheduler unipc --num_inference_steps 20 \
         --guidance_scale 2 --extra_seeds 0 --ddpm_samples 0 --sweep_samples 100 --nll_images 100 --nll_timesteps 20 \
         --device cpu --note "..."
 """
