@@ -48,11 +48,14 @@ def default_jump_length(num_inference_steps: int) -> int:
 
 def check_one_step_scheduler(scheduler: SchedulerMixin) -> None:
     """Raise a one-line ValueError unless `scheduler` steps from (x_t, t) alone, as RePaint and interpolation need."""
-    if not isinstance(scheduler, ONE_STEP_SCHEDULERS):
-        names = ", ".join(cls.__name__ for cls in ONE_STEP_SCHEDULERS)
+    allowed = [cls.__name__ for cls in ONE_STEP_SCHEDULERS]
+    # By name, as diffusers matches compatible schedulers: a folder loaded with trust_remote_code brings its own copy
+    # of DDPMMnistScheduler's module, a class of another identity.
+    if not any(cls.__name__ in allowed for cls in type(scheduler).__mro__):
         raise ValueError(
             f"{type(scheduler).__name__} keeps state between steps and cannot restart the chain at another timestep; "
-            f"use one of {names}, e.g. pipe.scheduler = DDPMMnistScheduler.from_config(pipe.scheduler.config)."
+            f"use one of {', '.join(allowed)}, "
+            "e.g. pipe.scheduler = DDPMMnistScheduler.from_config(pipe.scheduler.config)."
         )
 
 

@@ -7,6 +7,7 @@ attribute, and no request to the Hub when another pipeline loads (repo ids are s
 tests/hub_server.py, to clients in fresh interpreters: see tests/test_hub.py for why).
 """
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 
-from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
+from ddpm_mnist import DDPMMnistInpaintPipeline, DDPMMnistPipeline, DDPMMnistScheduler
 from tests.hub_server import HubServer
 from tests.utils import HIDE_PACKAGE, run_python, tiny_unet
 
@@ -106,6 +107,37 @@ classes(pipe)
     assert refused == "refused: True"
     assert classes.split() == [f"diffusers_modules.local.{name}" for name in REMOTE_CLASSES]  # the folder's code
     np.testing.assert_allclose(np.load(tmp_path / "remote.npy"), folders.digits, atol=1e-6, rtol=0)
+
+
+def complete_top_halves(pipe: DiffusionPipeline) -> np.ndarray:
+    """Two fixed images completed from their top halves by an inpainting pipeline, from a fixed seed."""
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.linspace(-1, 1, 2 * 28 * 28).reshape(2, 1, 28, 28)
+    keep = torch.zeros(2, 1, 28, 28)
+    keep[..., :14, :] = 1
+    generator = torch.Generator().manual_seed(0)
+    return pipe(image, keep, num_inference_steps=4, generator=generator, output_type="np").images
+
+
+def test_a_saved_inpainting_pipeline_completes_digits_without_the_package(tmp_path):
+    """Its folder carries the inpainting module and the modules that module imports, so diffusers' generic loader
+    runs it as it is; its completions equal the package's."""
+    inpaint = DDPMMnistInpaintPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10))
+    inpaint.save_pretrained(tmp_path / "inpaint")
+    carried = {path.name for path in (tmp_path / "inpaint").glob("*.py")}
+    assert carried == {"pipeline_ddpm_mnist_inpaint.py", "pipeline_ddpm_mnist.py", "scheduling_ddpm_mnist.py"}
+    code = f"""{HIDE_PACKAGE}{SAMPLE}
+from diffusers import DiffusionPipeline
+{inspect.getsource(complete_top_halves)}
+pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "inpaint")!r}, trust_remote_code=True)
+np.save("remote.npy", complete_top_halves(pipe))
+classes(pipe)
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    classes = run_python(code, env, tmp_path).strip().splitlines()[-1]
+    modules = ["pipeline_ddpm_mnist_inpaint", "unet_ddpm_mnist", "scheduling_ddpm_mnist"]
+    assert classes.split() == [f"diffusers_modules.local.{name}" for name in modules]  # the folder's code
+    np.testing.assert_allclose(np.load(tmp_path / "remote.npy"), complete_top_halves(inpaint), atol=1e-6, rtol=0)
 
 
 # Script lines that import the package and every module in it, and print which attributes of diffusers' base classes

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -449,6 +450,21 @@ def _package_entries(config: dict, pipeline_class: type) -> dict:
     return config
 
 
+def _relative_imports(module_file: str) -> list[str]:
+    """The module files beside `module_file` that it imports as `from .module import ...`, and those they import in
+    turn: diffusers' remote-code loader fetches them from the folder's top level along with the pipeline's module."""
+    found, unread = [], [module_file]
+    while unread:
+        with open(unread.pop()) as file:
+            names = re.findall(r"^\s*from\s+\.(\w+)\s+import", file.read(), flags=re.MULTILINE)
+        for name in names:
+            path = os.path.join(os.path.dirname(module_file), f"{name}.py")
+            if path not in found:
+                found.append(path)
+                unread.append(path)
+    return found
+
+
 def _write_remote_code(folder: str | os.PathLike, pipeline_class: type, components: dict) -> None:
     """Point a saved folder's model_index.json to module files, and copy those modules in (see `save_pretrained`)."""
     index_path = os.path.join(folder, "model_index.json")
@@ -456,7 +472,8 @@ def _write_remote_code(folder: str | os.PathLike, pipeline_class: type, componen
         index = json.load(file)
     module = pipeline_class.__module__.rpartition(".")[2]
     index["_class_name"] = [module, pipeline_class.__name__]
-    shutil.copyfile(inspect.getsourcefile(pipeline_class), os.path.join(folder, f"{module}.py"))
+    for source in (inspect.getsourcefile(pipeline_class), *_relative_imports(inspect.getsourcefile(pipeline_class))):
+        shutil.copyfile(source, os.path.join(folder, os.path.basename(source)))
     # diffusers names a component whose class comes from outside its libraries by the full module name; of those, the
     # modules beside this file ship with the folder (diffusers' own classes keep entries such as ["diffusers", ...]).
     for name, component in components.items():
