@@ -1,7 +1,7 @@
 """The demo app under load, and its speed targets: start-up to a usable page, one grid, concurrent calls.
 
-    python benchmarks/demo_load.py [--model pretrained/ddpm-mnist-small] [--num_images 16] [--scheduler ddpm]
-        [--num_inference_steps 50] [--concurrent 12] [--bad 3] [--port 7861] [--json]
+    python benchmarks/demo_load.py [--model pretrained/ddpm-mnist-small] [--num_images 16] [--scheduler unipc]
+        [--num_inference_steps 20] [--concurrent 12] [--bad 3] [--port 7861] [--json]
 
 Starts `python demo/app.py --model MODEL` on 127.0.0.1 (GRADIO_SERVER_PORT=--port) and measures, printing the CPU
 with each figure:
@@ -10,7 +10,7 @@ with each figure:
    headless Chromium (demo/browser.py; target: 10 s), or, without Playwright or a Chromium, to the page's first HTTP
    answer (said so);
 2. one grid: a Generate call of --num_images digits with --scheduler on --num_inference_steps steps (by default the
-   released card's recommendation, 16 digits of DDPM on 50 steps; target: 3 s), after a one-step warm-up call, as the
+   released card's recommendation, 16 digits of UniPC on 20 steps; target: 3 s), after a one-step warm-up call, as the
    app reports it and as the client waits for it;
 3. load: --concurrent such Generate calls and --bad bad ones (0 steps, an unknown digit, more steps than T, in turn),
    all sent at once from gradio_client, one client each: whether every good call got its grid and strip and every
@@ -63,8 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks/demo_load.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "pretrained" / "ddpm-mnist-small"), help="folder or Hub id")
     parser.add_argument("--num_images", type=int, default=16, help="digits per Generate call")
-    parser.add_argument("--scheduler", default="ddpm", help="ddpm, ddim, dpm++ or unipc")
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="steps per Generate call")
+    parser.add_argument("--scheduler", default="unipc", help="ddpm, ddim, dpm++ or unipc")
+    parser.add_argument("--num_inference_steps", type=int, default=20, help="steps per Generate call")
     parser.add_argument("--concurrent", type=int, default=12, help="good Generate calls sent at once")
     parser.add_argument("--bad", type=int, default=3, help="bad Generate calls sent with them")
     parser.add_argument("--port", type=int, default=7861, help="the app's port on 127.0.0.1")

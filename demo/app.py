@@ -10,8 +10,8 @@ GPU where there is one, with the UNet in bf16 where the hardware computes bf16 n
 from the library:
 
 - Generate: `DDPMMnistPipeline` with a scheduler of `ddpm_mnist.evaluation.SCHEDULERS` (classifier-free guidance
-  toward a chosen digit for a class-conditional model); the step callback feeds the progress bar and the strip of
-  one digit's denoising.
+  toward a chosen digit for a class-conditional model), starting from the setting each release's model card
+  recommends; the step callback feeds the progress bar and the strip of one digit's denoising.
 - Complete: `DDPMMnistInpaintPipeline` (RePaint) keeps what was drawn and fills in the chosen region; the package's
   MNIST classifier reads each completion.
 - Interpolate: `ddpm_mnist.interpolate` (the DDPM paper's section 4.4) between two bundled MNIST test digits.
@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import numpy as np
@@ -53,8 +54,24 @@ APP_DIR = Path(__file__).resolve().parent
 RELEASES = ("ddpm-mnist-small", "ddpm-mnist-cond-small")  # the released pipelines: pretrained/<name>, or the Hub
 HUB_NAMESPACE = "ddpm-mnist"
 MODELS_VARIABLE = "DDPM_MNIST_MODELS"
-# What the released model card measured and recommends: the pipeline's DDPM on 50 respaced steps.
-RECOMMENDED_SCHEDULER, RECOMMENDED_STEPS = "ddpm", 50
+
+
+class SamplingSetting(NamedTuple):
+    """A Generate tab's starting point: scheduler (of `SCHEDULERS`), steps and classifier-free guidance."""
+
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+
+
+# What each release's model card measured and recommends; any other model starts from the pipeline's own DDPM on 50
+# respaced steps, which asks least of a model's training.
+RECOMMENDED_SETTINGS = {
+    "ddpm-mnist-small": SamplingSetting("unipc", 20, 1.0),
+    "ddpm-mnist-cond-small": SamplingSetting("unipc", 20, 2.0),
+}
+OTHER_MODELS_SETTING = SamplingSetting("ddpm", 50, 2.0)
+INTERPOLATION_STEPS = 50  # the pipeline's DDPM over the whole chain, as the releases' interpolation pictures
 TEST_DIGITS = APP_DIR / "mnist_test_digits.png"  # the first 100 digits of MNIST's test split, 10 x 10
 ANY_DIGIT = "any"
 DIGIT_CHOICES = [ANY_DIGIT, *(str(digit) for digit in range(10))]
@@ -79,6 +96,11 @@ SAMPLING = "sampling"  # the concurrency group of every event that runs the UNet
 # fed by the handler or, for the second, by the progress bars (tqdm) of what the handler calls.
 PROGRESS = gr.Progress()
 PROGRESS_OF_TQDM = gr.Progress(track_tqdm=True)
+
+
+def recommended_setting(model: str) -> SamplingSetting:
+    """The sampling setting the app starts from for the model of this display name (a folder's or repo's name)."""
+    return RECOMMENDED_SETTINGS.get(model, OTHER_MODELS_SETTING)
 
 
 def default_models() -> list[str]:
@@ -352,13 +374,16 @@ def build_demo(
     conditional = [name for name, pipe in pipelines.items() if pipe.is_class_conditional]
     first = (conditional or list(pipelines))[0]
     num_train_timesteps = pipelines[first].scheduler.config.num_train_timesteps
+    setting = recommended_setting(first)
 
-    def class_controls(model: str) -> tuple[dict, ...]:
-        """Digit and guidance controls, usable only with a class-conditional model."""
+    def model_controls(model: str) -> tuple[dict, ...]:
+        """The model's recommended scheduler, steps and guidance; digit and guidance controls usable only with a
+        class-conditional model."""
         usable = app.pipeline(model).is_class_conditional
+        recommended = recommended_setting(model)
         digit = gr.update(interactive=True) if usable else gr.update(interactive=False, value=ANY_DIGIT)
-        guidance = gr.update(interactive=usable)
-        return digit, guidance, digit, guidance
+        guidance = gr.update(interactive=usable, value=recommended.guidance_scale)
+        return digit, guidance, digit, guidance, recommended.scheduler, recommended.num_inference_steps
 
     def test_digit(index: float) -> Image.Image:
         """A bundled test digit, enlarged, as the page shows it."""
@@ -369,7 +394,12 @@ def build_demo(
 
     def guidance_choice() -> gr.Slider:
         return gr.Slider(
-            1, 10, value=3, step=0.5, label="guidance scale (with a chosen digit)", interactive=bool(conditional)
+            1,
+            10,
+            value=setting.guidance_scale,
+            step=0.5,
+            label="guidance scale (with a chosen digit)",
+            interactive=bool(conditional),
         )
 
     def seed_choice() -> gr.Number:
@@ -391,9 +421,12 @@ def build_demo(
                 num_images = gr.Slider(1, MAX_IMAGES, value=16, step=1, label="how many")
                 guidance = guidance_choice()
             with gr.Row():
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=RECOMMENDED_SCHEDULER, label="scheduler")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=setting.scheduler, label="scheduler")
                 steps = gr.Number(
-                    RECOMMENDED_STEPS, precision=0, label=f"steps (1 to {num_train_timesteps})", elem_id="steps"
+                    setting.num_inference_steps,
+                    precision=0,
+                    label=f"steps (1 to {num_train_timesteps})",
+                    elem_id="steps",
                 )
                 seed = seed_choice()
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -442,7 +475,7 @@ def build_demo(
                 num_lambdas = gr.Slider(2, 16, value=11, step=1, label="images in the row")
             with gr.Row():
                 interpolate_steps = gr.Number(
-                    RECOMMENDED_STEPS, precision=0, label="steps of the whole chain", elem_id="interpolate-steps"
+                    INTERPOLATION_STEPS, precision=0, label="steps of the whole chain", elem_id="interpolate-steps"
                 )
                 interpolate_seed = seed_choice()
             with gr.Row():
@@ -453,7 +486,10 @@ def build_demo(
             interpolate_info = gr.Markdown()
 
         model.change(
-            class_controls, model, [digit, guidance, complete_digit, complete_guidance], api_visibility="private"
+            model_controls,
+            model,
+            [digit, guidance, complete_digit, complete_guidance, scheduler, steps],
+            api_visibility="private",
         )
         index_a.change(test_digit, index_a, digit_a, api_visibility="private", queue=False)
         index_b.change(test_digit, index_b, digit_b, api_visibility="private", queue=False)

@@ -20,6 +20,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler  # noqa: E402
+from ddpm_mnist.evaluation import SCHEDULERS  # noqa: E402
 from tests.utils import tiny_unet  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -144,3 +145,20 @@ def test_interpolate_returns_the_row(client: Client) -> None:
     row, info = client.predict("tiny", 0, 1, 100, 6, 20, 0, api_name="/interpolate")
     assert pixels(row).shape == (TILE, 6 * TILE)
     assert re.fullmatch(r"6 digits through t = 100 in \d+\.\d\d s \(20-step chain; .*\)", info)
+
+
+@pytest.mark.parametrize("release", ["ddpm-mnist-small", "ddpm-mnist-cond-small"])
+def test_the_app_starts_each_release_at_the_setting_its_card_recommends(release: str) -> None:
+    app = load_demo_module("app")
+    assert release in app.RELEASES
+    setting = app.recommended_setting(release)
+    card = (DEMO.parent / "pretrained" / release / "README.md").read_text()
+    if setting.scheduler != "ddpm":  # another scheduler than the pipeline's own is swapped in by the card's code
+        assert f"pipe.scheduler = {SCHEDULERS[setting.scheduler].__name__}.from_config" in card
+    assert f"num_inference_steps={setting.num_inference_steps}" in card
+    assert (f"guidance_scale={setting.guidance_scale}" in card) == (setting.guidance_scale > 1)
+
+
+def test_another_model_starts_at_the_pipelines_own_scheduler() -> None:
+    setting = load_demo_module("app").recommended_setting("tiny")
+    assert (setting.scheduler, setting.num_inference_steps) == ("ddpm", 50)
