@@ -57,7 +57,8 @@ MODELS_VARIABLE = "DDPM_MNIST_MODELS"
 
 
 class SamplingSetting(NamedTuple):
-    """A Generate tab's starting point: scheduler (of `SCHEDULERS`), steps and classifier-free guidance."""
+    """Where the app starts for a model: the Generate tab's scheduler (of `SCHEDULERS`) and steps, and the
+    classifier-free guidance of the Generate and Complete tabs."""
 
     scheduler: str
     num_inference_steps: int
@@ -71,7 +72,7 @@ RECOMMENDED_SETTINGS = {
     "ddpm-mnist-cond-small": SamplingSetting("unipc", 20, 2.0),
 }
 OTHER_MODELS_SETTING = SamplingSetting("ddpm", 50, 2.0)
-INTERPOLATION_STEPS = 50  # the pipeline's DDPM over the whole chain, as the releases' interpolation pictures
+INTERPOLATION_STEPS = 50  # the Interpolate tab's chain: the pipeline's DDPM on 50 respaced steps of the 1000
 TEST_DIGITS = APP_DIR / "mnist_test_digits.png"  # the first 100 digits of MNIST's test split, 10 x 10
 ANY_DIGIT = "any"
 DIGIT_CHOICES = [ANY_DIGIT, *(str(digit) for digit in range(10))]
@@ -376,7 +377,7 @@ def build_demo(
     num_train_timesteps = pipelines[first].scheduler.config.num_train_timesteps
     setting = recommended_setting(first)
 
-    def model_controls(model: str) -> tuple[dict, ...]:
+    def model_controls(model: str) -> tuple[dict | str | int, ...]:
         """The model's recommended scheduler, steps and guidance; digit and guidance controls usable only with a
         class-conditional model."""
         usable = app.pipeline(model).is_class_conditional

@@ -94,8 +94,8 @@ def test_samples_from_a_fixed_seed_are_confidently_recognised_digits(pipe, judge
 
 
 def test_the_cards_code_runs_as_pasted(tmp_path):
-    """The card's code with the package (its Python blocks but the one for `trust_remote_code`, which
-    tests/test_published_code.py runs), on the folder in place of the Hub repo: it saves its digit."""
+    """The card's code with the package (its Python blocks but the one for `trust_remote_code`), on the folder in
+    place of the Hub repo: it saves its digit."""
     card = (PRETRAINED / "README.md").read_text()
     blocks = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
     code = "\n".join(block for block in blocks if "trust_remote_code" not in block)

@@ -326,9 +326,10 @@ class DDPMMnistPipeline(DiffusionPipeline):
             num_inference_steps (`int`, *optional*, defaults to 1000):
                 The number of denoising steps, at most the scheduler's `num_train_timesteps`. The default follows
                 diffusers' `DDPMPipeline`: the paper's whole chain. Fewer steps respace it (`timestep_spacing`).
-                The released models' cards compare schedulers and step counts over several sampling seeds and
-                recommend diffusers' UniPC on 20 steps: `pipe.scheduler =
-                UniPCMultistepScheduler.from_config(pipe.scheduler.config)`, then `num_inference_steps=20`.
+                Both released models' cards recommend diffusers' UniPC on 20 steps, measured against the other
+                schedulers and step counts:
+                `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)`, then
+                `num_inference_steps=20`.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"` (greyscale `PIL.Image`s, mode "L"), `"np"` (an array of shape (N, 28, 28, 1) in [0, 1])
                 or `"pt"` (a tensor of shape (N, 1, 28, 28) in [0, 1]).
