@@ -22,7 +22,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard, ModelCardData, create_repo, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
@@ -452,21 +452,6 @@ def _package_entries(config: dict, pipeline_class: type) -> dict:
     return config
 
 
-def _relative_imports(module_file: str) -> list[str]:
-    """The module files beside `module_file` that it imports as `from .module import ...`, and those they import in
-    turn: diffusers' remote-code loader fetches them from the folder's top level along with the pipeline's module."""
-    found, unread = [], [module_file]
-    while unread:
-        with open(unread.pop()) as file:
-            names = re.findall(r"^\s*from\s+\.(\w+)\s+import", file.read(), flags=re.MULTILINE)
-        for name in names:
-            path = os.path.join(os.path.dirname(module_file), f"{name}.py")
-            if path not in found:
-                found.append(path)
-                unread.append(path)
-    return found
-
-
 def _write_remote_code(folder: str | os.PathLike, pipeline_class: type, components: dict) -> None:
     """Point a saved folder's model_index.json to module files, and copy those modules in (see `save_pretrained`)."""
     index_path = os.path.join(folder, "model_index.json")
@@ -474,7 +459,9 @@ def _write_remote_code(folder: str | os.PathLike, pipeline_class: type, componen
         index = json.load(file)
     module = pipeline_class.__module__.rpartition(".")[2]
     index["_class_name"] = [module, pipeline_class.__name__]
-    for source in (inspect.getsourcefile(pipeline_class), *_relative_imports(inspect.getsourcefile(pipeline_class))):
+    # The pipeline's module and those it imports relatively, which diffusers' remote-code loader fetches beside it.
+    module_file = inspect.getsourcefile(pipeline_class)
+    for source in (module_file, *get_relative_import_files(module_file)):
         shutil.copyfile(source, os.path.join(folder, os.path.basename(source)))
     # diffusers names a component whose class comes from outside its libraries by the full module name; of those, the
     # modules beside this file ship with the folder (diffusers' own classes keep entries such as ["diffusers", ...]).
