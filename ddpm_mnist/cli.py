@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="classifier-free guidance toward the digits asked for, at least 1 (1: none; default: %(default)s)",
     )
+    _add_option(
+        guidance,
+        "guidance_interval",
+        type=int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="guide only the steps at timesteps LOW <= t <= HIGH of the T training steps, e.g. 82 581 "
+        "(default: every step)",
+    )
     picture = argparse.ArgumentParser(add_help=False)
     _add_option(picture, "upscale", type=int, default=2, help="picture pixels per digit pixel (default: %(default)s)")
     data = argparse.ArgumentParser(add_help=False)
@@ -313,6 +323,7 @@ def _generate(
         batch_size=args.batch_size,
         class_labels=class_labels,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
     )
 
 
@@ -344,7 +355,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     """`ddpm-mnist evaluate`: quality of samples against the test digits, beside the real-vs-real floor."""
     pipe = _load_pipeline(args)
     steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
-    class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale)
+    class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale, args.guidance_interval)
     # All data first, so that a bad --dataset_name or count fails before the sampling.
     if args.nll:
         nll_x_0 = load_nll_digits(
@@ -362,6 +373,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         "steps": steps,
         "class_conditional": pipe.is_class_conditional,
         "guidance_scale": args.guidance_scale,
+        "guidance_interval": args.guidance_interval,
     }
     if args.nll:
         bound = nll_bound(pipe, nll_x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
@@ -374,8 +386,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"{args.num_samples} samples ({args.scheduler}, {steps} steps) against {reference.num_images} MNIST test")
     print(f"digits; floor: {args.num_samples} MNIST training digits against the same test digits.")
     if class_labels is not None:
-        print(f"Each digit asked for equally often, guidance scale {args.guidance_scale:g}; class_accuracy: the share")
-        print("of samples the classifier reads as the digit asked for.")
+        interval = "" if args.guidance_interval is None else " at t in [{}, {}]".format(*args.guidance_interval)
+        print(f"Each digit asked for equally often, guidance scale {args.guidance_scale:g}{interval}.")
+        print("class_accuracy: the share of samples the classifier reads as the digit asked for.")
     print(f"\n{'':24}{'samples':>12}{'real floor':>12}")
     for name in QUALITY_KEYS:
         print(f"{name:24}{result[name]:12.4f}{result['floor'][name]:12.4f}")
@@ -424,7 +437,7 @@ def _inpaint(args: argparse.Namespace) -> None:
         raise UsageError(f"--num_images must be at least 1, got {args.num_images}.")
     pipe = _load_pipeline(args)
     class_labels = _class_labels(args, args.num_images)
-    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_images)
+    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_images, args.guidance_interval)
     steps = args.num_inference_steps
     if steps is None:
         steps = min(DEFAULT_NUM_INFERENCE_STEPS, pipe.scheduler.config.num_train_timesteps)
@@ -443,6 +456,7 @@ def _inpaint(args: argparse.Namespace) -> None:
         keep,
         class_labels=class_labels,
         guidance_scale=args.guidance_scale,
+        guidance_interval=args.guidance_interval,
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
@@ -460,7 +474,7 @@ def _interpolate(args: argparse.Namespace) -> None:
         raise UsageError("pass two digits: --image_a A.png --image_b B.png, or --test_digits I J.")
     pipe = _load_pipeline(args)
     class_labels = _class_labels(args, len(args.lambdas))
-    check_class_inputs(pipe, class_labels, args.guidance_scale, len(args.lambdas))
+    check_class_inputs(pipe, class_labels, args.guidance_scale, len(args.lambdas), args.guidance_interval)
     if args.num_inference_steps is not None:
         scheduler_steps(pipe, "ddpm", args.num_inference_steps)
     if from_files:
@@ -480,6 +494,7 @@ def _interpolate(args: argparse.Namespace) -> None:
             num_inference_steps=args.num_inference_steps,
             class_labels=class_labels,
             guidance_scale=args.guidance_scale,
+            guidance_interval=args.guidance_interval,
             generator=torch.Generator().manual_seed(args.seed),
             output_type="pt",
         ).images

@@ -142,13 +142,15 @@ def check_class_inputs(
     class_labels: Sequence[int] | torch.Tensor | None,
     guidance_scale: float,
     num_samples: int,
+    guidance_interval: tuple[int, int] | None = None,
 ) -> None:
-    """A UsageError unless `class_labels` (one per sample, or None) and `guidance_scale` suit the pipeline: labels
-    only for a class-conditional pipeline, each a digit 0-9, guidance of at least 1 and above 1 only with labels."""
+    """A UsageError unless `class_labels` (one per sample, or None) and the guidance suit the pipeline: labels only
+    for a class-conditional pipeline, each a digit 0-9, guidance of at least 1 and above 1 only with labels, an
+    interval of timesteps `low <= high` (see `DDPMMnistPipeline.check_class_inputs`)."""
     if class_labels is not None and len(class_labels) != num_samples:
         raise UsageError(f"got {len(class_labels)} class_labels for num_samples {num_samples}; pass one per sample.")
     try:
-        pipe.check_class_inputs(class_labels, guidance_scale, num_samples)
+        pipe.check_class_inputs(class_labels, guidance_scale, num_samples, guidance_interval)
     except ValueError as error:
         raise UsageError(str(error).splitlines()[0]) from error
 
@@ -162,14 +164,19 @@ def balanced_labels(num_samples: int) -> torch.Tensor:
         raise UsageError(f"num_samples {num_samples} cannot hold every digit 0-9; pass at least 10.") from error
 
 
-def scoring_labels(pipe: DDPMMnistPipeline, num_samples: int, guidance_scale: float) -> torch.Tensor | None:
+def scoring_labels(
+    pipe: DDPMMnistPipeline,
+    num_samples: int,
+    guidance_scale: float,
+    guidance_interval: tuple[int, int] | None = None,
+) -> torch.Tensor | None:
     """The class labels `num_samples` digits of `pipe` are scored with at `guidance_scale`: every digit equally often
     (`balanced_labels`) for a class-conditional pipeline, None for an unconditional one. Guidance above 1 for an
     unconditional pipeline, or below 1, is a UsageError."""
     if guidance_scale > 1 and not pipe.is_class_conditional:
         raise UsageError("--guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
     class_labels = balanced_labels(num_samples) if pipe.is_class_conditional else None
-    check_class_inputs(pipe, class_labels, guidance_scale, num_samples)
+    check_class_inputs(pipe, class_labels, guidance_scale, num_samples, guidance_interval)
     return class_labels
 
 
@@ -184,19 +191,21 @@ def generate_digits(
     batch_size: int = 64,
     class_labels: Sequence[int] | torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[int, int] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """`num_samples` digits (N, 1, 28, 28) in [0, 1], float32 on the CPU, from the named scheduler (Algorithm 2 for
     ddpm) on the pipeline's schedule, batch by batch from one CPU generator seeded with `seed`.
 
     A class-conditional pipeline draws digit `class_labels[i]` as sample i (one label per sample; None: any digit),
-    with classifier-free guidance when `guidance_scale` is above 1. The scheduler replaces `pipe.scheduler` for the
+    with classifier-free guidance when `guidance_scale` is above 1 (at the timesteps of `guidance_interval` only, if
+    given). The scheduler replaces `pipe.scheduler` for the
     call only: the pipeline keeps the one it was saved with.
     """
     steps = scheduler_steps(pipe, scheduler, num_inference_steps)
     if num_samples < 1 or batch_size < 1:
         raise UsageError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}.")
-    check_class_inputs(pipe, class_labels, guidance_scale, num_samples)
+    check_class_inputs(pipe, class_labels, guidance_scale, num_samples, guidance_interval)
     saved_scheduler = pipe.scheduler
     pipe.scheduler = SCHEDULERS[scheduler].from_config(saved_scheduler.config)
     generator = torch.Generator().manual_seed(seed)
@@ -207,6 +216,7 @@ def generate_digits(
                 batch_size=min(batch_size, num_samples - start),
                 class_labels=None if class_labels is None else class_labels[start : start + batch_size],
                 guidance_scale=guidance_scale,
+                guidance_interval=guidance_interval,
                 generator=generator,
                 num_inference_steps=steps,
                 output_type="pt",

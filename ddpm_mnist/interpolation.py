@@ -32,6 +32,7 @@ def interpolate(
     num_inference_steps: int | None = None,
     class_labels: int | list[int] | torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
     output_type: str = "pil",
 ) -> ImagePipelineOutput:
@@ -66,6 +67,8 @@ def interpolate(
             For a class-conditional pipeline: the digit to decode toward, one for the row or one per lambda.
         guidance_scale (`float`, *optional*, defaults to 1.0):
             Classifier-free guidance toward `class_labels` when above 1.
+        guidance_interval (`tuple[int, int]`, *optional*):
+            Guide only the steps at timesteps in `[low, high]`, as in [`DDPMMnistPipeline`]; by default all.
         generator (`torch.Generator`, *optional*):
             One generator, which makes the row deterministic.
         output_type (`str`, *optional*, defaults to `"pil"`):
@@ -106,7 +109,7 @@ def interpolate(
         raise ValueError(f"image_a and image_b must be one digit each, got {len(x_0)} digits; pass them one by one.")
     if isinstance(class_labels, int):
         class_labels = [class_labels] * len(weights)
-    num_labels = pipeline.check_class_inputs(class_labels, guidance_scale, None)
+    num_labels = pipeline.check_class_inputs(class_labels, guidance_scale, None, guidance_interval)
     if class_labels is not None and num_labels != len(weights):
         raise ValueError(
             f"got {num_labels} class_labels for {len(weights)} lambdas; pass one label for the row, or one per lambda."
@@ -132,5 +135,7 @@ def interpolate(
     generators = [torch.Generator(generator.device).set_state(generator.get_state()) for _ in weights]
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels, device=device).long()
-    x_bar_0 = pipeline.denoise(x_bar_t, timesteps, class_labels, guidance_scale, generators)
+    x_bar_0 = pipeline.denoise(
+        x_bar_t, timesteps, class_labels, guidance_scale, generators, guidance_interval=guidance_interval
+    )
     return ImagePipelineOutput(images=pipeline.postprocess(x_bar_0, output_type))

@@ -186,6 +186,7 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
         mask_image: ImageInput,
         class_labels: list[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[int, int] | None = None,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         jump_length: int | None = None,
         jump_n_sample: int = DEFAULT_JUMP_N_SAMPLE,
@@ -215,6 +216,8 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
                 The digit (0-9) each completion should be, one per image, for a class-conditional pipeline.
             guidance_scale (`float`, *optional*, defaults to 1.0):
                 Classifier-free guidance toward `class_labels` when above 1, as in [`DDPMMnistPipeline`].
+            guidance_interval (`tuple[int, int]`, *optional*):
+                Guide only the UNet calls at timesteps in `[low, high]`, as in [`DDPMMnistPipeline`]; by default all.
             num_inference_steps (`int`, *optional*, defaults to 25):
                 The number of timesteps of the chain, respaced as the scheduler's `timestep_spacing` says.
             jump_length (`int`, *optional*):
@@ -267,7 +270,7 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
             raise ValueError(
                 f"got {len(mask)} masks for {batch_size} images; pass one mask per image, or one for all of them."
             )
-        num_labels = self.check_class_inputs(class_labels, guidance_scale, None)
+        num_labels = self.check_class_inputs(class_labels, guidance_scale, None, guidance_interval)
         if class_labels is not None and num_labels != batch_size:
             raise ValueError(f"got {num_labels} class_labels for {batch_size} images; pass one label per image.")
         self.check_inputs(batch_size, generator, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
@@ -314,7 +317,16 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
                 if number:  # back up the chain, from where the previous pass stopped
                     x_t = forward_jump(self.scheduler, x_t, passes[number - 1][-1], timesteps[0], generator)
                 steps = torch.tensor(timesteps[:-1], device=device)
-                x_t = self.denoise(x_t, steps, class_labels, guidance_scale, generator, on_step_end, progress=False)
+                x_t = self.denoise(
+                    x_t,
+                    steps,
+                    class_labels,
+                    guidance_scale,
+                    generator,
+                    on_step_end,
+                    progress=False,
+                    guidance_interval=guidance_interval,
+                )
         image = self.postprocess(x_t, output_type)
 
         self.maybe_free_model_hooks()

@@ -10,8 +10,9 @@ GPU where there is one, with the UNet in bf16 where the hardware computes bf16 n
 from the library:
 
 - Generate: `DDPMMnistPipeline` with a scheduler of `ddpm_mnist.evaluation.SCHEDULERS` (classifier-free guidance
-  toward a chosen digit for a class-conditional model), starting from the setting each release's model card
-  recommends; the step callback feeds the progress bar and the strip of one digit's denoising.
+  toward a chosen digit for a class-conditional model, at every step or in an interval of timesteps), starting from
+  the setting each release's model card recommends; the step callback feeds the progress bar and the strip of one
+  digit's denoising.
 - Complete: `DDPMMnistInpaintPipeline` (RePaint) keeps what was drawn and fills in the chosen region; the package's
   MNIST classifier reads each completion.
 - Interpolate: `ddpm_mnist.interpolate` (the DDPM paper's section 4.4) between two bundled MNIST test digits.
@@ -58,11 +59,13 @@ MODELS_VARIABLE = "DDPM_MNIST_MODELS"
 
 class SamplingSetting(NamedTuple):
     """Where the app starts for a model: the Generate tab's scheduler (of `SCHEDULERS`) and steps, and the
-    classifier-free guidance of the Generate and Complete tabs."""
+    classifier-free guidance of the Generate and Complete tabs (its scale, and the timesteps it acts at: None for
+    every step)."""
 
     scheduler: str
     num_inference_steps: int
     guidance_scale: float
+    guidance_interval: tuple[int, int] | None = None
 
 
 # What each release's model card measured and recommends; any other model starts from the pipeline's own DDPM on 50
@@ -219,6 +222,14 @@ class DigitDemo:
         """The guidance scale to sample with: guidance steers toward a chosen digit, so none without one."""
         return 1.0 if labels is None else float(guidance_scale)
 
+    def guidance_interval(self, model: str, low: float, high: float | None) -> tuple[int, int] | None:
+        """The timesteps guidance acts at, from the two fields (the pipeline checks their range); None for every
+        step, as from 0 to T (`high` None: T)."""
+        num_train_timesteps = self.pipeline(model).scheduler.config.num_train_timesteps
+        high = num_train_timesteps if high is None else high
+        interval = (_whole(low, "guide from t"), _whole(high, "guide up to t"))
+        return None if interval == (0, num_train_timesteps) else interval
+
     @_reported
     def generate(
         self,
@@ -229,12 +240,15 @@ class DigitDemo:
         scheduler: str,
         num_inference_steps: float,
         seed: float,
+        guidance_from: float = 0,
+        guidance_to: float | None = None,
         progress: gr.Progress = PROGRESS,
     ) -> tuple[Image.Image, Image.Image, str]:
         """A grid of digits, the denoising of the first one (x_t after evenly spaced steps), and how long it took."""
         pipe = self.pipeline(model)
         count = _whole(num_images, "the number of digits", 1, MAX_IMAGES)
         labels = self.class_labels(model, digit, count)
+        interval = self.guidance_interval(model, guidance_from, guidance_to)
         steps = scheduler_steps(pipe, scheduler, _whole(num_inference_steps, "steps"))
         generator = torch.Generator().manual_seed(_whole(seed, "the seed", 0, 2**32 - 1))
         pipeline_copy = _fresh(pipe, scheduler)
@@ -252,6 +266,7 @@ class DigitDemo:
             batch_size=count,
             class_labels=labels,
             guidance_scale=self.guidance(labels, guidance_scale),
+            guidance_interval=interval,
             generator=generator,
             num_inference_steps=steps,
             output_type="pt",
@@ -272,6 +287,8 @@ class DigitDemo:
         num_completions: float,
         num_inference_steps: float,
         seed: float,
+        guidance_from: float = 0,
+        guidance_to: float | None = None,
         progress: gr.Progress = PROGRESS,
     ) -> tuple[Image.Image, list[tuple[Image.Image, str]], str]:
         """What the model keeps of the sketch (the region it redraws in grey), its completions of a few seeds with
@@ -282,6 +299,7 @@ class DigitDemo:
         keep = keep_mask(known, region)
         count = _whole(num_completions, "the number of completions", 1, MAX_IMAGES)
         labels = self.class_labels(model, digit, count)
+        interval = self.guidance_interval(model, guidance_from, guidance_to)
         steps = scheduler_steps(pipe, "ddpm", _whole(num_inference_steps, "steps"))
         first_seed = _whole(seed, "the seed", 0, 2**32 - count)
         inpaint = _fresh(pipe, pipeline_class=DDPMMnistInpaintPipeline)
@@ -300,6 +318,7 @@ class DigitDemo:
             mask_image=Image.fromarray(np.uint8(keep * 255)),
             class_labels=labels,
             guidance_scale=self.guidance(labels, guidance_scale),
+            guidance_interval=interval,
             num_inference_steps=steps,
             jump_length=jump_length,
             generator=[torch.Generator().manual_seed(first_seed + i) for i in range(count)],
@@ -384,7 +403,10 @@ def build_demo(
         recommended = recommended_setting(model)
         digit = gr.update(interactive=True) if usable else gr.update(interactive=False, value=ANY_DIGIT)
         guidance = gr.update(interactive=usable, value=recommended.guidance_scale)
-        return digit, guidance, digit, guidance, recommended.scheduler, recommended.num_inference_steps
+        low, high = recommended.guidance_interval or (0, app.pipeline(model).scheduler.config.num_train_timesteps)
+        interval = gr.update(interactive=usable, value=low), gr.update(interactive=usable, value=high)
+        controls = (digit, guidance, *interval)
+        return *controls, *controls, recommended.scheduler, recommended.num_inference_steps
 
     def test_digit(index: float) -> Image.Image:
         """A bundled test digit, enlarged, as the page shows it."""
@@ -401,6 +423,18 @@ def build_demo(
             step=0.5,
             label="guidance scale (with a chosen digit)",
             interactive=bool(conditional),
+        )
+
+    def interval_choice() -> tuple[gr.Number, gr.Number]:
+        low, high = setting.guidance_interval or (0, num_train_timesteps)
+        return (
+            gr.Number(low, precision=0, label="guide from t", interactive=bool(conditional)),
+            gr.Number(
+                high,
+                precision=0,
+                label=f"guide up to t (all: 0 to {num_train_timesteps})",
+                interactive=bool(conditional),
+            ),
         )
 
     def seed_choice() -> gr.Number:
@@ -421,6 +455,7 @@ def build_demo(
                 digit = digit_choice("digit")
                 num_images = gr.Slider(1, MAX_IMAGES, value=16, step=1, label="how many")
                 guidance = guidance_choice()
+                guidance_from, guidance_to = interval_choice()
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=setting.scheduler, label="scheduler")
                 steps = gr.Number(
@@ -450,6 +485,8 @@ def build_demo(
                     region = gr.Radio(list(REGIONS), value="bottom half", label="the model redraws")
                     complete_digit = digit_choice("as the digit")
                     complete_guidance = guidance_choice()
+                    with gr.Row():
+                        complete_from, complete_to = interval_choice()
                     num_completions = gr.Slider(1, 8, value=4, step=1, label="completions")
                     complete_steps = gr.Number(
                         DEFAULT_NUM_INFERENCE_STEPS, precision=0, label="steps", elem_id="complete-steps"
@@ -489,21 +526,28 @@ def build_demo(
         model.change(
             model_controls,
             model,
-            [digit, guidance, complete_digit, complete_guidance, scheduler, steps],
+            [
+                *(digit, guidance, guidance_from, guidance_to),
+                *(complete_digit, complete_guidance, complete_from, complete_to),
+                *(scheduler, steps),
+            ],
             api_visibility="private",
         )
         index_a.change(test_digit, index_a, digit_a, api_visibility="private", queue=False)
         index_b.change(test_digit, index_b, digit_b, api_visibility="private", queue=False)
         generate.click(
             app.generate,
-            [model, digit, num_images, guidance, scheduler, steps, seed],
+            [model, digit, num_images, guidance, scheduler, steps, seed, guidance_from, guidance_to],
             [grid, strip, generate_info],
             api_name="generate",
             **sampling,
         )
         complete.click(
             app.complete,
-            [model, sketch, region, complete_digit, complete_guidance, num_completions, complete_steps, complete_seed],
+            [
+                *(model, sketch, region, complete_digit, complete_guidance),
+                *(num_completions, complete_steps, complete_seed, complete_from, complete_to),
+            ],
             [kept, completions, complete_info],
             api_name="complete",
             **sampling,

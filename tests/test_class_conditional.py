@@ -144,6 +144,11 @@ def test_guidance_runs_with_every_compatible_scheduler(pipe, scheduler_class):
         (dict(class_labels=[1], guidance_scale=float("nan")), "guidance_scale must be a number of at least 1"),
         (dict(guidance_scale=2.0), "guidance_scale > 1 needs class_labels"),
         (dict(batch_size=3, class_labels=[1, 2]), "batch_size=3 disagrees with the 2 class_labels"),
+        (dict(class_labels=[1], guidance_interval=(-1, 500)), r"0 <= low <= high <= 1000, got \(-1, 500\)"),
+        (dict(class_labels=[1], guidance_interval=(82, 1001)), r"0 <= low <= high <= 1000, got \(82, 1001\)"),
+        (dict(class_labels=[1], guidance_interval=(581, 82)), r"0 <= low <= high <= 1000, got \(581, 82\)"),
+        (dict(class_labels=[1], guidance_interval=(82,)), "guidance_interval must be a pair of timesteps"),
+        (dict(class_labels=[1], guidance_interval=("a", "b")), "guidance_interval must be a pair of timesteps"),
     ],
 )
 def test_bad_class_inputs_are_one_line_errors_before_sampling(pipe, kwargs, match, monkeypatch):
@@ -169,3 +174,65 @@ def test_a_conditional_pipeline_saves_and_loads_with_its_classes(pipe, tmp_path)
         pipe(generator=torch.Generator().manual_seed(1), **kwargs).images,
         loaded(generator=torch.Generator().manual_seed(1), **kwargs).images,
     )
+
+
+def reverse_process_by_hand(pipe, unet, labels, scale, interval, steps=6, seed=0):
+    """Algorithm 2 with classifier-free guidance written out step by step, the conditional and the null prediction
+    from separate UNet calls: eps = eps(x_t, null) + s (eps(x_t, y) - eps(x_t, null)) where low <= t <= high (every
+    step without an interval), eps(x_t, y) elsewhere. Returns x_0 and the timesteps that were guided."""
+    generator = torch.Generator().manual_seed(seed)
+    scheduler = DDPMMnistScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(len(labels), 1, 28, 28, generator=generator)
+    null, guided = torch.full_like(labels, 10), []
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            eps = unet(x, t, labels).sample
+            if interval is None or interval[0] <= int(t) <= interval[1]:
+                eps_null = unet(x, t, null).sample
+                eps = eps_null + scale * (eps - eps_null)
+                guided.append(int(t))
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x, guided
+
+
+@pytest.mark.parametrize("interval", [None, (0, 1000)])
+def test_guidance_at_every_step_is_todays_guidance_and_the_default(pipe, conditional, interval):
+    labels = torch.tensor([2, 9])
+    x_0, guided = reverse_process_by_hand(pipe, conditional, labels, 2.5, interval)
+    assert len(guided) == 6
+    kwargs = dict(class_labels=labels, guidance_scale=2.5, num_inference_steps=6, output_type="pt")
+    default = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    with_interval = pipe(generator=torch.Generator().manual_seed(0), guidance_interval=interval, **kwargs).images
+    assert torch.equal(default, with_interval)
+    torch.testing.assert_close(default, (x_0 / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_outside_the_guidance_interval_a_step_is_the_conditional_prediction_alone(pipe, conditional, monkeypatch):
+    # Six steps, at t = 830, 664, 498, 332, 166 and 0: guided at 664, 498 and 332 only.
+    labels, interval = torch.tensor([2, 9]), (300, 700)
+    x_0, guided = reverse_process_by_hand(pipe, conditional, labels, 2.5, interval)
+    assert guided == [664, 498, 332]
+    calls, forward = [], pipe.unet.forward
+
+    def recording_forward(sample, timestep, class_labels=None, return_dict=True):
+        calls.append((int(timestep), class_labels.tolist()))
+        return forward(sample, timestep, class_labels, return_dict)
+
+    monkeypatch.setattr(pipe.unet, "forward", recording_forward)
+    images = pipe(
+        class_labels=labels,
+        guidance_scale=2.5,
+        guidance_interval=interval,
+        num_inference_steps=6,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    # Step by step: a batch with the null class inside the interval, the labels alone (one call of N) outside it.
+    assert [t for t, _ in calls] == pipe.scheduler.timesteps.tolist()
+    for t, sent in calls:
+        assert sent == ([2, 9, 10, 10] if t in guided else [2, 9])
+    torch.testing.assert_close(images, (x_0 / 2 + 0.5).clamp(0, 1), rtol=1e-4, atol=1e-4)
+    everywhere = pipe(class_labels=labels, guidance_scale=2.5, num_inference_steps=6,
+                      generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    assert not torch.allclose(images, everywhere)

@@ -151,7 +151,11 @@ def test_sample_asks_a_conditional_pipeline_for_the_labels_one_column_each(
     run(capsys, *args, "--num_samples", 5, "--class_labels", 3, 7, "--guidance_scale", 2, "--batch_size", 4)
     assert [call["class_labels"] for call in calls] == [[3, 7, 3, 7], [3]]  # repeated in order, batch by batch
     assert [call["guidance_scale"] for call in calls] == [2.0, 2.0]
+    assert [call["guidance_interval"] for call in calls] == [None, None]
     assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (3 * 28, 2 * 28)  # a column per label
+    calls.clear()
+    run(capsys, *args, "--num_samples", 2, "--class_labels", 3, "--guidance_scale", 2, "--guidance_interval", 2, 6)
+    assert calls[0]["guidance_interval"] == [2, 6]
     calls.clear()
     run(capsys, *args, "--num_samples", 12, "--class-labels", "all")
     assert [call["class_labels"] for call in calls] == [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]]
@@ -278,6 +282,8 @@ def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):
         (["sample", "{pipe}", "--guidance_scale", "2"], "guidance_scale > 1 needs class_labels"),
         (["evaluate", "{pipe}", "--guidance_scale", "2"], "--guidance_scale above 1 needs a class-conditional"),
         (["evaluate", "{cond}", "--num_samples", "8"], "num_samples 8 cannot hold every digit 0-9"),
+        (["evaluate", "{cond}", "--guidance_interval", "600", "100"], "0 <= low <= high <= 10, got (600, 100)"),
+        (["sample", "{cond}", "--class_labels", "3", "--guidance_interval", "5"], "expected 2 arguments"),
         (["inpaint", "{cond}", "--image", "./no/such.png", "--keep", "top"], "--image './no/such.png' is not a file"),
         (["inpaint", "{cond}", "--image", "{pipe}/model_index.json", "--keep", "top"], "cannot be read as an image"),
         (["inpaint", "{cond}", "--test_digit", "0"], "one of the arguments --mask --keep is required"),

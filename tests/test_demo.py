@@ -65,10 +65,19 @@ def pixels(path: str) -> np.ndarray:
 
 
 def generate(
-    client: Client, model="tiny-cond", digit="3", num_images=5, guidance=2.0, scheduler="ddim", steps=3, seed=0
+    client: Client,
+    model="tiny-cond",
+    digit="3",
+    num_images=5,
+    guidance=2.0,
+    scheduler="ddim",
+    steps=3,
+    seed=0,
+    **interval,
 ):
-    """The Generate tab's (grid, strip, info) for these settings."""
-    return client.predict(model, digit, num_images, guidance, scheduler, steps, seed, api_name="/generate")
+    """The Generate tab's (grid, strip, info) for these settings; `guidance_from`/`guidance_to` by name if given."""
+    settings = (model, digit, num_images, guidance, scheduler, steps, seed)
+    return client.predict(*settings, **interval, api_name="/generate")
 
 
 def test_generate_returns_the_grid_the_strip_and_the_time(client: Client) -> None:
@@ -104,6 +113,19 @@ def test_bad_input_is_a_one_line_message_and_the_app_keeps_serving(client: Clien
         generate(client, **settings)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert pixels(generate(client, num_images=1, steps=1)[0]).shape == (TILE, TILE)
+
+
+def test_generate_guides_in_the_interval_of_timesteps_asked_for(client: Client) -> None:
+    everywhere = pixels(generate(client)[0])
+    # The whole range 0..T is every step: the same digits as the default.
+    assert (pixels(generate(client, guidance_from=0, guidance_to=1000)[0]) == everywhere).all()
+    # An interval that holds none of the 3 steps is no guidance at all.
+    unguided = pixels(generate(client, guidance=1.0)[0])
+    assert (pixels(generate(client, guidance_from=1000, guidance_to=1000)[0]) == unguided).all()
+    assert (pixels(generate(client, guidance_from=300, guidance_to=700)[0]) != everywhere).any()
+    with pytest.raises(AppError, match=r"0 <= low <= high <= 1000, got \(700, 300\)") as error:
+        generate(client, guidance_from=700, guidance_to=300)
+    assert "\n" not in str(error.value)
 
 
 def sketch_file(folder: Path, stroke: bool = True) -> dict:

@@ -165,6 +165,20 @@ def test_guidance_reaches_the_unet_with_the_labels_and_the_null_class():
     assert len(oracle.labels) == 12 and all(labels.tolist() == [3, 7, 10, 10] for labels in oracle.labels)
 
 
+def test_guidance_in_an_interval_reaches_the_unet_only_at_its_timesteps():
+    oracle = CountingOracle().set_target(torch.zeros(1, 1, 28, 28), DDPMMnistScheduler().alphas_cumprod)
+    oracle.register_to_config(num_class_embeds=10)
+    pipe = DDPMMnistInpaintPipeline(oracle, DDPMMnistScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    timesteps = []
+    record = lambda pipe, i, t, tensors: timesteps.append(int(t)) or tensors  # noqa: E731
+    kwargs = dict(class_labels=[3, 7], guidance_scale=2.0, guidance_interval=(300, 700), callback_on_step_end=record)
+    complete(pipe, digits(2), keep_top_half(), **kwargs)
+    assert len(oracle.labels) == len(timesteps) == 12 and 0 < sum(300 <= t <= 700 for t in timesteps) < 12
+    for t, labels in zip(timesteps, oracle.labels, strict=True):
+        assert labels.tolist() == ([3, 7, 10, 10] if 300 <= t <= 700 else [3, 7])
+
+
 def test_guidance_runs_with_a_conditional_tiny_unet():
     pipe = DDPMMnistInpaintPipeline(tiny_unet(num_class_embeds=10), DDPMMnistScheduler())
     pipe.set_progress_bar_config(disable=True)
