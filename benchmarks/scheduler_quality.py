@@ -37,7 +37,6 @@ from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.evaluation import (
-    SCHEDULERS,
     QualityReference,
     default_device,
     generate_digits,
@@ -46,6 +45,7 @@ from ddpm_mnist.evaluation import (
 )
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.quality import SampleQuality
+from ddpm_mnist.schedulers import SCHEDULERS
 
 DEFAULT_STEPS = [10, 20, 50, 100, 1000]
 BASELINE = ("ddpm", 1000)  # the scheduler setting every FID is compared with: Algorithm 2 over all T = 1000 steps

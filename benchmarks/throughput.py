@@ -62,7 +62,6 @@ from ddpm_mnist.data import (
     load_x_0,
     shuffled_shard,
 )
-from ddpm_mnist.deprecation import add_renamed_flag
 from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.evaluation import DTYPES
 from ddpm_mnist.hardware import describe_device, has_native_bf16
@@ -427,7 +426,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--dtypes", nargs="+", default=list(BENCHMARK_DTYPES), choices=BENCHMARK_DTYPES, help="the precisions measured"
     )
-    add_renamed_flag(parser, "--precisions", "--dtypes")
     parser.add_argument("--parts", nargs="+", default=["models", "sample", "e2e"], choices=PARTS)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     parser.add_argument("--channels_last", action="store_true", help="also measure models in channels_last")

@@ -53,7 +53,6 @@ from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersL
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET
-from ddpm_mnist.deprecation import DTYPE_RENAMES, MIXED_PRECISION_RENAMES, renamed_values
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.evaluation import (
     DTYPES,
@@ -95,7 +94,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=default_device(), help="where the samples are drawn and scored")
     parser.add_argument(
         "--dtype",
-        type=renamed_values(DTYPE_RENAMES, "--dtype"),
         default="fp32",
         choices=list(DTYPES),
         help="both sides' UNet dtype while sampling (x_t and the scheduler stay fp32); training is untouched",
@@ -103,7 +101,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline_batch_size", type=int, default=TRAIN_BATCH_SIZE, help="the diffusers loop's")
     parser.add_argument(
         "--baseline_mixed_precision",
-        type=renamed_values(MIXED_PRECISION_RENAMES, "--baseline_mixed_precision"),
         default="fp32",
         choices=["fp32", "bf16"],
         help="the diffusers loop's mixed precision",

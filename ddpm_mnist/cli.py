@@ -30,13 +30,10 @@ from PIL import Image
 
 from . import __version__
 from .data import DEFAULT_DATASET
-from .deprecation import DTYPE_RENAMES, renamed_values
 from .errors import UsageError, run_entry_point
 from .evaluation import (
     DTYPES,
-    FAST_SCHEDULER_STEPS,
     HALVES,
-    SCHEDULERS,
     QualityReference,
     check_class_inputs,
     default_device,
@@ -63,6 +60,7 @@ from .pipeline_ddpm_mnist_inpaint import (
     DDPMMnistInpaintPipeline,
     prepare_image,
 )
+from .schedulers import FAST_SCHEDULER_STEPS, SCHEDULERS
 from .scheduling_ddpm_mnist import DDPMMnistScheduler
 
 QUALITY_KEYS = ("fid", "kid", "precision", "recall", "mean_confidence", "class_entropy", "rarest_class_share")
@@ -92,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(
         precision,
         "dtype",
-        type=renamed_values(DTYPE_RENAMES, "--dtype"),
         choices=DTYPES,
         default="fp32",
         help="the U-Net's dtype while sampling (default: %(default)s)",

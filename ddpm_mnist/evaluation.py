@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
@@ -58,18 +57,10 @@ from .metrics.quality import (
     sample_quality,
 )
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
+from .schedulers import FAST_SCHEDULER_STEPS, SCHEDULERS
 from .scheduling_ddpm_mnist import DDPMMnistScheduler
 
-# Schedulers by their command-line name; each is built with `from_config(pipe.scheduler.config)`, the pipeline's
-# noise schedule, so that every scheduler runs the schedule the network was trained on.
-SCHEDULERS = {
-    "ddpm": DDPMMnistScheduler,
-    "ddim": DDIMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
-FAST_SCHEDULER_STEPS = 50  # the default num_inference_steps of every scheduler but ddpm, which runs all T steps
-# Inference dtypes by their command-line name (earlier names: `ddpm_mnist.deprecation.DTYPE_RENAMES`).
+# Inference dtypes by their command-line name.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_SCORED_IMAGES = 4  # precision and recall need more digits than their k = 3 neighbours
 DEFAULT_GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0)  # the classifier-free guidance scales a sweep draws with

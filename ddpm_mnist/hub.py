@@ -29,8 +29,8 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.errors import HfHubHTTPError
 
 from .errors import WorkFailed
-from .evaluation import SCHEDULERS
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
+from .schedulers import SCHEDULERS
 from .unet_ddpm_mnist import PRESETS
 
 # A symlink to model_cards/ddpm_mnist_card.md in a checkout; the file itself in a wheel (package data).
@@ -146,7 +146,7 @@ def render_model_card(
     unet_config, schedule = pipeline.unet.config, pipeline.scheduler.config
     scheduler_name, recommended_steps = recommended_scheduler or ("ddpm", schedule.num_train_timesteps)
     # The class a conditional card's code swaps in; none for ddpm, the pipeline's own scheduler.
-    scheduler_class = None if scheduler_name == "ddpm" else SCHEDULERS[scheduler_name].__name__
+    scheduler_class = None if scheduler_name == "ddpm" else SCHEDULERS[scheduler_name].scheduler_class.__name__
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),

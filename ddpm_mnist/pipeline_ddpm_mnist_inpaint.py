@@ -22,16 +22,17 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
-from .scheduling_ddpm_mnist import DDPMMnistScheduler
+from .schedulers import SCHEDULERS
 
 IMAGE_SIZE = 28  # the side of the digits the pipeline takes and returns
 # Schedulers whose step depends on (x_t, t) alone: RePaint jumps back up the chain, which a multistep scheduler's
-# history of model outputs (DPM-Solver++, UniPC) or a step counter (Euler, Heun) cannot follow.
-ONE_STEP_SCHEDULERS = (DDPMMnistScheduler, DDPMScheduler, DDIMScheduler)
+# history of model outputs (DPM-Solver++, UniPC) or a step counter (Euler, Heun) cannot follow. The registry's, and
+# diffusers' own DDPM.
+ONE_STEP_SCHEDULERS = (DDPMScheduler, *(entry.scheduler_class for entry in SCHEDULERS.values() if entry.one_step))
 # Defaults measured on the release (benchmarks/README.md, "Completing digits"): 25 steps, jumps of a fifth of the
 # chain, each stretch taken 3 times, 75 UNet calls, about 3 s for one digit on one CPU core.
 DEFAULT_NUM_INFERENCE_STEPS = 25

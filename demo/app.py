@@ -9,7 +9,7 @@ each from `pretrained/<name>` beside the app where the checkout has it, else fro
 GPU where there is one, with the UNet in bf16 where the hardware computes bf16 natively, and every picture comes
 from the library:
 
-- Generate: `DDPMMnistPipeline` with a scheduler of `ddpm_mnist.evaluation.SCHEDULERS` (classifier-free guidance
+- Generate: `DDPMMnistPipeline` with a scheduler of `ddpm_mnist.schedulers.SCHEDULERS` (classifier-free guidance
   toward a chosen digit for a class-conditional model, at every step or in an interval of timesteps), starting from
   the setting each release's model card recommends; the step callback feeds the progress bar and the strip of one
   digit's denoising.
@@ -39,7 +39,7 @@ from PIL import Image
 import ddpm_mnist
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.errors import UsageError, run_entry_point
-from ddpm_mnist.evaluation import SCHEDULERS, default_device, digit_grid, load_pipeline, scheduler_steps
+from ddpm_mnist.evaluation import default_device, digit_grid, load_pipeline, scheduler_steps
 from ddpm_mnist.hardware import describe_device, has_native_bf16
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs
@@ -50,6 +50,7 @@ from ddpm_mnist.pipeline_ddpm_mnist_inpaint import (
     default_jump_length,
     jump_schedule,
 )
+from ddpm_mnist.schedulers import SCHEDULERS
 
 APP_DIR = Path(__file__).resolve().parent
 RELEASES = ("ddpm-mnist-small", "ddpm-mnist-cond-small")  # the released pipelines: pretrained/<name>, or the Hub

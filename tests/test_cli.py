@@ -12,7 +12,7 @@ from PIL import Image
 from ddpm_mnist import DDPMMnistInpaintPipeline, DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet, cli
 from ddpm_mnist.cli import build_parser, main
 from ddpm_mnist.data import load_x_0
-from ddpm_mnist.evaluation import SCHEDULERS
+from ddpm_mnist.schedulers import SCHEDULERS
 from tests.test_evaluation import draw_real_digits
 from tests.utils import tiny_unet
 
@@ -233,14 +233,6 @@ def test_interpolate_writes_a_row_from_one_digit_to_the_other(
     assert calls[1]["num_inference_steps"] is None
     row = tiles(tmp_path / "test.png", 4)
     assert row[0][0, 0] == 4 and row[3][0, 0] == 1
-
-
-def test_the_earlier_dtype_spellings_still_work_with_a_one_line_warning(capsys):
-    for old, new in [("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")]:
-        assert build_parser().parse_args(["sample", "pipe", "--dtype", old]).dtype == new
-        assert capsys.readouterr().err == f"warning: --dtype {old} is deprecated; use --dtype {new}.\n"
-    assert build_parser().parse_args(["sample", "pipe", "--dtype", "bf16"]).dtype == "bf16"
-    assert capsys.readouterr().err == ""
 
 
 def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):

@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler  # noqa: E402
-from ddpm_mnist.evaluation import SCHEDULERS  # noqa: E402
+from ddpm_mnist.schedulers import SCHEDULERS  # noqa: E402
 from tests.utils import tiny_unet  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
@@ -176,7 +176,7 @@ def test_the_app_starts_each_release_at_the_setting_its_card_recommends(release:
     setting = app.recommended_setting(release)
     card = (DEMO.parent / "pretrained" / release / "README.md").read_text()
     if setting.scheduler != "ddpm":  # another scheduler than the pipeline's own is swapped in by the card's code
-        assert f"pipe.scheduler = {SCHEDULERS[setting.scheduler].__name__}.from_config" in card
+        assert f"pipe.scheduler = {SCHEDULERS[setting.scheduler].scheduler_class.__name__}.from_config" in card
     assert f"num_inference_steps={setting.num_inference_steps}" in card
     assert (f"guidance_scale={setting.guidance_scale}" in card) == (setting.guidance_scale > 1)
 

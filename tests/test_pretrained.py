@@ -19,9 +19,9 @@ from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import load_x_0
-from ddpm_mnist.evaluation import SCHEDULERS
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import ClassifierOutputs, classifier_outputs, sample_quality
+from ddpm_mnist.schedulers import SCHEDULERS
 from tests.utils import run_python
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained" / "ddpm-mnist-small"

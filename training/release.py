@@ -49,12 +49,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ddpm_mnist import DDPMMnistInpaintPipeline, DDPMMnistPipeline, DDPMMnistScheduler, interpolate
 from ddpm_mnist.data import DEFAULT_DATASET
-from ddpm_mnist.deprecation import DTYPE_RENAMES, renamed_values
 from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.evaluation import (
     DEFAULT_GUIDANCE_SCALES,
     DTYPES,
-    SCHEDULERS,
     ConditionalQuality,
     QualityReference,
     balanced_labels,
@@ -75,12 +73,12 @@ from ddpm_mnist.hub import export_pipeline_folder, render_model_card
 from ddpm_mnist.metrics.likelihood import VariationalBound
 from ddpm_mnist.metrics.quality import ClassAccuracy, SampleQuality
 from ddpm_mnist.pipeline_ddpm_mnist_inpaint import DEFAULT_NUM_INFERENCE_STEPS as INPAINT_STEPS
+from ddpm_mnist.schedulers import SCHEDULERS
 from ddpm_mnist.targets import ReleaseTargets
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-SCHEDULER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpm++": "DPM-Solver++", "unipc": "UniPC"}
 # The targets of a release, at the recommended scheduler setting: confident digits, every digit near its 10% share,
 # and a FID within 2x the real-vs-real floor at the same number of images.
 TARGETS = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
@@ -115,7 +113,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=250, help="images per forward pass")
     p.add_argument(
         "--dtype",
-        type=renamed_values(DTYPE_RENAMES, "--dtype"),
         default="fp32",
         choices=sorted(DTYPES),
         help="the UNet's dtype while sampling (x_t and the scheduler stay fp32; the release and its NLL bound are "
@@ -620,7 +617,7 @@ def main(args: argparse.Namespace) -> None:
         settings.append(("ddpm", num_steps, args.ddpm_samples))
     guided = f", guidance {guidance:g}" if conditional else ""
     sample_counts = {
-        f"{SCHEDULER_NAMES[name]}, {steps} steps{guided}": (name, steps, count) for name, steps, count in settings
+        f"{SCHEDULERS[name].title}, {steps} steps{guided}": (name, steps, count) for name, steps, count in settings
     }
     floors = {name: reference.floor(count) for name, (_, _, count) in sample_counts.items()}
     sweep_floor = reference.floor(args.sweep_samples) if conditional and args.sweep_samples else None

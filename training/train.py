@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
-from diffusers import DDIMScheduler
+from diffusers import SchedulerMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -47,11 +47,11 @@ from ddpm_mnist.data import (
     class_count,
     load_image_stream,
 )
-from ddpm_mnist.deprecation import MIXED_PRECISION_RENAMES, renamed_values
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.evaluation import digit_grid
 from ddpm_mnist.hardware import auto_mixed_precision, describe_device, idle_cores_warning
 from ddpm_mnist.hub import check_push_access, push_training_run, save_training_run
+from ddpm_mnist.schedulers import SCHEDULERS
 from ddpm_mnist.unet_ddpm_mnist import PRESETS
 
 logger = get_logger(__name__)
@@ -169,7 +169,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--mixed_precision",
         default="auto",
-        type=renamed_values(MIXED_PRECISION_RENAMES, "--mixed_precision"),
         choices=["auto", "fp32", "fp16", "bf16"],
         help="auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or "
         "AVX512-BF16), else fp32; an accelerate config's fp16/bf16 also wins over auto",
@@ -183,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
     io.add_argument("--num_samples", type=int, default=16, help="digits in each sample grid")
     io.add_argument(
-        "--scheduler", default="ddpm", choices=["ddpm", "ddim"], help="the scheduler that draws the sample grids"
+        "--scheduler", default="ddpm", choices=list(SCHEDULERS), help="the scheduler that draws the sample grids"
     )
     io.add_argument(
         "--num_inference_steps",
@@ -604,9 +603,7 @@ def resumed_batches(
 # Sample grids
 
 
-def grid_pipeline(
-    unet: DDPMMnistUNet, scheduler: DDPMMnistScheduler | DDIMScheduler, ema: EMAModel | None
-) -> DDPMMnistPipeline:
+def grid_pipeline(unet: DDPMMnistUNet, scheduler: SchedulerMixin, ema: EMAModel | None) -> DDPMMnistPipeline:
     """A pipeline around a copy of the weights to sample and save: the EMA ones when there is an EMA."""
     unet = copy.deepcopy(unet).eval()
     if ema is not None:
@@ -865,10 +862,8 @@ def main(args: argparse.Namespace) -> None:
         prediction_type=args.prediction_type,
         variance_type=args.variance_type,
     )
-    # The sample grids use DDPM (Algorithm 2) or, faster, DDIM on the same schedule.
-    sample_scheduler = (
-        DDIMScheduler.from_config(noise_scheduler.config) if args.scheduler == "ddim" else noise_scheduler
-    )
+    # The sample grids use --scheduler (the pipeline's DDPM, Algorithm 2, by default) on the same schedule.
+    sample_scheduler = SCHEDULERS[args.scheduler].from_config(noise_scheduler.config)
     # From here on each process draws its own timesteps, noise and dropout (seed + rank). Checkpoints keep each
     # process's random state, so a resumed run draws what the uninterrupted one would have.
     set_seed(args.seed, device_specific=True)
