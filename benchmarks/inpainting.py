@@ -36,9 +36,10 @@ import torch
 
 from ddpm_mnist import DDPMMnistInpaintPipeline, interpolate
 from ddpm_mnist.data import DEFAULT_DATASET, load_x_0
-from ddpm_mnist.errors import UsageError, run_entry_point
-from ddpm_mnist.evaluation import DTYPES, default_device, digit_grid, keep_half, load_pipeline, load_test_labels
+from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
+from ddpm_mnist.evaluation import DTYPES, default_device, load_pipeline, load_test_labels
 from ddpm_mnist.hardware import describe_device
+from ddpm_mnist.image_utils import digit_grid, keep_half
 from ddpm_mnist.metrics.classifier import MnistClassifier, load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs
 from ddpm_mnist.pipeline_ddpm_mnist_inpaint import jump_schedule
@@ -278,12 +279,15 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError("--num_images and --batch_size take integers of at least 1.")
     masks = list(dict.fromkeys(args.masks))
     settings = list(dict.fromkeys(args.settings))
-    pipe = DDPMMnistInpaintPipeline(**load_pipeline(args.pipeline, args.device, args.dtype).components)
+    with usage_errors("device", "dtype", "dataset_name"):
+        pipe = DDPMMnistInpaintPipeline(**load_pipeline(args.pipeline, args.device, args.dtype).components)
+        if args.class_labels_from_truth and not pipe.is_class_conditional:
+            raise UsageError(
+                f"--class_labels_from_truth needs a class-conditional pipeline; {args.pipeline} is not one."
+            )
+        x_0 = load_x_0(args.dataset_name, "test", args.num_images)
+        labels = load_test_labels(args.dataset_name, range(args.num_images))
     pipe.set_progress_bar_config(disable=True)
-    if args.class_labels_from_truth and not pipe.is_class_conditional:
-        raise UsageError(f"--class_labels_from_truth needs a class-conditional pipeline; {args.pipeline} is not one.")
-    x_0 = load_x_0(args.dataset_name, "test", args.num_images)
-    labels = load_test_labels(args.dataset_name, range(args.num_images))
     classifier = load_mnist_classifier()
     device = describe_device(args.device)
     print(f"device: {args.device} ({device}), UNet {args.dtype}", flush=True)

@@ -35,7 +35,7 @@ import torch
 
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import DEFAULT_DATASET
-from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import (
     QualityReference,
     default_device,
@@ -294,18 +294,19 @@ def main(argv: list[str] | None = None) -> None:
     # Everything that can fail on bad input, before any sampling.
     if min(args.num_inference_steps) < 1 or args.batch_size < 1:
         raise UsageError("--num_inference_steps and --batch_size take integers of at least 1.")
-    pipe = load_pipeline(args.pipeline, args.device)
-    class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale)
-    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
-    steps, skipped = split_steps(args.num_inference_steps, num_train_timesteps)
-    if not steps:
-        raise UsageError(
-            f"every --num_inference_steps value exceeds the pipeline's {num_train_timesteps} training timesteps."
+    with usage_errors("device", "num_samples", "guidance_scale", "dataset_name", "reference_images"):
+        pipe = load_pipeline(args.pipeline, args.device)
+        class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale)
+        num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+        steps, skipped = split_steps(args.num_inference_steps, num_train_timesteps)
+        if not steps:
+            raise UsageError(
+                f"every --num_inference_steps value exceeds the pipeline's {num_train_timesteps} training timesteps."
+            )
+        reference = QualityReference(
+            args.dataset_name, args.reference_images, device=args.device, seed=args.seed, progress=False
         )
-    reference = QualityReference(
-        args.dataset_name, args.reference_images, device=args.device, seed=args.seed, progress=False
-    )
-    floor = reference.floor(args.num_samples)
+        floor = reference.floor(args.num_samples)
     for count in skipped:
         print(f"note: skipping {count} steps, more than the pipeline's {num_train_timesteps} training timesteps")
 

@@ -62,7 +62,7 @@ from ddpm_mnist.data import (
     load_x_0,
     shuffled_shard,
 )
-from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import DTYPES
 from ddpm_mnist.hardware import describe_device, has_native_bf16
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
@@ -452,7 +452,8 @@ def parse_args() -> argparse.Namespace:
     if not args.e2e_steps[0] < args.e2e_steps[1]:
         raise UsageError(f"--e2e_steps {args.e2e_steps} must be two increasing step counts, e.g. 15 65.")
     if {"e2e", "quality", "data"} & set(args.parts):
-        load_image_stream(args.dataset_name, "test")  # a missing or unreadable dataset is a UsageError here
+        with usage_errors("dataset_name"):  # a missing or unreadable dataset is refused here
+            load_image_stream(args.dataset_name, "test")
     if "quality" in args.parts and not Path(args.pipeline).is_dir():
         raise UsageError(f"--pipeline {args.pipeline!r} is not a folder; pass a saved DDPMMnistPipeline.")
     if min(args.batch_size, args.sample_batch_size, args.repeats, args.train_batch_size, args.num_samples) < 1:

@@ -24,8 +24,6 @@ from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .errors import UsageError
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "ylecun/mnist"
@@ -43,13 +41,16 @@ def load_image_stream(
 
     Nothing is downloaded in full. The returned stream has the column `image`, holding `{"bytes", "path"}`, and with a
     `label_column` also `label`, the class id of each image (`class_count` tells how many classes there are).
+
+    A path that does not exist is a FileNotFoundError, data that cannot be read an OSError, a missing column a
+    ValueError.
     """
     dataset_name = os.fspath(dataset_name)
     path = os.path.expanduser(dataset_name)
     looks_like_path = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
     if looks_like_path and not os.path.exists(path) and "*" not in path:
-        raise UsageError(
-            f"dataset path {dataset_name!r} does not exist; pass a Hub dataset id such as {DEFAULT_DATASET!r} "
+        raise FileNotFoundError(
+            f"dataset_name {dataset_name!r} does not exist; pass a Hub dataset id such as {DEFAULT_DATASET!r} "
             "or a local folder (or parquet files) laid out like it."
         )
     try:
@@ -58,16 +59,16 @@ def load_image_stream(
         else:
             stream = load_dataset(path, config_name, split=split, streaming=True)
     except Exception as e:  # datasets and pyarrow raise many types for unreadable data; all mean the same here
-        raise UsageError(
-            f"cannot read the {split!r} split of dataset {dataset_name!r} ({_first_line(e)}); check or re-download "
-            "its files."
+        raise OSError(
+            f"cannot read the {split!r} split of dataset_name {dataset_name!r} ({_first_line(e)}); check or "
+            "re-download its files."
         ) from e
     columns = {"image": image_column, **({"label": label_column} if label_column is not None else {})}
     for role, column in columns.items():
         if stream.column_names is None or column not in stream.column_names:
-            raise UsageError(
+            raise ValueError(
                 f"dataset {dataset_name!r} has no column {column!r}; its columns are "
-                f"{', '.join(stream.column_names or [])}. Pass the right one with --{role}_column."
+                f"{', '.join(stream.column_names or [])}. Pass the right one as {role}_column."
             )
     stream = stream.select_columns(list(columns.values()))
     for role, column in columns.items():
@@ -80,9 +81,9 @@ def class_count(stream: IterableDataset, dataset_name: str) -> int:
     """The number of classes of a stream's `label` column (a `datasets.ClassLabel`: 10 for MNIST)."""
     feature = (stream.features or {}).get("label")
     if not isinstance(feature, ClassLabel):
-        raise UsageError(
+        raise ValueError(
             f"the label column of dataset {dataset_name!r} is not a class label column ({feature}); pass a column of "
-            "class ids with --label_column."
+            "class ids as label_column."
         )
     return feature.num_classes
 
@@ -208,7 +209,8 @@ def part_read(stream: Iterable) -> Iterator[Iterator]:
 
 
 def check_readable(stream: IterableDataset, preprocess: ImagePreprocessor, dataset_name: str) -> None:
-    """Read and decode a stream's first image: an empty split, a corrupt file or an undecodable image is a UsageError.
+    """Read and decode a stream's first image: a corrupt file or an undecodable image is an OSError, an empty split a
+    ValueError.
 
     Cheap (one row group), so training can refuse bad data before it builds a model or scans the whole split.
     """
@@ -218,11 +220,11 @@ def check_readable(stream: IterableDataset, preprocess: ImagePreprocessor, datas
         if first is not None:
             preprocess.decode(first["image"]["bytes"])
     except Exception as e:  # pyarrow, datasets and PIL each raise their own types for damaged data
-        raise UsageError(
-            f"cannot read dataset {dataset_name!r} ({_first_line(e)}); check or re-download its files."
+        raise OSError(
+            f"cannot read dataset_name {dataset_name!r} ({_first_line(e)}); check or re-download its files."
         ) from e
     if first is None:
-        raise UsageError(
+        raise ValueError(
             f"dataset {dataset_name!r} has no examples in its {stream.split!r} split; pass a non-empty one."
         )
 

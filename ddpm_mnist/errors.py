@@ -4,12 +4,18 @@ Bad input (an option value, a path, a file that cannot be read as what it should
 long work starts; a failure during the work (a loss that turns NaN, an upload that fails) raises `WorkFailed`. An
 entry point runs its `main` through `run_entry_point`, which prints either as one line, `<prog>: error: <message>`,
 and exits with status 2 (usage) or 1 (failure), as argparse does for its own usage errors.
+
+The library itself refuses bad input with a ValueError (a FileNotFoundError or OSError for a path or a file that
+cannot be read) in its own terms, the names of its arguments; around the calls that take user input, an entry point
+turns those into a `UsageError` that names its flags with `usage_errors`.
 """
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 
@@ -19,6 +25,33 @@ class UsageError(ValueError):
 
 class WorkFailed(RuntimeError):
     """A failure during the work itself, after the input was accepted. Exit status 1."""
+
+
+@contextmanager
+def usage_errors(*arguments: str, **flags: str) -> Iterator[None]:
+    """Report the library's refusal of bad input, raised inside, as a `UsageError` that names the flags to fix.
+
+    The library's messages begin with the argument they refuse and name the others they speak of
+    (`num_inference_steps 11 is outside 1..10, ...`). `arguments` are those whose flag has the same name, `flags` maps
+    the others to their flag (`test_digits="--test_digit"`). Each becomes its flag in the message
+    (`--num_inference_steps 11 is outside 1..10, ...`): a name with an underscore wherever it stands as a word of its
+    own, a plain word such as `device` or `t` only where it begins the message, as elsewhere it may be just a word. The
+    message's first line is kept, so that the error stays one line.
+
+        with usage_errors("device", "dtype"):
+            pipe = load_pipeline(args.pipeline, args.device, args.dtype)
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        for name, flag in {**{name: f"--{name}" for name in arguments}, **flags}.items():
+            # A word of its own: after a space, "(" or "`" (not inside a path or a quoted value), before no letter.
+            where = r"(?<![^\s(`])" if "_" in name else "^"
+            message = re.sub(rf"{where}{re.escape(name)}(?![\w'/])", flag, message)
+        raise UsageError(message) from error
 
 
 def run_entry_point(main: Callable[[], object], prog: str) -> NoReturn:

@@ -10,41 +10,34 @@ call:
     quality = reference.score(samples)                             # FID, KID, precision, recall, ... beside `floor`
     x_0 = load_nll_digits(pipe, "ylecun/mnist", nll_images=1000)
     bound = nll_bound(pipe, x_0)                                   # the variational bound of eq. 5, in bits/dim
-    digit_grid(samples[:64], upscale=2).save("grid.png")
 
 A class-conditional pipeline is scored on balanced labels, each digit equally often, with its class accuracy (how
 often the classifier reads a sample as the digit asked for), at one guidance scale or over a sweep of them:
 
-    labels = balanced_labels(1000)                                 # 0, 0, ..., 9
+    labels = balanced_class_labels(1000)                           # 0, 0, ..., 9 (from metrics.quality)
     samples = generate_digits(pipe, 1000, class_labels=labels, guidance_scale=2.0, scheduler="ddim", seed=0)
     scores = reference.score_conditional(samples, labels)          # .quality as above, .accuracy overall and per digit
     sweep = guidance_sweep(pipe, reference, 1000, (1, 1.5, 2, 3, 5))  # {guidance scale: scores}
 
-For the editing commands: `load_image` reads a PNG of a digit, `load_test_digits` picks MNIST test digits by index
-(`load_test_labels` their labels), `keep_half` is the mask that keeps one half of a digit.
+For the editing commands, `load_test_digits` picks MNIST test digits by index (`load_test_labels` their labels); the
+helpers for images of digits (PNG files, masks, grids) are in `image_utils.py`.
 
-Arguments carry the names of the command-line flags (`num_samples`, `num_inference_steps`, `batch_size`,
-`dataset_name`, `reference_images`, `nll_images`, `nll_timesteps`, `device`, `dtype`, `class_labels`,
-`guidance_scale`, `test_digits`), so a message about one names the flag to fix. Bad input raises
-`ddpm_mnist.errors.UsageError` before any sampling: an entry point loads the pipeline, the reference and every set of
-digits first, then samples. Scores use the features of the package's MNIST classifier (`metrics/quality.py`): compare
-them with the floor beside them, never with published Inception FIDs.
+Bad input raises a ValueError (a FileNotFoundError or OSError for a path or a file that cannot be read) whose one-line
+message names the argument to fix, before any sampling: an entry point loads the pipeline, the reference and every
+set of digits first, then samples. Scores use the features of the package's MNIST classifier (`metrics/quality.py`):
+compare them with the floor beside them, never with published Inception FIDs.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.utils import make_image_grid
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import decode_labels, load_image_stream, load_x_0
-from .errors import UsageError
 from .metrics.classifier import load_mnist_classifier
 from .metrics.likelihood import VariationalBound, variational_bound
 from .metrics.quality import (
@@ -64,13 +57,6 @@ from .scheduling_ddpm_mnist import DDPMMnistScheduler
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_SCORED_IMAGES = 4  # precision and recall need more digits than their k = 3 neighbours
 DEFAULT_GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0, 5.0)  # the classifier-free guidance scales a sweep draws with
-# The halves of a 28x28 digit an inpainting mask can keep, as the (rows, columns) they span.
-HALVES = {
-    "top": (slice(0, 14), slice(None)),
-    "bottom": (slice(14, 28), slice(None)),
-    "left": (slice(None), slice(0, 14)),
-    "right": (slice(None), slice(14, 28)),
-}
 
 
 def default_device() -> str:
@@ -79,13 +65,13 @@ def default_device() -> str:
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch device that exists here; a UsageError naming the fix otherwise."""
+    """`device` as a torch device that exists here; a ValueError naming the fix otherwise."""
     try:
         device = torch.device(device)
     except RuntimeError as error:
-        raise UsageError(f"device {str(device)!r} is not a torch device ({error}); pass cpu or cuda.") from error
+        raise ValueError(f"device {str(device)!r} is not a torch device ({error}); pass cpu or cuda.") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device cuda, but CUDA is not available here; pass --device cpu.")
+        raise ValueError("device cuda, but CUDA is not available here; pass cpu.")
     return device
 
 
@@ -94,21 +80,21 @@ def load_pipeline(
 ) -> DDPMMnistPipeline:
     """A saved pipeline (a folder written by `save_pretrained`, or a Hub repo id) on `device`, in `dtype`.
 
-    `dtype` is one of `DTYPES` and is handed to `from_pretrained` (its `dtype`). A missing folder, a bad repo
-    id, device or dtype is a UsageError.
+    `dtype` is one of `DTYPES` and is handed to `from_pretrained` (its `dtype`). A bad device or dtype is a
+    ValueError, a missing folder a FileNotFoundError, a folder or repo that does not load an OSError.
     """
     name = os.fspath(name_or_path)
     if dtype not in DTYPES:
-        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass one of them.")
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}; pass one of them.")
     device = check_device(device)
     path = os.path.expanduser(name)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(path)
     if looks_local and not os.path.isdir(path):
-        raise UsageError(f"{name!r} is not a folder; pass one saved by save_pretrained, or a Hub repo id.")
+        raise FileNotFoundError(f"{name!r} is not a folder; pass one saved by save_pretrained, or a Hub repo id.")
     try:
         pipe = DDPMMnistPipeline.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load the pipeline {name!r}: {str(error).splitlines()[0]}") from error
+        raise OSError(f"cannot load the pipeline {name!r}: {str(error).splitlines()[0]}") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -116,12 +102,12 @@ def load_pipeline(
 def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps: int | None = None) -> int:
     """The checked step count of the named scheduler on `pipe`: by default all T steps for ddpm, 50 for the others."""
     if scheduler not in SCHEDULERS:
-        raise UsageError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}; pass one of them.")
+        raise ValueError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}; pass one of them.")
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if num_inference_steps is None:
         return num_train_timesteps if scheduler == "ddpm" else min(FAST_SCHEDULER_STEPS, num_train_timesteps)
     if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise UsageError(
+        raise ValueError(
             f"num_inference_steps {num_inference_steps} is outside 1..{num_train_timesteps}, the pipeline's "
             "training timesteps; pass a count in that range."
         )
@@ -135,24 +121,12 @@ def check_class_inputs(
     num_samples: int,
     guidance_interval: tuple[int, int] | None = None,
 ) -> None:
-    """A UsageError unless `class_labels` (one per sample, or None) and the guidance suit the pipeline: labels only
+    """A ValueError unless `class_labels` (one per sample, or None) and the guidance suit the pipeline: labels only
     for a class-conditional pipeline, each a digit 0-9, guidance of at least 1 and above 1 only with labels, an
     interval of timesteps `low <= high` (see `DDPMMnistPipeline.check_class_inputs`)."""
     if class_labels is not None and len(class_labels) != num_samples:
-        raise UsageError(f"got {len(class_labels)} class_labels for num_samples {num_samples}; pass one per sample.")
-    try:
-        pipe.check_class_inputs(class_labels, guidance_scale, num_samples, guidance_interval)
-    except ValueError as error:
-        raise UsageError(str(error).splitlines()[0]) from error
-
-
-def balanced_labels(num_samples: int) -> torch.Tensor:
-    """`num_samples` class labels, each digit equally often (to within one), in order: what a conditional pipeline is
-    scored with. A count below 10 is a UsageError."""
-    try:
-        return balanced_class_labels(num_samples)
-    except ValueError as error:
-        raise UsageError(f"num_samples {num_samples} cannot hold every digit 0-9; pass at least 10.") from error
+        raise ValueError(f"got {len(class_labels)} class_labels for num_samples {num_samples}; pass one per sample.")
+    pipe.check_class_inputs(class_labels, guidance_scale, num_samples, guidance_interval)
 
 
 def scoring_labels(
@@ -162,11 +136,11 @@ def scoring_labels(
     guidance_interval: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
     """The class labels `num_samples` digits of `pipe` are scored with at `guidance_scale`: every digit equally often
-    (`balanced_labels`) for a class-conditional pipeline, None for an unconditional one. Guidance above 1 for an
-    unconditional pipeline, or below 1, is a UsageError."""
+    (`balanced_class_labels`) for a class-conditional pipeline, None for an unconditional one. Guidance above 1 for an
+    unconditional pipeline, or below 1, is a ValueError."""
     if guidance_scale > 1 and not pipe.is_class_conditional:
-        raise UsageError("--guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
-    class_labels = balanced_labels(num_samples) if pipe.is_class_conditional else None
+        raise ValueError("guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
+    class_labels = balanced_class_labels(num_samples) if pipe.is_class_conditional else None
     check_class_inputs(pipe, class_labels, guidance_scale, num_samples, guidance_interval)
     return class_labels
 
@@ -195,7 +169,7 @@ def generate_digits(
     """
     steps = scheduler_steps(pipe, scheduler, num_inference_steps)
     if num_samples < 1 or batch_size < 1:
-        raise UsageError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}.")
+        raise ValueError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}.")
     check_class_inputs(pipe, class_labels, guidance_scale, num_samples, guidance_interval)
     saved_scheduler = pipe.scheduler
     pipe.scheduler = SCHEDULERS[scheduler].from_config(saved_scheduler.config)
@@ -219,25 +193,14 @@ def generate_digits(
     return torch.cat([batch.float().cpu() for batch in batches])
 
 
-def load_digits(
-    dataset_name: str | os.PathLike, split: str, num_images: int | None, *, sample_size: int = 28, seed: int | None
-) -> torch.Tensor:
-    """x_0 (N, 1, sample_size, sample_size) in [-1, 1] of real MNIST digits: the split's first `num_images` without a
-    seed, a seeded random subset with one, all with `num_images=None`. A bad dataset or count is a UsageError."""
-    try:
-        return load_x_0(dataset_name, split, num_images, sample_size=sample_size, seed=seed)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"{str(error).splitlines()[0]} (dataset_name {os.fspath(dataset_name)!r})") from error
-
-
 def load_test_digits(dataset_name: str | os.PathLike, test_digits: Sequence[int]) -> torch.Tensor:
     """The MNIST test digits at the indexes `test_digits` as x_0 (N, 1, 28, 28) in [-1, 1], in the order given."""
     if min(test_digits) < 0:
-        raise UsageError(f"test_digits {list(test_digits)} holds a negative index; pass indexes from 0.")
+        raise ValueError(f"test_digits {list(test_digits)} holds a negative index; pass indexes from 0.")
     try:
-        x_0 = load_digits(dataset_name, "test", max(test_digits) + 1, seed=None)
-    except UsageError as error:
-        raise UsageError(f"cannot read test digit {max(test_digits)}: {error}") from error
+        x_0 = load_x_0(dataset_name, "test", max(test_digits) + 1)
+    except ValueError as error:
+        raise ValueError(f"cannot read test digit {max(test_digits)}: {error}") from error
     return x_0[list(test_digits)]
 
 
@@ -246,31 +209,8 @@ def load_test_labels(dataset_name: str | os.PathLike, test_digits: Sequence[int]
     `load_test_digits(dataset_name, test_digits)` is."""
     labels = decode_labels(load_image_stream(dataset_name, "test", label_column="label"))
     if max(test_digits) >= len(labels):
-        raise UsageError(f"test_digits {list(test_digits)} go past the {len(labels)} test digits; pass lower ones.")
+        raise ValueError(f"test_digits {list(test_digits)} go past the {len(labels)} test digits; pass lower ones.")
     return labels[list(test_digits)]
-
-
-def load_image(path: str | os.PathLike, name: str = "image") -> Image.Image:
-    """The image file at `path` (a PNG of a digit, white on black as MNIST) as a greyscale PIL image.
-
-    A missing or unreadable file is a UsageError that calls it `name`, the flag that passed it.
-    """
-    if not os.path.isfile(path):
-        raise UsageError(f"{name} {os.fspath(path)!r} is not a file; pass the path of a PNG.")
-    try:
-        with Image.open(path) as image:
-            return image.convert("L")
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{name} {os.fspath(path)!r} cannot be read as an image ({error}); pass a PNG.") from error
-
-
-def keep_half(region: str) -> torch.Tensor:
-    """The (1, 1, 28, 28) inpainting mask that keeps one half of a digit, one of `HALVES` (1 = keep, 0 = fill in)."""
-    if region not in HALVES:
-        raise UsageError(f"keep {region!r} is not one of {', '.join(HALVES)}; pass one of them.")
-    keep = torch.zeros(1, 1, 28, 28)
-    keep[(..., *HALVES[region])] = 1
-    return keep
 
 
 @dataclass
@@ -313,13 +253,10 @@ class QualityReference:
         progress: bool = True,
     ) -> None:
         if reference_images is not None and reference_images < MIN_SCORED_IMAGES:
-            raise UsageError(f"reference_images must be at least {MIN_SCORED_IMAGES}, got {reference_images}.")
-        try:
-            self.classifier = load_mnist_classifier(device=check_device(device))
-        except FileNotFoundError as error:
-            raise UsageError(str(error).splitlines()[0]) from error
+            raise ValueError(f"reference_images must be at least {MIN_SCORED_IMAGES}, got {reference_images}.")
+        self.classifier = load_mnist_classifier(device=check_device(device))
         self.dataset_name, self.seed, self.progress = dataset_name, seed, progress
-        test_digits = load_digits(dataset_name, "test", reference_images, seed=None)
+        test_digits = load_x_0(dataset_name, "test", reference_images)
         self.outputs = classifier_outputs((test_digits + 1) / 2, self.classifier, progress=progress)
         self._floors: dict[int, SampleQuality] = {}
 
@@ -342,7 +279,7 @@ class QualityReference:
     def _classify(self, samples: torch.Tensor) -> ClassifierOutputs:
         """The classifier's features and logits of digits to be scored, of which there must be enough."""
         if len(samples) < MIN_SCORED_IMAGES:
-            raise UsageError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {len(samples)}.")
+            raise ValueError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {len(samples)}.")
         return classifier_outputs(samples, self.classifier, progress=self.progress)
 
     def floor(self, num_samples: int) -> SampleQuality:
@@ -352,8 +289,8 @@ class QualityReference:
         """
         if num_samples not in self._floors:
             if num_samples < MIN_SCORED_IMAGES:
-                raise UsageError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {num_samples}.")
-            real = load_digits(self.dataset_name, "train", num_samples, seed=self.seed)
+                raise ValueError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {num_samples}.")
+            real = load_x_0(self.dataset_name, "train", num_samples, seed=self.seed)
             self._floors[num_samples] = self.score((real + 1) / 2)
         return self._floors[num_samples]
 
@@ -372,15 +309,15 @@ def guidance_sweep(
 ) -> dict[float, ConditionalQuality]:
     """The scores of a class-conditional pipeline at each classifier-free guidance scale, in the order given.
 
-    Each scale draws `num_samples` digits with balanced labels (`balanced_labels`) from the same seed, so the scales
-    differ only in guidance. Guidance trades variety (FID, recall) for digits read as the one asked for (class
+    Each scale draws `num_samples` digits with balanced labels (`balanced_class_labels`) from the same seed, so the
+    scales differ only in guidance. Guidance trades variety (FID, recall) for digits read as the one asked for (class
     accuracy, confidence). Every scale is checked before the first digit is drawn.
     """
     if not pipe.is_class_conditional:
-        raise UsageError("a guidance sweep needs a class-conditional pipeline (its UNet has num_class_embeds).")
+        raise ValueError("a guidance sweep needs a class-conditional pipeline (its UNet has num_class_embeds).")
     if not guidance_scales:
-        raise UsageError("guidance_scales is empty; pass at least one scale, e.g. 1 1.5 2 3 5.")
-    class_labels = balanced_labels(num_samples)
+        raise ValueError("guidance_scales is empty; pass at least one scale, e.g. 1 1.5 2 3 5.")
+    class_labels = balanced_class_labels(num_samples)
     for guidance_scale in guidance_scales:
         check_class_inputs(pipe, class_labels, guidance_scale, num_samples)
     scores = {}
@@ -404,7 +341,7 @@ def _check_nll_timesteps(pipe: DDPMMnistPipeline, nll_timesteps: int | None) -> 
     """A sampled-timestep count of the bound lies in 1..T-1 (T - 1 diffusion terms exist)."""
     num_terms = pipe.scheduler.config.num_train_timesteps - 1
     if nll_timesteps is not None and not 1 <= nll_timesteps <= num_terms:
-        raise UsageError(
+        raise ValueError(
             f"nll_timesteps {nll_timesteps} is outside 1..{num_terms}, the pipeline's diffusion terms (T - 1); "
             "pass a count in that range, or none for the exact bound."
         )
@@ -422,7 +359,7 @@ def load_nll_digits(
     """The digits to bound the NLL on, at the UNet's `sample_size` (a seeded subset of `nll_images`; None: all),
     after checking `nll_timesteps` against the pipeline: every input of `nll_bound`, checked before it runs."""
     _check_nll_timesteps(pipe, nll_timesteps)
-    return load_digits(dataset_name, split, nll_images, sample_size=pipe.unet.config.sample_size, seed=seed)
+    return load_x_0(dataset_name, split, nll_images, sample_size=pipe.unet.config.sample_size, seed=seed)
 
 
 def nll_bound(
@@ -451,25 +388,3 @@ def nll_bound(
         generator=torch.Generator().manual_seed(seed),
         progress=progress,
     )
-
-
-def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
-    """Digits (N, 1, H, W) in [0, 1] as 8-bit greyscale PIL images."""
-    pixels = (images[:, 0].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return [Image.fromarray(digit) for digit in pixels]
-
-
-def digit_grid(images: torch.Tensor, *, cols: int | None = None, upscale: int = 1) -> Image.Image:
-    """Digits (N, 1, H, W) in [0, 1] tiled row by row into one greyscale image (diffusers' `make_image_grid`).
-
-    `cols` defaults to a near-square grid, ceil(sqrt(N)); spare tiles of the last row are black. `upscale` enlarges
-    every pixel to an upscale x upscale block (nearest neighbour): 2 or more makes MNIST's 28-pixel digits readable.
-    """
-    if len(images) == 0 or upscale < 1:
-        raise UsageError(f"a grid needs at least one digit and an upscale of at least 1, got {len(images)}, {upscale}.")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    tiles = to_pil_images(images)
-    tiles += [Image.new("L", tiles[0].size) for _ in range(rows * cols - len(tiles))]
-    grid = make_image_grid(tiles, rows=rows, cols=cols).convert("L")  # it pastes into RGB; R = G = B here
-    return grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)

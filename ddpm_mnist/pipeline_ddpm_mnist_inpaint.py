@@ -25,8 +25,13 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+# diffusers' remote-code loader copies out of a saved folder only the modules that the pipeline's own module imports,
+# not those that they import in turn: the modules that `.pipeline_ddpm_mnist` and `.schedulers` import are named here
+# too, so that a saved inpainting folder loads with `trust_remote_code=True` without the package.
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
+from .remote_code_utils import RemoteCodeMixin  # noqa: F401
 from .schedulers import SCHEDULERS
+from .scheduling_ddpm_mnist import DDPMMnistScheduler  # noqa: F401
 
 IMAGE_SIZE = 28  # the side of the digits the pipeline takes and returns
 # Schedulers whose step depends on (x_t, t) alone: RePaint jumps back up the chain, which a multistep scheduler's

@@ -16,7 +16,6 @@ from ddpm_mnist.data import (
     part_read,
     shuffled_shard,
 )
-from ddpm_mnist.errors import UsageError
 from tests.utils import png_bytes
 
 
@@ -67,7 +66,7 @@ def test_part_read_ends_the_read_when_left_early_or_by_an_error():
 
 
 def test_missing_path_is_a_clear_error():
-    with pytest.raises(UsageError, match="dataset path './no/such/mnist' does not exist"):
+    with pytest.raises(FileNotFoundError, match="dataset_name './no/such/mnist' does not exist"):
         load_image_stream("./no/such/mnist")
 
 

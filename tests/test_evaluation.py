@@ -1,4 +1,5 @@
-"""Tests for `ddpm_mnist.evaluation` on a tiny saved pipeline and a small MNIST-layout folder."""
+"""Tests for `ddpm_mnist.evaluation` on a tiny saved pipeline and a small MNIST-layout folder, and for the image
+helpers of `ddpm_mnist.image_utils` that the editing commands read their input with."""
 
 import functools
 import math
@@ -13,21 +14,17 @@ from PIL import Image
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
 from ddpm_mnist.data import decode_labels, load_image_stream, load_x_0
-from ddpm_mnist.errors import UsageError
 from ddpm_mnist.evaluation import (
     QualityReference,
-    balanced_labels,
-    digit_grid,
     generate_digits,
     guidance_sweep,
-    keep_half,
-    load_image,
     load_pipeline,
     load_test_digits,
     nll_bound,
     scheduler_steps,
-    to_pil_images,
 )
+from ddpm_mnist.image_utils import digit_grid, keep_half, load_image, to_pil_images
+from ddpm_mnist.metrics.quality import balanced_class_labels
 from tests.utils import tiny_unet
 
 T = 10
@@ -91,7 +88,7 @@ def test_grid_tiles_row_by_row_with_black_spare_tiles_and_upscales_by_whole_pixe
     large = np.asarray(digit_grid(digits, cols=5, upscale=3))
     assert large.shape == (3 * 28, 5 * 3 * 28)
     np.testing.assert_array_equal(large, np.hstack(expected).repeat(3, 0).repeat(3, 1))
-    with pytest.raises(UsageError, match="at least one digit"):
+    with pytest.raises(ValueError, match="at least one digit"):
         digit_grid(digits[:0])
 
 
@@ -126,18 +123,19 @@ def test_load_pipeline_passes_the_dtype_through(pipeline_dir):
         (lambda pipe: nll_bound(pipe, torch.zeros(1, 1, 28, 28), nll_timesteps=T), f"is outside 1..{T - 1}"),
     ],
 )
-def test_bad_arguments_are_usage_errors_naming_the_argument(pipeline_dir, call, message):
-    with pytest.raises(UsageError, match=message.replace("+", r"\+").replace(".", r"\.")):
+def test_bad_arguments_are_value_errors_naming_the_argument(pipeline_dir, call, message):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+").replace(".", r"\.")):
         call(load_pipeline(pipeline_dir))
 
 
 def test_load_pipeline_refuses_bad_input_in_one_line(pipeline_dir, tmp_path):
-    for args, message in [
-        ((tmp_path / "nothing",), "is not a folder"),
-        ((pipeline_dir, "cpu", "int8"), "dtype 'int8' is not one of fp32, bf16, fp16"),
-        ((pipeline_dir, "tpu9"), "is not a torch device"),
+    for args, error_type, message in [
+        ((tmp_path / "nothing",), FileNotFoundError, "is not a folder"),
+        ((pipeline_dir, "cpu", "int8"), ValueError, "dtype 'int8' is not one of fp32, bf16, fp16"),
+        ((pipeline_dir, "tpu9"), ValueError, "device 'tpu9' is not a torch device"),
+        (("someone/no-such-model",), OSError, "cannot load the pipeline 'someone/no-such-model'"),
     ]:
-        with pytest.raises(UsageError, match=message) as error:
+        with pytest.raises(error_type, match=message) as error:
             load_pipeline(*args)
         assert "\n" not in str(error.value)
 
@@ -148,9 +146,9 @@ def test_the_floor_is_computed_once_per_count_and_checked_before_sampling(mnist_
     floor = reference.floor(8)
     assert floor.num_images == 8 and reference.floor(8) is floor
     assert np.isfinite(floor.fid) and 0 <= floor.precision <= 1
-    with pytest.raises(UsageError, match="which holds 96"):
+    with pytest.raises(ValueError, match="which holds 96"):
         reference.floor(97)
-    with pytest.raises(UsageError, match="num_samples must be at least 4"):
+    with pytest.raises(ValueError, match="num_samples must be at least 4"):
         reference.score(torch.rand(3, 1, 28, 28))
 
 
@@ -183,13 +181,6 @@ def test_generate_digits_hands_each_batch_its_labels_and_the_guidance_scale(cond
     assert seen == [None]  # no labels: any digit
 
 
-def test_balanced_labels_ask_for_every_digit_equally_often():
-    assert balanced_labels(10).tolist() == list(range(10))
-    assert torch.bincount(balanced_labels(25), minlength=10).tolist() == [3, 2, 3, 2, 3, 2, 3, 2, 3, 2]
-    with pytest.raises(UsageError, match="num_samples 9 cannot hold every digit 0-9; pass at least 10"):
-        balanced_labels(9)
-
-
 @pytest.mark.parametrize(
     ("conditional", "kwargs", "message"),
     [
@@ -200,12 +191,12 @@ def test_balanced_labels_ask_for_every_digit_equally_often():
         (True, {"guidance_scale": 2.0}, "guidance_scale > 1 needs class_labels"),
     ],
 )
-def test_bad_class_inputs_are_usage_errors_before_any_sampling(
+def test_bad_class_inputs_are_value_errors_before_any_sampling(
     pipeline_dir, conditional_dir, conditional, kwargs, message
 ):
     pipe = load_pipeline(conditional_dir if conditional else pipeline_dir)
     seen = unet_labels(pipe)
-    with pytest.raises(UsageError, match=message) as error:
+    with pytest.raises(ValueError, match=message) as error:
         generate_digits(pipe, 2, num_inference_steps=1, progress=False, **kwargs)
     assert "\n" not in str(error.value) and seen == []
 
@@ -213,7 +204,7 @@ def test_bad_class_inputs_are_usage_errors_before_any_sampling(
 def test_class_accuracy_is_scored_against_the_labels_asked_for(conditional_dir, real_mnist, monkeypatch):
     reference = QualityReference(real_mnist, 20, progress=False)
     pipe = load_pipeline(conditional_dir)
-    labels = balanced_labels(20)
+    labels = balanced_class_labels(20)
     for shift, accuracy in [(0, 1.0), (1, 0.0)]:
         calls = draw_real_digits(monkeypatch, real_mnist, shift)
         samples = generate_digits(pipe, 20, batch_size=8, class_labels=labels, guidance_scale=2.0, progress=False)
@@ -234,12 +225,12 @@ def test_a_guidance_sweep_scores_each_scale_on_the_same_balanced_labels(
     sweep = guidance_sweep(pipe, reference, 20, (1.0, 2.5), num_inference_steps=2, progress=False)
     assert list(sweep) == [1.0, 2.5]
     assert [call["guidance_scale"] for call in calls] == [1.0, 2.5]
-    assert all(call["class_labels"].tolist() == balanced_labels(20).tolist() for call in calls)
+    assert all(call["class_labels"].tolist() == balanced_class_labels(20).tolist() for call in calls)
     assert all(scores.accuracy.accuracy == 1.0 and math.isfinite(scores.quality.fid) for scores in sweep.values())
     calls.clear()
-    with pytest.raises(UsageError, match="guidance_scale must be a number of at least 1"):
+    with pytest.raises(ValueError, match="guidance_scale must be a number of at least 1"):
         guidance_sweep(pipe, reference, 20, (2.0, 0.5))
-    with pytest.raises(UsageError, match="needs a class-conditional pipeline"):
+    with pytest.raises(ValueError, match="needs a class-conditional pipeline"):
         guidance_sweep(load_pipeline(pipeline_dir), reference, 20)
     assert calls == []  # every scale was checked before the first draw
 
@@ -249,7 +240,7 @@ def test_keep_half_keeps_the_named_half():
     expected = {"top": rows < 14, "bottom": rows >= 14, "left": cols < 14, "right": cols >= 14}
     for region, kept in expected.items():
         assert torch.equal(keep_half(region), kept.float()[None, None])
-    with pytest.raises(UsageError, match="keep 'middle' is not one of top, bottom, left, right"):
+    with pytest.raises(ValueError, match="region 'middle' is not one of top, bottom, left, right"):
         keep_half("middle")
 
 
@@ -259,15 +250,18 @@ def test_editing_inputs_load_from_png_files_and_test_digit_indexes(mnist_folder,
     image = load_image(tmp_path / "digit.png")
     assert image.mode == "L" and np.array_equal(np.asarray(image), np.asarray(Image.fromarray(pixels).convert("L")))
     (tmp_path / "notes.png").write_text("not an image")
-    for path, message in [("nothing.png", "nothing.png' is not a file"), ("notes.png", "cannot be read as an image")]:
-        with pytest.raises(UsageError, match=f"--image_a '.*{message}"):
+    for path, error_type, message in [
+        ("nothing.png", FileNotFoundError, "nothing.png' is not a file"),
+        ("notes.png", ValueError, "cannot be read as an image"),
+    ]:
+        with pytest.raises(error_type, match=f"--image_a '.*{message}"):
             load_image(tmp_path / path, "--image_a")
 
     def ids(x_0: torch.Tensor) -> list[int]:  # the fixture writes example i's index into its top-left pixel
         return ((x_0[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
 
     assert ids(load_test_digits(mnist_folder, [5, 2])) == [5, 2]
-    with pytest.raises(UsageError, match="cannot read test digit 40: .*which holds 32"):
+    with pytest.raises(ValueError, match="cannot read test digit 40: .*which holds 32"):
         load_test_digits(mnist_folder, [1, 40])
-    with pytest.raises(UsageError, match="negative index"):
+    with pytest.raises(ValueError, match="negative index"):
         load_test_digits(mnist_folder, [-1])

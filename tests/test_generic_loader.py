@@ -61,7 +61,12 @@ def test_a_saved_folder_names_the_code_it_carries(folders):
     assert index["_class_name"] == ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]
     assert index["unet"] == ["unet_ddpm_mnist", "DDPMMnistUNet"]
     assert index["scheduler"] == ["scheduling_ddpm_mnist", "DDPMMnistScheduler"]
-    for path in ("pipeline_ddpm_mnist.py", "unet/unet_ddpm_mnist.py", "scheduler/scheduling_ddpm_mnist.py"):
+    for path in (
+        "pipeline_ddpm_mnist.py",
+        "remote_code_utils.py",
+        "unet/unet_ddpm_mnist.py",
+        "scheduler/scheduling_ddpm_mnist.py",
+    ):
         source = ROOT / "ddpm_mnist" / path.rpartition("/")[2]
         assert (folders.saved / path).read_bytes() == source.read_bytes(), f"{path} is not a copy of {source.name}"
     assert not (folders.saved / "README.md").exists(), "a card is written by a push, which knows the repo id"
@@ -125,7 +130,8 @@ def test_a_saved_inpainting_pipeline_completes_digits_without_the_package(tmp_pa
     inpaint = DDPMMnistInpaintPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10))
     inpaint.save_pretrained(tmp_path / "inpaint")
     carried = {path.name for path in (tmp_path / "inpaint").glob("*.py")}
-    assert carried == {"pipeline_ddpm_mnist_inpaint.py", "pipeline_ddpm_mnist.py", "scheduling_ddpm_mnist.py"}
+    imported = {"pipeline_ddpm_mnist.py", "remote_code_utils.py", "schedulers.py", "scheduling_ddpm_mnist.py"}
+    assert carried == {"pipeline_ddpm_mnist_inpaint.py", *imported}
     code = f"""{HIDE_PACKAGE}{SAMPLE}
 from diffusers import DiffusionPipeline
 {inspect.getsource(complete_top_halves)}

@@ -64,8 +64,8 @@ def judge(real_mnist):
 def test_the_release_folder_is_what_a_push_uploads(pipe):
     files = sorted(p.relative_to(PRETRAINED).as_posix() for p in PRETRAINED.rglob("*") if p.is_file())
     assert files == sorted([
-        "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "samples/denoising.png", "samples/grid.png",
-        "samples/loss.png", "samples/nll_terms.png", "samples/time_to_quality.png",
+        "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "remote_code_utils.py", "samples/denoising.png",
+        "samples/grid.png", "samples/loss.png", "samples/nll_terms.png", "samples/time_to_quality.png",
         "scheduler/scheduler_config.json", "scheduler/scheduling_ddpm_mnist.py",
         "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/unet_ddpm_mnist.py",
     ])  # fmt: skip
@@ -127,10 +127,11 @@ def read_as(images: torch.Tensor) -> torch.Tensor:
 def test_the_conditional_release_folder_is_what_a_push_uploads(cond_pipe):
     files = sorted(p.relative_to(COND_PRETRAINED).as_posix() for p in COND_PRETRAINED.rglob("*") if p.is_file())
     assert files == sorted([
-        "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "samples/completion.png", "samples/denoising.png",
-        "samples/grid.png", "samples/guidance.png", "samples/interpolation.png", "samples/loss.png",
-        "samples/nll_terms.png", "scheduler/scheduler_config.json", "scheduler/scheduling_ddpm_mnist.py",
-        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/unet_ddpm_mnist.py",
+        "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "remote_code_utils.py", "samples/completion.png",
+        "samples/denoising.png", "samples/grid.png", "samples/guidance.png", "samples/interpolation.png",
+        "samples/loss.png", "samples/nll_terms.png", "scheduler/scheduler_config.json",
+        "scheduler/scheduling_ddpm_mnist.py", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "unet/unet_ddpm_mnist.py",
     ])  # fmt: skip
     assert cond_pipe.is_class_conditional and cond_pipe.unet.config.num_class_embeds == 10
     # The unconditional release's U-Net and an embedding of 11 classes (10 digits and the null class) x 128 channels.

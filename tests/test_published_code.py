@@ -1,12 +1,14 @@
 """The code published in `pretrained/*` cannot drift from the package: byte for byte the same, and it runs alone.
 
-Each released folder carries the pipeline, UNet and scheduler modules for `trust_remote_code`. The package never runs
-those copies (`DDPMMnistPipeline.from_pretrained` maps them back to its own modules), so only these tests notice when
-an edit to `ddpm_mnist/` leaves them behind, or when the copies stop working without the package.
+Each released folder carries the pipeline, UNet and scheduler modules for `trust_remote_code`, and the module that the
+pipeline imports relatively (its save and load, `remote_code_utils.py`). The package never runs those copies
+(`DDPMMnistPipeline.from_pretrained` maps them back to its own modules), so only these tests notice when an edit to
+`ddpm_mnist/` leaves them behind, or when the copies stop working without the package.
 """
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from tests.utils import HIDE_PACKAGE, run_python
 ROOT = Path(__file__).resolve().parents[1]
 RELEASES = sorted(index.parent for index in ROOT.glob("pretrained/*/model_index.json"))
 PUBLISHED_CODE = sorted(path for release in RELEASES for path in release.rglob("*.py"))
+# What the published code may import besides the standard library: diffusers and its own dependencies.
+ALLOWED_IMPORTS = {"diffusers", "huggingface_hub", "numpy", "PIL", "torch"}
 # Two digits on 3 of the release's timesteps from a fixed seed: the same numbers whichever copy of the code runs.
 SAMPLE = {"batch_size": 2, "num_inference_steps": 3, "output_type": "np"}
 
@@ -35,7 +39,7 @@ def one_thread() -> Iterator[None]:
 
 
 def test_there_is_published_code_to_check():
-    assert RELEASES and len(PUBLISHED_CODE) == 3 * len(RELEASES)
+    assert RELEASES and len(PUBLISHED_CODE) == 4 * len(RELEASES)
 
 
 @pytest.mark.parametrize("path", PUBLISHED_CODE, ids=lambda path: path.relative_to(ROOT).as_posix())
@@ -79,11 +83,15 @@ print(sorted(name for name in sys.modules if name.startswith("ddpm_mnist")))
     np.testing.assert_array_equal(remote, package)
 
 
-def test_the_remote_code_modules_import_nothing_of_the_package():
+@pytest.mark.parametrize("module", sorted({path.name for path in PUBLISHED_CODE}))
+def test_the_remote_code_modules_import_only_diffusers_its_dependencies_and_the_standard_library(module):
     # diffusers' remote-code loader imports every module that a line of the file starting with `import X` or
-    # `from X import` names (docstrings and strings included): a line naming this package would make loading
-    # without it fail.
-    for module in ("pipeline_ddpm_mnist", "unet_ddpm_mnist", "scheduling_ddpm_mnist"):
-        text = Path(ddpm_mnist.__file__).with_name(f"{module}.py").read_text()
-        imports = re.findall(r"^\s*(?:import|from)\s+(\S+)", text, flags=re.MULTILINE)
-        assert "torch" in imports and not [name for name in imports if name.startswith("ddpm_mnist")], module
+    # `from X import` names (docstrings and strings included), with its own patterns: a line naming this package
+    # would make loading without it fail. A relative import names a module the releases carry beside it.
+    text = Path(ddpm_mnist.__file__).with_name(module).read_text()
+    imports = re.findall(r"^\s*import\s+(\S+)\s*$", text, flags=re.MULTILINE)
+    imports += re.findall(r"^\s*from\s+(\S+)\s+import", text, flags=re.MULTILINE)
+    relative = {name[1:] for name in imports if name.startswith(".")}
+    absolute = {name.split(".")[0] for name in imports if not name.startswith(".")}
+    assert absolute and absolute <= ALLOWED_IMPORTS | sys.stdlib_module_names, absolute - sys.stdlib_module_names
+    assert {f"{name}.py" for name in relative} <= {path.name for path in PUBLISHED_CODE}, relative

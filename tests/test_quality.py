@@ -167,5 +167,7 @@ def test_class_accuracy_reads_real_digits_as_their_labels_and_wrong_labels_as_wr
 def test_balanced_labels_ask_for_every_digit_equally_often():
     assert balanced_class_labels(1000).bincount().tolist() == [100] * 10
     assert balanced_class_labels(12).tolist() == [0, 0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9]
-    with pytest.raises(ValueError, match="cannot hold each of the 10 classes"):
+    assert balanced_class_labels(10).tolist() == list(range(10))
+    assert balanced_class_labels(25).bincount(minlength=10).tolist() == [3, 2, 3, 2, 3, 2, 3, 2, 3, 2]
+    with pytest.raises(ValueError, match="num_samples 9 cannot hold every digit 0-9; pass at least 10"):
         balanced_class_labels(9)

@@ -133,7 +133,9 @@ class ClassAccuracy:
 def balanced_class_labels(num_samples: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """`num_samples` class labels with every class equally often (to within one): 0, 0, ..., 1, 1, ..., 9."""
     if num_samples < num_classes:
-        raise ValueError(f"{num_samples} samples cannot hold each of the {num_classes} classes; ask for more.")
+        raise ValueError(
+            f"num_samples {num_samples} cannot hold every digit 0-{num_classes - 1}; pass at least {num_classes}."
+        )
     return torch.arange(num_samples) * num_classes // num_samples
 
 

@@ -4,37 +4,22 @@ Noise x_T ~ N(0, I) -> for each timestep of the scheduler: eps = UNet(x_t, t), x
 -> x_0 in [-1, 1] -> 28x28 greyscale digits. Any diffusers scheduler compatible with the DDPM schedule can be
 swapped in (DDIM, DPM-Solver++, UniPC, Euler, Heun).
 
-This file imports only torch, diffusers (with its own dependency huggingface_hub) and the standard library, so that
-it can be copied as-is into a Hub repository and loaded with `trust_remote_code=True`.
-
-Loading by Hub repo id: diffusers' `DiffusionPipeline.download` refuses a model_index.json whose components come from a
-package outside diffusers (`_get_custom_components_and_folders` accepts only diffusers' own libraries or a
-`<component>/<module>.py` file in the repo), even when that package is installed. So `from_pretrained` fetches the repo
-with `huggingface_hub.snapshot_download` and loads the local snapshot, where diffusers resolves our components from
-the imported package. A folder written by `save_pretrained`, and so a repo pushed by `push_to_hub` or
-`save_pretrained(..., push_to_hub=True)`, names the module files it carries for `trust_remote_code`
-(`["unet_ddpm_mnist", "DDPMMnistUNet"]`); `load_config` reads those names as the modules beside this one, so the
-package's classes load it.
+This file imports only torch, diffusers and the standard library, and the module beside it that saves and loads the
+pipeline with its code (`remote_code_utils.RemoteCodeMixin`), so that both can be copied as they are into a Hub
+repository and loaded with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
-from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import ModelCard, ModelCardData, create_repo, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
+
+from .remote_code_utils import RemoteCodeMixin
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,22 +27,13 @@ if TYPE_CHECKING:
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
-# Files a saved pipeline folder must hold for `from_pretrained` to rebuild it.
-REQUIRED_FILES = (
-    "model_index.json",
-    os.path.join("unet", "config.json"),
-    os.path.join("unet", "diffusion_pytorch_model.safetensors"),
-    os.path.join("scheduler", "scheduler_config.json"),
-)
-# What `from_pretrained` downloads of a Hub repo: model_index.json, the component configs and safetensors weights.
-PIPELINE_FILE_PATTERNS = ["*.json", "*.safetensors"]
-# The package this module is part of: its modules are the code files a saved folder carries for trust_remote_code.
-_PACKAGE = __name__.rpartition(".")[0]
 
-
-class DDPMMnistPipeline(DiffusionPipeline):
+class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
     r"""
     Unconditional generation of MNIST digits with a DDPM.
+
+    `from_pretrained` (a folder or a Hub repo id), `save_pretrained` and `push_to_hub` are diffusers' own, in the
+    layout that loads with this package and without it (see [`RemoteCodeMixin`]).
 
     Parameters:
         unet ([`DDPMMnistUNet`]):
@@ -82,116 +58,6 @@ class DDPMMnistPipeline(DiffusionPipeline):
             )
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(image_size=image_size)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DDPMMnistPipeline:
-        """Load a saved folder or a Hub repo id (with `revision`, `cache_dir`, `local_files_only`, offline mode)."""
-        folder = str(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):
-            try:
-                validate_repo_id(folder)
-            except ValueError as e:
-                raise OSError(f"{folder} is neither a folder nor a Hub repo id (user/name): {e}") from e
-            folder = snapshot_download(
-                folder,
-                revision=kwargs.get("revision"),
-                cache_dir=kwargs.get("cache_dir"),
-                local_files_only=kwargs.get("local_files_only") or False,
-                token=kwargs.get("token"),
-                force_download=kwargs.get("force_download", False),
-                allow_patterns=PIPELINE_FILE_PATTERNS,
-            )
-        # The folder is checked for its files first, so a gap names itself.
-        missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
-        if missing:
-            raise OSError(
-                f"{pretrained_model_name_or_path} is not a complete DDPMMnistPipeline folder: missing "
-                f"{', '.join(missing)}. Point to a folder written by `pipeline.save_pretrained(...)` or a repo pushed "
-                "with `pipeline.push_to_hub(...)`."
-            )
-        return super().from_pretrained(folder, **kwargs)
-
-    @classmethod
-    def load_config(cls, *args, **kwargs) -> dict | tuple:
-        """`ConfigMixin.load_config`, reading the remote-code entries of a pushed model_index.json as this package."""
-        loaded = super().load_config(*args, **kwargs)
-        if isinstance(loaded, tuple):
-            return (_package_entries(loaded[0], cls), *loaded[1:])
-        return _package_entries(loaded, cls)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ) -> str | None:
-        """`DiffusionPipeline.save_pretrained`, in the layout that loads with the package and without it.
-
-        model_index.json names the module files the folder carries (`_class_name: ["pipeline_ddpm_mnist",
-        "DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist", "DDPMMnistUNet"]`): this file at the root, and each
-        component's module, if it is one beside this file, in the component's folder, copied as they are. diffusers'
-        generic loader runs those files with `trust_remote_code=True`; `DDPMMnistPipeline.from_pretrained` reads the
-        names as the package's own modules (see `load_config`).
-
-        `push_to_hub=True` then uploads the whole folder, as diffusers does, with diffusers' `repo_id` (default: the
-        folder's name), `commit_message`, `private`, `token` and `create_pr`, and returns the commit URL (a training
-        run's folder, with its checkpoints and logs, goes up with `ddpm_mnist.hub.push_pipeline_folder` instead, which
-        leaves those out). The model card that goes up is the folder's README.md if it has one (a full card:
-        `ddpm_mnist.hub.render_model_card(...).save(...)` before the push), else the repo's card, else a short card on
-        how to load the pipeline.
-        """
-        if push_to_hub:
-            upload = {name: kwargs.pop(name, None) for name in ("commit_message", "token", "subfolder")}
-            create_pr, private = kwargs.pop("create_pr", False), kwargs.pop("private", None)
-            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            repo_id = create_repo(repo_id, private=private, token=upload["token"], exist_ok=True).repo_id
-        super().save_pretrained(
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            **kwargs,
-        )
-        _write_remote_code(save_directory, type(self), self.components)
-        if not push_to_hub:
-            return None
-        card_path = os.path.join(save_directory, "README.md")
-        if not upload["subfolder"] and not os.path.isfile(card_path):  # diffusers puts no card in a subfolder
-            _model_card(self, repo_id, upload["token"]).save(card_path)
-        return self._upload_folder(save_directory, repo_id, create_pr=create_pr, **upload)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        subfolder: str | None = None,
-    ) -> str:
-        """diffusers' `push_to_hub`, uploading what `save_pretrained(..., push_to_hub=True)` does; the commit URL.
-
-        The weights, configs and the code `trust_remote_code` needs go up in one commit, with the repo's model card,
-        or a short one for a repo without a card.
-        """
-        with tempfile.TemporaryDirectory() as folder:
-            return self.save_pretrained(
-                folder,
-                safe_serialization=safe_serialization,
-                variant=variant,
-                push_to_hub=True,
-                repo_id=repo_id,
-                commit_message=commit_message,
-                private=private,
-                token=token,
-                create_pr=create_pr,
-                subfolder=subfolder,
-            )
 
     @property
     def is_class_conditional(self) -> bool:
@@ -477,96 +343,3 @@ class DDPMMnistPipeline(DiffusionPipeline):
             if output_type == "pil":
                 image = self.numpy_to_pil(image)
         return image
-
-
-def _package_entries(config: dict, pipeline_class: type) -> dict:
-    """model_index.json with the entries that name a module file beside this one pointing to that module instead."""
-    # A pushed repo's `["unet_ddpm_mnist", "DDPMMnistUNet"]` and `_class_name: ["pipeline_ddpm_mnist", ...]` point
-    # diffusers to the code files the repo carries; with the package imported they mean its own modules, e.g.
-    # `["ddpm_mnist.unet_ddpm_mnist", "DDPMMnistUNet"]`, which diffusers loads without running downloaded code.
-    # A folder of one of this package's pipelines loads as the class asked for (a base pipeline's folder as the
-    # inpainting pipeline, say), as diffusers loads a folder into any pipeline class that takes its components.
-    config = dict(config)
-    saved_as = config.get("_class_name")
-    if isinstance(saved_as, list) and f"{_PACKAGE}.{saved_as[0]}" in sys.modules:
-        config["_class_name"] = pipeline_class.__name__
-    for name, entry in config.items():
-        if name != "_class_name" and isinstance(entry, list) and f"{_PACKAGE}.{entry[0]}" in sys.modules:
-            config[name] = [f"{_PACKAGE}.{entry[0]}", entry[1]]
-    return config
-
-
-def _write_remote_code(folder: str | os.PathLike, pipeline_class: type, components: dict) -> None:
-    """Point a saved folder's model_index.json to module files, and copy those modules in (see `save_pretrained`)."""
-    index_path = os.path.join(folder, "model_index.json")
-    with open(index_path) as file:
-        index = json.load(file)
-    module = pipeline_class.__module__.rpartition(".")[2]
-    index["_class_name"] = [module, pipeline_class.__name__]
-    # The pipeline's module and those it imports relatively, which diffusers' remote-code loader fetches beside it.
-    module_file = inspect.getsourcefile(pipeline_class)
-    for source in (module_file, *get_relative_import_files(module_file)):
-        shutil.copyfile(source, os.path.join(folder, os.path.basename(source)))
-    # diffusers names a component whose class comes from outside its libraries by the full module name; of those, the
-    # modules beside this file ship with the folder (diffusers' own classes keep entries such as ["diffusers", ...]).
-    for name, component in components.items():
-        component_class = type(component)
-        package, _, module = component_class.__module__.rpartition(".")
-        if package == _PACKAGE and index.get(name) == [component_class.__module__, component_class.__name__]:
-            index[name] = [module, component_class.__name__]
-            shutil.copyfile(inspect.getsourcefile(component_class), os.path.join(folder, name, f"{module}.py"))
-    with open(index_path, "w") as file:
-        file.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _model_card(pipeline: DiffusionPipeline, repo_id: str, token: str | None) -> ModelCard:
-    """The repo's own model card, which a push keeps as diffusers' does; for a repo without one, a short card."""
-    try:
-        return ModelCard.load(repo_id, token=token)
-    except EntryNotFoundError:
-        pass
-    class_name, module = type(pipeline).__name__, type(pipeline).__module__.rpartition(".")[2]
-    metadata = ModelCardData(
-        library_name="diffusers", pipeline_tag="unconditional-image-generation", tags=["ddpm", "mnist"]
-    )
-    steps = pipeline.scheduler.config.num_train_timesteps
-    # Not written out as a line of this file: diffusers' remote-code loader imports every module that a line starting
-    # with `from X import` names, so such a line here would make loading without the package fail.
-    card_import = "from ddpm_mnist import"
-    sample = (
-        "generator = torch.Generator().manual_seed(0)\n"
-        f"images = pipe(batch_size=16, num_inference_steps={steps}, generator=generator).images"
-    )
-    return ModelCard(f"""---
-{metadata.to_yaml()}
----
-
-# {repo_id.split("/")[-1]}
-
-Handwritten digits in the style of MNIST from a denoising diffusion probabilistic model (DDPM; Ho, Jain and Abbeel,
-["Denoising Diffusion Probabilistic Models"](https://arxiv.org/abs/2006.11239), 2020): a diffusers `{class_name}`.
-
-With the package installed (`pip install ddpm-mnist`), the pipeline loads with the package's own classes:
-
-```python
-import torch
-{card_import} {class_name}
-
-pipe = {class_name}.from_pretrained("{repo_id}")
-{sample}
-```
-
-Without the package, diffusers alone loads it: this repository carries the pipeline's code (`{module}.py`, and the
-modules that `model_index.json` names in the components' folders). Read it, then allow it to run with
-`trust_remote_code=True`:
-
-```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
-{sample}
-```
-
-Both ways give the same digits for the same seed.
-""")
