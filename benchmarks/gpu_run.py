@@ -19,7 +19,7 @@ still run (those that need its output are skipped):
    card, training record, tensorboard logs; no checkpoints) as `pipeline.tar.gz.00`, `.01`, ... in parts under
    16 MB. The archive is packed right after training and `results.json` rewritten after every stage, so that a
    run stopped at the command's limit still brings back the weights and the figures so far.
-   `training/release_gpu.py` turns them into `pretrained/ddpm-mnist/` on the CPU.
+   `training/release.py --gpu_results OUT_DIR` turns them into `pretrained/ddpm-mnist/` on the CPU.
 
 Expected split of the 8 minutes on one H100 (estimates until the first run replaces them): set-up 20 s, CUDA tests
 40 s (8 pytest workers), throughput 60 s, training start-up 30 s, evaluation 150 s: training gets the remaining ~3.3

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,29 +28,26 @@ from PIL import Image
 
 from . import __version__
 from .data import DEFAULT_DATASET
-from .errors import UsageError, run_entry_point
+from .errors import UsageError, run_entry_point, usage_errors
 from .evaluation import (
     DTYPES,
-    HALVES,
     QualityReference,
     check_class_inputs,
     default_device,
-    digit_grid,
     generate_digits,
-    keep_half,
-    load_image,
     load_nll_digits,
     load_pipeline,
     load_test_digits,
     nll_bound,
     scheduler_steps,
     scoring_labels,
-    to_pil_images,
 )
 from .hardware import describe_device
+from .image_utils import HALVES, digit_grid, keep_half, load_image, to_pil_images
 from .interpolation import DEFAULT_LAMBDAS, interpolate
 from .metrics.classifier import NUM_CLASSES
 from .metrics.likelihood import VariationalBound
+from .model_card import QUALITY_ROWS
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 from .pipeline_ddpm_mnist_inpaint import (
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -63,7 +58,8 @@ from .pipeline_ddpm_mnist_inpaint import (
 from .schedulers import FAST_SCHEDULER_STEPS, SCHEDULERS
 from .scheduling_ddpm_mnist import DDPMMnistScheduler
 
-QUALITY_KEYS = ("fid", "kid", "precision", "recall", "mean_confidence", "class_entropy", "rarest_class_share")
+# The library's arguments that the sampling options pass on under their own names (see `usage_errors`).
+SAMPLING_ARGUMENTS = ("num_inference_steps", "class_labels", "guidance_scale", "guidance_interval")
 
 
 def _add_option(parser: argparse._ActionsContainer, name: str, **kwargs: object) -> None:
@@ -276,7 +272,8 @@ def _load_pipeline(args: argparse.Namespace) -> DDPMMnistPipeline:
     """The pipeline on the chosen device, which is named in one line."""
     if getattr(args, "batch_size", 1) < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}.")
-    pipe = load_pipeline(args.pipeline, args.device, getattr(args, "dtype", "fp32"))
+    with usage_errors("device", "dtype"):
+        pipe = load_pipeline(args.pipeline, args.device, getattr(args, "dtype", "fp32"))
     print(f"device: {pipe.device} ({describe_device(pipe.device)})")
     return pipe
 
@@ -336,8 +333,15 @@ def _sample(args: argparse.Namespace) -> None:
     if output_dir.is_file():
         raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder.")
     _check_upscale(args)
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}.")
     digits = _asked_digits(args)
-    images = _generate(_load_pipeline(args), args, _class_labels(args, args.num_samples))
+    pipe = _load_pipeline(args)
+    class_labels = _class_labels(args, args.num_samples)
+    with usage_errors("scheduler", *SAMPLING_ARGUMENTS):
+        scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
+        check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_samples, args.guidance_interval)
+    images = _generate(pipe, args, class_labels)
     output_dir.mkdir(parents=True, exist_ok=True)
     cols = min(len(digits), len(images)) if digits is not None and len(digits) > 1 else None  # a column per label
     digit_grid(images, cols=cols, upscale=args.upscale).save(output_dir / "grid.png")
@@ -351,15 +355,17 @@ def _sample(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     """`ddpm-mnist evaluate`: quality of samples against the test digits, beside the real-vs-real floor."""
     pipe = _load_pipeline(args)
-    steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
-    class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale, args.guidance_interval)
-    # All data first, so that a bad --dataset_name or count fails before the sampling.
-    if args.nll:
-        nll_x_0 = load_nll_digits(
-            pipe, args.dataset_name, nll_images=args.nll_images, nll_timesteps=args.nll_timesteps, seed=args.seed
-        )
-    reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
-    floor = reference.floor(args.num_samples)
+    data_arguments = ("dataset_name", "reference_images", "nll_images", "nll_timesteps")
+    with usage_errors("scheduler", "num_samples", *SAMPLING_ARGUMENTS, *data_arguments):
+        steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
+        class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale, args.guidance_interval)
+        # All data first, so that a bad --dataset_name or count fails before the sampling.
+        if args.nll:
+            nll_x_0 = load_nll_digits(
+                pipe, args.dataset_name, nll_images=args.nll_images, nll_timesteps=args.nll_timesteps, seed=args.seed
+            )
+        reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
+        floor = reference.floor(args.num_samples)
 
     samples = _generate(pipe, args, class_labels)
     scores = reference.score(samples) if class_labels is None else reference.score_conditional(samples, class_labels)
@@ -387,7 +393,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"Each digit asked for equally often, guidance scale {args.guidance_scale:g}{interval}.")
         print("class_accuracy: the share of samples the classifier reads as the digit asked for.")
     print(f"\n{'':24}{'samples':>12}{'real floor':>12}")
-    for name in QUALITY_KEYS:
+    for name in QUALITY_ROWS:
         print(f"{name:24}{result[name]:12.4f}{result['floor'][name]:12.4f}")
     if class_labels is not None:
         print(f"{'class_accuracy':24}{result['class_accuracy']:12.4f}")
@@ -401,14 +407,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _nll(args: argparse.Namespace) -> None:
     """`ddpm-mnist nll`: the variational bound in bits/dim with its terms."""
     pipe = _load_pipeline(args)
-    x_0 = load_nll_digits(
-        pipe,
-        args.dataset_name,
-        split=args.split,
-        nll_images=args.nll_images,
-        nll_timesteps=args.nll_timesteps,
-        seed=args.seed,
-    )
+    with usage_errors("dataset_name", "nll_images", "nll_timesteps"):
+        x_0 = load_nll_digits(
+            pipe,
+            args.dataset_name,
+            split=args.split,
+            nll_images=args.nll_images,
+            nll_timesteps=args.nll_timesteps,
+            seed=args.seed,
+        )
     bound = nll_bound(pipe, x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
     summary = bound.summary()
     if args.json:
@@ -434,17 +441,18 @@ def _inpaint(args: argparse.Namespace) -> None:
         raise UsageError(f"--num_images must be at least 1, got {args.num_images}.")
     pipe = _load_pipeline(args)
     class_labels = _class_labels(args, args.num_images)
-    check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_images, args.guidance_interval)
     steps = args.num_inference_steps
     if steps is None:
         steps = min(DEFAULT_NUM_INFERENCE_STEPS, pipe.scheduler.config.num_train_timesteps)
-    scheduler_steps(pipe, "ddpm", steps)
-    if args.image is not None:
-        x_0 = prepare_image(load_image(args.image, "--image"), IMAGE_SIZE)
-    else:
-        x_0 = load_test_digits(args.dataset_name, [args.test_digit])
-    mask = load_image(args.mask, "--mask") if args.mask is not None else keep_half(args.keep)
-    keep = prepare_image(mask, IMAGE_SIZE, is_mask=True)
+    with usage_errors(*SAMPLING_ARGUMENTS, "dataset_name", test_digits="--test_digit"):
+        check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_images, args.guidance_interval)
+        scheduler_steps(pipe, "ddpm", steps)
+        if args.image is not None:
+            x_0 = prepare_image(load_image(args.image, "--image"), IMAGE_SIZE)
+        else:
+            x_0 = load_test_digits(args.dataset_name, [args.test_digit])
+        mask = load_image(args.mask, "--mask") if args.mask is not None else keep_half(args.keep)
+        keep = prepare_image(mask, IMAGE_SIZE, is_mask=True)
     inpaint = DDPMMnistInpaintPipeline(
         unet=pipe.unet, scheduler=_ddpm_scheduler(pipe), image_size=pipe.config.image_size
     )
@@ -471,17 +479,19 @@ def _interpolate(args: argparse.Namespace) -> None:
         raise UsageError("pass two digits: --image_a A.png --image_b B.png, or --test_digits I J.")
     pipe = _load_pipeline(args)
     class_labels = _class_labels(args, len(args.lambdas))
-    check_class_inputs(pipe, class_labels, args.guidance_scale, len(args.lambdas), args.guidance_interval)
-    if args.num_inference_steps is not None:
-        scheduler_steps(pipe, "ddpm", args.num_inference_steps)
-    if from_files:
-        files = ((args.image_a, "--image_a"), (args.image_b, "--image_b"))
-        x_0 = torch.cat([prepare_image(load_image(path, flag), IMAGE_SIZE) for path, flag in files])
-    else:
-        x_0 = load_test_digits(args.dataset_name, args.test_digits)
+    with usage_errors(*SAMPLING_ARGUMENTS, "dataset_name", "test_digits"):
+        check_class_inputs(pipe, class_labels, args.guidance_scale, len(args.lambdas), args.guidance_interval)
+        if args.num_inference_steps is not None:
+            scheduler_steps(pipe, "ddpm", args.num_inference_steps)
+        if from_files:
+            files = ((args.image_a, "--image_a"), (args.image_b, "--image_b"))
+            x_0 = torch.cat([prepare_image(load_image(path, flag), IMAGE_SIZE) for path, flag in files])
+        else:
+            x_0 = load_test_digits(args.dataset_name, args.test_digits)
     pipe.scheduler = _ddpm_scheduler(pipe)
     pipe.set_progress_bar_config()  # the decoding runs up to T steps: show them
-    with _checked_by_the_pipeline():
+    # `interpolate` checks t and lambdas before it samples.
+    with usage_errors(*SAMPLING_ARGUMENTS, "t", "lambdas"):
         decoded = interpolate(
             pipe,
             x_0[:1],
@@ -518,15 +528,6 @@ def _save_row(parts: list[torch.Tensor], output: Path, upscale: int) -> None:
 def _ddpm_scheduler(pipe: DDPMMnistPipeline) -> DDPMMnistScheduler:
     """DDPM's reverse step on the pipeline's noise schedule: editing restarts the chain, which it can follow."""
     return SCHEDULERS["ddpm"].from_config(pipe.scheduler.config)
-
-
-@contextmanager
-def _checked_by_the_pipeline() -> Iterator[None]:
-    """Report a ValueError of `interpolate` as bad input (t, lambdas): it checks its input before sampling."""
-    try:
-        yield
-    except ValueError as error:
-        raise UsageError(str(error).splitlines()[0]) from error
 
 
 def _shares(values: list[float]) -> str:

@@ -1,4 +1,4 @@
-"""Hugging Face Hub glue: the full model card, the files a pipeline folder pushes, and the end of a training run.
+"""Hugging Face Hub glue: the files a pipeline folder pushes, and the end of a training run.
 
 `DDPMMnistPipeline.save_pretrained` writes the layout of a pushed repo: the pipeline (model_index.json, `unet/` and
 `scheduler/` with safetensors weights) plus the pipeline, UNet and scheduler modules copied as they are, which the
@@ -6,54 +6,35 @@ model_index.json names (`_class_name: ["pipeline_ddpm_mnist", "DDPMMnistPipeline
 "DDPMMnistUNet"]`). That is the layout diffusers' custom pipeline loader reads with `trust_remote_code=True`; with the
 package installed, `DDPMMnistPipeline.from_pretrained` reads those names as the package's own modules instead.
 diffusers' own push paths (`pipe.push_to_hub(...)`, `pipe.save_pretrained(..., push_to_hub=True)`) upload that folder
-with the repo's model card, or a short one. The full card comes from `render_model_card`, written into the folder
-before the push:
+with the repo's model card, or a short one. The full card comes from `ddpm_mnist.model_card.render_model_card`,
+written into the folder before the push:
 
     render_model_card(pipe, "user/ddpm-mnist").save("ddpm-mnist/README.md")
     pipe.save_pretrained("ddpm-mnist", push_to_hub=True, repo_id="user/ddpm-mnist")  # keeps that README.md
 
 A folder that already holds its card and `samples/` (what `save_training_run` writes, with checkpoints and logs beside
-them) goes up with `push_pipeline_folder(folder, repo_id)`, which uploads only what `hub_files` lists.
+them) goes up with `push_pipeline_folder(folder, repo_id)`: huggingface_hub's `create_repo(..., exist_ok=True)` and
+`upload_folder` with the `upload_patterns` of the folder, which select the pipeline, its card and its pictures.
+`export_pipeline_folder` copies the same files into a folder of their own.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
 
 from .errors import WorkFailed
+from .model_card import render_model_card
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
-from .schedulers import SCHEDULERS
-from .unet_ddpm_mnist import PRESETS
-
-# A symlink to model_cards/ddpm_mnist_card.md in a checkout; the file itself in a wheel (package data).
-CARD_TEMPLATE = Path(__file__).parent / "model_card_template.md"
-CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "unconditional-image-generation"]
-# The Hub has no class-conditional task: its image-generation tasks take a prompt (text-to-image), an image
-# (image-to-image) or nothing (unconditional-image-generation), and DiT's class-conditional repos carry no task of
-# their own. A digit label is neither text nor an image, so a class-conditional card keeps the unconditional task as
-# its pipeline_tag (and model-index task) and says what it is with tags.
-CONDITIONAL_CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "class-conditional", "classifier-free-guidance"]
-PIPELINE_TAG = "unconditional-image-generation"
-CARD_DATASET = "ylecun/mnist"  # the card's dataset when training read a local copy of it
-DISTRIBUTION = "ddpm-mnist"  # the installed package's name, whose metadata gives the card its home page link
-# Metric keys the card accepts -> their name in the card and in `model-index`.
-METRICS = {
-    "fid": "FID",
-    "kid": "KID",
-    "precision": "Precision",
-    "recall": "Recall",
-    "mean_confidence": "Mean classifier confidence",
-    "class_accuracy": "Class accuracy",
-    "nll_bpd": "NLL (bits/dim)",
-}
 
 
 def check_push_access(repo_id: str, token: str | None = None) -> str:
@@ -81,132 +62,14 @@ def check_push_access(repo_id: str, token: str | None = None) -> str:
     return f"{namespace}/{name}"
 
 
-def render_model_card(
-    pipeline: DDPMMnistPipeline,
-    repo_id: str,
-    *,
-    dataset_name: str = CARD_DATASET,
-    samples_image: str | None = None,
-    denoising_image: str | None = None,
-    loss_curve_image: str | None = None,
-    nll_terms_image: str | None = None,
-    time_to_quality_image: str | None = None,
-    recommended_scheduler: tuple[str, int] | None = None,
-    recommended_guidance_scale: float | None = None,
-    guidance_image: str | None = None,
-    completion_image: str | None = None,
-    interpolation_image: str | None = None,
-    interpolation_t: int | None = None,
-    training: dict[str, Any] | None = None,
-    eval_results: dict[str, float] | None = None,
-    eval_split: str = "test",
-    evaluation: str | None = None,
-    template_path: str | os.PathLike = CARD_TEMPLATE,
-) -> ModelCard:
-    """The model card of a pipeline: Hub metadata, the model, both ways to load it, training and evaluation.
+def upload_patterns(folder: str | os.PathLike) -> list[str]:
+    """What pushing a pipeline folder uploads, as the `allow_patterns` of `HfApi.upload_folder`.
 
-    Images are paths inside the repo. `recommended_scheduler` is the (scheduler name, steps) the evaluation supports,
-    used in the card's code; by default the paper's DDPM on all T steps. `eval_results` go into the `model-index`
-    metadata and, unless `evaluation` (Markdown for the card's evaluation section) is given, into a table of their own.
-
-    A class-conditional pipeline's card asks for digits in its code, with classifier-free guidance at
-    `recommended_guidance_scale` (None: none), and shows completing and interpolating digits, `interpolate` at
-    timestep `interpolation_t` (by default a quarter of the chain). Its pictures: `guidance_image` (the guidance
-    sweep, beside the evaluation), `completion_image` and `interpolation_image`.
+    The pipeline as `save_pretrained` writes it (model_index.json, the code files it names with the modules they
+    import relatively, each component's configs and safetensors weights), README.md and `samples/*.png`; never
+    checkpoints, optimizer states, logs or `training.json`. A folder saved without its code, or with pickled weights,
+    is refused.
     """
-    unknown = sorted(set(eval_results or {}) - set(METRICS))
-    if unknown:
-        raise ValueError(f"unknown metrics {', '.join(unknown)}; the card knows {', '.join(METRICS)}.")
-    is_hub_dataset = "/" in dataset_name and not os.path.exists(dataset_name)
-    dataset_id = dataset_name if is_hub_dataset else CARD_DATASET
-    model_name = repo_id.split("/")[-1]
-    conditional = pipeline.is_class_conditional
-    results = [
-        EvalResult(
-            task_type=PIPELINE_TAG,
-            task_name="Class-conditional image generation" if conditional else "Unconditional image generation",
-            dataset_type=dataset_id,
-            dataset_name="MNIST",
-            dataset_split=eval_split,
-            metric_type=key,
-            metric_name=METRICS[key],
-            metric_value=value,
-        )
-        for key, value in (eval_results or {}).items()
-    ]
-    card_data = ModelCardData(
-        library_name="diffusers",
-        pipeline_tag=PIPELINE_TAG,
-        license="apache-2.0",
-        tags=CONDITIONAL_CARD_TAGS if conditional else CARD_TAGS,
-        datasets=[dataset_id],
-        model_name=model_name,
-        eval_results=results or None,
-    )
-    unet_config, schedule = pipeline.unet.config, pipeline.scheduler.config
-    scheduler_name, recommended_steps = recommended_scheduler or ("ddpm", schedule.num_train_timesteps)
-    # The class a conditional card's code swaps in; none for ddpm, the pipeline's own scheduler.
-    scheduler_class = None if scheduler_name == "ddpm" else SCHEDULERS[scheduler_name].scheduler_class.__name__
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template_path),
-        model_name=model_name,
-        repo_id=repo_id,
-        homepage=_homepage(),
-        dataset_name=dataset_id,
-        local_dataset=not is_hub_dataset,  # the card names the Hub dataset, never the local path
-        samples_image=samples_image,
-        denoising_image=denoising_image,
-        loss_curve_image=loss_curve_image,
-        nll_terms_image=nll_terms_image,
-        time_to_quality_image=time_to_quality_image,
-        recommended_scheduler=scheduler_name,
-        recommended_steps=recommended_steps,
-        class_conditional=conditional,
-        scheduler_class=scheduler_class,
-        guidance_scale=recommended_guidance_scale,
-        guidance_image=guidance_image,
-        completion_image=completion_image,
-        interpolation_image=interpolation_image,
-        interpolation_t=interpolation_t if interpolation_t is not None else schedule.num_train_timesteps // 4,
-        evaluation=evaluation,
-        preset=_preset_name(dict(unet_config)),
-        num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",
-        sample_size=unet_config.sample_size,
-        image_size=pipeline.config.image_size,
-        num_train_timesteps=schedule.num_train_timesteps,
-        ddim_steps=min(50, schedule.num_train_timesteps),
-        beta_schedule=schedule.beta_schedule,
-        beta_start=schedule.beta_start,
-        beta_end=schedule.beta_end,
-        prediction_type=schedule.prediction_type,
-        variance_type=schedule.get("variance_type"),
-        training=training,
-        eval_results={METRICS[key]: value for key, value in (eval_results or {}).items()},
-        eval_split=eval_split,
-    )
-
-
-def _homepage() -> str | None:
-    """The package's home page (`url` in setup.py) from its installed metadata; None when unset or not installed."""
-    try:
-        return importlib.metadata.metadata(DISTRIBUTION).get("Home-page")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _preset_name(unet_config: dict[str, Any]) -> str:
-    """The `DDPMMnistUNet` preset a UNet config was built from, or "custom"."""
-    for name, preset in PRESETS.items():
-        if all(json.dumps(unet_config.get(key)) == json.dumps(value) for key, value in preset.items()):
-            return name
-    return "custom"
-
-
-def hub_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """What pushing a pipeline folder uploads: its files, by path in the repo."""
-    # The pipeline as `save_pretrained` writes it (model_index.json, the code files it names, each component's configs
-    # and safetensors weights), README.md and `samples/*.png`; never checkpoints, optimizer states or logs.
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; save a pipeline there with `save_pretrained`.")
@@ -219,44 +82,52 @@ def hub_files(folder: str | os.PathLike) -> dict[str, Path]:
         )
     if index.get("_class_name") != [module, class_name]:
         raise ValueError(f"{folder} holds a {index.get('_class_name')}, not a {class_name}.")
-    files = {"model_index.json": folder / "model_index.json", f"{module}.py": folder / f"{module}.py"}
+    code = [folder / f"{module}.py"]
+    patterns = ["model_index.json", "README.md", "samples/*.png"]
     for component, entry in index.items():
         if component.startswith("_") or not isinstance(entry, list) or entry[0] is None:
             continue
         if list((folder / component).glob("*.bin")):
             raise ValueError(f"{folder / component} holds pickled weights (.bin); save with safe_serialization=True.")
-        code = folder / component / f"{entry[0]}.py"  # a component whose module the folder carries
-        for path in sorted([*(folder / component).glob("*.json"), *(folder / component).glob("*.safetensors")]):
-            files[path.relative_to(folder).as_posix()] = path
-        if code.is_file():
-            files[code.relative_to(folder).as_posix()] = code
-    extras = [folder / "README.md", *sorted((folder / "samples").glob("*.png"))]
-    files.update({path.relative_to(folder).as_posix(): path for path in extras if path.is_file()})
-    return files
+        patterns += [f"{component}/*.json", f"{component}/*.safetensors"]
+        code += [path for path in [folder / component / f"{entry[0]}.py"] if path.is_file()]
+    # The code files, and what they import relatively: the files diffusers' remote-code loader fetches with them.
+    for path in code:
+        for source in (path, *map(Path, get_relative_import_files(path))):
+            patterns.append(source.relative_to(folder).as_posix())
+    return patterns
 
 
 def export_pipeline_folder(folder: str | os.PathLike, destination: str | os.PathLike) -> Path:
-    """Write what pushing `folder` would upload (see `hub_files`) into the new folder `destination`, and return it."""
-    destination = Path(destination)
+    """Copy what pushing `folder` would upload (see `upload_patterns`) into the new folder `destination`, and return
+    it. The files are chosen as `upload_folder` chooses them, with huggingface_hub's `filter_repo_objects`."""
+    folder, destination = Path(folder), Path(destination)
     if destination.exists():
         raise FileExistsError(f"{destination} exists; export into a new folder, or remove it first.")
-    files = hub_files(folder)
-    for path, source in files.items():
+    patterns = upload_patterns(folder)
+    files = [path.relative_to(folder).as_posix() for path in sorted(folder.glob("**/*")) if path.is_file()]
+    for path in filter_repo_objects(files, allow_patterns=patterns):
         target = destination / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.read_bytes())
+        shutil.copyfile(folder / path, target)
     return destination
 
 
 def push_pipeline_folder(
     folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None
 ) -> str:
-    """Upload a pipeline folder (see `hub_files`) to `repo_id` in one commit, creating the repo; return the URL."""
-    files = hub_files(folder)
+    """Upload a pipeline folder (see `upload_patterns`) to `repo_id` in one commit, creating the repo; return the
+    commit's URL."""
+    patterns = upload_patterns(folder)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(source)) for path, source in files.items()]
-    return api.create_commit(repo_id, operations, commit_message=f"Upload {DDPMMnistPipeline.__name__}").commit_url
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        allow_patterns=patterns,
+        commit_message=f"Upload {DDPMMnistPipeline.__name__}",
+    )
+    return commit.commit_url
 
 
 def save_training_run(
@@ -271,15 +142,14 @@ def save_training_run(
     """The end of a training run in `output_dir`: the pipeline folder, its model card, and `training.json`.
 
     `training.json` records the dataset and the `training` settings, so that `training/release.py` can render the card
-    again later with measured quality; it is never pushed (see `hub_files`).
+    again later with measured quality; it is never pushed (see `upload_patterns`).
     """
     output_dir = Path(output_dir)
     pipeline.save_pretrained(output_dir)
     record = {"dataset_name": dataset_name, "training": training}
     (output_dir / "training.json").write_text(json.dumps(record, indent=2))
-    card = render_model_card(
-        pipeline, repo_id, dataset_name=dataset_name, samples_image=samples_image, training=training
-    )
+    pictures = {"grid": samples_image} if samples_image else None
+    card = render_model_card(pipeline, repo_id, dataset_name=dataset_name, pictures=pictures, training=training)
     card.save(output_dir / "README.md")
 
 

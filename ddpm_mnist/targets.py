@@ -1,6 +1,7 @@
 """The quality targets a release states in its model card, and their verdicts: met, or missed by how much.
 
-Each release states its own numbers; `training/release.py` and `training/release_gpu.py` both check them here:
+Each release states its own numbers; `training/release.py` checks them here, for a run it scores and for the results
+of a GPU run, and `ddpm_mnist.model_card.evaluation_section` writes the verdicts into the card:
 
     targets = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
     targets.markdown("DDPM, 50 steps", quality, floor)
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .metrics.quality import ClassAccuracy, SampleQuality
+if TYPE_CHECKING:  # scores are read by attribute: checking them needs no metric code
+    from .metrics.quality import ClassAccuracy, SampleQuality
 
 
 @dataclass(frozen=True)

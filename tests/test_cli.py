@@ -262,7 +262,10 @@ def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):
         (["sample", "{pipe}", "--device", "gpu0"], "is not a torch device"),
         (["sample", "{pipe}", "--batch_size", "0"], "--batch_size must be at least 1"),
         (["evaluate", "{pipe}", "--dataset_name", "{mnist}", "--num_samples", "2"], "num_samples must be at least 4"),
-        (["evaluate", "{pipe}", "--dataset_name", "./no/such/mnist"], "dataset path './no/such/mnist' does not exist"),
+        (
+            ["evaluate", "{pipe}", "--dataset_name", "./no/such/mnist"],
+            "--dataset_name './no/such/mnist' does not exist",
+        ),
         (["evaluate", "{pipe}", "--dataset_name", "{mnist}", "--num_samples", "97"], "which holds 96"),
         (["evaluate", "{pipe}", "--nll", "--nll_timesteps", "10"], "nll_timesteps 10 is outside 1..9"),
         (["nll", "{pipe}", "--split", "validation"], "invalid choice: 'validation'"),
@@ -271,7 +274,7 @@ def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):
         (["sample", "{cond}", "--class_labels", "3", "10"], "'10' is not a digit 0-9 or `all`"),
         (["sample", "{cond}", "--class_labels", "all", "3"], "--class_labels all stands alone"),
         (["sample", "{cond}", "--class_labels", "3", "--guidance_scale", "0.5"], "must be a number of at least 1"),
-        (["sample", "{pipe}", "--guidance_scale", "2"], "guidance_scale > 1 needs class_labels"),
+        (["sample", "{pipe}", "--guidance_scale", "2"], "--guidance_scale > 1 needs --class_labels"),
         (["evaluate", "{pipe}", "--guidance_scale", "2"], "--guidance_scale above 1 needs a class-conditional"),
         (["evaluate", "{cond}", "--num_samples", "8"], "num_samples 8 cannot hold every digit 0-9"),
         (["evaluate", "{cond}", "--guidance_interval", "600", "100"], "0 <= low <= high <= 10, got (600, 100)"),
@@ -298,7 +301,7 @@ def test_nll_prints_the_bound_and_its_terms(pipeline_dir, mnist_folder, capsys):
             "interpolate {cond} --test_digits 0 1 --dataset_name {mnist} --t 5 --lambdas 0 1.5".split(),
             "lambdas must be a non-empty sequence of numbers in [0, 1]",
         ),
-        (["interpolate", "{pipe}", "--test_digits", "0", "1", "--guidance_scale", "2"], "needs class_labels"),
+        (["interpolate", "{pipe}", "--test_digits", "0", "1", "--guidance_scale", "2"], "needs --class_labels"),
     ],
 )
 def test_bad_input_is_a_one_line_error_before_any_sampling(

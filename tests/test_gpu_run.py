@@ -1,5 +1,5 @@
 """The GPU run on the CPU: `benchmarks/gpu_run.sh --dry-run` runs every stage at toy sizes, brings back at most 8
-files, and `training/release_gpu.py` assembles a release folder from them."""
+files, and `training/release.py --gpu_results` assembles a release folder from them."""
 
 import json
 import os
@@ -17,15 +17,12 @@ import torch
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.errors import UsageError
 from ddpm_mnist.hardware import has_native_bf16
+from tests.test_hub import PIPELINE_FILES, REMOTE_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RUN = ROOT / "benchmarks" / "gpu_run.sh"
 STAGES = ["setup", "tests", "throughput", "train", "archive", "evaluate_fast", "evaluate_ddpm", "nll", "grid"]
-RELEASE_FILES = [
-    "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "samples/grid.png",
-    "scheduler/scheduler_config.json", "scheduler/scheduling_ddpm_mnist.py",
-    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/unet_ddpm_mnist.py",
-]  # fmt: skip
+RELEASE_FILES = ["README.md", *PIPELINE_FILES, *REMOTE_CODE, "samples/grid.png"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def driver() -> dict:
 
 @pytest.fixture(scope="module")
 def release_module() -> dict:
-    return runpy.run_path(str(ROOT / "training" / "release_gpu.py"))
+    return runpy.run_path(str(ROOT / "training" / "release.py"))
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +137,15 @@ def test_bad_input_is_refused_in_one_line_before_any_work(driver, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def release(module: dict, results: Path, output_dir: Path) -> None:
-    module["main"](module["parse_args"]([str(results), f"--output_dir={output_dir}", "--hub_model_id=tester/gpu"]))
+def release(module: dict, results: Path, output_dir: Path, *flags: str) -> None:
+    arguments = [f"--gpu_results={results}", f"--output_dir={output_dir}", "--hub_model_id=tester/gpu", *flags]
+    module["main"](module["parse_args"](arguments))
 
 
 def test_the_release_is_assembled_from_the_dry_run_without_sampling(dry_run, release_module, tmp_path, capsys):
     _, out = dry_run
     results = json.loads((out / "results.json").read_text())
-    release(release_module, out, tmp_path / "release")
+    release(release_module, out, tmp_path / "release", "--note=Trained for a test.")
     folder = tmp_path / "release"
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == sorted(RELEASE_FILES)
     assert (folder / "samples" / "grid.png").read_bytes() == (out / "grid.png").read_bytes()
@@ -166,7 +164,11 @@ def test_the_release_is_assembled_from_the_dry_run_without_sampling(dry_run, rel
     nll_line = f"- NLL bound {stages['nll']['nll_bpd']:.3f} bits/dim (target <= 1.3): **"
     assert "(target <= 1.3x): **" in card and nll_line in card
     assert "--lr_scheduler=cosine" in card and results["stages"]["setup"]["result"]["device"] in card
+    assert "`benchmarks/gpu_run.py`.\n\nTrained for a test.\n" in card  # the note closes the evaluation section
     assert "ylecun/mnist" in card and str(out) not in card
+    assert "num_inference_steps=20, generator=generator" in card  # the card's code: DDPM on all T = 20 steps
+    model_index = json.loads((folder / "model_index.json").read_text())
+    assert "_name_or_path" not in model_index  # the folder it was unpacked into stays here
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output_dir"] == str(folder)
     # The release holds the GPU run's weights: the same digits for the same seed.
     trained = DDPMMnistPipeline.from_pretrained(unpack(out, stages["archive"], tmp_path))
@@ -196,3 +198,6 @@ def test_the_release_refuses_an_incomplete_run_or_an_existing_folder(dry_run, re
     with pytest.raises(UsageError, match="lacks pipeline.tar.gz.00"):
         release(release_module, broken, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    # A release comes from a run or from GPU results, never both.
+    with pytest.raises(SystemExit):
+        release_module["parse_args"]([str(tmp_path), f"--gpu_results={out}", "--output_dir=x", "--hub_model_id=a/b"])

@@ -25,18 +25,22 @@ import pytest
 import yaml
 from diffusers import DiffusionPipeline
 from diffusers.utils import PushToHubMixin
+from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.hub import export_pipeline_folder, hub_files, render_model_card
+from ddpm_mnist.hub import export_pipeline_folder, upload_patterns
+from ddpm_mnist.model_card import render_model_card
 from tests.hub_server import WRITE_TOKEN, HubServer
 from tests.test_train import TINY
 from tests.utils import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
-# Where the pushed repo carries the package's modules for trust_remote_code, and their source.
+# Where the pushed repo carries the package's modules for trust_remote_code, and their source: the pipeline module
+# with the modules it imports relatively, beside it, and each component's module in its folder.
 REMOTE_CODE = {
     "pipeline_ddpm_mnist.py": ROOT / "ddpm_mnist" / "pipeline_ddpm_mnist.py",
+    **{Path(f).name: Path(f) for f in get_relative_import_files(ROOT / "ddpm_mnist" / "pipeline_ddpm_mnist.py")},
     "unet/unet_ddpm_mnist.py": ROOT / "ddpm_mnist" / "unet_ddpm_mnist.py",
     "scheduler/scheduling_ddpm_mnist.py": ROOT / "ddpm_mnist" / "scheduling_ddpm_mnist.py",
 }
@@ -125,7 +129,7 @@ def pushes(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> SimpleNa
 import json, re
 from huggingface_hub import hf_hub_download
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.hub import render_model_card
+from ddpm_mnist.model_card import render_model_card
 from tests.utils import tiny_unet
 
 pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10))
@@ -353,7 +357,30 @@ def test_a_folder_saved_without_the_code_is_refused_with_the_fix(tmp_path):
     pipe = DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler())
     DiffusionPipeline.save_pretrained(pipe, tmp_path)  # diffusers' own layout, without the code files
     with pytest.raises(ValueError, match=r"without the code that trust_remote_code runs; save it again with `DDPM"):
-        hub_files(tmp_path)
+        upload_patterns(tmp_path)
+
+
+def test_export_keeps_the_pipeline_its_card_and_pictures_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    DDPMMnistPipeline(tiny_unet(), DDPMMnistScheduler(num_train_timesteps=10)).save_pretrained(run)
+    beside = ["README.md", "samples/step-0000002.png", "training.json", "notes/plan.png",
+              "checkpoints/checkpoint-2/unet/config.json", "checkpoints/checkpoint-2/optimizer.bin",
+              "logs/train/events.out.tfevents.1"]  # fmt: skip
+    for name in beside:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(name.encode())
+    exported = export_pipeline_folder(run, tmp_path / "release")
+    files = {p.relative_to(exported).as_posix(): p.read_bytes() for p in exported.rglob("*") if p.is_file()}
+    assert sorted(files) == sorted([*PIPELINE_FILES, *REMOTE_CODE, "README.md", "samples/step-0000002.png"])
+    assert all(data == (run / path).read_bytes() for path, data in files.items())
+    (run / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match=r"unet holds pickled weights \(\.bin\); save with safe_serialization=True"):
+        upload_patterns(run)
+
+
+def test_the_card_and_the_hub_glue_import_neither_datasets_nor_torchmetrics():
+    code = "import sys, ddpm_mnist.hub, ddpm_mnist.model_card\nprint({'datasets', 'torchmetrics'} & set(sys.modules))"
+    assert python(code, {**os.environ, "PYTHONPATH": str(ROOT)}, ROOT).strip() == "set()"
 
 
 def test_the_card_links_the_home_page_only_when_the_package_metadata_has_one(monkeypatch):
@@ -399,6 +426,9 @@ def test_evaluation_results_render_as_a_table_and_as_model_index():
     assert "| FID | 3.1 |" in card.text and "| NLL (bits/dim) | 1.2 |" in card.text
     with pytest.raises(ValueError, match="unknown metrics is; the card knows fid, kid"):
         render_model_card(pipe, "tester/evaluated", eval_results={"is": 9.0})
+    # Each metric is rounded to its own decimals: FID to 3, KID to 5.
+    rounded = render_model_card(pipe, "tester/evaluated", eval_results={"fid": 3.14159, "kid": 0.0012345}).data
+    assert [(r.metric_type, r.metric_value) for r in rounded.eval_results] == [("fid", 3.142), ("kid", 0.00123)]
 
 
 def test_the_card_shows_the_release_pictures_and_a_given_evaluation_section():
@@ -407,9 +437,7 @@ def test_the_card_shows_the_release_pictures_and_a_given_evaluation_section():
     card = render_model_card(
         pipe,
         "tester/released",
-        samples_image="samples/grid.png",
-        denoising_image="samples/denoising.png",
-        loss_curve_image="samples/loss.png",
+        pictures={"grid": "samples/grid.png", "denoising": "samples/denoising.png", "loss": "samples/loss.png"},
         training=training,
         eval_results={"fid": 3.1},
         evaluation="| scheduler | FID |\n| --- | --- |\n| DDIM, 50 steps | 3.1 |",
@@ -417,6 +445,8 @@ def test_the_card_shows_the_release_pictures_and_a_given_evaluation_section():
     for image in ("samples/grid.png", "samples/denoising.png", "samples/loss.png"):
         assert f"]({image})" in card
     assert "| DDIM, 50 steps | 3.1 |" in card and "| FID | 3.1 |" not in card
+    with pytest.raises(ValueError, match="unknown pictures samples; the card knows grid, denoising, loss"):
+        render_model_card(pipe, "tester/released", pictures={"samples": "samples/grid.png"})
 
 
 def test_a_class_conditional_card_asks_for_digits_with_the_recommended_guidance_and_keeps_hub_metadata():
@@ -424,9 +454,11 @@ def test_a_class_conditional_card_asks_for_digits_with_the_recommended_guidance_
     card = render_model_card(
         pipe,
         "tester/digits",
-        samples_image="samples/grid.png",
-        guidance_image="samples/guidance.png",
-        completion_image="samples/completion.png",
+        pictures={
+            "grid": "samples/grid.png",
+            "guidance": "samples/guidance.png",
+            "completion": "samples/completion.png",
+        },
         recommended_scheduler=("unipc", 20),
         recommended_guidance_scale=2.5,
         eval_results={"fid": 3.1, "class_accuracy": 0.993},

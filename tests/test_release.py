@@ -17,6 +17,8 @@ from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.errors import UsageError
 from ddpm_mnist.evaluation import load_test_digits
 from ddpm_mnist.metrics.quality import SampleQuality
+from ddpm_mnist.model_card import seed_spread_line
+from tests.test_hub import PIPELINE_FILES, REMOTE_CODE
 from tests.test_train import train
 from tests.utils import write_mnist_folder
 
@@ -72,10 +74,8 @@ def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
     release(release_module, finished_run, out, mnist_folder, *flags)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == sorted([
-        "README.md", "model_index.json", "pipeline_ddpm_mnist.py", "samples/denoising.png", "samples/grid.png",
-        "samples/loss.png", "samples/nll_terms.png", "samples/time_to_quality.png",
-        "scheduler/scheduler_config.json", "scheduler/scheduling_ddpm_mnist.py",
-        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/unet_ddpm_mnist.py",
+        "README.md", *PIPELINE_FILES, *REMOTE_CODE, "samples/denoising.png", "samples/grid.png", "samples/loss.png",
+        "samples/nll_terms.png", "samples/time_to_quality.png",
     ])  # fmt: skip
     assert Image.open(out / "samples" / "grid.png").size == (8 * 28 * 3, 8 * 28 * 3)
     assert Image.open(out / "samples" / "denoising.png").size == (11 * 28 * 3, 28 * 3)
@@ -126,6 +126,15 @@ def test_an_existing_release_or_an_unfinished_run_is_refused_before_any_work(
         release(release_module, finished_run, tmp_path / "new", mnist_folder, "--num_samples=32")
     with pytest.raises(UsageError, match=r"--extra_seeds must be 0 \(no spread\) or more, got -1"):
         release(release_module, finished_run, tmp_path / "new", mnist_folder, "--extra_seeds=-1")
+    # What the library refuses (a ValueError in its own words) comes back naming the flag to fix.
+    library_refusals = {
+        "--num_inference_steps=11": r"^--num_inference_steps: .*\b11\b.*1\.\.10",  # T = 10
+        "--reference_images=2": r"^--dataset_name, --reference_images: .*reference_images.*\b2\b",
+    }
+    for flag, message in library_refusals.items():
+        with pytest.raises(UsageError, match=message) as error:
+            release(release_module, finished_run, tmp_path / "new", mnist_folder, flag)
+        assert "\n" not in str(error.value), flag
     assert not (tmp_path / "new").exists()
 
 
@@ -136,8 +145,11 @@ def test_the_seed_spread_gives_ranges_and_counts_the_seeds_that_meet_every_targe
 
     floor = quality(0.98, 0.1, 20.0)
     # Seed 0 meets every target (1.95x); the next two miss the FID (2.5x) and the shares (6%).
-    line = release_module["seed_spread_line"](
-        quality(0.96, 0.08, 39.0), [quality(0.97, 0.09, 50.0), quality(0.955, 0.06, 30.0)], floor
+    line = seed_spread_line(
+        release_module["TARGETS"],
+        quality(0.96, 0.08, 39.0),
+        [quality(0.97, 0.09, 50.0), quality(0.955, 0.06, 30.0)],
+        floor,
     )
     assert line == (
         "Seed to seed: 1000 samples from each of 3 seeds (the card's and the next 2) give FID 30.00 to 50.00 "

@@ -10,15 +10,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PUSH = """
 import os, sys
 from pathlib import Path
-import ddpm_mnist, ddpm_mnist.hub
+import ddpm_mnist, ddpm_mnist.model_card
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 
 site = Path(sys.argv[1]).resolve()
 assert Path(ddpm_mnist.__file__).resolve().is_relative_to(site), ddpm_mnist.__file__
-template = Path(ddpm_mnist.hub.CARD_TEMPLATE)
+template = Path(ddpm_mnist.model_card.CARD_TEMPLATE)
 assert template.is_relative_to(site) and template.is_file() and not template.is_symlink(), template
 pipe = DDPMMnistPipeline(DDPMMnistUNet.from_preset("tiny"), DDPMMnistScheduler(num_train_timesteps=10))
-card = ddpm_mnist.hub.render_model_card(pipe, "tester/from-wheel")
+card = ddpm_mnist.model_card.render_model_card(pipe, "tester/from-wheel")
 assert 'DDPMMnistPipeline.from_pretrained("tester/from-wheel")' in card.text
 print(pipe.push_to_hub("from-wheel"))
 """
