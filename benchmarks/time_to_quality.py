@@ -9,8 +9,9 @@ wall time of the training loop only: start-up, saving for the snapshot and scori
 
 * the recipe: `training/train.py` as a subprocess with the `--config` JSON (keys are train.py's flags) and its
   `--output_dir` set to `OUTPUT_DIR/recipe`. A snapshot is a resumed run: the first runs with
-  `--max_train_minutes M1`, each next with `--resume_from_checkpoint latest --max_train_minutes Mk` (train.py sums
-  the training time over resumed runs); every run ends with a checkpoint and the EMA pipeline folder, scored as is.
+  `--max_train_minutes M1`, each next with `--resume_from_checkpoint latest --max_train_minutes Mk` (with a step
+  budget train.py sums the training time over resumed runs; without one, each budget becomes a step count from the
+  speed measured as the run starts); every run ends with a checkpoint and the EMA pipeline folder, scored as is.
   A recipe whose learning rate decays must give `max_train_steps` (sized to the last snapshot), else train.py would
   run its schedule over each snapshot's budget in turn; such a recipe is refused.
 * the baseline: `diffusers.UNet2DModel` built to the recipe's UNet (`diffusers_baseline.diffusers_twin`), trained
@@ -53,7 +54,7 @@ from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersL
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET
-from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
+from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import (
     DTYPES,
     MIN_SCORED_IMAGES,
@@ -115,7 +116,8 @@ def parse_args() -> argparse.Namespace:
         raise UsageError(f"--num_inference_steps must be in 1..{NUM_TRAIN_TIMESTEPS}, got {args.num_inference_steps}.")
     if min(args.batch_size, args.baseline_batch_size) < 1:
         raise UsageError("--batch_size and --baseline_batch_size must be positive.")
-    args.device = check_device(args.device)
+    with usage_errors("device"):
+        args.device = check_device(args.device)
     args.output_dir = Path(args.output_dir).resolve()
     if (args.output_dir / "recipe").exists():
         raise UsageError(f"--output_dir {args.output_dir} already holds a benchmark run; pass a new folder.")
@@ -323,8 +325,9 @@ def main() -> None:
     dataset = dataset_for(args, recipe)
     torch.manual_seed(args.seed)
     twin = checked_twin(recipe_unet(recipe))
-    reference = QualityReference(dataset, args.reference_images, device=args.device, seed=args.seed, progress=False)
-    floor = reference.floor(args.num_samples)
+    with usage_errors("dataset_name", "reference_images", "num_samples"):
+        reference = QualityReference(dataset, args.reference_images, device=args.device, seed=args.seed, progress=False)
+        floor = reference.floor(args.num_samples)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "settings": {

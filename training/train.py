@@ -1,42 +1,35 @@
 """Train a DDPM on MNIST: `accelerate launch training/train.py --help`.
 
-Top to bottom: the flags and their checks; the run's folder (its lock, its checkpoints, and the settings a resumed run
-must keep); the loss of Algorithm 1 (Ho et al. 2020); the one decision to stop; sample grids; and `main`: data, model
-and noise schedule, optimizer and EMA, resume, the loop, and the final pipeline folder with its model card.
+Top to bottom: the flags and their checks; the settings a resumed run must keep; data; the loss of Algorithm 1 (Ho et
+al. 2020); the optimizer; sample grids; and `main`: data, model and noise schedule, the step count (a time budget given
+alone becomes one, measured once at the start and kept on resume), optimizer and EMA, resume, the loop, and the final
+pipeline folder with its model card. The run folder's machinery (lock, checkpoints, resume check, stop, progress) is
+`ddpm_mnist.training_utils`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
 import json
 import logging
 import math
-import os
-import re
-import shutil
-import signal
-import time
-from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
 import datasets
 import numpy as np
-import psutil
 import pyarrow
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from diffusers import SchedulerMixin
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from safetensors import safe_open
-from tqdm.auto import tqdm
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import (
@@ -47,29 +40,32 @@ from ddpm_mnist.data import (
     class_count,
     load_image_stream,
 )
-from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
-from ddpm_mnist.evaluation import digit_grid
-from ddpm_mnist.hardware import auto_mixed_precision, describe_device, idle_cores_warning
+from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point, usage_errors
+from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.hub import check_push_access, push_training_run, save_training_run
+from ddpm_mnist.image_utils import digit_grid
 from ddpm_mnist.schedulers import SCHEDULERS
+from ddpm_mnist.training_utils import (
+    OutputDirLock,
+    StopRequest,
+    TrainingProgress,
+    check_resume,
+    clear_output_dir,
+    find_checkpoint,
+    make_accelerator,
+    min_snr_weight,
+    progress_bar,
+    recorded_settings,
+    resumed_batches,
+    run_in,
+    save_checkpoint,
+    stop_reason,
+    time_budget_steps,
+)
 from ddpm_mnist.unet_ddpm_mnist import PRESETS
 
 logger = get_logger(__name__)
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-SETTINGS_FILE = "training_settings.json"  # in every checkpoint: what a resumed run must keep (see `run_settings`)
-TIME_SCHEDULE_STEPS = 100_000  # the resolution of a learning-rate schedule over a time budget (see `make_optimizer`)
-# The pipeline files of a finished run: what --overwrite_output_dir replaces, with the checkpoints, samples and logs.
-RUN_FILES = (
-    "model_index.json",
-    "pipeline_ddpm_mnist.py",
-    "unet",
-    "scheduler",
-    "README.md",
-    "training.json",
-    "checkpoints",
-    "samples",
-    "logs",
-)
+NAN_FIX = "lower --learning_rate or use --mixed_precision fp32, then resume from the last good checkpoint in"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -80,122 +76,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags, named as in diffusers' `train_unconditional.py`; `--config` reads them from JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="a JSON file of flag values (keys as the flags, without dashes)")
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", default=DEFAULT_DATASET, help="Hub dataset id, or a local folder/parquet")
-    data.add_argument("--dataset_config_name", default=None, help="the dataset's config name")
-    data.add_argument("--image_column", default="image", help="the column holding the images")
-    data.add_argument("--label_column", default="label", help="the column of class ids (with --class_conditional)")
-    data.add_argument("--random_flip", action="store_true", help="random horizontal flips (wrong for digits)")
-    data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="examples in the shuffle buffer")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
-    data.add_argument(
-        "--decode_once",
-        action="store_true",
-        help="decode every image once into memory (MNIST: 47 MB) and shuffle exactly each epoch, instead of "
-        "streaming through the shuffle buffer; far faster data, for datasets that fit in memory",
-    )
-    model = p.add_argument_group("model and noise schedule")
-    model.add_argument("--preset", default="mnist", choices=sorted(PRESETS), help="a DDPMMnistUNet preset")
-    model.add_argument("--model_config_name_or_path", default=None, help="a UNet config.json (overrides --preset)")
-    model.add_argument(
-        "--pretrained_model_name_or_path",
-        default=None,
-        help="start from this pipeline's UNet (a folder or Hub id; its config overrides --preset), for example to "
-        "fine-tune a released unconditional model into a conditional one (the new class embedding starts at zero)",
-    )
-    model.add_argument(
-        "--class_conditional",
-        action="store_true",
-        help="learn p(x|y) from --label_column, for classifier-free guidance (the UNet gets num_class_embeds)",
-    )
-    model.add_argument(
-        "--class_dropout_prob",
-        type=float,
-        default=0.1,
-        help="with --class_conditional, the share of labels replaced by the null class (Ho & Salimans 2022)",
-    )
-    model.add_argument(
-        "--class_embedding_lr",
-        type=float,
-        default=None,
-        help="with --class_conditional, the class embedding's peak learning rate (default --learning_rate); a larger "
-        "one lets a fine-tuned model start using the labels it did not have",
-    )
-    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
-    model.add_argument("--ddpm_beta_schedule", default="linear", help="the beta schedule (the paper's: linear)")
-    model.add_argument(
-        "--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"], help="the target"
-    )
-    model.add_argument(
-        "--variance_type", default="fixed_small", choices=["fixed_small", "fixed_large"], help="sigma_t^2 choice"
-    )
-    train = p.add_argument_group("optimization")
-    train.add_argument("--output_dir", default="ddpm-mnist", help="pipeline, card, samples, checkpoints, logs")
-    train.add_argument(
-        "--overwrite_output_dir", action="store_true", help="replace the run an existing --output_dir holds"
-    )
-    train.add_argument(
-        "--seed", type=int, default=0, help="seed of the weights and data order; each process's noise adds its rank"
-    )
-    train.add_argument("--train_batch_size", type=int, default=128, help="batch size per process")
-    train.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps (overrides epochs)")
-    train.add_argument(
-        "--max_train_minutes",
-        type=float,
-        default=None,
-        help="stop and save the pipeline once training time, summed over resumed runs, passes this",
-    )
-    train.add_argument("--num_epochs", type=int, default=None, help="passes over the data (default 100)")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    train.add_argument("--learning_rate", type=float, default=2e-4, help="peak learning rate (the paper's)")
-    train.add_argument(
-        "--lr_scheduler",
-        default="constant_with_warmup",
-        help="a diffusers get_scheduler name; it runs over the step budget, or over --max_train_minutes given alone",
-    )
-    train.add_argument("--lr_warmup_steps", type=int, default=5000, help="learning-rate warm-up steps")
-    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    train.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
-    train.add_argument(
-        "--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual)"
-    )
-    train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="EMA of weights")
-    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="EMA decay after warm-up")
-    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inv_gamma")
-    train.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up power")
-    train.add_argument(
-        "--mixed_precision",
-        default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or "
-        "AVX512-BF16), else fp32; an accelerate config's fp16/bf16 also wins over auto",
-    )
-    io = p.add_argument_group("checkpoints, samples, logging, Hub")
-    io.add_argument("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
-    io.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
-    io.add_argument(
-        "--resume_from_checkpoint", default=None, help="'latest', or a checkpoint folder in --output_dir/checkpoints"
-    )
-    io.add_argument("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
-    io.add_argument("--num_samples", type=int, default=16, help="digits in each sample grid")
-    io.add_argument(
-        "--scheduler", default="ddpm", choices=list(SCHEDULERS), help="the scheduler that draws the sample grids"
-    )
-    io.add_argument(
-        "--num_inference_steps",
-        "--ddpm_num_inference_steps",
-        type=int,
-        default=1000,
-        help="sampling steps of the sample grids",
-    )
-    io.add_argument("--logger", default="tensorboard", help="an accelerate tracker (tensorboard, wandb, ...)")
-    io.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
-    io.add_argument("--push_to_hub", action="store_true", help="upload the final pipeline to the Hub")
-    io.add_argument("--hub_model_id", default=None, help="the Hub repo, user/name (default: output_dir's name)")
-    io.add_argument("--hub_private_repo", action="store_true", help="create the Hub repo private")
+    data = p.add_argument_group("data").add_argument
+    data("--dataset_name", default=DEFAULT_DATASET, help="Hub dataset id, or a local folder/parquet")
+    data("--dataset_config_name", help="the dataset's config name")
+    data("--image_column", default="image", help="the column holding the images")
+    data("--label_column", default="label", help="the column of class ids (with --class_conditional)")
+    data("--random_flip", action="store_true", help="random horizontal flips (wrong for digits)")
+    data("--shuffle_buffer_size", type=int, default=10_000, help="examples in the shuffle buffer")
+    data("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
+    data("--decode_once", action="store_true", help="decode every image once into memory (MNIST: 47 MB) and "
+         "shuffle exactly each epoch, instead of streaming through the shuffle buffer: far faster")  # fmt: skip
+    model = p.add_argument_group("model and noise schedule").add_argument
+    model("--preset", default="mnist", choices=sorted(PRESETS), help="a DDPMMnistUNet preset")
+    model("--model_config_name_or_path", help="a UNet config.json (overrides --preset)")
+    model("--pretrained_model_name_or_path", help="start from this pipeline's UNet (a folder or Hub id; its config "
+          "overrides --preset), for example to fine-tune an unconditional model into a conditional one")  # fmt: skip
+    model("--class_conditional", action="store_true", help="learn p(x|y) from --label_column, for classifier-free "
+          "guidance (a class embedding that a pretrained UNet lacks starts at zero)")  # fmt: skip
+    model("--class_dropout_prob", type=float, default=0.1, help="the share of labels replaced by the null class")
+    model("--class_embedding_lr", type=float, help="the class embedding's peak learning rate (default --learning_rate)")
+    model("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
+    model("--ddpm_beta_schedule", default="linear", help="the beta schedule (the paper's: linear)")
+    model("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"], help="the target")
+    model("--variance_type", default="fixed_small", choices=["fixed_small", "fixed_large"], help="sigma_t^2 choice")
+    train = p.add_argument_group("optimization").add_argument
+    train("--output_dir", default="ddpm-mnist", help="pipeline, card, samples, checkpoints, logs")
+    train("--overwrite_output_dir", action="store_true", help="replace the run an existing --output_dir holds")
+    train("--seed", type=int, default=0, help="seed of the weights and data order; each process's noise adds its rank")
+    train("--train_batch_size", type=int, default=128, help="batch size per process")
+    train("--max_train_steps", type=int, help="optimizer steps (overrides --num_epochs)")
+    train("--max_train_minutes", type=float, help="a time budget. Alone, it becomes the optimizer steps that fit, "
+          "measured at the start and kept on resume; beside a step or epoch budget, it stops the run")  # fmt: skip
+    train("--num_epochs", type=int, help="passes over the data (default 100)")
+    train("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    train("--learning_rate", type=float, default=2e-4, help="peak learning rate (the paper's)")
+    train("--lr_scheduler", default="constant_with_warmup", help="a diffusers get_scheduler name, over the run's steps")
+    train("--lr_warmup_steps", type=int, default=5000, help="learning-rate warm-up steps")
+    train("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    train("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    train("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    train("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    train("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    train("--snr_gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual)")
+    train("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="EMA of weights")
+    train("--ema_max_decay", type=float, default=0.9999, help="EMA decay after warm-up")
+    train("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inv_gamma")
+    train("--ema_power", type=float, default=3 / 4, help="EMA warm-up power")
+    train("--mixed_precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 where the "
+          "hardware computes it natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or AVX512-BF16), else fp32; an "
+          "accelerate config's fp16/bf16 also wins over auto")  # fmt: skip
+    io = p.add_argument_group("checkpoints, samples, logging, Hub").add_argument
+    io("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
+    io("--checkpoints_total_limit", type=int, help="keep at most N checkpoints")
+    io("--resume_from_checkpoint", help="'latest', or a checkpoint folder in --output_dir/checkpoints")
+    io("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
+    io("--num_samples", type=int, default=16, help="digits in each sample grid")
+    io("--scheduler", default="ddpm", choices=list(SCHEDULERS), help="the scheduler that draws the sample grids")
+    io("--num_inference_steps", "--ddpm_num_inference_steps", type=int, default=1000, help="steps of the sample grids")
+    io("--logger", default="tensorboard", help="an accelerate tracker (tensorboard, wandb, ...)")
+    io("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
+    io("--push_to_hub", action="store_true", help="upload the final pipeline to the Hub")
+    io("--hub_model_id", help="the Hub repo, user/name (default: output_dir's name)")
+    io("--hub_private_repo", action="store_true", help="create the Hub repo private")
     args = p.parse_args(argv)
     if args.config:
         try:
@@ -210,33 +152,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# Flags that must be positive (> 0) or at least zero; None means "not set" for the optional ones.
-POSITIVE = (
-    "train_batch_size gradient_accumulation_steps checkpointing_steps save_images_steps num_samples "
-    "num_inference_steps ddpm_num_steps learning_rate max_grad_norm max_train_steps num_epochs max_train_minutes "
-    "snr_gamma checkpoints_total_limit shuffle_buffer_size class_embedding_lr"
-).split()
-NON_NEGATIVE = "lr_warmup_steps adam_weight_decay adam_epsilon dataloader_num_workers".split()
+# Each numeric flag's range, in words, as a test, and the flags it holds for; None means "not set" for optional ones.
+RANGES = {
+    "positive": (
+        lambda v: v > 0,
+        "train_batch_size gradient_accumulation_steps checkpointing_steps save_images_steps num_samples "
+        "num_inference_steps ddpm_num_steps learning_rate max_grad_norm max_train_steps num_epochs max_train_minutes "
+        "snr_gamma checkpoints_total_limit shuffle_buffer_size class_embedding_lr",
+    ),
+    "at least 0": (lambda v: v >= 0, "lr_warmup_steps adam_weight_decay adam_epsilon dataloader_num_workers"),
+    "in [0, 1)": (lambda v: 0 <= v < 1, "adam_beta1 adam_beta2 class_dropout_prob"),
+    "in (0, 1]": (lambda v: 0 < v <= 1, "ema_max_decay"),
+}
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad flags with one line each, before any data, model or output folder is touched."""
-    for name in POSITIVE:
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name} must be positive, got {value}.")
-    for name in NON_NEGATIVE:
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be at least 0, got {getattr(args, name)}.")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {getattr(args, name)}.")
-    if not 0 <= args.class_dropout_prob < 1:
-        raise UsageError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
+    for words, (allowed, names) in RANGES.items():
+        for name in names.split():
+            value = getattr(args, name)
+            if value is not None and not allowed(value):
+                raise UsageError(f"--{name} must be {words}, got {value}.")
     if args.class_embedding_lr is not None and not args.class_conditional:
         raise UsageError("--class_embedding_lr sets the class embedding's learning rate; add --class_conditional.")
-    if not 0 < args.ema_max_decay <= 1:
-        raise UsageError(f"--ema_max_decay must be in (0, 1], got {args.ema_max_decay}.")
     if args.num_inference_steps > args.ddpm_num_steps:
         raise UsageError(
             f"--num_inference_steps {args.num_inference_steps} exceeds the {args.ddpm_num_steps} diffusion steps "
@@ -252,18 +190,17 @@ def check_args(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file; pass a folder (new, or one of your runs to resume).")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        checkpoint = Path(args.resume_from_checkpoint)
-        if not checkpoint.is_dir():
-            raise UsageError(
-                f"--resume_from_checkpoint {checkpoint} is not a folder; pass 'latest' or one of "
-                f"{output_dir / 'checkpoints'}/checkpoint-N."
-            )
-        if checkpoint.resolve().parent != (output_dir / "checkpoints").resolve():
-            raise UsageError(
-                f"--resume_from_checkpoint {checkpoint} is not in {output_dir / 'checkpoints'}; checkpoints are read "
-                "only from the run's own --output_dir: pass that run's folder as --output_dir."
-            )
+    checkpoint = None if args.resume_from_checkpoint in (None, "latest") else Path(args.resume_from_checkpoint)
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} is not a folder; pass 'latest' or one of "
+            f"{output_dir / 'checkpoints'}/checkpoint-N."
+        )
+    if checkpoint is not None and checkpoint.resolve().parent != (output_dir / "checkpoints").resolve():
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} is not in {output_dir / 'checkpoints'}; checkpoints are read only "
+            "from the run's own --output_dir: pass that run's folder as --output_dir."
+        )
     holds = run_in(output_dir)
     if holds and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
         raise UsageError(
@@ -326,71 +263,7 @@ def load_pretrained_weights(unet: DDPMMnistUNet, name_or_path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The run's folder: one training at a time, checkpoints that are whole or absent, and what a resume must keep
-
-
-def run_in(output_dir: Path) -> str | None:
-    """What run `output_dir` holds, in words: a finished run's pipeline, or checkpoints; None if neither."""
-    if (output_dir / "model_index.json").is_file():
-        return "a finished run (model_index.json)"
-    if find_checkpoint(output_dir / "checkpoints", "latest") is not None:
-        return "a run's checkpoints"
-    return None
-
-
-class OutputDirLock:
-    """An exclusive lock on `output_dir/.train.lock`, held for the whole run by the main process.
-
-    `flock` locks belong to the open file: the kernel releases them when the process ends however it ends, so a killed
-    run never leaves a stale lock behind.
-    """
-
-    def __init__(self, output_dir: Path):
-        self.path = output_dir / ".train.lock"
-        self.file = None
-
-    def acquire(self) -> None:
-        """Create the folder if needed and take the lock (once); a UsageError if another training holds it."""
-        if self.file is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")  # noqa: SIM115  (held open for the life of the run)
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            self.file = None
-            raise UsageError(
-                f"--output_dir {self.path.parent} is in use by another training ({holder}); wait for it to end, or "
-                "pass another --output_dir."
-            ) from e
-        self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()}\n")
-        self.file.flush()
-
-
-class TrainingProgress:
-    """Where training stands: optimizer steps, epoch, and batches of this epoch already consumed.
-
-    Saved in every checkpoint (accelerate's `register_for_checkpointing`), so a resumed run skips exactly the
-    batches it had trained on. The data order is a pure function of (seed, epoch, process), so the position
-    is all that needs saving; `datasets`' own `state_dict()` cannot do this exactly, since it drops the
-    shuffle buffer.
-    """
-
-    def __init__(self) -> None:
-        self.global_step = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0
-        self.train_seconds = 0.0  # wall time over all runs that led here
-
-    def state_dict(self) -> dict[str, float]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        vars(self).update(state)
+# What a resumed run must keep
 
 
 # Settings a resumed run must share with its checkpoint (else the resumed run is not the run that was checkpointed, or
@@ -409,9 +282,10 @@ CLASS_SETTINGS = ("class_dropout_prob", "label_column", "class_embedding_lr")
 
 
 def run_settings(args: argparse.Namespace, num_processes: int, num_classes: int | None = None) -> dict:
-    """The settings a checkpoint records (`SETTINGS_FILE`), for `check_resume` to compare with a resumed run's.
+    """The settings a checkpoint records, for `check_resume` to compare with a resumed run's.
 
-    `num_classes` (None: unconditional) is that of the training data's labels: the UNet's `num_class_embeds`.
+    `num_classes` (None: unconditional) is that of the training data's labels: the UNet's `num_class_embeds`. The
+    step count a time budget alone became, `planned_train_steps`, is added once it is known (see `step_budget`).
     """
     settings = {name: getattr(args, name) for name in RESUME_MUST_KEEP + RESUME_MAY_CHANGE if hasattr(args, name)}
     unet_config = model_config(args)
@@ -420,123 +294,67 @@ def run_settings(args: argparse.Namespace, num_processes: int, num_classes: int 
     else:  # a conditional run's config.json without --class_conditional trains an unconditional model
         unet_config.pop("num_class_embeds", None)
         settings.update(dict.fromkeys(CLASS_SETTINGS))
-    return {**settings, "unet_config": unet_config, "num_processes": num_processes}
+    return {**settings, "unet_config": unet_config, "num_processes": num_processes, "planned_train_steps": None}
 
 
-def check_resume(checkpoint: Path, settings: dict) -> list[str]:
-    """Refuse to resume `checkpoint` with other settings than it was written with; return the allowed changes.
-
-    Also refuses a checkpoint whose weights cannot be read (a truncated or corrupt safetensors file), before any model
-    is built.
-    """
-    recorded = checkpoint / SETTINGS_FILE
-    if not recorded.is_file():
-        raise UsageError(f"{checkpoint} has no {SETTINGS_FILE}: it is not a checkpoint of this script; start anew.")
-    saved = json.loads(recorded.read_text())
-    differ = setting_changes(saved, settings, RESUME_MUST_KEEP)
-    if differ:
-        changes = "; ".join(differ)
-        raise UsageError(
-            f"cannot resume {checkpoint} with other settings ({changes}); resume with the checkpoint's settings, or "
-            "start a new run in another --output_dir."
-        )
-    for weights in sorted(checkpoint.rglob("*.safetensors")):
-        try:
-            with safe_open(weights, framework="pt") as f:
-                for key in f.keys():
-                    f.get_slice(key)
-        except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise UsageError(
-                f"{weights} is damaged ({e}); resume from an earlier checkpoint by path, or delete {checkpoint}."
-            ) from e
-    return setting_changes(saved, settings, RESUME_MAY_CHANGE)
+def time_budget_alone(args: argparse.Namespace) -> bool:
+    """Whether --max_train_minutes is the only budget: it then becomes a step count (see `step_budget`)."""
+    return args.max_train_minutes is not None and args.max_train_steps is None and args.num_epochs is None
 
 
-def setting_changes(saved: dict, current: dict, names: list[str], prefix: str = "") -> list[str]:
-    """`name: old -> new` for each of `names` whose value differs; a dict (the UNet config) key by key."""
-    changes = []
-    for name in names:
-        old, new = saved.get(name), current.get(name)
-        if isinstance(old, dict) and isinstance(new, dict):
-            keys = sorted(k for k in old.keys() | new.keys() if not k.startswith("_"))
-            changes += setting_changes(old, new, keys, prefix=f"{prefix}{name}.")
-        elif json.dumps(old) != json.dumps(new):
-            changes.append(f"{prefix}{name}: {old} -> {new}")
-    return changes
-
-
-def find_checkpoint(checkpoints_dir: Path, resume_from: str) -> Path | None:
-    """The checkpoint folder to resume from: the given one, or the highest complete `checkpoint-N` for latest."""
-    if resume_from != "latest":
-        return Path(resume_from)
-    steps = [int(m[1]) for d in checkpoints_dir.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(d.name))]
-    return checkpoints_dir / f"checkpoint-{max(steps)}" if steps else None
-
-
-def save_checkpoint(
-    accelerator: Accelerator, checkpoints_dir: Path, step: int, total_limit: int | None, settings: dict
-) -> None:
-    """`save_state` into a temporary folder, then rename it: `latest` only ever sees whole checkpoints.
-
-    Old checkpoints beyond `total_limit` are renamed before they are deleted, for the same reason. A checkpoint of this
-    step that exists already is the very state being saved (the run resumed from it and took no step), and is kept.
-    """
-    final, partial = checkpoints_dir / f"checkpoint-{step}", checkpoints_dir / f"tmp-checkpoint-{step}"
-    if final.is_dir():
-        return
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)  # what a killed run may have left
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
-        os.replace(partial, final)
-        kept = sorted(
-            (d for d in checkpoints_dir.iterdir() if CHECKPOINT_PATTERN.match(d.name)),
-            key=lambda d: int(d.name.split("-")[1]),
-        )
-        for old in kept[: -total_limit if total_limit else 0]:
-            doomed = old.with_name(f"deleting-{old.name}")
-            os.replace(old, doomed)
-            shutil.rmtree(doomed)
-        logger.info(f"saved {final}")
-    accelerator.wait_for_everyone()
-
-
-def clear_output_dir(output_dir: Path) -> None:
-    """--overwrite_output_dir: remove the previous run's pipeline, checkpoints, samples and logs (nothing else)."""
-    for name in RUN_FILES:
-        path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def step_budget(args: argparse.Namespace, steps_per_epoch: int, resume_path: Path | None) -> int | None:
+    """The run's optimizer steps: --max_train_steps, else --num_epochs (default 100) epochs, else those that
+    --max_train_minutes alone became in the checkpoint resumed with the same budget; None while still to measure."""
+    if not time_budget_alone(args):
+        return args.max_train_steps or (args.num_epochs or 100) * steps_per_epoch
+    recorded = recorded_settings(resume_path) if resume_path else {}
+    return recorded.get("planned_train_steps") if recorded.get("max_train_minutes") == args.max_train_minutes else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The loss and the decision to stop
+# Data, loss, optimizer
 
 
-def min_snr_weight(
-    noise_scheduler: DDPMMnistScheduler, t: torch.Tensor, gamma: float, prediction_type: str
-) -> torch.Tensor:
-    """Per-example loss weight of min-SNR-gamma (Hang et al. 2023): min(SNR_t, gamma) over the target's own weight."""
-    snr = compute_snr(noise_scheduler, t)  # SNR_t = abar_t / (1 - abar_t)
-    clipped = torch.clamp(snr, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped  # x_0 prediction
+def load_training_data(args: argparse.Namespace, num_processes: int) -> tuple[TrainingData, int, int | None]:
+    """The training split, checked readable (before any full scan), the optimizer steps of one epoch, and the number
+    of classes of its labels with --class_conditional (None without).
+
+    Every process takes the same whole number of optimizer steps per epoch; an epoch's remainder of examples waits for
+    the next epoch's shuffle.
+    """
+    label_column = args.label_column if args.class_conditional else None
+    preprocess = ImagePreprocessor(model_config(args).get("sample_size", 28), random_flip=args.random_flip)
+    with usage_errors("dataset_name", "image_column", "label_column"):
+        stream = load_image_stream(
+            args.dataset_name, "train", args.dataset_config_name, args.image_column, label_column
+        )
+        num_classes = class_count(stream, args.dataset_name) if args.class_conditional else None
+        check_readable(stream, preprocess, args.dataset_name)
+    data = TrainingData(
+        stream,
+        preprocess,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        decode_once=args.decode_once,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    steps_per_epoch = data.num_examples // num_processes // args.train_batch_size // args.gradient_accumulation_steps
+    if steps_per_epoch < 1:
+        raise UsageError(
+            f"{data.num_examples} examples over {num_processes} processes give no full batch of "
+            f"{args.train_batch_size} x {args.gradient_accumulation_steps}; lower --train_batch_size."
+        )
+    return data, steps_per_epoch, num_classes
 
 
 def diffusion_loss(
     unet: torch.nn.Module,
     noise_scheduler: DDPMMnistScheduler,
     x_0: torch.Tensor,
-    snr_gamma: float | None,
     class_labels: torch.Tensor | None = None,
+    *,
+    snr_gamma: float | None = None,
     class_dropout_prob: float = 0.0,
     null_class_label: int | None = None,
 ) -> torch.Tensor:
@@ -565,42 +383,39 @@ def diffusion_loss(
     return loss.mean()
 
 
-def stop_reason(
-    progress: TrainingProgress, mean_loss: float, signalled: bool, max_train_steps: int, args: argparse.Namespace
-) -> str | None:
-    """The one decision, taken after every optimizer step on numbers all processes share: why the run stops, or None.
-
-    A loss that is no longer finite is a failure: the run ends without a checkpoint of the broken weights.
-    """
-    if not math.isfinite(mean_loss):
-        raise WorkFailed(
-            f"the loss became {mean_loss} at step {progress.global_step}; the last good checkpoint stays in "
-            f"{Path(args.output_dir) / 'checkpoints'}. Lower --learning_rate or use --mixed_precision fp32, then "
-            "resume."
-        )
-    if signalled:
-        return "stopped on request"
-    if progress.global_step >= max_train_steps:
-        return "finished"
-    if args.max_train_minutes is not None and progress.train_seconds >= 60 * args.max_train_minutes:
-        return "finished (time budget spent)"
-    return None
+def loss_settings(args: argparse.Namespace, num_classes: int | None) -> dict:
+    """`diffusion_loss`'s settings from the flags: the loss weighting and a conditional model's label dropout."""
+    return dict(snr_gamma=args.snr_gamma, class_dropout_prob=args.class_dropout_prob, null_class_label=num_classes)
 
 
-def resumed_batches(
-    data: TrainingData, progress: TrainingProgress, batches_per_epoch: int, rank: int, world: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Batches (x_0, labels) epoch after epoch from where `progress` stands; an epoch's remainder waits for the next."""
-    while True:
-        for batch in islice(data.batches(progress.epoch, rank, world), progress.batches_in_epoch, batches_per_epoch):
-            progress.batches_in_epoch += 1
-            yield batch
-        progress.epoch += 1
-        progress.batches_in_epoch = 0
+def make_optimizer(
+    unet: DDPMMnistUNet, args: argparse.Namespace, num_processes: int, max_train_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and its learning-rate schedule over the run's steps (stepped once per process per optimizer step, as
+    accelerate does). With --class_embedding_lr, the class embedding is a second parameter group at its own peak."""
+    groups = [{"params": list(unet.parameters())}]
+    if args.class_embedding_lr is not None:
+        own = list(unet.class_embedding.parameters())
+        rest = [p for p in unet.parameters() if all(p is not q for q in own)]
+        groups = [{"params": rest}, {"params": own, "lr": args.class_embedding_lr}]
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    )
+    warmup, total = args.lr_warmup_steps * num_processes, max_train_steps * num_processes
+    return optimizer, get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def make_ema(unet: DDPMMnistUNet, args: argparse.Namespace) -> EMAModel | None:
+    """The exponential moving average of the weights, with warm-up (the released weights); None with --no-use_ema."""
+    if not args.use_ema:
+        return None
+    decay, inv_gamma, power = args.ema_max_decay, args.ema_inv_gamma, args.ema_power
+    return EMAModel(unet.parameters(), decay=decay, use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Sample grids
+# Sample grids, the record of the run, the machine
 
 
 def grid_pipeline(unet: DDPMMnistUNet, scheduler: SchedulerMixin, ema: EMAModel | None) -> DDPMMnistPipeline:
@@ -648,142 +463,30 @@ def sample_grid_path(args: argparse.Namespace, step: int) -> Path:
     return Path(args.output_dir) / "samples" / f"step-{step:07d}.png"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The pieces main puts together
-
-
-def resolve_mixed_precision(requested: str, device: torch.device) -> tuple[str, str]:
-    """The mixed precision to train with, in accelerate's words ("no" for fp32), and why: an explicit choice, an
-    accelerate config's fp16/bf16, or auto."""
-    if requested != "auto":
-        return requested.replace("fp32", "no"), "--mixed_precision"
-    configured = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # set by `accelerate launch` from its config
-    if configured in ("fp16", "bf16"):
-        return configured, "the accelerate config"
-    return auto_mixed_precision(device), f"automatic for {describe_device(device)}"
-
-
-def load_training_data(
-    args: argparse.Namespace, sample_size: int, num_processes: int
-) -> tuple[TrainingData, int, int | None]:
-    """The training split, checked readable (before any full scan), the optimizer steps of one epoch, and the number
-    of classes of its labels with --class_conditional (None without).
-
-    Every process takes the same whole number of optimizer steps per epoch; an epoch's remainder of examples waits for
-    the next epoch's shuffle.
-    """
-    label_column = args.label_column if args.class_conditional else None
-    stream = load_image_stream(args.dataset_name, "train", args.dataset_config_name, args.image_column, label_column)
-    num_classes = class_count(stream, args.dataset_name) if args.class_conditional else None
-    preprocess = ImagePreprocessor(sample_size, random_flip=args.random_flip)
-    check_readable(stream, preprocess, args.dataset_name)
-    data = TrainingData(
-        stream,
-        preprocess,
-        batch_size=args.train_batch_size,
-        seed=args.seed,
-        decode_once=args.decode_once,
-        shuffle_buffer_size=args.shuffle_buffer_size,
-        num_workers=args.dataloader_num_workers,
-    )
-    steps_per_epoch = data.num_examples // num_processes // args.train_batch_size // args.gradient_accumulation_steps
-    if steps_per_epoch < 1:
-        raise UsageError(
-            f"{data.num_examples} examples over {num_processes} processes give no full batch of "
-            f"{args.train_batch_size} x {args.gradient_accumulation_steps}; lower --train_batch_size."
-        )
-    return data, steps_per_epoch, num_classes
-
-
-def lr_over_time(args: argparse.Namespace) -> bool:
-    """Whether the learning-rate schedule runs over the time budget (given, with no step or epoch budget)."""
-    return args.max_train_minutes is not None and args.max_train_steps is None and args.num_epochs is None
-
-
-def make_optimizer(
-    unet: DDPMMnistUNet,
-    args: argparse.Namespace,
-    num_processes: int,
-    max_train_steps: int,
+def save_pipeline(
+    accelerator: Accelerator,
+    pipeline: DDPMMnistPipeline,
+    noise_scheduler: DDPMMnistScheduler,
     progress: TrainingProgress,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW and its learning-rate schedule (stepped once per process per optimizer step, as accelerate does).
-
-    The schedule runs over the step budget, or, given a time budget and no step or epoch budget
-    (`--max_train_minutes` alone), over the time budget: each step's learning rate is the named schedule's decay at
-    the share of the time budget spent so far (`progress.train_seconds`), times its warm-up (in steps, as diffusers
-    counts them), so that a decaying schedule reaches its end when the time does, however long the warm-up takes.
-    A time budget changed on resume re-times the rest of the schedule, as a changed step budget does.
-    """
-    # With --class_embedding_lr, the class embedding is a second parameter group at its own peak rate.
-    groups = [{"params": list(unet.parameters())}]
-    if args.class_embedding_lr is not None:
-        own = list(unet.class_embedding.parameters())
-        rest = [p for p in unet.parameters() if all(p is not q for q in own)]
-        groups = [{"params": rest}, {"params": own, "lr": args.class_embedding_lr}]
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+    args: argparse.Namespace,
+) -> None:
+    """The pipeline folder of the run: EMA weights (safetensors) with the noise scheduler, the last step's sample grid,
+    the model card and `training.json`; then the push, with --push_to_hub."""
+    output_dir, grid_path = Path(args.output_dir), sample_grid_path(args, progress.global_step)
+    if not grid_path.exists():  # the last step may have drawn its grid already
+        save_sample_grid(accelerator, pipeline, progress.global_step, args)
+    pipeline.scheduler, repo_id = noise_scheduler, args.hub_model_id or output_dir.name
+    record, grid = training_record(args, progress, accelerator), grid_path.relative_to(output_dir).as_posix()
+    save_training_run(
+        pipeline, output_dir, repo_id, dataset_name=args.dataset_name, training=record, samples_image=grid
     )
-    warmup = args.lr_warmup_steps * num_processes
-    if not lr_over_time(args):
-        return optimizer, get_scheduler(
-            args.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=max_train_steps * num_processes,
-        )
-
-    # The named schedule's multipliers on a stand-in optimizer: its warm-up, and its decay over `TIME_SCHEDULE_STEPS`
-    # steps, read at the share of the budget spent.
-    def multipliers(num_warmup_steps: int) -> Callable[[int], float]:
-        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
-        return get_scheduler(
-            args.lr_scheduler,
-            optimizer=stand_in,
-            num_warmup_steps=num_warmup_steps,
-            num_training_steps=num_warmup_steps + TIME_SCHEDULE_STEPS,
-        ).lr_lambdas[0]
-
-    warm_up, decay = multipliers(warmup), multipliers(0)
-    budget_seconds = 60 * args.max_train_minutes
-
-    def multiplier(step: int) -> float:
-        spent = min(progress.train_seconds / budget_seconds, 1.0)
-        return (warm_up(step) if step < warmup else 1.0) * decay(round(spent * TIME_SCHEDULE_STEPS))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    if args.push_to_hub:
+        logger.info(f"pushed {output_dir} to {push_training_run(output_dir, repo_id, args.hub_private_repo)}")
 
 
-def progress_bar(args: argparse.Namespace, progress: TrainingProgress, max_train_steps: int, disable: bool) -> tqdm:
-    """The training bar, against the budget that ends the run: seconds of the time budget when one is given (what is
-    left then counts down to the time that stops the run), else optimizer steps."""
-    if args.max_train_minutes is not None:
-        budget = 60 * args.max_train_minutes
-        return tqdm(total=budget, initial=min(progress.train_seconds, budget), unit="s", disable=disable,
-                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")  # fmt: skip
-    return tqdm(total=max_train_steps, initial=progress.global_step, unit="step", disable=disable)
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set `requested`: the run finishes its step, writes a checkpoint and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGINT, self.request)
-        signal.signal(signal.SIGTERM, self.request)
-
-    def request(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
-def training_record(
-    args: argparse.Namespace, progress: TrainingProgress, accelerator: Accelerator, total_batch_size: int
-) -> dict:
+def training_record(args: argparse.Namespace, progress: TrainingProgress, accelerator: Accelerator) -> dict:
     """The run's settings and numbers, for the model card and `training.json`."""
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     card_flags = (
         "pretrained_model_name_or_path learning_rate class_embedding_lr lr_scheduler lr_warmup_steps adam_beta1 "
         "adam_beta2 adam_weight_decay max_grad_norm use_ema ema_max_decay ema_inv_gamma ema_power"
@@ -799,57 +502,48 @@ def training_record(
     }
 
 
+def configure_libraries() -> None:
+    """Logging, and the Arrow and `datasets` settings that keep streaming from stalling.
+
+    `datasets` hands Arrow Python file objects, and Arrow's CPU thread pool can then deadlock at exit or in
+    `to_batches` (apache/arrow#45214, #50482); one Arrow thread avoids it and costs nothing here. With that, the 5 s
+    `datasets` sleeps whenever a stream ends (its own guard for the same issue) would only stall start-up and every
+    epoch's end, so it is turned off.
+    """
+    pyarrow.set_cpu_count(1)
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The run
 
 
 def main(args: argparse.Namespace) -> None:
+    """Train, top to bottom: inputs checked, data, model, optimizer and EMA, resume, the loop, the pipeline folder."""
     check_args(args)
-    # `datasets` hands Arrow Python file objects, and Arrow's CPU thread pool can then deadlock at exit or in
-    # `to_batches` (apache/arrow#45214, #50482); one Arrow thread avoids it and costs nothing here. With that, the 5 s
-    # `datasets` sleeps whenever a stream ends (its own guard for the same issue) would only stall start-up and every
-    # epoch's end, so it is turned off.
-    pyarrow.set_cpu_count(1)
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    configure_libraries()
     output_dir, checkpoints_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
+    accumulation = args.gradient_accumulation_steps  # batches per optimizer step
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will read it
     # One training per folder: a folder another training holds is refused first, before any checkpoint or data is read.
     lock = OutputDirLock(output_dir)  # held (open) until main returns
-    if state.is_main_process and output_dir.is_dir():
-        lock.acquire()
-    mixed_precision, why = resolve_mixed_precision(args.mixed_precision, state.device)
-    data, steps_per_epoch, num_classes = load_training_data(
-        args, model_config(args).get("sample_size", 28), state.num_processes
-    )
+    with usage_errors("output_dir"):
+        if state.is_main_process and output_dir.is_dir():
+            lock.acquire()
+    data, steps_per_epoch, num_classes = load_training_data(args, state.num_processes)
     settings = run_settings(args, state.num_processes, num_classes)
     resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    changes = check_resume(resume_path, settings) if resume_path else []
-    max_train_steps = args.max_train_steps or (args.num_epochs or 100) * steps_per_epoch
-
-    # Only now, with every input checked, does a new output folder come into being (and its lock).
-    if state.is_main_process:
-        lock.acquire()
-        if args.overwrite_output_dir and resume_path is None:
-            clear_output_dir(output_dir)
+    with usage_errors("output_dir"):
+        if resume_path is not None:
+            check_resume(resume_path, settings, RESUME_MUST_KEEP, RESUME_MAY_CHANGE)  # logs the changes it allows
+        max_train_steps = step_budget(args, steps_per_epoch, resume_path)  # None: measured once the model is built
+        if state.is_main_process:  # only now, with every input checked, does a new output folder come into being
+            lock.acquire()
+    if state.is_main_process and args.overwrite_output_dir and resume_path is None:
+        clear_output_dir(output_dir)
     state.wait_for_everyone()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=mixed_precision,
-        log_with=args.logger,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logger.info(f"mixed precision: {'fp32' if mixed_precision == 'no' else mixed_precision} ({why})")
-    if state.device.type == "cpu":
-        # Physical cores, at most as many as this process may run on (on Linux, a container's share of them).
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        cores = min(psutil.cpu_count(logical=False) or 1, allowed)
-        if idle := idle_cores_warning(torch.get_num_threads(), state.num_processes, cores):
-            logger.warning(idle)
-    for change in changes:
-        logger.info(f"resuming with a changed setting, {change}")
+    accelerator = make_accelerator(output_dir, args.logging_dir, args.mixed_precision, accumulation, args.logger)
 
     # Model (identical on every process: one seed) and the forward process q(x_t | x_0) of the paper.
     set_seed(args.seed)
@@ -867,63 +561,45 @@ def main(args: argparse.Namespace) -> None:
     # From here on each process draws its own timesteps, noise and dropout (seed + rank). Checkpoints keep each
     # process's random state, so a resumed run draws what the uninterrupted one would have.
     set_seed(args.seed, device_specific=True)
+    unet = accelerator.prepare(unet).train()
+    loss_fn = partial(diffusion_loss, unet, noise_scheduler, **loss_settings(args, num_classes))
+    # The data is not prepared: accelerate would shard the already-split stream a second time.
+    shard = steps_per_epoch * accumulation, accelerator.process_index, accelerator.num_processes, accelerator.device
+    if max_train_steps is None:  # --max_train_minutes alone: the steps it fits, measured now and kept in checkpoints
+        trial = resumed_batches(data, TrainingProgress(), *shard)
+        max_train_steps = time_budget_steps(accelerator, args.max_train_minutes, unet, loss_fn, trial, accumulation)
+    settings["planned_train_steps"] = max_train_steps if time_budget_alone(args) else None
 
-    # Optimizer, learning-rate schedule and EMA of the weights (the released weights are the EMA). The data is not
-    # prepared: accelerate would shard the already-split stream a second time.
-    progress = TrainingProgress()
-    optimizer, lr_scheduler = make_optimizer(unet, args, accelerator.num_processes, max_train_steps, progress)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    lr_budget = f"{args.max_train_minutes:g} minutes" if lr_over_time(args) else f"{max_train_steps} steps"
-    logger.info(f"learning-rate schedule: {args.lr_scheduler} over {lr_budget}")
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(
-            accelerator.unwrap_model(unet).parameters(),
-            decay=args.ema_max_decay,
-            use_ema_warmup=True,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-        )
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(progress)
+    # Optimizer, learning-rate schedule and EMA of the weights (the released weights are the EMA).
+    optimizer, lr_scheduler = make_optimizer(accelerator.unwrap_model(unet), args, state.num_processes, max_train_steps)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    logger.info(f"learning-rate schedule: {args.lr_scheduler} over {max_train_steps} steps")
+    ema = make_ema(accelerator.unwrap_model(unet), args)
+    progress = TrainingProgress()  # EMA first: checkpoints hold them as custom_checkpoint_0.pkl and _1.pkl
+    accelerator.register_for_checkpointing(*[saved for saved in (ema, progress) if saved is not None])
     if resume_path is not None:
         accelerator.load_state(str(resume_path))  # weights, optimizer, lr, EMA, progress and every process's RNG
         logger.info(f"resumed from {resume_path} at step {progress.global_step}")
-        if lr_over_time(args):
-            logger.warning(
-                f"the learning rate follows the clock (--max_train_minutes alone): it continues from the recorded "
-                f"{progress.train_seconds / 60:.1f} minutes, but the steps ahead take other times than they would "
-                "have, so this run will not equal an uninterrupted one bit for bit; give --max_train_steps for that."
-            )
     elif args.resume_from_checkpoint:
         logger.info(f"no checkpoint in {checkpoints_dir}; starting from scratch")
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers("ddpm-mnist", config={k: v for k, v in vars(args).items() if v is not None})
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    accelerator.init_trackers("ddpm-mnist", config={k: v for k, v in vars(args).items() if v is not None})
+    total_batch_size = args.train_batch_size * accelerator.num_processes * accumulation
     logger.info(
         f"{data.num_examples} examples, {sum(p.numel() for p in unet.parameters()):,} parameters, {max_train_steps} "
         f"steps of {total_batch_size} images ({accelerator.num_processes} processes, {steps_per_epoch} steps per epoch)"
     )
-    stop = StopRequest()
-    batches_per_epoch = steps_per_epoch * args.gradient_accumulation_steps
-    batches = resumed_batches(data, progress, batches_per_epoch, accelerator.process_index, accelerator.num_processes)
-    bar = progress_bar(args, progress, max_train_steps, disable=not accelerator.is_local_main_process)
-    start_time, start_step, last_time = time.time(), progress.global_step, time.time()
+    # --max_train_minutes beside a step or epoch budget limits the training time (alone, it became the step count).
+    time_limit = None if args.max_train_minutes is None or time_budget_alone(args) else 60 * args.max_train_minutes
+    stop, batches = StopRequest(), resumed_batches(data, progress, *shard)
     reason = "finished" if progress.global_step >= max_train_steps else None
-    unet.train()
-    with bar:
+    progress.start_clock()
+    with progress_bar(progress, max_train_steps, disable=not accelerator.is_local_main_process) as bar:
         while reason is None:
-            # One optimizer step: gradient_accumulation_steps batches of Algorithm 1.
-            for x_0, class_labels in islice(batches, args.gradient_accumulation_steps):
+            # One optimizer step: `accumulation` batches of Algorithm 1.
+            for batch in islice(batches, accumulation):
                 with accelerator.accumulate(unet):
-                    if class_labels is not None:
-                        class_labels = class_labels.to(accelerator.device)
-                    x_0 = x_0.to(accelerator.device)
-                    loss = diffusion_loss(
-                        unet, noise_scheduler, x_0, args.snr_gamma, class_labels, args.class_dropout_prob, num_classes
-                    )
+                    loss = loss_fn(*batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -932,28 +608,21 @@ def main(args: argparse.Namespace) -> None:
                     optimizer.zero_grad()
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
-            progress.global_step += 1
-            # One collective per step: the mean loss, whether any process was signalled, and the main process's clock
-            # (the others send 0), so that every process takes the same decision and records the same time.
-            now = time.time()
-            seconds = progress.train_seconds + now - last_time if accelerator.is_main_process else 0.0
-            shared = accelerator.reduce(torch.tensor([loss.item(), stop.requested, seconds], device=accelerator.device))
-            mean_loss, stop.requested = shared[0].item() / accelerator.num_processes, bool(shared[1])
-            progress.train_seconds, last_time = shared[2].item(), now
-            reason = stop_reason(progress, mean_loss, stop.requested, max_train_steps, args)
+            mean_loss = progress.end_step(accelerator, loss.item(), stop)
+            if not math.isfinite(mean_loss):  # a failure: the run ends without a checkpoint of the broken weights
+                raise WorkFailed(
+                    f"the loss became {mean_loss} at step {progress.global_step}; {NAN_FIX} {checkpoints_dir}."
+                )
+            reason = stop_reason(progress, stop.requested, max_train_steps, time_limit)
 
-            images_per_second = (progress.global_step - start_step) * total_batch_size / (now - start_time)
+            images_per_second = progress.steps_per_second() * total_batch_size
             logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
             logs.update(images_per_second=images_per_second, **({"ema_decay": ema.cur_decay_value} if ema else {}))
             accelerator.log(logs, step=progress.global_step)
             bar.set_postfix(
-                step=f"{progress.global_step}/{max_train_steps}",
-                loss=f"{mean_loss:.4f}",
-                lr=f"{logs['lr']:.2e}",
-                img_s=f"{images_per_second:.0f}",
-                refresh=False,  # the update below draws the bar once per step
+                loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
             )
-            bar.update(progress.train_seconds - bar.n if args.max_train_minutes is not None else 1)
+            bar.update()  # draws the bar, once per step
             if progress.global_step % args.checkpointing_steps == 0 or reason is not None:
                 # Also at the end of every run, so that it can be continued with a larger budget.
                 save_checkpoint(
@@ -966,24 +635,9 @@ def main(args: argparse.Namespace) -> None:
     if reason == "stopped on request":
         logger.info(f"stopped at step {progress.global_step} on request; resume with --resume_from_checkpoint latest")
     elif accelerator.is_main_process:
-        # The pipeline folder: EMA weights (safetensors), scheduler, a sample grid and the model card.
         pipeline = grid_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
-        grid_path = sample_grid_path(args, progress.global_step)
-        if not grid_path.exists():  # the last step may have drawn its grid already
-            save_sample_grid(accelerator, pipeline, progress.global_step, args)
-        pipeline.scheduler = noise_scheduler
-        repo_id = args.hub_model_id or output_dir.name
-        save_training_run(
-            pipeline,
-            output_dir,
-            repo_id,
-            dataset_name=args.dataset_name,
-            training=training_record(args, progress, accelerator, total_batch_size),
-            samples_image=grid_path.relative_to(output_dir).as_posix(),
-        )
+        save_pipeline(accelerator, pipeline, noise_scheduler, progress, args)
         logger.info(f"{reason} at step {progress.global_step}: saved the pipeline and its model card to {output_dir}")
-        if args.push_to_hub:
-            logger.info(f"pushed {output_dir} to {push_training_run(output_dir, repo_id, args.hub_private_repo)}")
     accelerator.end_training()
 
 
