@@ -17,8 +17,8 @@ from the library:
   MNIST classifier reads each completion.
 - Interpolate: `ddpm_mnist.interpolate` (the DDPM paper's section 4.4) between two bundled MNIST test digits.
 
-Bad input (a step count outside 1..T, an empty sketch, a digit for an unconditional model) is a one-line message in
-the page; the app keeps serving.
+Bad input (a step count outside 1..T, an empty sketch, an upload that is not an image, a digit for an unconditional
+model) is a one-line message in the page; the app keeps serving.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from PIL import Image
 
 import ddpm_mnist
 from ddpm_mnist import DDPMMnistPipeline
-from ddpm_mnist.errors import UsageError, run_entry_point
-from ddpm_mnist.evaluation import default_device, digit_grid, load_pipeline, scheduler_steps
+from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
+from ddpm_mnist.evaluation import default_device, load_pipeline, scheduler_steps
 from ddpm_mnist.hardware import describe_device, has_native_bf16
+from ddpm_mnist.image_utils import digit_grid
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs
 from ddpm_mnist.pipeline_ddpm_mnist_inpaint import (
@@ -84,6 +85,14 @@ MAX_IMAGES = 64
 UPSCALE = 4  # screen pixels per digit pixel: nearest-neighbour blocks keep the digits sharp
 STRIP_FRAMES = 10
 INK = 0.2  # a drawn pixel at 28 x 28, in [0, 1]
+KEPT_CAPTION = "kept (grey: redrawn)"
+PAD_SIZE = 280  # the sketch pad's side in pad pixels: 10 x 10 of them make one digit pixel
+# The brush's radius in pad pixels, by measurement: digit-shaped strokes drawn as the pad draws them (antialiased discs
+# along the path) and reduced to 28 x 28 as `sketch_to_digit` does are 2.8 digit pixels across with soft edges. Their
+# median width (the ink across the stroke along a row or a column, the lesser) is 2.96 pixels against 2.98 for the
+# bundled MNIST test digits (radius 13: 2.75, 15: 3.17, 22: 4.65), with 0.54 of their inked pixels above 0.9 (MNIST:
+# 0.46). tests/test_demo.py repeats the measurement.
+BRUSH_RADIUS = 14
 # The region the model redraws, as (rows, columns) of the digit; what is drawn is kept wherever it lies.
 HALF = 14
 REGIONS = {
@@ -120,7 +129,8 @@ def load_models(models: Sequence[str | os.PathLike], device: str, dtype: str, *,
     pipelines = {}
     for name in models:
         try:
-            pipelines[Path(os.fspath(name)).name] = load_pipeline(name, device, dtype)
+            with usage_errors("device", "dtype"):
+                pipelines[Path(os.fspath(name)).name] = load_pipeline(name, device, dtype)
         except UsageError as error:
             if required:
                 raise
@@ -192,6 +202,27 @@ def keep_mask(digit: np.ndarray, region: str) -> np.ndarray:
     return np.maximum(keep, digit >= INK)
 
 
+def bundled_test_digits() -> torch.Tensor:
+    """The 100 MNIST test digits bundled with the app (`TEST_DIGITS`), (100, 1, 28, 28) in [0, 1]."""
+    sprite = np.asarray(Image.open(TEST_DIGITS).convert("L"), dtype=np.float32) / 255
+    return torch.from_numpy(sprite.reshape(10, 28, 10, 28).transpose(0, 2, 1, 3).reshape(100, 1, 28, 28))
+
+
+def _reading_images(preprocess: Callable) -> Callable:
+    """A sketch pad's `preprocess` (which opens an uploaded file, before any handler runs) for which a file that is
+    not an image is bad input like any other: a one-line message in the page."""
+
+    @_reported
+    @functools.wraps(preprocess)
+    def read(payload: object) -> object:
+        try:
+            return preprocess(payload)
+        except OSError:  # PIL's UnidentifiedImageError, or an image file cut short
+            raise ValueError("the uploaded file is not an image: upload a picture of a digit, or draw one.") from None
+
+    return read
+
+
 class DigitDemo:
     """What the app does, one method per tab, over pipelines loaded once; each returns the tab's outputs."""
 
@@ -199,9 +230,7 @@ class DigitDemo:
         self.pipelines = pipelines
         self.hardware = f"{dtype} UNet on {describe_device(device)}"
         self.classifier = load_mnist_classifier(device=device)
-        sprite = np.asarray(Image.open(TEST_DIGITS).convert("L"), dtype=np.float32) / 255
-        tiles = sprite.reshape(10, 28, 10, 28).transpose(0, 2, 1, 3).reshape(100, 1, 28, 28)
-        self.test_digits = torch.from_numpy(tiles)
+        self.test_digits = bundled_test_digits()
 
     def pipeline(self, model: str) -> DDPMMnistPipeline:
         """The loaded pipeline named `model`."""
@@ -291,9 +320,9 @@ class DigitDemo:
         guidance_from: float = 0,
         guidance_to: float | None = None,
         progress: gr.Progress = PROGRESS,
-    ) -> tuple[Image.Image, list[tuple[Image.Image, str]], str]:
-        """What the model keeps of the sketch (the region it redraws in grey), its completions of a few seeds with
-        what the classifier reads in each, and how long it took."""
+    ) -> tuple[list[tuple[Image.Image, str]], str]:
+        """The tab's gallery (what the model keeps of the sketch, the region it redraws in grey, then its completions
+        of a few seeds with what the classifier reads in each) and how long it took."""
         pipe = self.pipeline(model)
         size = pipe.config.image_size
         known = sketch_to_digit(sketch, size)
@@ -329,13 +358,13 @@ class DigitDemo:
         seconds = time.perf_counter() - start
         probabilities = classifier_outputs(images.float().cpu(), self.classifier, progress=False).logits.softmax(-1)
         confidence, read = probabilities.max(dim=1)
-        completions = [
+        kept = torch.from_numpy(np.where(keep > 0, known, 0.4))[None, None]
+        pictures = [(_upscaled(kept), KEPT_CAPTION)] + [
             (_upscaled(image[None]), f"seed {first_seed + i}: reads {int(read[i])} ({float(confidence[i]):.0%})")
             for i, image in enumerate(images)
         ]
-        kept = torch.from_numpy(np.where(keep > 0, known, 0.4))[None, None]
         info = f"{count} completions in {seconds:.2f} s (RePaint, {steps} steps, {calls} UNet calls; {self.hardware})"
-        return _upscaled(kept), completions, info
+        return pictures, info
 
     def test_digit(self, index: float) -> torch.Tensor:
         """The bundled MNIST test digit number `index` (0-99), (1, 1, 28, 28) in [0, 1]."""
@@ -472,16 +501,20 @@ def build_demo(
             generate_info = gr.Markdown(elem_id="generate-info")
         with gr.Tab("Complete"):
             with gr.Row():
+                # The pad opens on a blank white page: Gradio's editor then selects the brush, ready to draw (with
+                # nothing in it and an upload source, it would select the image tool instead).
                 sketch = gr.Sketchpad(
+                    Image.new("L", (PAD_SIZE, PAD_SIZE), 255),
                     label="draw part of a digit (or upload one), large and centred as in MNIST",
                     type="pil",
                     image_mode="L",
                     sources=["upload"],
-                    canvas_size=(280, 280),
+                    canvas_size=(PAD_SIZE, PAD_SIZE),
                     fixed_canvas=True,
-                    brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"),
+                    brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#000000"], color_mode="fixed"),
                     elem_id="sketch",
                 )
+                sketch.preprocess = _reading_images(sketch.preprocess)  # where Gradio opens an uploaded file
                 with gr.Column():
                     region = gr.Radio(list(REGIONS), value="bottom half", label="the model redraws")
                     complete_digit = digit_choice("as the digit")
@@ -494,11 +527,14 @@ def build_demo(
                     )
                     complete_seed = seed_choice()
                     complete = gr.Button("Complete", variant="primary", elem_id="complete")
-            with gr.Row():
-                kept = gr.Image(label="kept (grey: redrawn)", format="png", scale=1)
-                completions = gr.Gallery(
-                    label="completions", format="png", columns=4, height="auto", scale=4, elem_id="completions"
-                )
+            # The kept part and the completions share one gallery, so that the kept part shows as large as they do.
+            completions = gr.Gallery(
+                label="what the model keeps, then its completions",
+                format="png",
+                columns=5,  # the kept part and the default 4 completions in one row
+                height="auto",
+                elem_id="completions",
+            )
             complete_info = gr.Markdown()
         with gr.Tab("Interpolate"):
             with gr.Row():
@@ -549,7 +585,7 @@ def build_demo(
                 *(model, sketch, region, complete_digit, complete_guidance),
                 *(num_completions, complete_steps, complete_seed, complete_from, complete_to),
             ],
-            [kept, completions, complete_info],
+            [completions, complete_info],
             api_name="complete",
             **sampling,
         )

@@ -75,9 +75,8 @@ def press_generate(page: Page) -> None:
 
 
 def draw_and_complete(page: Page, stroke: Sequence[tuple[float, float]]) -> None:
-    """Draw one stroke on the sketch pad of the open Complete tab (points as fractions of the pad's width and
-    height), press Complete and wait for the completions."""
-    page.locator("#sketch").get_by_role("button", name="Brush", exact=True).click()
+    """Draw one stroke on the sketch pad of the open Complete tab, whose brush is selected as it opens (points as
+    fractions of the pad's width and height), press Complete and wait for the completions."""
     pad = page.locator("#sketch canvas").first
     pad.wait_for(state="visible")
     box = pad.bounding_box()

@@ -1,6 +1,6 @@
 """The demo app (demo/app.py) served on 127.0.0.1 and called through its API with gradio_client, on tiny random
 pipelines: every tab's images come back at the right size and count, and bad input is a one-line message after which
-the app keeps serving."""
+the app keeps serving; the sketch pad's brush draws strokes as wide as MNIST's."""
 
 import importlib.util
 import os
@@ -12,7 +12,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported
 pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
@@ -139,14 +139,17 @@ def sketch_file(folder: Path, stroke: bool = True) -> dict:
     return {"background": handle_file(path), "layers": [], "composite": handle_file(path)}
 
 
-def test_complete_keeps_the_drawing_and_the_top_half(client: Client, tmp_path: Path) -> None:
+def test_complete_shows_what_it_keeps_beside_the_completions(client: Client, tmp_path: Path) -> None:
     settings = ("bottom half", "7", 2.0, 3, 4, 5)  # region, digit, guidance, completions, steps, seed
-    kept, completions, info = client.predict("tiny-cond", sketch_file(tmp_path), *settings, api_name="/complete")
+    (kept, *completions), info = client.predict("tiny-cond", sketch_file(tmp_path), *settings, api_name="/complete")
     drawn = np.zeros((28, 28), dtype=np.uint8)
     drawn[4:20, 13:15] = 255
-    # What the model keeps: the top half and the drawn pixels; the rest (grey on the page) it redraws.
+    # What the model keeps, first and as large as each completion: the top half and the drawn pixels; the rest (grey
+    # on the page) it redraws.
     expected = np.where(np.arange(28)[:, None] < 14, drawn, np.where(drawn > 0, 255, 102))
-    assert (pixels(kept)[::4, ::4] == expected).all()
+    assert kept["caption"] == "kept (grey: redrawn)"
+    assert pixels(kept["image"]).shape == (TILE, TILE)
+    assert (pixels(kept["image"])[::4, ::4] == expected).all()
     assert [item["caption"].split(":")[0] for item in completions] == ["seed 5", "seed 6", "seed 7"]
     for item in completions:
         assert re.fullmatch(r"seed \d: reads \d \(\d+%\)", item["caption"])
@@ -160,6 +163,85 @@ def test_complete_without_a_drawing_is_a_message(client: Client, tmp_path: Path)
     settings = ("everything not drawn", "any", 1.0, 2, 2, 0)
     with pytest.raises(AppError, match="the sketch is empty"):
         client.predict("tiny", sketch_file(tmp_path, stroke=False), *settings, api_name="/complete")
+
+
+@pytest.mark.parametrize(
+    "content", [b"a note, not a picture\n", b"\x89PNG\r\n\x1a\n cut short"], ids=["text", "cut-short-png"]
+)
+def test_an_upload_that_is_not_an_image_is_a_message_and_the_app_keeps_serving(
+    client: Client, tmp_path: Path, content: bytes
+) -> None:
+    upload = tmp_path / "digit.png"
+    upload.write_bytes(content)
+    sketch = {"background": handle_file(upload), "layers": [], "composite": handle_file(upload)}
+    settings = ("bottom half", "any", 1.0, 1, 2, 0)
+    with pytest.raises(AppError, match="the uploaded file is not an image") as error:
+        client.predict("tiny", sketch, *settings, api_name="/complete")
+    assert "\n" not in str(error.value)
+    pictures, info = client.predict("tiny", sketch_file(tmp_path), *settings, api_name="/complete")
+    assert len(pictures) == 2 and info.startswith("1 completions in ")
+
+
+def test_the_pad_opens_on_a_blank_page_with_the_measured_brush(client: Client) -> None:
+    # A value to show is what makes Gradio's editor open with the brush selected (the browser test sees it).
+    (pad,) = [c["props"] for c in client.config["components"] if c["props"].get("elem_id") == "sketch"]
+    assert pad["value"]["background"] is not None and pad["value"]["layers"] == []
+    assert pad["brush"]["default_size"] == load_demo_module("app").BRUSH_RADIUS
+    assert pad["sources"] == ["upload"]
+
+
+def stroke_widths(digits: np.ndarray) -> np.ndarray:
+    """At each pixel above 0.5 of digits (N, 28, 28) in [0, 1], its stroke's width in pixels: the ink of the run of
+    inked pixels (above 0.05) through it along its row or along its column, the lesser."""
+    widths = []
+    for digit in digits:
+        across = []
+        for lines in (digit, digit.T):
+            ink = np.zeros_like(lines)
+            for line, out in zip(lines, ink, strict=True):
+                edges = np.flatnonzero(np.diff(np.r_[0, line > 0.05, 0]))
+                for start, end in zip(edges[::2], edges[1::2], strict=True):
+                    out[start:end] = line[start:end].sum()
+            across.append(ink)
+        widths.append(np.minimum(across[0], across[1].T)[digit > 0.5])
+    return np.concatenate(widths)
+
+
+def drawn_digits(radius: int, supersample: int = 4) -> np.ndarray:
+    """A 0, a 1, a 7 and a 3 about as tall as MNIST's, each at five places, drawn on the pad as Gradio's brush of this
+    radius draws (antialiased discs along the path: here every 2 pad pixels, drawn `supersample` times larger and
+    reduced) and read as the app reads the pad (`sketch_to_digit`). The 0 drawn with the mouse on the app's pad in
+    Chromium, radius 14, comes out 0.02 pixels narrower by `stroke_widths`' median."""
+    app = load_demo_module("app")
+    t = np.linspace(0, 1, 200)[:, None]
+    arc = np.c_[np.sin(np.pi * t), -np.cos(np.pi * t)]
+    paths = [
+        np.c_[140 + 60 * np.sin(2 * np.pi * t), 140 - 90 * np.cos(2 * np.pi * t)],  # 0
+        np.c_[140 + 15 * t, 45 + 190 * t],  # 1
+        np.r_[np.c_[80 + 130 * t, 50 + 0 * t], np.c_[210 - 80 * t, 50 + 185 * t]],  # 7
+        np.r_[(140, 95) + (60, 50) * arc, (140, 190) + (65, 50) * arc],  # 3
+    ]
+    digits = []
+    for path in paths:
+        lengths = np.r_[0, np.cumsum(np.hypot(*np.diff(path, axis=0).T))]
+        at = np.arange(0, lengths[-1], 2)
+        centres = np.c_[np.interp(at, lengths, path[:, 0]), np.interp(at, lengths, path[:, 1])]
+        for shift in ((0, 0), (3, -2), (-4, 5), (5, 4), (-2, -5)):
+            pad = Image.new("L", (supersample * app.PAD_SIZE,) * 2, 255)
+            draw = ImageDraw.Draw(pad)
+            for x, y in (centres + shift - radius) * supersample:
+                draw.ellipse([x, y, x + 2 * radius * supersample - 1, y + 2 * radius * supersample - 1], fill=0)
+            pad = pad.resize((app.PAD_SIZE,) * 2, Image.BOX)
+            digits.append(app.sketch_to_digit({"composite": pad}, 28))
+    return np.stack(digits)
+
+
+def test_the_brush_draws_strokes_as_wide_as_mnists() -> None:
+    app = load_demo_module("app")
+    mnist = np.median(stroke_widths(app.bundled_test_digits()[:, 0].numpy()))
+    radii = (app.BRUSH_RADIUS - 1, app.BRUSH_RADIUS, app.BRUSH_RADIUS + 1)
+    gap = {radius: abs(np.median(stroke_widths(drawn_digits(radius))) - mnist) for radius in radii}
+    assert gap[app.BRUSH_RADIUS] < 0.1 and gap[app.BRUSH_RADIUS] == min(gap.values()), (mnist, gap)
 
 
 def test_interpolate_returns_the_row(client: Client) -> None:

@@ -1,6 +1,8 @@
-"""The demo app in a real browser: headless Chromium opens the page, generates a grid, and draws and completes a
-digit on the sketch pad. Skipped, with the reason, where Playwright's package or a Chromium is missing."""
+"""The demo app in a real browser: headless Chromium opens the page, generates a grid, finds the sketch pad ready to
+draw, and draws and completes a digit on it. Skipped, with the reason, where Playwright's package or a Chromium is
+missing."""
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,8 @@ from PIL import Image
 from tests.test_demo import TILE, load_demo_module, save_tiny_pipelines, serve_demo
 
 pytest.importorskip("playwright.sync_api", reason="the browser tests need Playwright's package: pip install playwright")
+from playwright.sync_api import expect  # noqa: E402
+
 browser = load_demo_module("browser")
 if browser.chromium_executable() is None:
     pytest.skip("no chromium on the PATH (Debian: apt-get install chromium)", allow_module_level=True)
@@ -37,10 +41,24 @@ def test_generate_shows_the_grid(page, tmp_path: Path) -> None:
     assert Image.open(tmp_path / "generate.png").width == browser.VIEWPORT["width"]
 
 
-def test_a_drawn_stroke_is_completed(page) -> None:
+def test_the_sketch_pad_opens_with_the_brush_selected(page) -> None:
+    page.get_by_role("tab", name="Complete").click()
+    tools = page.locator("#sketch")
+    selected = re.compile(r"\bhighlight\b")  # the class of the editor's selected tool
+    expect(tools.get_by_role("button", name="Brush", exact=True)).to_have_class(selected, timeout=browser.TIMEOUT_MS)
+    expect(tools.get_by_role("button", name="Image", exact=True)).not_to_have_class(selected)
+
+
+def test_a_drawn_stroke_is_completed_beside_what_is_kept(page) -> None:
     page.get_by_role("tab", name="Complete").click()
     page.locator("#complete-steps input").fill("3")
     browser.draw_and_complete(page, [(0.5, 0.35), (0.5, 0.65)])  # a short vertical bar in the middle of the pad
-    assert natural_size(page.locator("#completions img").first) == [TILE, TILE]
+    pictures = page.locator("#completions img")
+    expect(pictures).to_have_count(5)  # what is kept, then the 4 completions
+    assert natural_size(pictures.first) == natural_size(pictures.nth(1)) == [TILE, TILE]
+    kept, first = pictures.first.bounding_box(), pictures.nth(1).bounding_box()
+    assert (kept["width"], kept["height"]) == pytest.approx((first["width"], first["height"]), abs=1)
+    assert kept["width"] > 1.5 * TILE  # shown larger than it is sent, as the completions are
+    assert page.get_by_text("kept (grey: redrawn)").is_visible()
     assert page.get_by_text("4 completions in ").is_visible()
     assert page.get_by_text("seed 0: reads ").count() >= 1

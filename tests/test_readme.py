@@ -84,13 +84,14 @@ def test_the_conditional_code_runs_as_pasted(tmp_path):
 
 
 def tool_commands() -> list[str]:
-    """Every command of the README that calls one of the project's tools: code-block lines and inline code."""
-    text = (ROOT / "README.md").read_text()
+    """Every command of the README and of the docs/ it links to that calls one of the project's tools: code-block
+    lines and inline code."""
+    text = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     lines += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
     commands = [part.strip() for line in lines for part in line.split("&&")]
-    return [command for command in commands if command.startswith(COMMAND_STARTS)]
+    return list(dict.fromkeys(command for command in commands if command.startswith(COMMAND_STARTS)))
 
 
 def test_the_readme_calls_each_kind_of_tool():
