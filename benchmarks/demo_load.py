@@ -1,8 +1,5 @@
 """The demo app under load, and its speed targets: start-up to a usable page, one grid, concurrent calls.
 
-    python benchmarks/demo_load.py [--model pretrained/ddpm-mnist-small] [--num_images 16] [--scheduler unipc]
-        [--num_inference_steps 20] [--concurrent 12] [--bad 3] [--port 7861] [--json]
-
 Starts `python demo/app.py --model MODEL` on 127.0.0.1 (GRADIO_SERVER_PORT=--port) and measures, printing the CPU
 with each figure:
 
@@ -177,17 +174,17 @@ def main() -> None:
             f"({where})"
         )
 
+        bad_calls = [BAD_CALLS[i % len(BAD_CALLS)] for i in range(args.bad)]
         calls = [generate_settings(args, seed=i) for i in range(args.concurrent)]
-        calls += [generate_settings(args, **BAD_CALLS[i % len(BAD_CALLS)][0]) for i in range(args.bad)]
+        calls += [generate_settings(args, **changes) for changes, _ in bad_calls]
         clients = [Client(url, verbose=False) for _ in calls]
         with ThreadPoolExecutor(len(calls)) as pool:
             results = list(pool.map(timed_call, clients, calls))
         good, bad = results[: args.concurrent], results[args.concurrent :]
         grids_ok = sum(not isinstance(out, str) and all(Path(path).is_file() for path in out[:2]) for _, out in good)
-        expected = [BAD_CALLS[i % len(BAD_CALLS)][1] for i in range(args.bad)]
         messages_ok = sum(
             isinstance(out, str) and text in out and "\n" not in out
-            for (_, out), text in zip(bad, expected, strict=True)
+            for (_, out), (_, text) in zip(bad, bad_calls, strict=True)
         )
         latencies = np.array([seconds for seconds, _ in good])
         figures.update(

@@ -10,6 +10,7 @@ its data path (`diffusers_loader`). It is a library module for the benchmark ent
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,26 +27,18 @@ from torch.utils.data import DataLoader
 
 from ddpm_mnist import DDPMMnistUNet
 
-# train_unconditional.py's defaults (its argparse): the optimizer, the learning-rate schedule and the EMA.
-LEARNING_RATE = 1e-4
-ADAM_BETAS = (0.95, 0.999)
-ADAM_WEIGHT_DECAY = 1e-6
-ADAM_EPSILON = 1e-8
-LR_WARMUP_STEPS = 500
-EMA_MAX_DECAY = 0.9999
-EMA_INV_GAMMA = 1.0
-EMA_POWER = 3 / 4
 TRAIN_BATCH_SIZE = 16  # its --train_batch_size, per device
 NUM_EPOCHS = 100  # its --num_epochs: the cosine schedule decays over NUM_EPOCHS passes over the data
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 def diffusers_twin(unet: DDPMMnistUNet) -> UNet2DModel:
-    """`UNet2DModel` configured to the architecture of `unet`: same levels, channels, blocks and attention."""
+    """`UNet2DModel` configured to the architecture of `unet`: same levels, channels, blocks and attention; checked
+    to hold the same number of parameters (within 1%)."""
     c = unet.config
     resolutions = [c.sample_size // 2**i for i in range(len(c.channel_mult))]
     attention = [r in c.attention_resolutions for r in resolutions]
-    return UNet2DModel(
+    twin = UNet2DModel(
         sample_size=c.sample_size,
         in_channels=c.in_channels,
         out_channels=c.out_channels,
@@ -59,11 +52,6 @@ def diffusers_twin(unet: DDPMMnistUNet) -> UNet2DModel:
         flip_sin_to_cos=False,
         freq_shift=1,
     )
-
-
-def checked_twin(unet: DDPMMnistUNet) -> UNet2DModel:
-    """`diffusers_twin(unet)`, checked to hold the same number of parameters (within 1%)."""
-    twin = diffusers_twin(unet)
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (unet, twin))
     if abs(n_theirs / n_ours - 1) > 0.01:
         raise RuntimeError(f"the diffusers twin differs from our UNet: {n_ours} vs {n_theirs} parameters")
@@ -80,11 +68,8 @@ def diffusers_loader(data: str, batch_size: int, seed: int) -> DataLoader:
     dataset = load_dataset(data, split="train")
 
     def transform_images(examples: dict) -> dict:
-        images = [
-            torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32)[None] / 255)
-            for image in examples["image"]
-        ]
-        return {"input": [(image - 0.5) / 0.5 for image in images]}
+        pixels = (np.asarray(image.convert("L"), dtype=np.float32)[None] / 255 for image in examples["image"])
+        return {"input": [(torch.from_numpy(image) - 0.5) / 0.5 for image in pixels]}
 
     dataset.set_transform(transform_images)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -118,31 +103,26 @@ class DiffusersLoop:
         *,
         seed: int = 0,
     ) -> None:
-        self.accelerator = Accelerator(
-            mixed_precision="no" if mixed_precision == "fp32" else mixed_precision,
-            log_with="tensorboard",
-            project_dir=project_dir,
-        )
+        precision = "no" if mixed_precision == "fp32" else mixed_precision
+        self.accelerator = Accelerator(mixed_precision=precision, log_with="tensorboard", project_dir=project_dir)
         self.accelerator.init_trackers("train_unconditional")
-        self.ema_model = EMAModel(
-            model.parameters(), decay=EMA_MAX_DECAY, use_ema_warmup=True, inv_gamma=EMA_INV_GAMMA, power=EMA_POWER
-        )
+        # train_unconditional.py's defaults (its argparse): the EMA, the optimizer and the learning-rate schedule.
+        self.ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule="linear")
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=LEARNING_RATE, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPSILON
-        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
         loader = diffusers_loader(data, batch_size, seed=seed)
-        lr_scheduler = get_scheduler(
-            "cosine", optimizer=optimizer, num_warmup_steps=LR_WARMUP_STEPS, num_training_steps=NUM_EPOCHS * len(loader)
-        )
+        num_training_steps = NUM_EPOCHS * len(loader)
+        lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=500, num_training_steps=num_training_steps)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, lr_scheduler)
         self.ema_model.to(self.accelerator.device)
         self.weight_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
         self.batches = endless_batches(loader)
         self.global_step = 0
+        self.train_seconds = 0.0  # the wall time of every step so far
 
     def step(self) -> float:
         """One optimizer step and its EMA step; the step's loss."""
+        start = time.perf_counter()
         accelerator, model = self.accelerator, self.model
         clean_images = next(self.batches).to(accelerator.device, self.weight_dtype)
         noise = torch.randn(clean_images.shape, dtype=self.weight_dtype, device=clean_images.device)
@@ -163,6 +143,7 @@ class DiffusersLoop:
         value = loss.detach().item()
         logs = {"loss": value, "lr": self.lr_scheduler.get_last_lr()[0], "step": self.global_step}
         accelerator.log({**logs, "ema_decay": self.ema_model.cur_decay_value}, step=self.global_step)
+        self.train_seconds += time.perf_counter() - start
         return value
 
     def ema_unet(self) -> UNet2DModel:

@@ -113,11 +113,6 @@ def run_until_killed(command: list[str], kill_now: Callable[[str], bool]) -> tup
     return killed, "".join(stderr)
 
 
-def during_a_checkpoint_write(checkpoints_dir: Path) -> Callable[[str], bool]:
-    """A kill condition: a checkpoint's temporary folder exists, so a checkpoint is being written."""
-    return lambda stderr: any(checkpoints_dir.glob("tmp-checkpoint-*"))
-
-
 def inside_step(step: int, delay: float, max_train_steps: int) -> Callable[[str], bool]:
     """A kill condition: `delay` seconds have passed since the progress bar showed `step`."""
     reached_at: list[float] = []
@@ -162,13 +157,13 @@ def run_campaign(args: argparse.Namespace, work: Path) -> dict:
     command, checkpoints = train_command(args, data, killed), killed / "checkpoints"
     while figures["kills"] < args.kills:
         if figures["kills_during_checkpoint_write"] < args.checkpoint_kills:
-            hit, stderr = run_until_killed(command, during_a_checkpoint_write(checkpoints))
+            # While a checkpoint is being written: its temporary folder exists.
+            hit, stderr = run_until_killed(command, lambda _: any(checkpoints.glob("tmp-checkpoint-*")))
             figures["kills_during_checkpoint_write"] += hit
         else:
             # A random step after the checkpoint it resumes from, in a window that spreads the kills left over the steps
-            # left, and a random moment inside it.
-            # A run may get a step or two past its kill step before the signal lands, so the last window ends two
-            # checkpoint intervals before the end.
+            # left, and a random moment inside it. A run may get a step or two past its kill step before the signal
+            # lands, so the last window ends two checkpoint intervals before the end.
             first, last = latest_step(checkpoints) + 1, args.max_train_steps - 2 * args.checkpointing_steps
             if first > last:
                 raise RuntimeError("the run reached its end before the last kill; use more --max_train_steps")
@@ -180,7 +175,7 @@ def run_campaign(args: argparse.Namespace, work: Path) -> dict:
         figures["kills"] += 1
         figures["steps_redone"] += max(0, step_reached(stderr, args.max_train_steps) - latest_step(checkpoints))
         figures["damaged_checkpoints"] += damaged_checkpoints(checkpoints)
-    subprocess.run(train_command(args, data, killed), check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True)
     final = f"checkpoints/checkpoint-{args.max_train_steps}/model.safetensors"
     figures["training_weight_bytes_that_differ"] = differing_bytes(whole / final, killed / final)
     figures["ema_weight_bytes_that_differ"] = differing_bytes(whole / EMA_WEIGHTS, killed / EMA_WEIGHTS)

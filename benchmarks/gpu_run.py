@@ -62,7 +62,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -93,38 +92,24 @@ STAGE_NAMES = ("setup", "tests", "throughput", "train", "archive", "evaluate_fas
 
 @dataclass(frozen=True)
 class Sizes:
-    """What each stage does: the real run on a GPU, or the dry run's toy version on the CPU."""
+    """What each stage does: the real run on a GPU (the defaults), or the dry run's toy version on the CPU (DRY)."""
 
-    device: str
-    preset: str
-    num_train_timesteps: int  # T: the dry run's 20 make "all T steps" and "all T terms" quick on the CPU
-    train_batch_size: int
-    lr_warmup_steps: int
-    max_train_steps: int | None  # None: from the throughput and the time left
-    fast_samples: int
-    fast_steps: int
-    ddpm_samples: int
-    nll_images: int
-    grid_images: int
-    batch_size: int  # images per forward pass in the evaluations
-    stage_timeout: int  # seconds, for every stage but training
+    device: str = "cuda"
+    preset: str = "mnist"
+    num_train_timesteps: int = 1000  # T: the dry run's 20 make "all T steps" and "all T terms" quick on the CPU
+    train_batch_size: int = 256
+    lr_warmup_steps: int = 500
+    max_train_steps: int | None = None  # None: from the throughput and the time left
+    fast_samples: int = 10_000
+    fast_steps: int = 50
+    ddpm_samples: int = 1000
+    nll_images: int = 1000
+    grid_images: int = 64
+    batch_size: int = 2000  # images per forward pass in the evaluations
+    stage_timeout: int = 180  # seconds, for every stage but training
 
 
-REAL = Sizes(
-    device="cuda",
-    preset="mnist",
-    num_train_timesteps=1000,
-    train_batch_size=256,
-    lr_warmup_steps=500,
-    max_train_steps=None,
-    fast_samples=10_000,
-    fast_steps=50,
-    ddpm_samples=1000,
-    nll_images=1000,
-    grid_images=64,
-    batch_size=2000,
-    stage_timeout=180,
-)
+REAL = Sizes()
 DRY = Sizes(
     device="cpu",
     preset="tiny",
@@ -197,13 +182,9 @@ def tests_command(sizes: Sizes) -> list[str]:
 
 
 def throughput_command(sizes: Sizes, compile_models: bool) -> list[str]:
-    """benchmarks/throughput.py on the run's device: ours against diffusers' equal-architecture UNet.
-
-    Training images/s and sampling image-steps/s of both U-Nets (`models`) for the mnist preset and the paper's
-    cifar10 one, in fp32 and bf16, plain and channels_last, and the whole sampling loop (`sample`); the matmul peaks
-    it prints first give the fraction of peak. torch.compile only with --compile: it compiles each model, precision
-    and mode apart, minutes in all, which come out of the training time.
-    """
+    """benchmarks/throughput.py on the run's device: both U-Nets (`models`) of the mnist preset and the paper's cifar10
+    one, fp32 and bf16, plain and channels_last, and the sampling loop (`sample`). torch.compile only with --compile:
+    it compiles each model, precision and mode apart, minutes in all, which come out of the training time."""
     command = [sys.executable, "benchmarks/throughput.py", "--device", sizes.device, "--json"]
     command += ["--compile"] if compile_models else []
     if sizes is DRY:
@@ -219,28 +200,15 @@ def train_command(sizes: Sizes, dataset: Path, run: Path, max_train_steps: int, 
     """`accelerate launch training/train.py` with the recipe of the module docstring."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1"]
     launch += ["--mixed_precision=bf16", "--dynamo_backend=no", *(["--cpu"] if sizes.device == "cpu" else [])]
-    flags = [
-        f"--dataset_name={dataset}",
-        f"--output_dir={run}",
-        f"--preset={sizes.preset}",
-        f"--ddpm_num_steps={sizes.num_train_timesteps}",
-        "--mixed_precision=bf16",
-        "--decode_once",
-        f"--train_batch_size={sizes.train_batch_size}",
-        "--learning_rate=4e-4",
-        "--lr_scheduler=cosine",
-        f"--lr_warmup_steps={sizes.lr_warmup_steps}",
-        f"--max_train_steps={max_train_steps}",
-        "--ema_max_decay=0.9995",
-        "--seed=0",
-        # One checkpoint and one grid, both at the end: saving costs time and nothing resumes this run here.
-        f"--checkpointing_steps={max_train_steps}",
-        f"--save_images_steps={max_train_steps}",
-        "--num_samples=16",
-        f"--num_inference_steps={sizes.fast_steps}",  # the grid: the recommended setting, DDPM on 50 steps
-    ]
-    if minutes is not None:
-        flags.append(f"--max_train_minutes={minutes:.2f}")
+    flags = [f"--dataset_name={dataset}", f"--output_dir={run}", f"--preset={sizes.preset}"]
+    flags += [f"--ddpm_num_steps={sizes.num_train_timesteps}", "--mixed_precision=bf16", "--decode_once"]
+    flags += [f"--train_batch_size={sizes.train_batch_size}", "--learning_rate=4e-4", "--lr_scheduler=cosine"]
+    flags += [f"--lr_warmup_steps={sizes.lr_warmup_steps}", f"--max_train_steps={max_train_steps}"]
+    flags += ["--ema_max_decay=0.9995", "--seed=0"]
+    # One checkpoint and one grid, both at the end: saving costs time and nothing resumes this run here.
+    flags += [f"--checkpointing_steps={max_train_steps}", f"--save_images_steps={max_train_steps}", "--num_samples=16"]
+    flags += [f"--num_inference_steps={sizes.fast_steps}"]  # the grid: the recommended setting, DDPM on 50 steps
+    flags += [f"--max_train_minutes={minutes:.2f}"] if minutes is not None else []
     return [*launch, "training/train.py", *flags]
 
 
@@ -257,12 +225,9 @@ def cli_command(subcommand: str, run: Path, sizes: Sizes, dataset: Path, flags: 
 
 
 def evaluation_commands(sizes: Sizes, dataset: Path, run: Path, out: Path) -> dict[str, list[str]]:
-    """The evaluation stages: few-step and 1000-step sampling quality with their floors, the NLL bound, the grid.
-
-    DDPM without `--num_inference_steps` runs all T steps; `nll` without `--nll_timesteps` sums all T terms exactly.
-    Sampling runs the U-Net in bf16 (x_t and the scheduler stay fp32): a third of the fp32 time on the GPU; the
-    bound keeps the U-Net in fp32.
-    """
+    """The evaluation stages. DDPM without `--num_inference_steps` runs all T steps; `nll` without `--nll_timesteps`
+    sums all T terms exactly. Sampling runs the U-Net in bf16 (x_t and the scheduler stay fp32): a third of the fp32
+    time on the GPU; the bound keeps the U-Net in fp32."""
     sampling = {"scheduler": "ddpm", "dtype": "bf16"}
     flags = {
         "evaluate_fast": {**sampling, "num_inference_steps": sizes.fast_steps, "num_samples": sizes.fast_samples},
@@ -302,13 +267,11 @@ def run_stage(stage: Stage, command: list[str], log: Path, timeout: float) -> st
 
 def last_json(output: str) -> dict | None:
     """The JSON object on the last line that holds one (the `--json` convention of the CLI and benchmarks)."""
-    for line in reversed(output.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
+    last = next((line for line in reversed(output.splitlines()) if line.startswith("{")), None)
+    try:
+        return json.loads(last) if last else None
+    except json.JSONDecodeError:
+        return None
 
 
 def pytest_counts(output: str) -> dict[str, int]:
@@ -319,18 +282,11 @@ def pytest_counts(output: str) -> dict[str, int]:
 
 def planned_steps(throughput: dict | None, seconds: float, batch_size: int) -> int:
     """Optimizer steps that fit in `seconds` of training, from the measured throughput (see the module docstring)."""
-    rate = FALLBACK_IMAGES_PER_SECOND
     section, key = THROUGHPUT_KEY
     measured = (throughput or {}).get(section, {})
-    if isinstance(measured, dict) and isinstance(measured.get(key), int | float):
-        rate = measured[key]
+    rate = measured.get(key) if isinstance(measured, dict) else None
+    rate = rate if isinstance(rate, int | float) else FALLBACK_IMAGES_PER_SECOND
     return max(1, int(seconds * rate * LOOP_EFFICIENCY / batch_size))
-
-
-def final_loss(output: str) -> float | None:
-    """The last loss the training progress bar showed."""
-    losses = re.findall(r"loss=([0-9.]+(?:e-?\d+)?)", output)
-    return float(losses[-1]) if losses else None
 
 
 def bf16_fraction_of_peak(throughput: dict, preset: str) -> float | None:
@@ -346,65 +302,24 @@ def bf16_fraction_of_peak(throughput: dict, preset: str) -> float | None:
     return gflops_per_second_fp32 / images_per_second_fp32 * images_per_second_bf16 / peak
 
 
-def describe_throughput(throughput: dict, sizes: Sizes) -> str:
-    """A summary cell: our bf16 training images/s against diffusers' on the trained preset, and the share of peak."""
-    models = throughput.get(sizes.preset, {})
-    ours, theirs = models.get("train_ours_bf16"), models.get("train_diffusers_bf16")
-    if not (ours and theirs):
-        return "no bf16 training figures"
-    fraction = throughput.get("train_fraction_of_bf16_peak")
-    peak = f"{fraction:.1%} of the bf16 matmul peak" if fraction is not None else "bf16 matmul peak not measured"
-    ratio = f"{ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x)"
-    return f"{sizes.preset} bf16 training: {ratio}, {peak}"
-
-
-def describe_quality(result: dict) -> str:
-    """A summary cell: FID and confidence beside the floor's."""
-    floor = result["floor"]
-    return f"FID {result['fid']:.2f} (floor {floor['fid']:.2f}), confidence {result['mean_confidence']:.3f}"
-
-
-def pack_pipeline(run: Path, out: Path, work: Path) -> list[str]:
-    """The run folder without checkpoints as a .tar.gz, split into parts of PART_BYTES in `out`; their names."""
-    archive = work / "pipeline.tar.gz"
-    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
-        for path in sorted(run.rglob("*")):
-            relative = path.relative_to(run)
-            if path.is_file() and relative.parts[0] != "checkpoints":
-                tar.add(path, arcname=relative.as_posix())
-    names = []
-    with open(archive, "rb") as f:
-        while chunk := f.read(PART_BYTES):
-            names.append(f"pipeline.tar.gz.{len(names):02d}")
-            (out / names[-1]).write_bytes(chunk)
-    archive.unlink()
-    return names
-
-
-def environment(sizes: Sizes) -> dict:
-    """Where this ran: device, software versions, the set-up's seconds (measured by gpu_run.sh)."""
-    packages = ("torch", "diffusers", "datasets", "accelerate", "huggingface_hub")
-    return {
-        "device": describe_device(sizes.device),
-        "cuda": torch.version.cuda,
-        "python": sys.version.split()[0],
-        **{name: version(name) for name in packages},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------
-
-
 def summarize(stage: Stage, sizes: Sizes) -> str:
-    """The summary table's cell of a finished stage."""
+    """The summary table's cell of a finished stage; for the throughput, our bf16 training images/s against
+    diffusers' on the trained preset, and the share of peak."""
     result = stage.result
     if stage.name == "tests":
         return ", ".join(f"{n} {word}" for word, n in result.items())
     if stage.name == "throughput":
-        return describe_throughput(result, sizes)
+        models = result.get(sizes.preset, {})
+        ours, theirs = models.get("train_ours_bf16"), models.get("train_diffusers_bf16")
+        if not (ours and theirs):
+            return "no bf16 training figures"
+        fraction = result.get("train_fraction_of_bf16_peak")
+        peak = f"{fraction:.1%} of the bf16 matmul peak" if fraction is not None else "bf16 matmul peak not measured"
+        ratio = f"{ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x)"
+        return f"{sizes.preset} bf16 training: {ratio}, {peak}"
     if stage.name.startswith("evaluate"):
-        return describe_quality(result)
+        fid, floor = result["fid"], result["floor"]["fid"]
+        return f"FID {fid:.2f} (floor {floor:.2f}), confidence {result['mean_confidence']:.3f}"
     if stage.name == "nll":
         return f"{result['nll_bpd']:.3f} bits/dim, exact: {result['exact']}"
     return f"{sizes.grid_images} digits in grid.png"
@@ -433,29 +348,27 @@ def run_training(
     output = run_stage(stage, command, out / "train.log", timeout)
     if stage.status == "ok":
         record = json.loads((run / "training.json").read_text())
-        stage.result = {**record, "command": command, "final_loss": final_loss(output)}
+        losses = re.findall(r"loss=([0-9.]+(?:e-?\d+)?)", output)  # the training progress bar's
+        stage.result = {**record, "command": command, "final_loss": float(losses[-1]) if losses else None}
         t = record["training"]
         stage.summary = f"{t['global_step']} steps, {t['images_seen']:,} images, {t['training_time']}"
 
 
-def pack_stage(stage: Stage, run: Path, out: Path, work: Path) -> None:
-    """Bring the trained pipeline back first, so that the weights return even if an evaluation runs out of time."""
-    began = time.perf_counter()
-    stage.result = pack_pipeline(run, out, work)
-    stage.status, stage.seconds = "ok", time.perf_counter() - began
-    stage.summary = f"{len(stage.result)} parts"
-
-
-def save_results(args: argparse.Namespace, dataset: Path, stages: dict[str, Stage], seconds: float) -> None:
-    """results.json as it stands: rewritten after every stage, so that a run stopped at its limit leaves its figures."""
-    results = {
-        "dry_run": args.dry_run,
-        "budget_minutes": args.budget_minutes,
-        "total_seconds": round(seconds, 1),
-        "dataset": str(dataset),
-        "stages": {name: stage.as_dict() for name, stage in stages.items()},
-    }
-    (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+def pack_pipeline(run: Path, out: Path, work: Path) -> list[str]:
+    """The run folder without checkpoints as a .tar.gz, split into parts of PART_BYTES in `out`; their names."""
+    archive = work / "pipeline.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for path in sorted(run.rglob("*")):
+            relative = path.relative_to(run)
+            if path.is_file() and relative.parts[0] != "checkpoints":
+                tar.add(path, arcname=relative.as_posix())
+    names = []
+    with open(archive, "rb") as f:
+        while chunk := f.read(PART_BYTES):
+            names.append(f"pipeline.tar.gz.{len(names):02d}")
+            (out / names[-1]).write_bytes(chunk)
+    archive.unlink()
+    return names
 
 
 def main(args: argparse.Namespace) -> None:
@@ -469,50 +382,59 @@ def main(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     run, log = work / "run", out / "stages.log"
     stages = {name: Stage(name) for name in STAGE_NAMES}
-    setup = stages["setup"]
+    # Where this runs; the set-up's seconds were measured by gpu_run.sh.
+    setup, packages = stages["setup"], ("torch", "diffusers", "datasets", "accelerate", "huggingface_hub")
     setup.status, setup.seconds = "ok", float(os.environ.get("GPU_RUN_SETUP_SECONDS", 0))
-    setup.result = environment(sizes)
+    setup.result = {
+        "device": describe_device(sizes.device),
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        **{name: version(name) for name in packages},
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     setup.summary = f"torch {setup.result['torch']}, {setup.result['device']}"
 
     def elapsed() -> float:
         return time.perf_counter() - start + setup.seconds
 
     def save() -> None:
-        save_results(args, dataset, stages, elapsed())
+        """results.json as it stands, rewritten after every stage: a run stopped at its limit leaves its figures."""
+        results = {"dry_run": args.dry_run, "budget_minutes": args.budget_minutes, "total_seconds": round(elapsed(), 1)}
+        results |= {"dataset": str(dataset), "stages": {name: stage.as_dict() for name, stage in stages.items()}}
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     save()
-    run_tool(stages["tests"], tests_command(sizes), log, sizes)
-    save()
-    run_tool(stages["throughput"], throughput_command(sizes, args.compile), log, sizes)
-    save()
+    for name, command in (("tests", tests_command(sizes)), ("throughput", throughput_command(sizes, args.compile))):
+        run_tool(stages[name], command, log, sizes)
+        save()
     seconds_left = args.budget_minutes * 60 - elapsed()
     run_training(stages["train"], sizes, dataset, run, out, seconds_left, stages["throughput"].result)
     save()
     if stages["train"].status == "ok":
-        pack_stage(stages["archive"], run, out, work)
+        # The trained pipeline comes back first, so that the weights return even if an evaluation runs out of time.
+        archive, began = stages["archive"], time.perf_counter()
+        archive.result = pack_pipeline(run, out, work)
+        archive.status, archive.seconds = "ok", time.perf_counter() - began
+        archive.summary = f"{len(archive.result)} parts"
         save()
         for name, command in evaluation_commands(sizes, dataset, run, out).items():
             run_tool(stages[name], command, log, sizes)
             save()
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
-    print_summary(stages.values(), elapsed(), args.budget_minutes, out)
+    # The closing table: one line per stage, then the total against the budget and the files that come back.
     files = sorted(p for p in out.rglob("*") if p.is_file())
+    print(f"\n{'stage':15}{'status':>9}{'seconds':>9}  result")
+    for stage in stages.values():
+        print(f"{stage.name:15}{stage.status:>9}{stage.seconds:9.1f}  {stage.summary}")
+    size = sum(p.stat().st_size for p in files) / 2**20
+    budget = f"budget {args.budget_minutes * 60:.0f} s; {len(files)} files ({size:.1f} MB)"
+    print(f"{'total':15}{'':>9}{elapsed():9.1f}  {budget}")
     if len(files) > MAX_FILES or any(p.stat().st_size >= 16 * 2**20 for p in files):
         raise WorkFailed(f"{out} holds {len(files)} files, over the {MAX_FILES} (each under 16 MB) that come back.")
     failed = [stage.name for stage in stages.values() if stage.status != "ok"]
     if failed:
         raise WorkFailed(f"stages {', '.join(failed)} did not finish; their output is in {out}/stages.log.")
-
-
-def print_summary(stages: Iterable[Stage], total: float, budget_minutes: float, out: Path) -> None:
-    """The closing table: one line per stage, then the total against the budget and what comes back."""
-    print(f"\n{'stage':15}{'status':>9}{'seconds':>9}  result")
-    for stage in stages:
-        print(f"{stage.name:15}{stage.status:>9}{stage.seconds:9.1f}  {stage.summary}")
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    size = sum(p.stat().st_size for p in files) / 2**20
-    print(f"{'total':15}{'':>9}{total:9.1f}  budget {budget_minutes * 60:.0f} s; {len(files)} files ({size:.1f} MB)")
 
 
 if __name__ == "__main__":

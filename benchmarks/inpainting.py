@@ -1,13 +1,5 @@
 """Completing digits with RePaint: how often the classifier reads a completion as the original digit, and its cost.
 
-    python benchmarks/inpainting.py [PIPELINE] [--dataset_name ylecun/mnist] [--num_images 200]
-        [--settings 10,5,1 25,5,1 25,5,3 25,5,5] [--masks top left] [--class_labels_from_truth]
-        [--guidance_scale 1.0] [--seed 0] [--batch_size 200] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-        [--output benchmarks/results/inpainting.json] [--figure benchmarks/results/inpainting.png]
-
-PIPELINE (default: pretrained/ddpm-mnist-small) is a folder saved by `save_pretrained` or a Hub repo id. On a machine
-without the Hub, pass `--dataset_name path/to/mnist` (a local copy of ylecun/mnist).
-
 Each setting NUM_INFERENCE_STEPS,JUMP_LENGTH,JUMP_N_SAMPLE of `DDPMMnistInpaintPipeline` completes the first
 --num_images MNIST test digits with one half kept: the top half (`top`: the bottom is filled in) and the left half
 (`left`). A completion counts as right when the package's MNIST classifier reads it as the test digit's label. Beside
@@ -15,7 +7,8 @@ the settings: the classifier on the whole digits (the ceiling) and on the kept h
 the kept half tells without the model). Cost: UNet calls per digit (from the jump schedule), wall seconds per digit in
 batches of --batch_size, and the seconds one digit takes alone (a batch of one, as an app completes a sketch). Every
 setting starts from one generator seeded with --seed. A conditional pipeline can be told each digit's true label
-(--class_labels_from_truth, with --guidance_scale).
+(--class_labels_from_truth, with --guidance_scale). Without the Hub, pass `--dataset_name path/to/mnist` (a local copy
+of ylecun/mnist).
 
 The table ends with the cheapest setting (fewest UNet calls) whose top-half completions are read right at least 90%
 of the time. The JSON (--output) holds every row, the ceiling and the kept-half rows, that choice and where it ran.
@@ -110,27 +103,24 @@ def complete(
     setting: Setting,
     labels: torch.Tensor | None,
     args: argparse.Namespace,
-    generator: torch.Generator,
+    seed: int,
 ) -> torch.Tensor:
-    """Completions (N, 1, 28, 28) in [0, 1] on the CPU, batch by batch from one generator."""
+    """Completions (N, 1, 28, 28) in [0, 1] on the CPU, batch by batch from one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, len(x_0), args.batch_size):
-        batch = x_0[start : start + args.batch_size]
-        batches.append(
-            pipe(
-                batch,
-                keep,
-                class_labels=None if labels is None else labels[start : start + len(batch)],
-                guidance_scale=args.guidance_scale,
-                num_inference_steps=setting.num_inference_steps,
-                jump_length=setting.jump_length,
-                jump_n_sample=setting.jump_n_sample,
-                generator=generator,
-                output_type="pt",
-            )
-            .images.float()
-            .cpu()
-        )
+        batch = slice(start, start + args.batch_size)
+        class_labels = None if labels is None else labels[batch]
+        images = pipe(
+            x_0[batch],
+            keep,
+            class_labels=class_labels,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+            output_type="pt",
+            **asdict(setting),
+        ).images
+        batches.append(images.float().cpu())
     return torch.cat(batches)
 
 
@@ -147,20 +137,12 @@ def measure(
     keep = keep_half(mask)
     class_labels = labels if args.class_labels_from_truth else None
     start = time.perf_counter()
-    images = complete(pipe, x_0, keep, setting, class_labels, args, torch.Generator().manual_seed(args.seed))
-    seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    alone = None if class_labels is None else class_labels[:1]
-    complete(pipe, x_0[:1], keep, setting, alone, args, torch.Generator().manual_seed(args.seed))
-    seconds_alone = time.perf_counter() - start
-    return Row(
-        str(setting),
-        mask,
-        setting.unet_calls(pipe),
-        accuracy(images, labels, classifier),
-        seconds / len(x_0),
-        seconds_alone,
-    )
+    images = complete(pipe, x_0, keep, setting, class_labels, args, args.seed)
+    middle = time.perf_counter()
+    complete(pipe, x_0[:1], keep, setting, None if class_labels is None else class_labels[:1], args, args.seed)
+    seconds_alone = time.perf_counter() - middle
+    calls, right = setting.unet_calls(pipe), accuracy(images, labels, classifier)
+    return Row(str(setting), mask, calls, right, (middle - start) / len(x_0), seconds_alone)
 
 
 def cheapest_meeting_target(rows: list[Row]) -> Row | None:
@@ -177,14 +159,11 @@ def markdown_table(rows: list[Row], ceiling: float, kept_only: dict[str, float],
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for setting in dict.fromkeys(row.setting for row in rows):
         cells = {row.mask: row for row in rows if row.setting == setting}
-        first = next(iter(cells.values()))
-        entries = [setting, str(first.unet_calls)]
-        entries += [f"{cells[mask].accuracy:.1%}" for mask in masks]
-        entries += [
-            f"{sum(r.seconds_per_digit for r in cells.values()) / len(cells):.3f}",
-            f"{sum(r.seconds_one_digit_alone for r in cells.values()) / len(cells):.2f}",
-        ]
-        lines.append("| " + " | ".join(entries) + " |")
+        accuracies = " | ".join(f"{cells[mask].accuracy:.1%}" for mask in masks)
+        per_digit = sum(row.seconds_per_digit for row in cells.values()) / len(cells)
+        alone = sum(row.seconds_one_digit_alone for row in cells.values()) / len(cells)
+        calls = cells[masks[0]].unet_calls
+        lines.append(f"| {setting} | {calls} | {accuracies} | {per_digit:.3f} | {alone:.2f} |")
     lines.append(
         "| kept half alone, the rest black | 0 | " + " | ".join(f"{kept_only[m]:.1%}" for m in masks) + " | - | - |"
     )
@@ -297,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         mask: accuracy(torch.where(keep_half(mask).bool(), x_0, -1.0) / 2 + 0.5, labels, classifier) for mask in masks
     }
     warm_up_labels = labels[:1] if args.class_labels_from_truth else None  # first-call costs stay out of the timings
-    complete(pipe, x_0[:1], keep_half("top"), Setting(2, 1, 1), warm_up_labels, args, torch.Generator())
+    complete(pipe, x_0[:1], keep_half("top"), Setting(2, 1, 1), warm_up_labels, args, args.seed)
     rows = []
     for setting in settings:
         for mask in masks:

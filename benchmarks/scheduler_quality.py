@@ -1,12 +1,5 @@
 """Sample quality against wall time of few-step schedulers: DDPM, DDIM, DPM-Solver++ and UniPC at 10 to 1000 steps.
 
-    python benchmarks/scheduler_quality.py PIPELINE [--schedulers ddpm ddim dpm++ unipc]
-        [--num_inference_steps 10 20 50 100 1000] [--num_samples 1000] [--reference_images 10000]
-        [--dataset_name ylecun/mnist] [--seed 0] [--batch_size 250] [--guidance_scale 1.0] [--device cuda|cpu] [--json]
-
-PIPELINE is a folder saved by `DDPMMnistPipeline.save_pretrained` or a Hub repo id. On a machine without the Hub,
-pass `--dataset_name path/to/mnist` (a local copy of ylecun/mnist).
-
 Each cell (scheduler, steps) draws --num_samples digits from one generator seeded with --seed (the same seed in every
 cell, so every scheduler starts from the same noise), timed with `time.perf_counter` around the sampling alone, and
 scores them with `ddpm_mnist.evaluation` (FID, KID, precision, recall, classifier confidence, share of the rarest
@@ -19,7 +12,8 @@ its class accuracy: the share of samples that the classifier reads as the digit 
 The table gives each FID as a multiple of the FID of DDPM at 1000 steps (the paper's Algorithm 2) when that cell ran,
 and the summary names, per scheduler, the fewest steps whose FID is at most 10% above it. With --json the last line
 is one JSON object with every cell, the floor and that summary (null when DDPM at 1000 steps did not run).
-FIDs here come from the project's MNIST classifier, not Inception: compare them only with each other.
+FIDs here come from the project's MNIST classifier, not Inception: compare them only with each other. Without the
+Hub, pass `--dataset_name path/to/mnist` (a local copy of ylecun/mnist).
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +29,7 @@ import torch
 from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
-from ddpm_mnist.evaluation import (
-    QualityReference,
-    default_device,
-    generate_digits,
-    load_pipeline,
-    scoring_labels,
-)
+from ddpm_mnist.evaluation import QualityReference, default_device, generate_digits, load_pipeline, scoring_labels
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.quality import SampleQuality
 from ddpm_mnist.schedulers import SCHEDULERS
@@ -50,6 +37,19 @@ from ddpm_mnist.schedulers import SCHEDULERS
 DEFAULT_STEPS = [10, 20, 50, 100, 1000]
 BASELINE = ("ddpm", 1000)  # the scheduler setting every FID is compared with: Algorithm 2 over all T = 1000 steps
 TOLERANCE = 0.10  # "as good as the baseline": an FID at most 10% above the baseline's
+# The table's columns after the scheduler and the steps: title, key of `Cell.as_dict`, decimals.
+COLUMNS = [
+    ("FID", "fid", 4),
+    ("FID / DDPM-1000", "fid_vs_ddpm_1000", 2),
+    ("KID", "kid", 4),
+    ("precision", "precision", 3),
+    ("recall", "recall", 3),
+    ("mean confidence", "mean_confidence", 3),
+    ("rarest digit", "rarest_class_share", 3),
+    ("seconds", "seconds", 1),
+    ("images/s", "images_per_second", 2),
+]
+CLASS_ACCURACY_COLUMN = ("class accuracy", "class_accuracy", 3)  # a class-conditional pipeline's
 
 
 @dataclass
@@ -64,33 +64,33 @@ class Cell:
 
     def as_dict(self, baseline_fid: float | None) -> dict[str, str | int | float | None]:
         """The JSON entry of the cell."""
-        return {
-            "scheduler": self.scheduler,
-            "steps": self.steps,
-            "fid": self.quality.fid,
-            "fid_vs_ddpm_1000": fid_ratio(self.quality.fid, baseline_fid),
-            "kid": self.quality.kid,
-            "precision": self.quality.precision,
-            "recall": self.quality.recall,
-            "mean_confidence": self.quality.mean_confidence,
-            "rarest_class_share": self.quality.rarest_class_share,
-            "class_accuracy": self.class_accuracy,
-            "seconds": self.seconds,
-            "images_per_second": self.quality.num_images / self.seconds,
-        }
+        scores = score_entries(self.quality, baseline_fid, self.seconds, self.class_accuracy)
+        return {"scheduler": self.scheduler, "steps": self.steps, **scores}
 
 
-def _spaced(values: Iterable[object]) -> str:
-    """A default list as it is typed on the command line."""
-    return " ".join(map(str, values))
+def score_entries(
+    quality: SampleQuality, baseline_fid: float | None, seconds: float | None, class_accuracy: float | None = None
+) -> dict[str, float | None]:
+    """The scores of a cell or of the floor (no `seconds`), with the FID as a multiple of DDPM-1000's."""
+    return {
+        "fid": quality.fid,
+        "fid_vs_ddpm_1000": quality.fid / baseline_fid if baseline_fid else None,
+        "kid": quality.kid,
+        "precision": quality.precision,
+        "recall": quality.recall,
+        "mean_confidence": quality.mean_confidence,
+        "rarest_class_share": quality.rarest_class_share,
+        "class_accuracy": class_accuracy,
+        "seconds": seconds,
+        "images_per_second": quality.num_images / seconds if seconds else None,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The script's options, each with its default in --help."""
+    default_steps = " ".join(map(str, DEFAULT_STEPS))
     parser = argparse.ArgumentParser(
-        prog="scheduler_quality.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="scheduler_quality.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
     parser.add_argument(
@@ -99,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCHEDULERS,
         default=list(SCHEDULERS),
         metavar="NAME",
-        help=f"schedulers to compare, of {', '.join(SCHEDULERS)} (default: {_spaced(SCHEDULERS)})",
+        help=f"schedulers to compare, of {', '.join(SCHEDULERS)} (default: {' '.join(SCHEDULERS)})",
     )
     parser.add_argument(
         "--num_inference_steps",
         nargs="+",
         type=int,
         default=DEFAULT_STEPS,
-        help=f"step counts of each scheduler, those above the pipeline's T skipped (default: {_spaced(DEFAULT_STEPS)})",
+        help=f"step counts of each scheduler, those above the pipeline's T skipped (default: {default_steps})",
     )
     parser.add_argument("--num_samples", type=int, default=1000, help="digits sampled per cell (default: %(default)s)")
     parser.add_argument(
@@ -137,40 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_steps(steps: list[int], num_train_timesteps: int) -> tuple[list[int], list[int]]:
-    """The distinct step counts in increasing order: those a pipeline with T timesteps can run, and those above T."""
-    ordered = sorted(set(steps))
-    return [s for s in ordered if s <= num_train_timesteps], [s for s in ordered if s > num_train_timesteps]
-
-
-def timed_samples(
-    pipe: DDPMMnistPipeline,
-    scheduler: str,
-    steps: int,
-    args: argparse.Namespace,
-    class_labels: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, float]:
-    """The digits of `generate_digits` and the wall seconds their sampling took (`.cpu()` waits for the device)."""
-    start = time.perf_counter()
-    images = generate_digits(
-        pipe,
-        args.num_samples,
-        scheduler=scheduler,
-        num_inference_steps=steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        class_labels=class_labels,
-        guidance_scale=args.guidance_scale,
-        progress=False,
-    )
-    return images, time.perf_counter() - start
-
-
-def fid_ratio(fid: float, baseline_fid: float | None) -> float | None:
-    """`fid` as a multiple of the baseline's FID, or None without a (positive) baseline."""
-    return fid / baseline_fid if baseline_fid else None
-
-
 def baseline_fid(cells: list[Cell]) -> float | None:
     """The FID of DDPM at 1000 steps, if that cell ran."""
     return next((c.quality.fid for c in cells if (c.scheduler, c.steps) == BASELINE), None)
@@ -182,12 +148,10 @@ def fewest_steps_near_baseline(cells: list[Cell], tolerance: float = TOLERANCE) 
     reference = baseline_fid(cells)
     if reference is None:
         return None
-    fewest: dict[str, int | None] = {}
+    fewest: dict[str, int | None] = dict.fromkeys(cell.scheduler for cell in cells)
     for cell in cells:
-        fewest.setdefault(cell.scheduler, None)
         if cell.quality.fid <= (1 + tolerance) * reference:
-            current = fewest[cell.scheduler]
-            fewest[cell.scheduler] = cell.steps if current is None else min(current, cell.steps)
+            fewest[cell.scheduler] = min(cell.steps, fewest[cell.scheduler] or cell.steps)
     return fewest
 
 
@@ -196,48 +160,16 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _row(
-    label: str,
-    steps: str,
-    quality: SampleQuality,
-    seconds: float | None,
-    reference: float | None,
-    class_accuracy: float | None = None,
-    conditional: bool = False,
-) -> str:
-    """One Markdown table row of scores; `conditional` adds the class accuracy (a dash for the floor's)."""
-    per_second = quality.num_images / seconds if seconds else None
-    entries = [
-        label,
-        steps,
-        _number(quality.fid),
-        _number(fid_ratio(quality.fid, reference), 2),
-        _number(quality.kid),
-        _number(quality.precision, 3),
-        _number(quality.recall, 3),
-        _number(quality.mean_confidence, 3),
-        _number(quality.rarest_class_share, 3),
-        _number(seconds, 1),
-        _number(per_second, 2),
-    ]
-    if conditional:
-        entries.append(_number(class_accuracy, 3))
-    return "| " + " | ".join(entries) + " |"
-
-
 def markdown_table(cells: list[Cell], floor: SampleQuality) -> str:
-    """One row per cell, then the real-vs-real floor."""
+    """One row per cell, then the real-vs-real floor; the class accuracy where the pipeline is class-conditional."""
     reference = baseline_fid(cells)
-    columns = ["scheduler", "steps", "FID", "FID / DDPM-1000", "KID", "precision", "recall", "mean confidence"]
-    columns += ["rarest digit", "seconds", "images/s"]
-    conditional = any(c.class_accuracy is not None for c in cells)
-    columns += ["class accuracy"] if conditional else []
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += [
-        _row(c.scheduler, str(c.steps), c.quality, c.seconds, reference, c.class_accuracy, conditional) for c in cells
-    ]
-    floor_label = f"real floor ({floor.num_images} train digits)"
-    lines.append(_row(floor_label, "-", floor, None, reference, conditional=conditional))
+    columns = COLUMNS + ([CLASS_ACCURACY_COLUMN] if any(c.class_accuracy is not None for c in cells) else [])
+    rows = [(c.scheduler, str(c.steps), c.as_dict(reference)) for c in cells]
+    rows.append((f"real floor ({floor.num_images} train digits)", "-", score_entries(floor, reference, None)))
+    lines = ["| scheduler | steps | " + " | ".join(title for title, _, _ in columns) + " |"]
+    lines.append("|" + " --- |" * (len(columns) + 2))
+    for label, steps, scores in rows:
+        lines.append(f"| {label} | {steps} | " + " | ".join(_number(scores[key], d) for _, key, d in columns) + " |")
     return "\n".join(lines)
 
 
@@ -265,18 +197,24 @@ def run_cells(
     """Sample and score every (scheduler, steps) cell, each scheduler built on the pipeline's own noise schedule;
     with `class_labels` (a conditional pipeline's, one per sample), the class accuracy too."""
     # Warm-up, guided as the cells are: first-call costs stay out of the timings.
-    warm_up_labels = None if class_labels is None else class_labels[:1]
-    pipe(
-        batch_size=1,
-        class_labels=warm_up_labels,
-        guidance_scale=args.guidance_scale,
-        num_inference_steps=1,
-        output_type="pt",
-    )
+    labels = None if class_labels is None else class_labels[:1]
+    pipe(batch_size=1, class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=1, output_type="pt")
     cells = []
     for name in schedulers:
         for count in steps:
-            images, seconds = timed_samples(pipe, name, count, args, class_labels)
+            start = time.perf_counter()  # to the digits on the CPU: the device has finished
+            images = generate_digits(
+                pipe,
+                args.num_samples,
+                scheduler=name,
+                num_inference_steps=count,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                class_labels=class_labels,
+                guidance_scale=args.guidance_scale,
+                progress=False,
+            )
+            seconds = time.perf_counter() - start
             if class_labels is None:
                 cells.append(Cell(name, count, reference.score(images), seconds))
             else:
@@ -298,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         pipe = load_pipeline(args.pipeline, args.device)
         class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale)
         num_train_timesteps = pipe.scheduler.config.num_train_timesteps
-        steps, skipped = split_steps(args.num_inference_steps, num_train_timesteps)
+        ordered = sorted(set(args.num_inference_steps))
+        steps = [count for count in ordered if count <= num_train_timesteps]
+        skipped = [count for count in ordered if count > num_train_timesteps]
         if not steps:
             raise UsageError(
                 f"every --num_inference_steps value exceeds the pipeline's {num_train_timesteps} training timesteps."
@@ -319,8 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(features of the project's classifier), seed {args.seed}{guidance}, device {device}:\n"
     )
     print(markdown_table(cells, floor))
-    print()
-    print("\n".join(summary_lines(cells)))
+    print("\n" + "\n".join(summary_lines(cells)))
     if args.json:
         result = {
             "pipeline": args.pipeline,

@@ -1,8 +1,5 @@
 """Throughput of ddpm-mnist against diffusers at equal architecture, measured side by side on this machine.
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--presets mnist-small mnist] [--dtypes fp32 bf16]
-        [--parts models sample e2e quality profile data] [--compile] [--channels_last] [--quick] [--json]
-
 It first prints where it runs (the CPU model with its relevant ISA flags, or the GPU's name) and the matmul peak in
 fp32 and bf16 there (bf16's only where the hardware computes in bf16 natively; elsewhere it is emulated, and not
 measured). Then, for each part asked for:
@@ -31,8 +28,8 @@ With --json the last line is one JSON object holding every number.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import itertools
 import json
 import statistics
 import subprocess
@@ -48,7 +45,7 @@ import torch.nn.functional as F
 from datasets import load_dataset
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
-from diffusers_baseline import DiffusersLoop, checked_twin, diffusers_twin
+from diffusers_baseline import DiffusersLoop, diffusers_twin
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,7 +60,7 @@ from ddpm_mnist.data import (
     shuffled_shard,
 )
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
-from ddpm_mnist.evaluation import DTYPES
+from ddpm_mnist.evaluation import DTYPES, default_device
 from ddpm_mnist.hardware import describe_device, has_native_bf16
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs, sample_quality
@@ -78,49 +75,43 @@ def twins(preset: str, device: torch.device) -> tuple[DDPMMnistUNet, UNet2DModel
     """Our UNet of `preset` and diffusers' twin, checked to hold the same number of parameters."""
     torch.manual_seed(0)
     ours = DDPMMnistUNet.from_preset(preset).to(device)
-    return ours, checked_twin(ours).to(device)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that wall time measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return ours, diffusers_twin(ours).to(device)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
+    """Median wall time of `fn` over `repeats` calls, after one warm-up call, the device's queued work included."""
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
     times = []
     for _ in range(repeats):
-        synchronize(device)
+        synchronize()
         start = time.perf_counter()
         fn()
-        synchronize(device)
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for "bf16", nothing for "fp32"."""
-    if precision == "bf16":
-        return torch.autocast(device.type, torch.bfloat16)
-    return contextlib.nullcontext()
+def random_x_t(model: torch.nn.Module, batch_size: int, layout: torch.memory_format) -> torch.Tensor:
+    """A batch of random x_t for `model`, on its device, in its dtype and in the memory layout measured."""
+    size = model.config.sample_size
+    x_t = torch.randn(batch_size, model.config.in_channels, size, size, device=model.device, dtype=model.dtype)
+    return x_t.contiguous(memory_format=layout)
 
 
-def train_step_fn(
-    model: torch.nn.Module, batch_size: int, device: torch.device, precision: str, channels_last: bool
-) -> Callable[[], None]:
+def train_step_fn(model: torch.nn.Module, batch_size: int, precision: str, layout: torch.memory_format) -> Callable:
     """One L_simple training step (Algorithm 1) on random data: forward (autocast in bf16), backward, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
-    size = model.config.sample_size
-    x_t = torch.randn(batch_size, model.config.in_channels, size, size, device=device)
-    if channels_last:
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    x_t = random_x_t(model, batch_size, layout)
     eps = torch.randn_like(x_t)
-    t = torch.randint(0, 1000, (batch_size,), device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=x_t.device)
 
     def step() -> None:
-        with autocast(device, precision):
+        with torch.autocast(x_t.device.type, torch.bfloat16, enabled=precision == "bf16"):
             prediction = model(x_t, t).sample
         F.mse_loss(prediction.float(), eps).backward()
         optimizer.step()
@@ -129,15 +120,10 @@ def train_step_fn(
     return step
 
 
-def sample_step_fn(
-    model: torch.nn.Module, batch_size: int, device: torch.device, channels_last: bool
-) -> Callable[[], None]:
+def sample_step_fn(model: torch.nn.Module, batch_size: int, layout: torch.memory_format) -> Callable:
     """One forward pass of a sampling step, in the model's own dtype, without gradients."""
-    size = model.config.sample_size
-    x_t = torch.randn(batch_size, model.config.in_channels, size, size, device=device, dtype=model.dtype)
-    if channels_last:
-        x_t = x_t.contiguous(memory_format=torch.channels_last)
-    t = torch.full((batch_size,), 500, device=device)
+    x_t = random_x_t(model, batch_size, layout)
+    t = torch.full((batch_size,), 500, device=x_t.device)
 
     @torch.no_grad()
     def step() -> None:
@@ -146,11 +132,11 @@ def sample_step_fn(
     return step
 
 
-def variant(model: torch.nn.Module, dtype: torch.dtype, compile_it: bool, channels_last: bool) -> torch.nn.Module:
-    """A copy of `model` in `dtype`, optionally in channels_last and compiled."""
-    model = copy.deepcopy(model).to(dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def variant(
+    model: torch.nn.Module, dtype: torch.dtype, compile_it: bool, layout: torch.memory_format
+) -> torch.nn.Module:
+    """A copy of `model` in `dtype` and the memory layout, optionally compiled."""
+    model = copy.deepcopy(model).to(dtype, memory_format=layout)
     return torch.compile(model) if compile_it else model
 
 
@@ -159,16 +145,17 @@ def measure_models(args: argparse.Namespace, device: torch.device, preset: str) 
     ours, theirs = twins(preset, device)
     results: dict[str, float] = {"parameters": sum(p.numel() for p in ours.parameters())}
     with FlopCounterMode(display=False) as counter:
-        train_step_fn(ours, args.batch_size, device, "fp32", False)()
+        train_step_fn(ours, args.batch_size, "fp32", torch.contiguous_format)()
     flops = counter.get_total_flops()
-    variants = [(False, False)] + [(True, False)] * args.compile + [(False, True)] * args.channels_last
-    for compile_it, channels_last in variants:
-        suffix = "_compiled" * compile_it + "_channels_last" * channels_last
+    variants = [("", False, torch.contiguous_format)]  # the key's suffix, compiled or not, memory layout
+    variants += [("_compiled", True, torch.contiguous_format)] * args.compile
+    variants += [("_channels_last", False, torch.channels_last)] * args.channels_last
+    for suffix, compile_it, layout in variants:
         for precision in args.dtypes:
             for name, base in (("ours", ours), ("diffusers", theirs)):
                 # Training: fp32 weights under autocast, as accelerate trains.
-                model = variant(base, torch.float32, compile_it, channels_last).train()
-                step = train_step_fn(model, args.batch_size, device, precision, channels_last)
+                model = variant(base, torch.float32, compile_it, layout).train()
+                step = train_step_fn(model, args.batch_size, precision, layout)
                 start = time.perf_counter()
                 step()  # the first call compiles
                 first = time.perf_counter() - start
@@ -180,8 +167,8 @@ def measure_models(args: argparse.Namespace, device: torch.device, preset: str) 
                 if name == "ours" and precision == "fp32" and not suffix:
                     results["train_gflops_per_second_ours_fp32"] = flops / seconds / 1e9
                 # Sampling forward: the weights in the precision itself.
-                model = variant(base, DTYPES[precision], compile_it, channels_last).eval()
-                step = sample_step_fn(model, args.sample_batch_size, device, channels_last)
+                model = variant(base, DTYPES[precision], compile_it, layout).eval()
+                step = sample_step_fn(model, args.sample_batch_size, layout)
                 results[f"sample_{key}"] = args.sample_batch_size / median_seconds(step, args.repeats, device)
             line = ", ".join(
                 f"{kind} ours {results[f'{kind}_ours_{precision}{suffix}']:.1f} vs diffusers "
@@ -202,7 +189,7 @@ def profile_training(args: argparse.Namespace, device: torch.device, preset: str
     results = {}
     for precision in args.dtypes:
         for name, model in (("ours", ours), ("diffusers", theirs)):
-            step = train_step_fn(model.train(), args.batch_size, device, precision, channels_last=False)
+            step = train_step_fn(model.train(), args.batch_size, precision, torch.contiguous_format)
             step()
             with torch.profiler.profile(activities=activities) as profiler:
                 step()
@@ -292,24 +279,12 @@ def train_py_seconds(args: argparse.Namespace, steps: int) -> float:
     instructions), the shuffled stream of `ddpm_mnist.data`, EMA, gradient clipping and the per-step logging.
     """
     with tempfile.TemporaryDirectory() as output_dir:
-        command = [
-            sys.executable,
-            str(ROOT / "training" / "train.py"),
-            "--dataset_name",
-            str(args.dataset_name),
-            "--preset",
-            args.e2e_preset,
-            "--train_batch_size",
-            str(args.train_batch_size),
-            "--max_train_steps",
-            str(steps),
-            "--output_dir",
-            output_dir,
-            # The end-of-run grid of 16 digits, 1000 DDPM steps by default, costs the same in both runs and cancels;
-            # 10 steps keep it from dominating the wall time.
-            "--num_inference_steps",
-            "10",
-        ]
+        command = [sys.executable, str(ROOT / "training" / "train.py"), "--dataset_name", str(args.dataset_name)]
+        command += ["--preset", args.e2e_preset, "--train_batch_size", str(args.train_batch_size)]
+        command += ["--max_train_steps", str(steps), "--output_dir", output_dir]
+        # The end-of-run grid of 16 digits, 1000 DDPM steps by default, costs the same in both runs and cancels;
+        # 10 steps keep it from dominating the wall time.
+        command += ["--num_inference_steps", "10"]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
         return time.perf_counter() - start
@@ -321,14 +296,12 @@ def diffusers_loop_rate(args: argparse.Namespace, mixed_precision: str, steps: t
     model = diffusers_twin(DDPMMnistUNet.from_preset(args.e2e_preset))
     with tempfile.TemporaryDirectory() as project_dir:
         loop = DiffusersLoop(model, str(args.dataset_name), args.train_batch_size, mixed_precision, project_dir)
-        marks = {}
+        seconds = {}  # the loop's training time after each step; each ends with a loss read-back, a synchronization
         for global_step in range(1, steps[1] + 1):
             loop.step()
-            if global_step in steps:
-                synchronize(loop.accelerator.device)
-                marks[global_step] = time.perf_counter()
+            seconds[global_step] = loop.train_seconds
         loop.close()
-    return (steps[1] - steps[0]) * args.train_batch_size / (marks[steps[1]] - marks[steps[0]])
+    return (steps[1] - steps[0]) * args.train_batch_size / (seconds[steps[1]] - seconds[steps[0]])
 
 
 def measure_end_to_end(args: argparse.Namespace) -> dict[str, float]:
@@ -347,15 +320,10 @@ def measure_end_to_end(args: argparse.Namespace) -> dict[str, float]:
             f"{loop['fp32'][-1]:.1f}, bf16 {loop['bf16'][-1]:.1f} images/s",
             flush=True,
         )
-    results = {
-        "e2e_train_py": statistics.median(train_py),
-        "e2e_diffusers_fp32": statistics.median(loop["fp32"]),
-        "e2e_diffusers_bf16": statistics.median(loop["bf16"]),
-    }
-    results["e2e_speedup_vs_diffusers_best"] = results["e2e_train_py"] / max(
-        results["e2e_diffusers_fp32"], results["e2e_diffusers_bf16"]
-    )
-    return results
+    results = {"e2e_train_py": statistics.median(train_py)}
+    results |= {f"e2e_diffusers_{precision}": statistics.median(rates) for precision, rates in loop.items()}
+    best = max(results["e2e_diffusers_fp32"], results["e2e_diffusers_bf16"])
+    return {**results, "e2e_speedup_vs_diffusers_best": results["e2e_train_py"] / best}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -403,10 +371,8 @@ def data_images_per_second(data: str, num_images: int, device: torch.device) -> 
     plain_stream = load_dataset(data, split="train", streaming=True).shuffle(seed=0, buffer_size=10_000)
 
     def plain() -> None:
-        for i, example in enumerate(plain_stream):
+        for example in itertools.islice(plain_stream, num_images):
             torch.from_numpy(np.asarray(example["image"], dtype=np.float32) / 127.5 - 1)
-            if i + 1 >= num_images:
-                return
 
     epoch_seconds = median_seconds(ours_decoded, 3, device) / 3
     return {
@@ -421,7 +387,7 @@ def data_images_per_second(data: str, num_images: int, device: torch.device) -> 
 def parse_args() -> argparse.Namespace:
     """The flags, checked: a bad device, data folder or pipeline is a UsageError before any measurement."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default=default_device(), choices=["cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=["mnist-small"], choices=DDPMMnistUNet.preset_names())
     parser.add_argument(
         "--dtypes", nargs="+", default=list(BENCHMARK_DTYPES), choices=BENCHMARK_DTYPES, help="the precisions measured"

@@ -1,8 +1,6 @@
 """Time to quality: our training recipe against the diffusers baseline at equal architecture, on the same machine.
 
-    python benchmarks/time_to_quality.py --config training/recipes/e-release-cosine.json --output_dir runs/ttq \\
-        [--snapshot_minutes 10 20 30 ...] [--num_samples 1000] [--num_inference_steps 50] [--dtype bf16]
-        [--dataset_name path/to/mnist]
+    python benchmarks/time_to_quality.py --config training/recipes/e-release-cosine.json --output_dir runs/ttq
 
 Both sides train for the same wall-clock budget and are scored at the same training minutes (`--snapshot_minutes`,
 wall time of the training loop only: start-up, saving for the snapshot and scoring are not counted):
@@ -50,7 +48,7 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersLoop, checked_twin
+from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersLoop, diffusers_twin
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET
@@ -164,8 +162,7 @@ def recipe_unet(recipe: dict) -> DDPMMnistUNet:
     try:
         if config_path is None:
             return DDPMMnistUNet.from_preset(recipe.get("preset", "mnist"))
-        path = Path(root_relative(config_path))
-        return DDPMMnistUNet.from_config(DDPMMnistUNet.load_config(path / "config.json" if path.is_dir() else path))
+        return DDPMMnistUNet.from_config(DDPMMnistUNet.load_config(root_relative(config_path)))
     except (OSError, ValueError) as error:
         raise UsageError(f"the recipe's UNet cannot be built ({str(error).splitlines()[0]}); fix --config.") from error
 
@@ -187,8 +184,12 @@ def train_recipe(config: str, run_dir: Path, dataset: str, minutes: float, resum
         raise WorkFailed(f"train.py failed at {minutes} minutes (see {run_dir / 'train.log'}): {last}")
 
 
-def score_snapshot(pipe: DDPMMnistPipeline, reference: QualityReference, args: argparse.Namespace) -> dict:
-    """The protocol: `--num_samples` digits of the pipeline's DDPM on `--num_inference_steps` steps, scored."""
+def snapshot(
+    side: str, pipe: DDPMMnistPipeline, record: dict, args: argparse.Namespace, reference: QualityReference
+) -> dict:
+    """`record` (minutes, steps, images seen, training time) of one side with the protocol's metrics of `pipe`:
+    `--num_samples` digits of its DDPM on `--num_inference_steps` steps, scored; printed as it comes."""
+    pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     samples = generate_digits(
         pipe,
@@ -200,7 +201,13 @@ def score_snapshot(pipe: DDPMMnistPipeline, reference: QualityReference, args: a
         progress=False,
     )
     quality = reference.score(samples).as_dict()
-    return {**quality, "sample_seconds": time.perf_counter() - start, "unet_dtype": str(pipe.unet.dtype)}
+    metrics = {**quality, "sample_seconds": time.perf_counter() - start, "unet_dtype": str(pipe.unet.dtype)}
+    print(
+        f"{side} at {record['minutes']:g} min: {record['images_seen']} images, FID {metrics['fid']:.2f}, "
+        f"confidence {metrics['mean_confidence']:.4f}",
+        flush=True,
+    )
+    return {**record, "metrics": metrics}
 
 
 def recipe_snapshot(
@@ -209,37 +216,23 @@ def recipe_snapshot(
     """Train the recipe on to `minutes` and score its saved EMA pipeline."""
     run_dir = args.output_dir / "recipe"
     train_recipe(config, run_dir, dataset, minutes, resume)
-    record = json.loads((run_dir / "training.json").read_text())["training"]
+    training = json.loads((run_dir / "training.json").read_text())["training"]
     pipe = DDPMMnistPipeline.from_pretrained(run_dir).to(args.device, DTYPES[args.dtype])
-    pipe.set_progress_bar_config(disable=True)
-    return {
-        "minutes": minutes,
-        "steps": record["global_step"],
-        "images_seen": record["images_seen"],
-        "training_time": record["training_time"],
-        "metrics": score_snapshot(pipe, reference, args),
-    }
+    record = {"minutes": minutes, "steps": training["global_step"], "images_seen": training["images_seen"]}
+    return snapshot("recipe", pipe, {**record, "training_time": training["training_time"]}, args, reference)
 
 
 def baseline_snapshot(
-    loop: DiffusersLoop, clock: list[float], minutes: float, args: argparse.Namespace, reference: QualityReference
+    loop: DiffusersLoop, minutes: float, args: argparse.Namespace, reference: QualityReference
 ) -> dict:
-    """Train the diffusers loop on until its loop time (`clock[0]`, seconds) reaches `minutes`; score its EMA."""
-    while clock[0] < 60 * minutes:
-        start = time.perf_counter()
+    """Train the diffusers loop on until its loop time reaches `minutes`; score its EMA."""
+    while loop.train_seconds < 60 * minutes:
         loop.step()
-        clock[0] += time.perf_counter() - start
-    pipe = DDPMMnistPipeline(
-        loop.ema_unet().to(args.device, DTYPES[args.dtype]), DDPMMnistScheduler.from_config(loop.noise_scheduler.config)
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return {
-        "minutes": minutes,
-        "steps": loop.global_step,
-        "images_seen": loop.global_step * args.baseline_batch_size,
-        "training_time": f"{clock[0] / 60:.2f} minutes",
-        "metrics": score_snapshot(pipe, reference, args),
-    }
+    unet = loop.ema_unet().to(args.device, DTYPES[args.dtype])
+    pipe = DDPMMnistPipeline(unet, DDPMMnistScheduler.from_config(loop.noise_scheduler.config))
+    steps, training_time = loop.global_step, f"{loop.train_seconds / 60:.2f} minutes"
+    record = {"minutes": minutes, "steps": steps, "images_seen": steps * args.baseline_batch_size}
+    return snapshot("baseline", pipe, {**record, "training_time": training_time}, args, reference)
 
 
 def minutes_to_reach(minutes: list[float], fids: list[float], target: float) -> float | None:
@@ -295,23 +288,16 @@ def draw_curve(results: dict, path: Path) -> None:
         for side, name in (("recipe", "our recipe (train.py)"), ("baseline", "diffusers train_unconditional.py")):
             snapshots = results[side]
             axis.plot([s["minutes"] for s in snapshots], [s["metrics"][key] for s in snapshots], "o-", label=name)
-        axis.axhline(
-            results["floor"][key],
-            color="grey",
-            linestyle="--",
-            label=f"real digits, N = {results['floor']['num_images']}",
-        )
+        floor = results["floor"]
+        axis.axhline(floor[key], color="grey", linestyle="--", label=f"real digits, N = {floor['num_images']}")
         axis.set_xlabel("training minutes (wall clock)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].legend(loc="lower right")
     settings = results["settings"]
-    figure.suptitle(
-        f"time to quality: {settings['num_samples']} samples, DDPM {settings['num_inference_steps']} steps; "
-        f"{settings['device_description']}",
-        fontsize=9,
-    )
+    title = f"time to quality: {settings['num_samples']} samples, DDPM {settings['num_inference_steps']} steps; "
+    figure.suptitle(title + settings["device_description"], fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -324,7 +310,7 @@ def main() -> None:
     config = str(Path(args.config).resolve())
     dataset = dataset_for(args, recipe)
     torch.manual_seed(args.seed)
-    twin = checked_twin(recipe_unet(recipe))
+    twin = diffusers_twin(recipe_unet(recipe))
     with usage_errors("dataset_name", "reference_images", "num_samples"):
         reference = QualityReference(dataset, args.reference_images, device=args.device, seed=args.seed, progress=False)
         floor = reference.floor(args.num_samples)
@@ -353,21 +339,11 @@ def main() -> None:
     print(
         f"real floor at N = {args.num_samples}: FID {floor.fid:.2f}, confidence {floor.mean_confidence:.4f}", flush=True
     )
-    clock = [0.0]
     with tempfile.TemporaryDirectory() as project_dir:
         loop = DiffusersLoop(twin, dataset, args.baseline_batch_size, args.baseline_mixed_precision, project_dir)
         for k, minutes in enumerate(args.snapshot_minutes):
-            for side, snapshot in (
-                ("recipe", lambda m=minutes, k=k: recipe_snapshot(args, config, dataset, m, k > 0, reference)),
-                ("baseline", lambda m=minutes: baseline_snapshot(loop, clock, m, args, reference)),
-            ):
-                results[side].append(snapshot())
-                s = results[side][-1]
-                print(
-                    f"{side} at {minutes:g} min: {s['images_seen']} images, FID {s['metrics']['fid']:.2f}, "
-                    f"confidence {s['metrics']['mean_confidence']:.4f}",
-                    flush=True,
-                )
+            results["recipe"].append(recipe_snapshot(args, config, dataset, minutes, k > 0, reference))
+            results["baseline"].append(baseline_snapshot(loop, minutes, args, reference))
         loop.close()
     results.update(comparison(results["recipe"], results["baseline"]))
     (args.output_dir / "time_to_quality.json").write_text(json.dumps(results, indent=2))
