@@ -9,12 +9,10 @@ complete a partly known digit, interpolate between two.
     ddpm-mnist inpaint PIPELINE (--image digit.png | --test_digit 0) (--mask mask.png | --keep top) --output out.png
     ddpm-mnist interpolate PIPELINE (--image_a a.png --image_b b.png | --test_digits 0 1) --t 500 --output row.png
 
-PIPELINE is a folder written by `DDPMMnistPipeline.save_pretrained` or a Hub repo id. Every option is also accepted
-with hyphens (`--num-samples`). `--class_labels` asks a class-conditional pipeline for digits, repeated in order to
-give one per image; `evaluate` asks one for every digit equally often and reports its class accuracy. Digits in PNG
-files are white on black, as MNIST. Argument parsing and printing live here; the work is the library's
-(`ddpm_mnist.evaluation`, the pipelines, `ddpm_mnist.interpolate`). The pipeline, classifier and data are loaded
-before any sampling starts, and bad input ends in a one-line error (exit status 2).
+PIPELINE is a folder written by `DDPMMnistPipeline.save_pretrained` or a Hub repo id; every option is also accepted
+with hyphens (`--num-samples`). Argument parsing and printing live here, the work in `ddpm_mnist.evaluation`, the
+pipelines and `ddpm_mnist.interpolate`. The pipeline, classifier and data are loaded before any sampling starts, and
+bad input ends in a one-line error (exit status 2).
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from .errors import UsageError, run_entry_point, usage_errors
 from .evaluation import (
     DTYPES,
     QualityReference,
-    check_class_inputs,
     default_device,
     generate_digits,
     load_nll_digits,
@@ -62,10 +59,10 @@ from .scheduling_ddpm_mnist import DDPMMnistScheduler
 SAMPLING_ARGUMENTS = ("num_inference_steps", "class_labels", "guidance_scale", "guidance_interval")
 
 
-def _add_option(parser: argparse._ActionsContainer, name: str, **kwargs: object) -> None:
-    """Add `--name` under its underscore and its hyphen spelling."""
+def _add_option(parser: argparse._ActionsContainer, name: str, help: str, **kwargs: object) -> None:
+    """Add `--name` under its underscore and its hyphen spelling, with its `help` (every option has one)."""
     spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
-    parser.add_argument(*spellings, dest=name, **kwargs)
+    parser.add_argument(*spellings, dest=name, help=help, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,71 +74,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    loading = argparse.ArgumentParser(add_help=False)
-    loading.add_argument("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
-    _add_option(loading, "device", default=default_device(), help="torch device (default: %(default)s)")
-    batching = argparse.ArgumentParser(add_help=False)
-    _add_option(batching, "batch_size", type=int, default=64, help="images per network call (default: %(default)s)")
-    precision = argparse.ArgumentParser(add_help=False)
-    _add_option(
-        precision,
-        "dtype",
-        choices=DTYPES,
-        default="fp32",
-        help="the U-Net's dtype while sampling (default: %(default)s)",
+    # The option groups that several sub-commands share (argparse parents).
+    loading, batching, precision, sampling, labels, guidance, picture, data = (
+        argparse.ArgumentParser(add_help=False) for _ in range(8)
     )
-    sampling = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
+    _add_option(loading, "device", "torch device (default: %(default)s)", default=default_device())
+    _add_option(batching, "batch_size", "images per network call (default: %(default)s)", type=int, default=64)
     _add_option(
-        sampling,
-        "scheduler",
-        choices=SCHEDULERS,
-        default="ddpm",
-        help="the scheduler, on the pipeline's noise schedule",
+        precision, "dtype", "the U-Net's dtype while sampling (default: %(default)s)", choices=DTYPES, default="fp32"
+    )
+    _add_option(
+        sampling, "scheduler", "the scheduler, on the pipeline's noise schedule", choices=SCHEDULERS, default="ddpm"
     )
     _add_option(
         sampling,
         "num_inference_steps",
+        f"sampling steps (default: all T for ddpm, {FAST_SCHEDULER_STEPS} for the others)",
         type=int,
-        default=None,
-        help=f"sampling steps (default: all T for ddpm, {FAST_SCHEDULER_STEPS} for the others)",
     )
-    _add_option(sampling, "seed", type=int, default=0, help="seed of the initial noise and of data subsets")
-    labels = argparse.ArgumentParser(add_help=False)
+    _add_option(sampling, "seed", "seed of the initial noise and of data subsets", type=int, default=0)
     _add_option(
         labels,
         "class_labels",
+        "the digits 0-9 to ask a class-conditional pipeline for, repeated in order to give one per image "
+        "(`all`: 0 1 ... 9; default: any digit)",
         nargs="+",
         type=_class_label,
         metavar="DIGIT",
-        help="the digits 0-9 to ask a class-conditional pipeline for, repeated in order to give one per image "
-        "(`all`: 0 1 ... 9; default: any digit)",
     )
-    guidance = argparse.ArgumentParser(add_help=False)
     _add_option(
         guidance,
         "guidance_scale",
+        "classifier-free guidance toward the digits asked for, at least 1 (1: none; default: %(default)s)",
         type=float,
         default=1.0,
-        help="classifier-free guidance toward the digits asked for, at least 1 (1: none; default: %(default)s)",
     )
     _add_option(
         guidance,
         "guidance_interval",
+        "guide only the steps at timesteps LOW <= t <= HIGH of the T training steps, e.g. 82 581 (default: every step)",
         type=int,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        default=None,
-        help="guide only the steps at timesteps LOW <= t <= HIGH of the T training steps, e.g. 82 581 "
-        "(default: every step)",
     )
-    picture = argparse.ArgumentParser(add_help=False)
-    _add_option(picture, "upscale", type=int, default=2, help="picture pixels per digit pixel (default: %(default)s)")
-    data = argparse.ArgumentParser(add_help=False)
+    _add_option(picture, "upscale", "picture pixels per digit pixel (default: %(default)s)", type=int, default=2)
     _add_option(
-        data,
-        "dataset_name",
-        default=DEFAULT_DATASET,
-        help="MNIST: a Hub dataset id or a local copy (default: %(default)s)",
+        data, "dataset_name", "MNIST: a Hub dataset id or a local copy (default: %(default)s)", default=DEFAULT_DATASET
     )
 
     sample = commands.add_parser(
@@ -150,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a grid of sampled digits",
         description="Sample digits. With --class_labels, the grid has one column per label given.",
     )
-    _add_option(sample, "num_samples", type=int, default=64, help="digits to sample (default: %(default)s)")
-    _add_option(sample, "output_dir", default="samples", help="the folder for grid.png (default: %(default)s)")
-    _add_option(sample, "save_digits", action="store_true", help="also write each digit as OUTPUT_DIR/digits/NNNNN.png")
+    _add_option(sample, "num_samples", "digits to sample (default: %(default)s)", type=int, default=64)
+    _add_option(sample, "output_dir", "the folder for grid.png (default: %(default)s)", default="samples")
+    _add_option(sample, "save_digits", "also write each digit as OUTPUT_DIR/digits/NNNNN.png", action="store_true")
     sample.set_defaults(run=_sample)
 
     evaluate = commands.add_parser(
@@ -164,11 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         "class-conditional pipeline is asked for every digit equally often, and scored also on its class accuracy: "
         "how often the classifier reads a sample as the digit asked for, overall and per digit.",
     )
-    _add_option(evaluate, "num_samples", type=int, default=10_000, help="digits to sample (default: %(default)s)")
-    _add_option(evaluate, "reference_images", type=int, default=None, help="test digits to compare with (default: all)")
+    _add_option(evaluate, "num_samples", "digits to sample (default: %(default)s)", type=int, default=10_000)
+    _add_option(evaluate, "reference_images", "test digits to compare with (default: all)", type=int)
     evaluate.add_argument("--nll", action="store_true", help="also bound the NLL on test digits (see `nll`)")
-    _add_option(evaluate, "nll_images", type=int, default=1000, help="test digits for --nll (default: %(default)s)")
-    _add_option(evaluate, "nll_timesteps", type=int, default=None, help="sampled timesteps for --nll (default: exact)")
+    _add_option(evaluate, "nll_images", "test digits for --nll (default: %(default)s)", type=int, default=1000)
+    _add_option(evaluate, "nll_timesteps", "sampled timesteps for --nll (default: exact)", type=int)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     evaluate.set_defaults(run=_evaluate)
 
@@ -180,15 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pixel, with its prior, diffusion and decoder terms.",
     )
     nll.add_argument("--split", choices=["train", "test"], default="test", help="the MNIST split (default: test)")
-    _add_option(nll, "nll_images", type=int, default=None, help="digits to use (default: the whole split)")
+    _add_option(nll, "nll_images", "digits to use (default: the whole split)", type=int)
     _add_option(
         nll,
         "nll_timesteps",
+        "estimate the diffusion terms from this many sampled timesteps per digit (default: all, exact)",
         type=int,
-        default=None,
-        help="estimate the diffusion terms from this many sampled timesteps per digit (default: all, exact)",
     )
-    _add_option(nll, "seed", type=int, default=0, help="seed of the x_t noise and of the digit subset")
+    _add_option(nll, "seed", "seed of the x_t noise and of the digit subset", type=int, default=0)
     nll.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     nll.set_defaults(run=_nll)
 
@@ -200,21 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes one row: the digit, the part kept (the rest black), then each completion.",
     )
     digit = inpaint.add_mutually_exclusive_group(required=True)
-    _add_option(digit, "image", help="a PNG of the digit, white on black as MNIST")
-    _add_option(digit, "test_digit", type=int, metavar="INDEX", help="the MNIST test digit at this index instead")
+    _add_option(digit, "image", "a PNG of the digit, white on black as MNIST")
+    _add_option(digit, "test_digit", "the MNIST test digit at this index instead", type=int, metavar="INDEX")
     region = inpaint.add_mutually_exclusive_group(required=True)
-    _add_option(region, "mask", help="a PNG the size of the digit: white pixels are kept, black ones filled in")
-    _add_option(region, "keep", choices=HALVES, help="keep this half of the digit and fill in the other one")
-    _add_option(inpaint, "num_images", type=int, default=4, help="completions to draw (default: %(default)s)")
-    _add_option(
+    _add_option(region, "mask", "a PNG the size of the digit: white pixels are kept, black ones filled in")
+    _add_option(region, "keep", "keep this half of the digit and fill in the other one", choices=HALVES)
+    _add_option(inpaint, "num_images", "completions to draw (default: %(default)s)", type=int, default=4)
+    _add_editing_options(
         inpaint,
-        "num_inference_steps",
-        type=int,
-        default=None,
-        help=f"RePaint's steps, each taken a few times over (default: {DEFAULT_NUM_INFERENCE_STEPS}, at most T)",
+        f"RePaint's steps, each taken a few times over (default: {DEFAULT_NUM_INFERENCE_STEPS}, at most T)",
+        "seed of the noise",
+        "inpainted.png",
     )
-    _add_option(inpaint, "seed", type=int, default=0, help="seed of the noise")
-    _add_option(inpaint, "output", default="inpainted.png", help="the picture to write (default: %(default)s)")
     inpaint.set_defaults(run=_inpaint)
 
     between = commands.add_parser(
@@ -224,11 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode two digits to x_t, mix them by each lambda and decode (Ho et al. 2020, section 4.4). "
         "Writes one row: the first digit, one decoded digit per lambda, the second digit.",
     )
-    _add_option(between, "image_a", help="a PNG of the first digit, white on black as MNIST")
-    _add_option(between, "image_b", help="a PNG of the second digit")
-    _add_option(
-        between, "test_digits", type=int, nargs=2, metavar="INDEX", help="two MNIST test digits by index instead"
-    )
+    _add_option(between, "image_a", "a PNG of the first digit, white on black as MNIST")
+    _add_option(between, "image_b", "a PNG of the second digit")
+    _add_option(between, "test_digits", "two MNIST test digits by index instead", type=int, nargs=2, metavar="INDEX")
     between.add_argument(
         "--t",
         type=int,
@@ -239,23 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(
         between,
         "lambdas",
+        "the mixing weights, each in [0, 1] (default: 0 0.1 ... 1)",
         type=float,
         nargs="+",
         default=DEFAULT_LAMBDAS,
         metavar="LAMBDA",
-        help="the mixing weights, each in [0, 1] (default: 0 0.1 ... 1)",
     )
-    _add_option(
+    _add_editing_options(
         between,
-        "num_inference_steps",
-        type=int,
-        default=None,
-        help="respaced decoding steps from t (default: every timestep from t down)",
+        "respaced decoding steps from t (default: every timestep from t down)",
+        "seed of the encoder and decoder noise",
+        "interpolation.png",
     )
-    _add_option(between, "seed", type=int, default=0, help="seed of the encoder and decoder noise")
-    _add_option(between, "output", default="interpolation.png", help="the picture to write (default: %(default)s)")
     between.set_defaults(run=_interpolate)
     return parser
+
+
+def _add_editing_options(parser: argparse.ArgumentParser, steps_help: str, seed_help: str, output: str) -> None:
+    """The options that `inpaint` and `interpolate` end with: steps, seed and the picture to write."""
+    _add_option(parser, "num_inference_steps", steps_help, type=int)
+    _add_option(parser, "seed", seed_help, type=int, default=0)
+    _add_option(parser, "output", "the picture to write (default: %(default)s)", default=output)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,21 +281,19 @@ def _class_labels(args: argparse.Namespace, num_images: int) -> list[int] | None
     return None if digits is None else [digits[i % len(digits)] for i in range(num_images)]
 
 
+def _options(args: argparse.Namespace, *names: str) -> dict[str, object]:
+    """The options `names`, as the keyword arguments of the same names that the library takes."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _generate(
     pipe: DDPMMnistPipeline, args: argparse.Namespace, class_labels: list[int] | torch.Tensor | None
 ) -> torch.Tensor:
     """--num_samples digits of `class_labels` from the chosen scheduler, guidance, seed and batch size."""
-    return generate_digits(
-        pipe,
-        args.num_samples,
-        scheduler=args.scheduler,
-        num_inference_steps=args.num_inference_steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        class_labels=class_labels,
-        guidance_scale=args.guidance_scale,
-        guidance_interval=args.guidance_interval,
+    sampling = _options(
+        args, "scheduler", "num_inference_steps", "seed", "batch_size", "guidance_scale", "guidance_interval"
     )
+    return generate_digits(pipe, args.num_samples, class_labels=class_labels, **sampling)
 
 
 def _check_upscale(args: argparse.Namespace) -> None:
@@ -337,11 +312,8 @@ def _sample(args: argparse.Namespace) -> None:
         raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}.")
     digits = _asked_digits(args)
     pipe = _load_pipeline(args)
-    class_labels = _class_labels(args, args.num_samples)
-    with usage_errors("scheduler", *SAMPLING_ARGUMENTS):
-        scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
-        check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_samples, args.guidance_interval)
-    images = _generate(pipe, args, class_labels)
+    with usage_errors("scheduler", *SAMPLING_ARGUMENTS):  # `generate_digits` checks them all before it samples
+        images = _generate(pipe, args, _class_labels(args, args.num_samples))
     output_dir.mkdir(parents=True, exist_ok=True)
     cols = min(len(digits), len(images)) if digits is not None and len(digits) > 1 else None  # a column per label
     digit_grid(images, cols=cols, upscale=args.upscale).save(output_dir / "grid.png")
@@ -361,9 +333,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale, args.guidance_interval)
         # All data first, so that a bad --dataset_name or count fails before the sampling.
         if args.nll:
-            nll_x_0 = load_nll_digits(
-                pipe, args.dataset_name, nll_images=args.nll_images, nll_timesteps=args.nll_timesteps, seed=args.seed
-            )
+            nll_x_0 = load_nll_digits(pipe, args.dataset_name, **_options(args, "nll_images", "nll_timesteps", "seed"))
         reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
         floor = reference.floor(args.num_samples)
 
@@ -380,8 +350,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     }
     if args.nll:
         bound = nll_bound(pipe, nll_x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
-        result["nll_bpd"] = bound.summary()["nll_bpd"]
-        result["nll"] = bound.summary()
+        result.update(nll_bpd=bound.summary()["nll_bpd"], nll=bound.summary())
 
     if args.json:
         print(json.dumps(result))
@@ -408,14 +377,7 @@ def _nll(args: argparse.Namespace) -> None:
     """`ddpm-mnist nll`: the variational bound in bits/dim with its terms."""
     pipe = _load_pipeline(args)
     with usage_errors("dataset_name", "nll_images", "nll_timesteps"):
-        x_0 = load_nll_digits(
-            pipe,
-            args.dataset_name,
-            split=args.split,
-            nll_images=args.nll_images,
-            nll_timesteps=args.nll_timesteps,
-            seed=args.seed,
-        )
+        x_0 = load_nll_digits(pipe, args.dataset_name, **_options(args, "split", "nll_images", "nll_timesteps", "seed"))
     bound = nll_bound(pipe, x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
     summary = bound.summary()
     if args.json:
@@ -428,8 +390,7 @@ def _nll(args: argparse.Namespace) -> None:
     print(f"  decoder    L_0                  {summary['decoder_bpd']:10.4f} bits/dim")
     if bound.exact:
         terms = bound.terms_bpd.mean(0)
-        num_terms = len(terms)
-        shown = sorted({round(i * (num_terms - 1) / 9) for i in range(10)})
+        shown = sorted({round(i * (len(terms) - 1) / 9) for i in range(10)})
         print("  L_(t-1) at t = " + ", ".join(f"{i + 2}: {terms[i].item():.2e}" for i in shown))
         print("  (all T terms: --json, key terms_bpd)")
 
@@ -445,12 +406,9 @@ def _inpaint(args: argparse.Namespace) -> None:
     if steps is None:
         steps = min(DEFAULT_NUM_INFERENCE_STEPS, pipe.scheduler.config.num_train_timesteps)
     with usage_errors(*SAMPLING_ARGUMENTS, "dataset_name", test_digits="--test_digit"):
-        check_class_inputs(pipe, class_labels, args.guidance_scale, args.num_images, args.guidance_interval)
+        pipe.check_class_inputs(class_labels, args.guidance_scale, args.num_images, args.guidance_interval)
         scheduler_steps(pipe, "ddpm", steps)
-        if args.image is not None:
-            x_0 = prepare_image(load_image(args.image, "--image"), IMAGE_SIZE)
-        else:
-            x_0 = load_test_digits(args.dataset_name, [args.test_digit])
+        x_0 = _read_digits(args, {"--image": args.image}, None if args.test_digit is None else [args.test_digit])
         mask = load_image(args.mask, "--mask") if args.mask is not None else keep_half(args.keep)
         keep = prepare_image(mask, IMAGE_SIZE, is_mask=True)
     inpaint = DDPMMnistInpaintPipeline(
@@ -460,8 +418,7 @@ def _inpaint(args: argparse.Namespace) -> None:
         x_0.repeat(args.num_images, 1, 1, 1),
         keep,
         class_labels=class_labels,
-        guidance_scale=args.guidance_scale,
-        guidance_interval=args.guidance_interval,
+        **_options(args, "guidance_scale", "guidance_interval"),
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
@@ -480,14 +437,10 @@ def _interpolate(args: argparse.Namespace) -> None:
     pipe = _load_pipeline(args)
     class_labels = _class_labels(args, len(args.lambdas))
     with usage_errors(*SAMPLING_ARGUMENTS, "dataset_name", "test_digits"):
-        check_class_inputs(pipe, class_labels, args.guidance_scale, len(args.lambdas), args.guidance_interval)
+        pipe.check_class_inputs(class_labels, args.guidance_scale, len(args.lambdas), args.guidance_interval)
         if args.num_inference_steps is not None:
             scheduler_steps(pipe, "ddpm", args.num_inference_steps)
-        if from_files:
-            files = ((args.image_a, "--image_a"), (args.image_b, "--image_b"))
-            x_0 = torch.cat([prepare_image(load_image(path, flag), IMAGE_SIZE) for path, flag in files])
-        else:
-            x_0 = load_test_digits(args.dataset_name, args.test_digits)
+        x_0 = _read_digits(args, {"--image_a": args.image_a, "--image_b": args.image_b}, args.test_digits)
     pipe.scheduler = _ddpm_scheduler(pipe)
     pipe.set_progress_bar_config()  # the decoding runs up to T steps: show them
     # `interpolate` checks t and lambdas before it samples.
@@ -500,13 +453,19 @@ def _interpolate(args: argparse.Namespace) -> None:
             lambdas=args.lambdas,
             num_inference_steps=args.num_inference_steps,
             class_labels=class_labels,
-            guidance_scale=args.guidance_scale,
-            guidance_interval=args.guidance_interval,
+            **_options(args, "guidance_scale", "guidance_interval"),
             generator=torch.Generator().manual_seed(args.seed),
             output_type="pt",
         ).images
     _save_row([(x_0[:1] + 1) / 2, decoded, (x_0[1:] + 1) / 2], output, args.upscale)
     print(f"wrote the two digits and {len(decoded)} interpolations at t={args.t} to {output}")
+
+
+def _read_digits(args: argparse.Namespace, files: dict[str, str | None], test_digits: list[int] | None) -> torch.Tensor:
+    """x_0 (N, 1, 28, 28) in [-1, 1] of the MNIST test digits `test_digits`, or else of the PNG files (flag: path)."""
+    if test_digits is not None:
+        return load_test_digits(args.dataset_name, test_digits)
+    return prepare_image([load_image(path, flag) for flag, path in files.items()], IMAGE_SIZE)
 
 
 def _picture_path(args: argparse.Namespace) -> Path:

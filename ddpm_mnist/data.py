@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from functools import cached_property
+from functools import cached_property, partial
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from .errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def load_image_stream(
             stream = load_dataset(path, config_name, split=split, streaming=True)
     except Exception as e:  # datasets and pyarrow raise many types for unreadable data; all mean the same here
         raise OSError(
-            f"cannot read the {split!r} split of dataset_name {dataset_name!r} ({_first_line(e)}); check or "
+            f"cannot read the {split!r} split of dataset_name {dataset_name!r} ({first_line(e)}); check or "
             "re-download its files."
         ) from e
     columns = {"image": image_column, **({"label": label_column} if label_column is not None else {})}
@@ -71,9 +73,7 @@ def load_image_stream(
                 f"{', '.join(stream.column_names or [])}. Pass the right one as {role}_column."
             )
     stream = stream.select_columns(list(columns.values()))
-    for role, column in columns.items():
-        if column != role:
-            stream = stream.rename_column(column, role)
+    stream = stream.rename_columns({column: role for role, column in columns.items() if column != role})
     return stream.cast_column("image", Image(decode=False))
 
 
@@ -196,7 +196,7 @@ def part_read(stream: Iterable) -> Iterator[Iterator]:
 
     A part-read parquet stream holds an open file and an Arrow scan. Freed just before the process exits, they can make
     Arrow abort it ("terminate called without an active exception", apache/arrow#45214; `datasets` works around it only
-    for pyarrow <= 24): measured here, 13 of 40 exits right after `next(iter(stream))`, none of 80 through this.
+    for pyarrow <= 24).
     """
     iterator = iter(stream)
     try:
@@ -221,7 +221,7 @@ def check_readable(stream: IterableDataset, preprocess: ImagePreprocessor, datas
             preprocess.decode(first["image"]["bytes"])
     except Exception as e:  # pyarrow, datasets and PIL each raise their own types for damaged data
         raise OSError(
-            f"cannot read dataset_name {dataset_name!r} ({_first_line(e)}); check or re-download its files."
+            f"cannot read dataset_name {dataset_name!r} ({first_line(e)}); check or re-download its files."
         ) from e
     if first is None:
         raise ValueError(
@@ -229,25 +229,19 @@ def check_readable(stream: IterableDataset, preprocess: ImagePreprocessor, datas
         )
 
 
-class LabelledBatch:
+def _labelled_batch(
+    preprocess: ImagePreprocessor, labelled: bool, examples: list[dict]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A collate function: stream examples -> (x_0, class labels), the labels None for a stream without them."""
-
-    def __init__(self, preprocess: ImagePreprocessor, labelled: bool):
-        self.preprocess, self.labelled = preprocess, labelled
-
-    def __call__(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decode and scale the images; gather the labels when the stream has them."""
-        labels = torch.tensor([example["label"] for example in examples]) if self.labelled else None
-        return self.preprocess(examples), labels
+    return preprocess(examples), torch.tensor([example["label"] for example in examples]) if labelled else None
 
 
 class TrainingData:
     """The training split as batches of (x_0, class labels), epoch by epoch, for one process of `world_size`.
 
-    Two paths with the same contract, both pure functions of (seed, epoch, rank) so that a resumed run can skip exactly
-    the batches it had trained on: streaming through a shuffle buffer (`shuffled_shard`, the default: nothing is held
-    in memory), or, with `decode_once`, every image decoded once into memory and each epoch an exact shuffle
-    (`epoch_order`). The class labels are those of the stream's `label` column, or None when it has none.
+    Streamed through a shuffle buffer (`shuffled_shard`, the default), or with `decode_once` decoded once into memory
+    and shuffled exactly (`epoch_order`): either order is a pure function of (seed, epoch, rank), for an exact resume.
+    The class labels are those of the stream's `label` column, or None when it has none.
     """
 
     def __init__(
@@ -292,15 +286,10 @@ class TrainingData:
         return DataLoader(
             shuffled_shard(self.stream, buffer_size=self.shuffle_buffer_size, **share),
             batch_size=self.batch_size,
-            collate_fn=LabelledBatch(self.preprocess, self.labelled),
+            collate_fn=partial(_labelled_batch, self.preprocess, self.labelled),
             num_workers=self.num_workers,
             generator=torch.Generator(),  # its own seed draw must not advance the global RNG that resume restores
         )
-
-
-def _first_line(error: BaseException) -> str:
-    """An exception's first line, or its type's name when it has no message."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_x_0(

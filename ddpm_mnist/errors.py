@@ -31,12 +31,10 @@ class WorkFailed(RuntimeError):
 def usage_errors(*arguments: str, **flags: str) -> Iterator[None]:
     """Report the library's refusal of bad input, raised inside, as a `UsageError` that names the flags to fix.
 
-    The library's messages begin with the argument they refuse and name the others they speak of
-    (`num_inference_steps 11 is outside 1..10, ...`). `arguments` are those whose flag has the same name, `flags` maps
-    the others to their flag (`test_digits="--test_digit"`). Each becomes its flag in the message
-    (`--num_inference_steps 11 is outside 1..10, ...`): a name with an underscore wherever it stands as a word of its
-    own, a plain word such as `device` or `t` only where it begins the message, as elsewhere it may be just a word. The
-    message's first line is kept, so that the error stays one line.
+    The library's messages begin with the argument they refuse (`num_inference_steps 11 is outside 1..10, ...`).
+    `arguments` are those whose flag has the same name, `flags` maps the others to their flag
+    (`test_digits="--test_digit"`). Each becomes its flag in the message's first line: a name with an underscore
+    wherever it stands as a word of its own, a plain word such as `device` or `t` only where it begins the message.
 
         with usage_errors("device", "dtype"):
             pipe = load_pipeline(args.pipeline, args.device, args.dtype)
@@ -46,7 +44,7 @@ def usage_errors(*arguments: str, **flags: str) -> Iterator[None]:
     except UsageError:
         raise
     except (ValueError, OSError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error)
         for name, flag in {**{name: f"--{name}" for name in arguments}, **flags}.items():
             # A word of its own: after a space, "(" or "`" (not inside a path or a quoted value), before no letter.
             where = r"(?<![^\s(`])" if "_" in name else "^"
@@ -58,10 +56,12 @@ def run_entry_point(main: Callable[[], object], prog: str) -> NoReturn:
     """Run an entry point's `main`; report `UsageError` (exit 2) and `WorkFailed` (exit 1) in one line each."""
     try:
         main()
-    except UsageError as error:
+    except (UsageError, WorkFailed) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except WorkFailed as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(error, UsageError) else 1)
     sys.exit(0)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

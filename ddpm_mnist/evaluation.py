@@ -19,13 +19,9 @@ often the classifier reads a sample as the digit asked for), at one guidance sca
     scores = reference.score_conditional(samples, labels)          # .quality as above, .accuracy overall and per digit
     sweep = guidance_sweep(pipe, reference, 1000, (1, 1.5, 2, 3, 5))  # {guidance scale: scores}
 
-For the editing commands, `load_test_digits` picks MNIST test digits by index (`load_test_labels` their labels); the
-helpers for images of digits (PNG files, masks, grids) are in `image_utils.py`.
-
-Bad input raises a ValueError (a FileNotFoundError or OSError for a path or a file that cannot be read) whose one-line
-message names the argument to fix, before any sampling: an entry point loads the pipeline, the reference and every
-set of digits first, then samples. Scores use the features of the package's MNIST classifier (`metrics/quality.py`):
-compare them with the floor beside them, never with published Inception FIDs.
+For the editing commands, `load_test_digits` picks MNIST test digits by index (`load_test_labels` their labels).
+Bad input raises a ValueError (or an OSError for a path or file) naming the argument to fix, before any sampling.
+Scores use the features of the package's MNIST classifier: compare them with the floor, never with Inception FIDs.
 """
 
 from __future__ import annotations
@@ -38,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import decode_labels, load_image_stream, load_x_0
+from .errors import first_line
 from .metrics.classifier import load_mnist_classifier
 from .metrics.likelihood import VariationalBound, variational_bound
 from .metrics.quality import (
@@ -94,7 +91,7 @@ def load_pipeline(
     try:
         pipe = DDPMMnistPipeline.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as error:
-        raise OSError(f"cannot load the pipeline {name!r}: {str(error).splitlines()[0]}") from error
+        raise OSError(f"cannot load the pipeline {name!r}: {first_line(error)}") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -114,21 +111,6 @@ def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps
     return num_inference_steps
 
 
-def check_class_inputs(
-    pipe: DDPMMnistPipeline,
-    class_labels: Sequence[int] | torch.Tensor | None,
-    guidance_scale: float,
-    num_samples: int,
-    guidance_interval: tuple[int, int] | None = None,
-) -> None:
-    """A ValueError unless `class_labels` (one per sample, or None) and the guidance suit the pipeline: labels only
-    for a class-conditional pipeline, each a digit 0-9, guidance of at least 1 and above 1 only with labels, an
-    interval of timesteps `low <= high` (see `DDPMMnistPipeline.check_class_inputs`)."""
-    if class_labels is not None and len(class_labels) != num_samples:
-        raise ValueError(f"got {len(class_labels)} class_labels for num_samples {num_samples}; pass one per sample.")
-    pipe.check_class_inputs(class_labels, guidance_scale, num_samples, guidance_interval)
-
-
 def scoring_labels(
     pipe: DDPMMnistPipeline,
     num_samples: int,
@@ -141,7 +123,7 @@ def scoring_labels(
     if guidance_scale > 1 and not pipe.is_class_conditional:
         raise ValueError("guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
     class_labels = balanced_class_labels(num_samples) if pipe.is_class_conditional else None
-    check_class_inputs(pipe, class_labels, guidance_scale, num_samples, guidance_interval)
+    pipe.check_class_inputs(class_labels, guidance_scale, num_samples, guidance_interval)
     return class_labels
 
 
@@ -164,13 +146,14 @@ def generate_digits(
 
     A class-conditional pipeline draws digit `class_labels[i]` as sample i (one label per sample; None: any digit),
     with classifier-free guidance when `guidance_scale` is above 1 (at the timesteps of `guidance_interval` only, if
-    given). The scheduler replaces `pipe.scheduler` for the
-    call only: the pipeline keeps the one it was saved with.
+    given). The scheduler replaces `pipe.scheduler` for the call only: the pipeline keeps the one it was saved with.
     """
     steps = scheduler_steps(pipe, scheduler, num_inference_steps)
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}.")
-    check_class_inputs(pipe, class_labels, guidance_scale, num_samples, guidance_interval)
+    if class_labels is not None and len(class_labels) != num_samples:
+        raise ValueError(f"got {len(class_labels)} class_labels for num_samples {num_samples}; pass one per sample.")
+    pipe.check_class_inputs(class_labels, guidance_scale, num_samples, guidance_interval)
     saved_scheduler = pipe.scheduler
     pipe.scheduler = SCHEDULERS[scheduler].from_config(saved_scheduler.config)
     generator = torch.Generator().manual_seed(seed)
@@ -257,13 +240,9 @@ class QualityReference:
         self.classifier = load_mnist_classifier(device=check_device(device))
         self.dataset_name, self.seed, self.progress = dataset_name, seed, progress
         test_digits = load_x_0(dataset_name, "test", reference_images)
+        self.num_images = len(test_digits)  # the number of test digits scored against
         self.outputs = classifier_outputs((test_digits + 1) / 2, self.classifier, progress=progress)
         self._floors: dict[int, SampleQuality] = {}
-
-    @property
-    def num_images(self) -> int:
-        """The number of test digits scored against."""
-        return len(self.outputs.features)
 
     def score(self, samples: torch.Tensor) -> SampleQuality:
         """FID, KID, precision, recall, confidence and class balance of digits (N, 1, 28, 28) in [0, 1]."""
@@ -319,21 +298,14 @@ def guidance_sweep(
         raise ValueError("guidance_scales is empty; pass at least one scale, e.g. 1 1.5 2 3 5.")
     class_labels = balanced_class_labels(num_samples)
     for guidance_scale in guidance_scales:
-        check_class_inputs(pipe, class_labels, guidance_scale, num_samples)
+        pipe.check_class_inputs(class_labels, guidance_scale, num_samples)
+    sampling = dict(scheduler=scheduler, num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size)
     scores = {}
-    for guidance_scale in guidance_scales:
+    for scale in guidance_scales:
         samples = generate_digits(
-            pipe,
-            num_samples,
-            scheduler=scheduler,
-            num_inference_steps=num_inference_steps,
-            seed=seed,
-            batch_size=batch_size,
-            class_labels=class_labels,
-            guidance_scale=guidance_scale,
-            progress=progress,
+            pipe, num_samples, class_labels=class_labels, guidance_scale=scale, progress=progress, **sampling
         )
-        scores[guidance_scale] = reference.score_conditional(samples, class_labels)
+        scores[scale] = reference.score_conditional(samples, class_labels)
     return scores
 
 

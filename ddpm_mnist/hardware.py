@@ -22,16 +22,13 @@ REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16
 @cache
 def cpu_info() -> tuple[str, frozenset[str]]:
     """The CPU's model name and its feature flags (Linux's /proc/cpuinfo; elsewhere the platform's name, no flags)."""
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    fields: dict[str, str] = {}  # the first CPU's
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == (platform.processor() or platform.machine()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = frozenset(value.split())
-    return model, flags
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name", platform.processor() or platform.machine())
+    return model, frozenset(fields.get("flags", "").split())
 
 
 def has_native_bf16(device: torch.device | str, cpu_flags: frozenset[str] | None = None) -> bool:

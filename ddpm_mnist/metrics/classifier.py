@@ -1,9 +1,8 @@
 """The MNIST classifier whose penultimate features define this project's FID, KID and precision/recall.
 
-A small CNN (3x3 convs with batch norm of 32, 64 and 64 channels at 28, 14 and 7 pixels, each followed by a 2x2
-max-pool, then a 128-unit dense layer and the 10 logits) trained by `training/train_classifier.py`. Its weights ship
-in the package as `mnist_classifier.safetensors`, with the measured test accuracy in the file's metadata. The 128
-activations of the dense layer play the part that Inception's 2048 pool3 activations play in the usual FID.
+Trained by `training/train_classifier.py`; its weights ship in the package as `mnist_classifier.safetensors`, with the
+measured test accuracy in the file's metadata. The 128 activations of its dense layer play the part that Inception's
+2048 pool3 activations play in the usual FID.
 """
 
 from __future__ import annotations

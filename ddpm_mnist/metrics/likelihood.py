@@ -109,8 +109,7 @@ class VariationalBound:
         For the exact bound, every t = 2..T; for an estimate, each stratum's middle t and its mean term per timestep
         (an unbiased estimate of the mean of L_{t-1} over the stratum's timesteps).
         """
-        first = torch.tensor([start for start, _ in self.strata], dtype=torch.float64)
-        sizes = torch.tensor([size for _, size in self.strata], dtype=torch.float64)
+        first, sizes = torch.tensor(self.strata, dtype=torch.float64).T
         paper_t = first + 1 + (sizes - 1) / 2  # scheduler timestep s is the paper's t = s + 1
         return paper_t, self.stratum_terms_bpd.double().mean(0) / sizes
 
@@ -228,11 +227,9 @@ def _bound_terms(
     x_0 = x_0.to(device, torch.float32)
     x_0_64 = x_0.double()
     # log sigma_t^2 for t = 0..T-1; at t = 0 the decoder's sigma_1^2 (module docstring).
-    if scheduler.config.variance_type == "fixed_large":
-        model_log_var = scheduler.betas.double().log().to(device)
-    else:
-        model_log_var = scheduler.posterior_log_variance_clipped.double().to(device)
     posterior_log_var = scheduler.posterior_log_variance_clipped.double().to(device)
+    fixed_large = scheduler.config.variance_type == "fixed_large"
+    model_log_var = scheduler.betas.double().log().to(device) if fixed_large else posterior_log_var
 
     # L_T: q(x_T | x_0) = N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I) against N(0, I) (eq. 4).
     prior_mean = scheduler.sqrt_alphas_cumprod[-1].double().item() * x_0_64

@@ -1,20 +1,11 @@
 """Sample quality of generated digits, measured with the features of this project's MNIST classifier.
 
-One pass of the classifier (`classifier.py`) over each set of digits gives 128 features and 10 logits per digit. From
-them, against a reference set of real digits (the MNIST test split, for the CLI):
-
-* FID (Heusel et al. 2017): the Frechet distance between Gaussians fitted to the two feature sets, and KID (Binkowski
-  et al. 2018): the unbiased polynomial-kernel MMD^2, averaged over random subsets; both by torchmetrics, which is
-  handed the features computed here (an identity "feature extractor") so that every metric shares one pass;
-* precision and recall (Kynkaanniemi et al. 2019): the share of samples inside the real digits' k-nearest-neighbour
-  manifold (fidelity), and the share of real digits inside the samples' manifold (coverage);
-* classifier confidence (mean of the largest softmax probability), low for blurry or malformed digits; the histogram
-  of predicted digits, its entropy in bits (log2(10) = 3.32 when uniform) and the share of the rarest digit (0.1
-  when uniform), low under mode collapse.
-
-FID and KID are biased by the number of samples and mean little alone: compare a score with the real-vs-real floor,
-the same metrics for as many real training digits against the same reference. Scores from these features are not
-Inception FIDs: they live on another scale and cannot be compared with the FIDs of papers, only with each other.
+One pass of the classifier (`classifier.py`) over each set of digits gives 128 features and 10 logits per digit; from
+them, against a reference set of real digits: FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) by torchmetrics,
+handed the features computed here; precision and recall (Kynkaanniemi et al. 2019); the classifier's mean confidence;
+the histogram of predicted digits, its entropy in bits and the share of the rarest digit. What each score catches, and
+why a score means little without the real-vs-real floor beside it: README.md beside this file. These are not
+Inception FIDs and cannot be compared with the FIDs of papers.
 """
 
 from __future__ import annotations
@@ -125,10 +116,6 @@ class ClassAccuracy:
     per_class: list[float]  # the accuracy for each requested digit 0-9 (NaN for a digit never requested)
     num_images: int
 
-    def as_dict(self) -> dict[str, float | int | list[float]]:
-        """The scores as a JSON-ready dict."""
-        return asdict(self)
-
 
 def balanced_class_labels(num_samples: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """`num_samples` class labels with every class equally often (to within one): 0, 0, ..., 1, 1, ..., 9."""
@@ -151,23 +138,12 @@ def class_accuracy(samples: ClassifierOutputs, class_labels: torch.Tensor) -> Cl
     return ClassAccuracy(correct.mean().item(), per_class, len(correct))
 
 
-class _Precomputed(nn.Module):
-    """The identity, as torchmetrics' feature extractor: FID and KID receive features computed beforehand."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Return the features unchanged."""
-        return features
-
-
 def _fid_kid(
     sample_features: torch.Tensor, reference_features: torch.Tensor, kid_subsets: int, kid_subset_size: int, seed: int
 ) -> tuple[float, float, float]:
     """FID, KID mean and KID standard deviation over subsets, by torchmetrics, in float64."""
-    extractor = _Precomputed(sample_features.shape[1])
+    extractor = nn.Identity()  # FID and KID receive the features computed beforehand
+    extractor.num_features = sample_features.shape[1]
     fid = FrechetInceptionDistance(feature=extractor)
     with warnings.catch_warnings():  # KID's note that it keeps every feature in memory: 10,000 x 128 floats here
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
