@@ -1,21 +1,13 @@
 """Hugging Face Hub glue: the files a pipeline folder pushes, and the end of a training run.
 
-`DDPMMnistPipeline.save_pretrained` writes the layout of a pushed repo: the pipeline (model_index.json, `unet/` and
-`scheduler/` with safetensors weights) plus the pipeline, UNet and scheduler modules copied as they are, which the
-model_index.json names (`_class_name: ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist",
-"DDPMMnistUNet"]`). That is the layout diffusers' custom pipeline loader reads with `trust_remote_code=True`; with the
-package installed, `DDPMMnistPipeline.from_pretrained` reads those names as the package's own modules instead.
-diffusers' own push paths (`pipe.push_to_hub(...)`, `pipe.save_pretrained(..., push_to_hub=True)`) upload that folder
-with the repo's model card, or a short one. The full card comes from `ddpm_mnist.model_card.render_model_card`,
-written into the folder before the push:
+A folder written by `DDPMMnistPipeline.save_pretrained` carries the pipeline, UNet and scheduler code that diffusers'
+loader runs with `trust_remote_code=True`. diffusers' own push paths upload it with the card already in the folder:
 
     render_model_card(pipe, "user/ddpm-mnist").save("ddpm-mnist/README.md")
     pipe.save_pretrained("ddpm-mnist", push_to_hub=True, repo_id="user/ddpm-mnist")  # keeps that README.md
 
-A folder that already holds its card and `samples/` (what `save_training_run` writes, with checkpoints and logs beside
-them) goes up with `push_pipeline_folder(folder, repo_id)`: huggingface_hub's `create_repo(..., exist_ok=True)` and
-`upload_folder` with the `upload_patterns` of the folder, which select the pipeline, its card and its pictures.
-`export_pipeline_folder` copies the same files into a folder of their own.
+`push_pipeline_folder(folder, repo_id)` uploads only what `upload_patterns` selects (the pipeline, its card, its
+pictures) from a folder with more beside them, such as a training run's; `export_pipeline_folder` copies the same files.
 """
 
 from __future__ import annotations
@@ -121,12 +113,8 @@ def push_pipeline_folder(
     patterns = upload_patterns(folder)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=patterns,
-        commit_message=f"Upload {DDPMMnistPipeline.__name__}",
-    )
+    message = f"Upload {DDPMMnistPipeline.__name__}"
+    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=patterns, commit_message=message)
     return commit.commit_url
 
 

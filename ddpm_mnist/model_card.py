@@ -6,14 +6,8 @@ dataset and the `model-index` results), the model, both ways to load it, the tra
     card = render_model_card(pipe, "user/ddpm-mnist", pictures={"grid": "samples/grid.png"})
     card.save("ddpm-mnist/README.md")
 
-`training/train.py` renders it at the end of a run (`ddpm_mnist.hub.save_training_run`); `training/release.py` renders
-it again with measured quality, from a run it scores itself or from the results of a GPU run. Both write the
-evaluation section with `evaluation_section`: each scheduler setting's scores beside the real-vs-real floor, the share
-of each predicted digit, the NLL bound and the release's targets (`ddpm_mnist.targets`), and for a class-conditional
-release the class accuracy and the guidance sweep (`ClassResults`).
-
-Rendering needs only huggingface_hub and the pipeline's configs: scores are read by attribute (`SampleQuality`,
-`ClassAccuracy`) or by key (their JSON), so this module imports neither `datasets` nor `torchmetrics`.
+`training/train.py` renders it at the end of a run; `training/release.py` again with measured quality, written by
+`evaluation_section`. Scores are read by attribute or key: this module imports neither `datasets` nor `torchmetrics`.
 """
 
 from __future__ import annotations
@@ -21,10 +15,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -40,41 +33,31 @@ if TYPE_CHECKING:
 # A symlink to model_cards/ddpm_mnist_card.md in a checkout; the file itself in a wheel (package data).
 CARD_TEMPLATE = Path(__file__).parent / "model_card_template.md"
 CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "unconditional-image-generation"]
-# The Hub has no class-conditional task: its image-generation tasks take a prompt (text-to-image), an image
-# (image-to-image) or nothing (unconditional-image-generation), and DiT's class-conditional repos carry no task of
-# their own. A digit label is neither text nor an image, so a class-conditional card keeps the unconditional task as
-# its pipeline_tag (and model-index task) and says what it is with tags.
+# The Hub has no class-conditional task (its image-generation tasks take a prompt, an image or nothing; DiT's repos
+# carry none), so a class-conditional card keeps the unconditional task as its pipeline_tag and model-index task, and
+# says what it is with tags.
 CONDITIONAL_CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "class-conditional", "classifier-free-guidance"]
 PIPELINE_TAG = "unconditional-image-generation"
 CARD_DATASET = "ylecun/mnist"  # the card's dataset when training read a local copy of it
 EVAL_SPLIT = "test"  # the MNIST split every score and bound is measured against
 DISTRIBUTION = "ddpm-mnist"  # the installed package's name, whose metadata gives the card its home page link
-# The pictures a card shows, by the name `render_model_card` takes each under (the release's file names): samples
-# (for a class-conditional pipeline one row per digit), one digit denoised from x_T to x_0, the training loss, quality
-# against training time, the per-timestep terms of the NLL bound, and a class-conditional card's guidance sweep, test
-# digits completed from their top half and an interpolation between two test digits.
+# The pictures a card shows, by the name `render_model_card` takes each under (the release's file names): samples, one
+# digit denoised from x_T to x_0, the training loss, quality against training time, the terms of the NLL bound, and a
+# class-conditional card's guidance sweep, test digits completed from their top half and an interpolation.
 PICTURES = ("grid", "denoising", "loss", "time_to_quality", "nll_terms", "guidance", "completion", "interpolation")
 # The timestep a class-conditional card interpolates at, in its code and its picture: T / 4, where the shapes of both
 # ends survive (t = 250 of 1000).
 INTERPOLATION_T_DIVISOR = 4
-
-
-class Metric(NamedTuple):
-    """A metric of the `model-index` metadata: its name in the card, and the decimals it is rounded to."""
-
-    name: str
-    digits: int
-
-
-# The metrics a card's `eval_results` may hold, by key, in the order the card lists them.
+# The metrics a card's `eval_results` may hold, by key, in the order the card lists them: (name in the card, decimals
+# it is rounded to).
 METRICS = {
-    "fid": Metric("FID", 3),
-    "kid": Metric("KID", 5),
-    "precision": Metric("Precision", 3),
-    "recall": Metric("Recall", 3),
-    "mean_confidence": Metric("Mean classifier confidence", 4),
-    "class_accuracy": Metric("Class accuracy", 4),
-    "nll_bpd": Metric("NLL (bits/dim)", 3),
+    "fid": ("FID", 3),
+    "kid": ("KID", 5),
+    "precision": ("Precision", 3),
+    "recall": ("Recall", 3),
+    "mean_confidence": ("Mean classifier confidence", 4),
+    "class_accuracy": ("Class accuracy", 4),
+    "nll_bpd": ("NLL (bits/dim)", 3),
 }
 # The sample-quality scores every table of them shows (`SampleQuality`'s fields), with their labels in the card.
 QUALITY_ROWS = {
@@ -121,7 +104,7 @@ def render_model_card(
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise ValueError(f"unknown {kind} {', '.join(unknown)}; the card knows {', '.join(known)}.")
-    scores = {key: round(value, METRICS[key].digits) for key, value in (eval_results or {}).items()}
+    scores = {key: round(value, METRICS[key][1]) for key, value in (eval_results or {}).items()}
     is_hub_dataset = "/" in dataset_name and not os.path.exists(dataset_name)
     dataset_id = dataset_name if is_hub_dataset else CARD_DATASET
     model_name = repo_id.split("/")[-1]
@@ -134,7 +117,7 @@ def render_model_card(
             dataset_name="MNIST",
             dataset_split=EVAL_SPLIT,
             metric_type=key,
-            metric_name=METRICS[key].name,
+            metric_name=METRICS[key][0],
             metric_value=value,
         )
         for key, value in scores.items()
@@ -180,7 +163,7 @@ def render_model_card(
         prediction_type=schedule.prediction_type,
         variance_type=schedule.get("variance_type"),
         training=training,
-        eval_results={METRICS[key].name: value for key, value in scores.items()},
+        eval_results={METRICS[key][0]: value for key, value in scores.items()},
         eval_split=EVAL_SPLIT,
     )
 
@@ -202,153 +185,111 @@ def _preset_name(unet_config: dict[str, Any]) -> str:
 
 
 def model_index_results(scores: Mapping[str, Any], nll_bpd: float) -> dict[str, float]:
-    """A release's `eval_results`: the `METRICS` among its recommended setting's scores as JSON
-    (`SampleQuality.as_dict()`, or `ConditionalQuality.as_dict()` with the class accuracy), and the NLL bound."""
+    """A release's `eval_results`: the `METRICS` among its recommended setting's scores (JSON) and the NLL bound."""
     return {**{key: scores[key] for key in METRICS if key in scores}, "nll_bpd": nll_bpd}
-
-
-@dataclass
-class ClassResults:
-    """What a class-conditional release measures beyond the scores of any release.
-
-    Args:
-        guidance_scale: the guidance every setting drew with, the card's recommendation.
-        accuracies: the class accuracy of each setting, by the names of the settings' scores.
-        spread: the class accuracy of the recommended setting at each further seed, in order.
-        sweep: the scores at each guidance scale of the sweep (empty: no sweep).
-        sweep_floor: the real-vs-real floor at the sweep's sample count (None: no sweep).
-    """
-
-    guidance_scale: float
-    accuracies: dict[str, ClassAccuracy]
-    spread: list[ClassAccuracy]
-    sweep: dict[float, ConditionalQuality]
-    sweep_floor: SampleQuality | None
 
 
 def evaluation_section(
     intro: str,
-    results: Mapping[str, tuple[SampleQuality, SampleQuality]],
+    results: Mapping[str, tuple[SampleQuality | ConditionalQuality, SampleQuality]],
     nll: Mapping[str, Any],
     targets: ReleaseTargets,
     *,
-    seed_spread: Sequence[SampleQuality] = (),
-    classes: ClassResults | None = None,
+    seed_spread: Sequence[SampleQuality | ConditionalQuality] = (),
+    guidance_scale: float | None = None,
+    sweep: Mapping[float, ConditionalQuality] | None = None,
+    sweep_floor: SampleQuality | None = None,
     closing: Sequence[str] = (),
 ) -> str:
     """The card's evaluation section: a table of every setting beside its floor, the bound and the targets.
 
     Args:
         intro: the opening paragraph: how and where the scores were measured.
-        results: (scores, real-vs-real floor at as many digits) by setting name, the recommended setting first.
+        results: (scores, real-vs-real floor at as many digits) by setting name, the recommended setting first; the
+            scores are a `SampleQuality`, or for a class-conditional release a `ConditionalQuality`.
         nll: the NLL bound, `VariationalBound.summary()`, with `num_timesteps` (per digit) where it is not exact.
         targets: the release's targets, checked at the recommended setting.
         seed_spread: the recommended setting's scores at further seeds: the card adds how far they move.
-        classes: a class-conditional release's class accuracy of every setting, overall and per digit, and its
-            guidance sweep.
+        guidance_scale: a class-conditional release's guidance, every setting's (None: an unconditional release);
+            the section adds the class accuracy of every setting, overall and per digit.
+        sweep: its scores at each guidance scale of its sweep, against `sweep_floor` (None or empty: no sweep).
         closing: paragraphs to end the section with.
     """
-    recommended_name, (recommended, floor) = next(iter(results.items()))
-    accuracy = classes.accuracies[recommended_name] if classes else None
-    spread_accuracies = [accuracy, *classes.spread] if classes else ()
-    unconditional_bound = (
-        " It bounds the model's unconditional p(x): the U-Net is called without labels, that is with its null class."
-    )
-    return "\n".join(
-        [
-            intro,
-            *(["", class_intro(classes.guidance_scale)] if classes else []),
-            "",
-            *quality_table(results),
-            *(["", *class_accuracy_table(results, classes.accuracies)] if classes else []),
-            *(["", *sweep_table(classes.sweep, classes.sweep_floor)] if classes and classes.sweep else []),
-            "",
-            nll_line(nll) + (unconditional_bound if classes else ""),
-            "",
-            *targets.markdown(recommended_name, recommended, floor, nll["nll_bpd"], accuracy),
-            *(
-                ["", seed_spread_line(targets, recommended, seed_spread, floor, spread_accuracies)]
-                if seed_spread
-                else []
-            ),
-            *(line for paragraph in closing for line in ("", paragraph)),
-        ]
-    )
-
-
-def quality_table(results: Mapping[str, tuple[SampleQuality, SampleQuality]]) -> list[str]:
-    """Every setting's `QUALITY_ROWS` beside its real-vs-real floor, then each setting's share of each predicted
-    digit."""
-    columns = [(name, q) for name, (quality, floor) in results.items() for q in (quality, floor)]
-    header = " | ".join(
-        f"{name} (N={q.num_images})" if i % 2 == 0 else f"real floor (N={q.num_images})"
-        for i, (name, q) in enumerate(columns)
-    )
-    rows = [f"| metric | {header} |", "| --- |" + " --- |" * len(columns)]
-    for key, label in QUALITY_ROWS.items():
-        rows.append(f"| {label} | " + " | ".join(f"{getattr(q, key):.4f}" for _, q in columns) + " |")
-    histograms = [
-        f"- {name}: " + " ".join(f"{d}: {share:.3f}" for d, share in enumerate(quality.class_histogram))
-        for name, (quality, _) in results.items()
-    ]
-    return [*rows, "", "Predicted digits (share of samples, 0-9):", "", *histograms]
-
-
-def nll_line(nll: Mapping[str, Any]) -> str:
-    """The NLL bound in bits/dim with its standard error and its three parts."""
+    conditional = guidance_scale is not None
+    qualities = {name: (s.quality if conditional else s, floor) for name, (s, floor) in results.items()}
+    name, (recommended, floor) = next(iter(qualities.items()))
+    accuracy = results[name][0].accuracy if conditional else None
     sampled = nll.get("num_timesteps", "sampled")
     how = "exact over all T terms" if nll["exact"] else f"unbiased estimate from {sampled} timesteps"
-    return (
+    bound = (
         f"NLL bound on {nll['num_images']} test digits ({how}): **{nll['nll_bpd']:.3f} +- "
         f"{nll['nll_bpd_stderr']:.3f} bits/dim** = prior L_T {nll['prior_bpd']:.4f} + diffusion terms "
         f"{nll['diffusion_bpd']:.3f} + decoder L_0 {nll['decoder_bpd']:.3f}."
     )
+    paragraphs = [intro]
+    if conditional:
+        paragraphs.append(
+            "Every setting draws balanced labels (each digit a tenth of the samples, in order) with classifier-free "
+            f"guidance at scale {guidance_scale:g}. The class accuracy is the share of the samples that the "
+            "classifier reads as the digit they were drawn as."
+        )
+        bound += (
+            " It bounds the model's unconditional p(x): the U-Net is called without labels, that is with its null "
+            "class."
+        )
+    paragraphs.append(quality_table(qualities))
+    if conditional:
+        paragraphs.append(class_accuracy_table(results))
+    if sweep:
+        paragraphs.append(sweep_table(sweep, sweep_floor))
+    verdicts = targets.markdown(name, recommended, floor, nll_bpd=nll["nll_bpd"], accuracy=accuracy)
+    paragraphs += [bound, "\n".join(verdicts)]
+    if seed_spread:
+        spread = [s.quality for s in seed_spread] if conditional else seed_spread
+        accuracies = [accuracy, *(s.accuracy for s in seed_spread)] if conditional else ()
+        paragraphs.append(seed_spread_line(targets, recommended, spread, floor, accuracies))
+    return "\n\n".join([*paragraphs, *closing])
 
 
-def class_intro(guidance_scale: float) -> str:
-    """The paragraph that says how a class-conditional release's samples were drawn and what class accuracy is."""
-    return (
-        "Every setting draws balanced labels (each digit a tenth of the samples, in order) with classifier-free "
-        f"guidance at scale {guidance_scale:g}. The class accuracy is the share of the samples that the classifier "
-        "reads as the digit they were drawn as."
-    )
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table of `header` and `rows` of cells."""
+    return "\n".join(["| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows]])
 
 
-def class_accuracy_table(
-    results: Mapping[str, tuple[SampleQuality, SampleQuality]], accuracies: Mapping[str, ClassAccuracy]
-) -> list[str]:
+def quality_table(results: Mapping[str, tuple[SampleQuality, SampleQuality]]) -> str:
+    """Every setting's `QUALITY_ROWS` beside its real-vs-real floor, then its share of each predicted digit."""
+    header, columns, histograms = ["metric"], [], []
+    for name, (quality, floor) in results.items():
+        header += [f"{name} (N={quality.num_images})", f"real floor (N={floor.num_images})"]
+        columns += [quality, floor]
+        histograms.append(f"- {name}: " + " ".join(f"{d}: {x:.3f}" for d, x in enumerate(quality.class_histogram)))
+    rows = [[label, *(f"{getattr(q, key):.4f}" for q in columns)] for key, label in QUALITY_ROWS.items()]
+    table = markdown_table(header, rows)
+    return "\n".join([table, "", "Predicted digits (share of samples, 0-9):", "", *histograms])
+
+
+def class_accuracy_table(results: Mapping[str, tuple[ConditionalQuality, SampleQuality]]) -> str:
     """The card's table of the class accuracy of every setting, overall and for each digit asked for."""
-    rows = [
-        f"| {name} (N={quality.num_images}) | {accuracies[name].accuracy:.1%} | "
-        + " | ".join(f"{share:.1%}" for share in accuracies[name].per_class)
-        + " |"
-        for name, (quality, _) in results.items()
-    ]
-    return [
-        "Class accuracy, overall and for each digit asked for:",
-        "",
-        "| setting | all digits | " + " | ".join(str(digit) for digit in range(10)) + " |",
-        "| --- |" + " --- |" * 11,
-        *rows,
-    ]
+    rows = []
+    for name, (scores, _) in results.items():
+        shares = [scores.accuracy.accuracy, *scores.accuracy.per_class]
+        rows.append([f"{name} (N={scores.quality.num_images})", *(f"{share:.1%}" for share in shares)])
+    table = markdown_table(["setting", "all digits", *map(str, range(10))], rows)
+    return f"Class accuracy, overall and for each digit asked for:\n\n{table}"
 
 
-def sweep_table(sweep: Mapping[float, ConditionalQuality], floor: SampleQuality) -> list[str]:
-    """The card's table of the guidance sweep: each scale's FID (also over the floor), class accuracy and
-    confidence."""
-    rows = [
-        f"| {scale:g} | {scores.quality.fid:.2f} | {scores.quality.fid / floor.fid:.2f} | "
-        f"{scores.accuracy.accuracy:.1%} | {scores.quality.mean_confidence:.3f} |"
-        for scale, scores in sweep.items()
-    ]
-    return [
+def sweep_table(sweep: Mapping[float, ConditionalQuality], floor: SampleQuality) -> str:
+    """The card's table of the guidance sweep: each scale's FID (also over the floor), accuracy and confidence."""
+    rows = []
+    for scale, scores in sweep.items():
+        q, a = scores.quality, scores.accuracy.accuracy
+        rows.append([f"{scale:g}", f"{q.fid:.2f}", f"{q.fid / floor.fid:.2f}", f"{a:.1%}", f"{q.mean_confidence:.3f}"])
+    header = ["guidance scale", "FID", "FID / floor", "class accuracy", "mean confidence"]
+    return (
         f"Guidance sweep at the recommended scheduler setting: {floor.num_images} samples per scale, balanced labels, "
-        f"one seed for all scales, against a real-vs-real floor of FID {floor.fid:.2f} at the same N:",
-        "",
-        "| guidance scale | FID | FID / floor | class accuracy | mean confidence |",
-        "| --- | --- | --- | --- | --- |",
-        *rows,
-    ]
+        f"one seed for all scales, against a real-vs-real floor of FID {floor.fid:.2f} at the same N:\n\n"
+        + markdown_table(header, rows)
+    )
 
 
 def seed_spread_line(
@@ -370,11 +311,11 @@ def seed_spread_line(
         return f"{min(values):{spec}} to {max(values):{spec}}"
 
     ratios = [q.fid / floor.fid for q in runs]
+    per_seed = accuracies or [None] * len(runs)
+    met = sum(targets.all_met(q, floor, accuracy=a) for q, a in zip(runs, per_seed, strict=True))
     if accuracies:
-        met = sum(targets.all_met(q, floor, accuracy=a) for q, a in zip(runs, accuracies, strict=True))
         third = f"class accuracy {span([a.accuracy for a in accuracies], '.1%')}"
     else:
-        met = sum(targets.all_met(q, floor) for q in runs)
         third = f"a rarest digit at {span([min(q.class_histogram) for q in runs], '.1%')}"
     return (
         f"Seed to seed: {quality.num_images} samples from each of {len(runs)} seeds (the card's and the next "

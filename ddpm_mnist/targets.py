@@ -1,7 +1,7 @@
 """The quality targets a release states in its model card, and their verdicts: met, or missed by how much.
 
-Each release states its own numbers; `training/release.py` checks them here, for a run it scores and for the results
-of a GPU run, and `ddpm_mnist.model_card.evaluation_section` writes the verdicts into the card:
+Each release states its own numbers; `training/release.py` checks them and `ddpm_mnist.model_card.evaluation_section`
+writes the verdicts into the card:
 
     targets = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
     targets.markdown("DDPM, 50 steps", quality, floor)
@@ -11,13 +11,9 @@ of a GPU run, and `ddpm_mnist.model_card.evaluation_section` writes the verdicts
     #  "- every digit's share between 8.1% and 12.4% (target 7% to 13%): **met**",
     #  "- FID 45.10, 2.26x the real-vs-real floor of 19.96 (target <= 2x): **missed by 0.26x the floor**"]
 
-`quality` is the `SampleQuality` of the samples at the recommended scheduler setting and `floor` that of as many real
-training digits (`QualityReference.score` and `.floor` in `ddpm_mnist.evaluation`); a target on the NLL bound also
-takes the bound in bits/dim, and a target on the class accuracy of a class-conditional release the `ClassAccuracy` of
-the samples (`QualityReference.score_conditional`):
-
-    targets = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.5, min_class_accuracy=0.99, min_digit_accuracy=0.97)
-    targets.markdown("DDPM, 50 steps, guidance 2", scores.quality, floor, accuracy=scores.accuracy)
+`quality` and `floor` are the `SampleQuality` of the samples and of as many real training digits
+(`ddpm_mnist.evaluation.QualityReference`); a target on the NLL bound also takes the bound in bits/dim, and one on the
+class accuracy the samples' `ClassAccuracy`.
 """
 
 from __future__ import annotations
@@ -32,19 +28,12 @@ if TYPE_CHECKING:  # scores are read by attribute: checking them needs no metric
 
 @dataclass(frozen=True)
 class TargetCheck:
-    """One target against its measurement.
-
-    Args:
-        measured: the measured value and the target, as the card states them.
-        gap: how far the measurement falls short of the target, in the target's own terms; 0 or less: met.
-        gap_format: the format spec the gap is printed with (".3f", ".1%").
-        unit: the words after the printed gap.
-    """
+    """One target against its measurement: `measured` states both as the card does, `gap` is how far the measurement
+    falls short of the target in the target's own terms (0 or less: met), and `missed` formats the gap."""
 
     measured: str
     gap: float
-    gap_format: str
-    unit: str = ""
+    missed: str  # a format string of the gap and its unit, "{:.1%} of the samples"
 
     @property
     def met(self) -> bool:
@@ -53,7 +42,7 @@ class TargetCheck:
 
     def line(self) -> str:
         """A Markdown bullet: the measurement, the target, and **met** or **missed by** the gap."""
-        verdict = "met" if self.met else f"missed by {self.gap:{self.gap_format}}{self.unit}"
+        verdict = "met" if self.met else f"missed by {self.missed.format(self.gap)}"
         return f"- {self.measured}: **{verdict}**"
 
 
@@ -88,96 +77,46 @@ class ReleaseTargets:
         the class-accuracy targets, the samples' `accuracy`."""
         if self.max_nll_bpd is not None and nll_bpd is None:
             raise ValueError("these targets include the NLL bound; pass nll_bpd, the bound in bits/dim.")
-        needs_accuracy = self.min_class_accuracy is not None or self.min_digit_accuracy is not None
-        if needs_accuracy and accuracy is None:
+        if (self.min_class_accuracy is not None or self.min_digit_accuracy is not None) and accuracy is None:
             raise ValueError("these targets include the class accuracy; pass accuracy, the samples' ClassAccuracy.")
-        confidence = quality.mean_confidence
-        checks = [
-            TargetCheck(
-                f"mean classifier confidence {confidence:.3f} (target >= {self.min_confidence:g})",
-                self.min_confidence - confidence,
-                ".3f",
-            )
-        ]
+        confidence, fid_ratio = quality.mean_confidence, quality.fid / floor.fid
+        measured = f"mean classifier confidence {confidence:.3f} (target >= {self.min_confidence:g})"
+        checks = [TargetCheck(measured, self.min_confidence - confidence, "{:.3f}")]
         if self.digit_shares is not None:
-            low, high = self.digit_shares
-            rarest, commonest = min(quality.class_histogram), max(quality.class_histogram)
-            checks.append(
-                TargetCheck(
-                    f"every digit's share between {rarest:.1%} and {commonest:.1%} (target {low:.0%} to {high:.0%})",
-                    max(low - rarest, commonest - high),
-                    ".1%",
-                    " of the samples",
-                )
-            )
-        if needs_accuracy:
-            checks += self._accuracy_checks(accuracy)
-        fid_ratio = quality.fid / floor.fid
-        checks.append(
-            TargetCheck(
-                f"FID {quality.fid:.2f}, {fid_ratio:.2f}x the real-vs-real floor of {floor.fid:.2f} "
-                f"(target <= {self.max_fid_ratio:g}x)",
-                fid_ratio - self.max_fid_ratio,
-                ".2f",
-                "x the floor",
-            )
-        )
-        if self.max_nll_bpd is not None:
-            checks.append(
-                TargetCheck(
-                    f"NLL bound {nll_bpd:.3f} bits/dim (target <= {self.max_nll_bpd:g})",
-                    nll_bpd - self.max_nll_bpd,
-                    ".3f",
-                    " bits/dim",
-                )
-            )
-        return checks
-
-    def _accuracy_checks(self, accuracy: ClassAccuracy) -> list[TargetCheck]:
-        """The class-accuracy targets: overall, then the worst digit's (digits never requested left out)."""
-        checks = []
+            (low, high), shares = self.digit_shares, quality.class_histogram
+            rarest, commonest = min(shares), max(shares)
+            measured = f"every digit's share between {rarest:.1%} and {commonest:.1%} (target {low:.0%} to {high:.0%})"
+            checks.append(TargetCheck(measured, max(low - rarest, commonest - high), "{:.1%} of the samples"))
         if self.min_class_accuracy is not None:
-            checks.append(
-                TargetCheck(
-                    f"class accuracy {accuracy.accuracy:.1%} (target >= {self.min_class_accuracy:.0%})",
-                    self.min_class_accuracy - accuracy.accuracy,
-                    ".1%",
-                    " of the samples",
-                )
-            )
-        if self.min_digit_accuracy is not None:
+            measured = f"class accuracy {accuracy.accuracy:.1%} (target >= {self.min_class_accuracy:.0%})"
+            checks.append(TargetCheck(measured, self.min_class_accuracy - accuracy.accuracy, "{:.1%} of the samples"))
+        if self.min_digit_accuracy is not None:  # the worst digit's, digits never requested left out
             requested = {digit: share for digit, share in enumerate(accuracy.per_class) if not math.isnan(share)}
             worst = min(requested, key=requested.get)
-            checks.append(
-                TargetCheck(
-                    f"lowest class accuracy of a digit {requested[worst]:.1%}, digit {worst}'s (target >= "
-                    f"{self.min_digit_accuracy:.0%} for every digit)",
-                    self.min_digit_accuracy - requested[worst],
-                    ".1%",
-                    f" of digit {worst}'s samples",
-                )
+            measured = (
+                f"lowest class accuracy of a digit {requested[worst]:.1%}, digit {worst}'s (target >= "
+                f"{self.min_digit_accuracy:.0%} for every digit)"
             )
+            gap = self.min_digit_accuracy - requested[worst]
+            checks.append(TargetCheck(measured, gap, f"{{:.1%}} of digit {worst}'s samples"))
+        measured = (
+            f"FID {quality.fid:.2f}, {fid_ratio:.2f}x the real-vs-real floor of {floor.fid:.2f} "
+            f"(target <= {self.max_fid_ratio:g}x)"
+        )
+        checks.append(TargetCheck(measured, fid_ratio - self.max_fid_ratio, "{:.2f}x the floor"))
+        if self.max_nll_bpd is not None:
+            measured = f"NLL bound {nll_bpd:.3f} bits/dim (target <= {self.max_nll_bpd:g})"
+            checks.append(TargetCheck(measured, nll_bpd - self.max_nll_bpd, "{:.3f} bits/dim"))
         return checks
 
-    def all_met(
-        self,
-        quality: SampleQuality,
-        floor: SampleQuality,
-        nll_bpd: float | None = None,
-        accuracy: ClassAccuracy | None = None,
-    ) -> bool:
-        """Whether every target is met."""
-        return all(check.met for check in self.checks(quality, floor, nll_bpd, accuracy))
+    def all_met(self, quality: SampleQuality, floor: SampleQuality, **measured: float | ClassAccuracy | None) -> bool:
+        """Whether every target is met; `measured` is the `nll_bpd` and `accuracy` of `checks`."""
+        return all(check.met for check in self.checks(quality, floor, **measured))
 
     def markdown(
-        self,
-        setting: str,
-        quality: SampleQuality,
-        floor: SampleQuality,
-        nll_bpd: float | None = None,
-        accuracy: ClassAccuracy | None = None,
+        self, setting: str, quality: SampleQuality, floor: SampleQuality, **measured: float | ClassAccuracy | None
     ) -> list[str]:
         """The card's lines on the targets: a heading naming the scheduler `setting` and N, then one bullet per
-        target with the measured value, the target, and met or missed by how much."""
+        target with the measured value, the target, and met or missed by how much (`measured` as for `all_met`)."""
         heading = f"**Targets** (at {setting}, N={quality.num_images}):"
-        return [heading, "", *(check.line() for check in self.checks(quality, floor, nll_bpd, accuracy))]
+        return [heading, "", *(check.line() for check in self.checks(quality, floor, **measured))]

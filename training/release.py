@@ -54,7 +54,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +88,10 @@ from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.hub import export_pipeline_folder
 from ddpm_mnist.image_utils import digit_grid, keep_half
 from ddpm_mnist.metrics.likelihood import VariationalBound
-from ddpm_mnist.metrics.quality import ClassAccuracy, SampleQuality, balanced_class_labels
+from ddpm_mnist.metrics.quality import SampleQuality, balanced_class_labels
 from ddpm_mnist.model_card import (
     CARD_DATASET,
     INTERPOLATION_T_DIVISOR,
-    ClassResults,
     evaluation_section,
     model_index_results,
     render_model_card,
@@ -104,14 +103,10 @@ from ddpm_mnist.targets import ReleaseTargets
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-# The targets of a release, at the recommended scheduler setting: confident digits, every digit near its 10% share,
-# and a FID within 2x the real-vs-real floor at the same number of images.
+# The targets of a release at its recommended scheduler setting: of a run scored here, of a class-conditional one (its
+# labels are balanced, so the share of each digit says nothing and is no target) and of the GPU-trained release.
 TARGETS = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
-# A class-conditional release's: the digit asked for, overall and for every digit, confidently, and a FID within 1.5x
-# the floor. Its labels are balanced, so the share of each digit says nothing and is no target.
 COND_TARGETS = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.5, min_class_accuracy=0.99, min_digit_accuracy=0.97)
-# The GPU-trained release's: more confident digits than the CPU release's, a FID within 1.3x the real-vs-real floor at
-# the same number of images, and an NLL bound of 1.3 bits/dim.
 GPU_TARGETS = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.3, max_nll_bpd=1.3)
 DEFAULT_GUIDANCE_SCALE = 2.0  # the classifier-free guidance a class-conditional card recommends unless told otherwise
 STRIP_FRAMES = 11  # x_T, then every 100th step, down to x_0
@@ -127,9 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("run", nargs="?", help="the output_dir of a finished training/train.py run")
-    source.add_argument(
-        "--gpu_results", default=None, help="instead of a run: the folder benchmarks/gpu_run.sh brought back"
-    )
+    source.add_argument("--gpu_results", help="instead of a run: the folder benchmarks/gpu_run.sh brought back")
     p.add_argument("--output_dir", required=True, help="the release folder to write (must not exist)")
     p.add_argument("--hub_model_id", required=True, help="the Hub id the release would have, user/name")
     p.add_argument("--dataset_name", default=DEFAULT_DATASET, help="MNIST, a Hub id or a local copy")
@@ -140,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference_images", type=int, default=10_000, help="MNIST test digits to score against")
     p.add_argument("--nll_images", type=int, default=1000, help="test digits for the NLL bound")
     p.add_argument("--nll_timesteps", type=int, default=100, help="NLL timesteps per digit (T-1: exact)")
-    p.add_argument("--time_to_quality_image", default=None, help="the PNG of benchmarks/time_to_quality.py, if run")
+    p.add_argument("--time_to_quality_image", help="the PNG of benchmarks/time_to_quality.py, if run")
     p.add_argument("--batch_size", type=int, default=250, help="images per forward pass")
     p.add_argument(
         "--dtype",
@@ -162,7 +155,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     conditional.add_argument(
         "--guidance_scale",
         type=float,
-        default=None,
         help=f"the classifier-free guidance the card recommends, its code uses and every setting draws with (default: "
         f"{DEFAULT_GUIDANCE_SCALE:g}; an unconditional run takes none, or 1)",
     )
@@ -189,16 +181,10 @@ def usage(*flags: str) -> Iterator[None]:
 
 
 def recommended_guidance(args: argparse.Namespace, conditional: bool) -> float:
-    """The guidance every setting draws with: --guidance_scale, by default `DEFAULT_GUIDANCE_SCALE` for a
-    class-conditional run and 1 (none) for an unconditional one."""
+    """--guidance_scale, by default `DEFAULT_GUIDANCE_SCALE` for a class-conditional run and 1 (none) otherwise."""
     if args.guidance_scale is not None:
         return args.guidance_scale
     return DEFAULT_GUIDANCE_SCALE if conditional else 1.0
-
-
-def is_class_conditional_run(run: Path) -> bool:
-    """Whether the run's UNet takes class labels (its config has `num_class_embeds`), read before loading it."""
-    return json.loads((run / "unet" / "config.json").read_text()).get("num_class_embeds") is not None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -225,18 +211,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}.")
     if args.extra_seeds < 0:
         raise UsageError(f"--extra_seeds must be 0 (no spread) or more, got {args.extra_seeds}.")
-    if is_class_conditional_run(run):
-        check_conditional_args(args)
-    elif args.guidance_scale not in (None, 1):
-        raise UsageError(
-            f"--guidance_scale {args.guidance_scale:g} needs a class-conditional run, and {run} is unconditional; "
-            "leave the flag out."
-        )
-
-
-def check_conditional_args(args: argparse.Namespace) -> None:
-    """Refuse the flags of a class-conditional release that cannot work: too few samples for its grid, guidance below
-    1, or a sweep too small to hold every digit."""
+    if json.loads((run / "unet" / "config.json").read_text()).get("num_class_embeds") is None:
+        if args.guidance_scale not in (None, 1):
+            raise UsageError(
+                f"--guidance_scale {args.guidance_scale:g} needs a class-conditional run, and {run} is unconditional; "
+                "leave the flag out."
+            )
+        return
+    # A class-conditional run: enough samples for its grid, guidance of 1 or more, a sweep that holds every digit.
     if args.num_samples < 10 * GRID_PER_DIGIT:
         raise UsageError(
             f"--num_samples must be at least {10 * GRID_PER_DIGIT} for a class-conditional run (the card's grid of "
@@ -254,39 +236,8 @@ def check_conditional_args(args: argparse.Namespace) -> None:
         )
 
 
-@dataclass
-class Release:
-    """What a release folder is written from, beside the pictures in its `samples/` folder.
-
-    Args:
-        pipeline: the pipeline to save, in fp32.
-        dataset_name: the training data the card names.
-        training: the run's training record (`training.json`'s "training").
-        recommended_scheduler: (scheduler name, steps) of the card's code; None: the paper's DDPM on all T steps.
-        guidance_scale: the classifier-free guidance of a class-conditional card's code (None: none).
-        eval_results: the card's `model-index` results (`model_index_results`).
-        evaluation: the card's evaluation section (`evaluation_section`).
-        report: the JSON summary printed once the folder is written.
-    """
-
-    pipeline: DDPMMnistPipeline
-    dataset_name: str
-    training: dict[str, Any]
-    recommended_scheduler: tuple[str, int] | None
-    guidance_scale: float | None
-    eval_results: dict[str, float]
-    evaluation: str
-    report: dict[str, Any]
-
-
-def measured_intro(num_reference: int, dtype: str) -> str:
-    """The evaluation section's first paragraph for a run scored here: against what, and how the samples were drawn."""
-    return (
-        f"Measured with ddpm-mnist's own metrics against {num_reference:,} MNIST test digits. FID and KID use the "
-        "features of the project's MNIST classifier (99.46% test accuracy), not Inception: they compare with the "
-        "real-vs-real floor beside them, never with published FIDs. The `model-index` metadata carries the first "
-        f"column. The samples were drawn with the U-Net in {dtype} (x_t and the scheduler in fp32)."
-    )
+# What a release is written from besides its pictures: the pipeline, `render_model_card`'s other arguments, the report.
+Release = tuple[DDPMMnistPipeline, dict[str, Any], dict[str, Any]]
 
 
 def measure_run(args: argparse.Namespace, samples: Path) -> Release:
@@ -304,19 +255,16 @@ def measure_run(args: argparse.Namespace, samples: Path) -> Release:
     with usage("--num_inference_steps"):
         recommended_steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
     num_steps = pipe.scheduler.config.num_train_timesteps
-    # Every input before any sampling: the reference, the floors, the NLL digits and the test digits a class-conditional
-    # release completes and interpolates.
+    # Every input before any sampling: the reference, floors, NLL digits and a class-conditional card's test digits.
     with usage("--dataset_name", "--reference_images"):
         reference = QualityReference(args.dataset_name, args.reference_images, device=args.device, seed=args.seed)
     settings = [(args.scheduler, recommended_steps, args.num_samples)]
     if args.ddpm_samples and (args.scheduler, recommended_steps) != ("ddpm", num_steps):
         settings.append(("ddpm", num_steps, args.ddpm_samples))
     guided = f", guidance {guidance:g}" if conditional else ""
-    sample_counts = {
-        f"{SCHEDULERS[name].title}, {steps} steps{guided}": (name, steps, count) for name, steps, count in settings
-    }
+    settings = {f"{SCHEDULERS[name].title}, {steps} steps{guided}": (name, steps, n) for name, steps, n in settings}
     with usage("--dataset_name", "--num_samples", "--ddpm_samples", "--sweep_samples"):
-        floors = {name: reference.floor(count) for name, (_, _, count) in sample_counts.items()}
+        floors = {name: reference.floor(count) for name, (_, _, count) in settings.items()}
         sweep_floor = reference.floor(args.sweep_samples) if conditional and args.sweep_samples else None
     with usage("--dataset_name", "--nll_images", "--nll_timesteps"):
         x_0 = load_nll_digits(
@@ -327,95 +275,98 @@ def measure_run(args: argparse.Namespace, samples: Path) -> Release:
             test_digits = load_test_digits(args.dataset_name, TEST_DIGITS)
             test_labels = load_test_labels(args.dataset_name, TEST_DIGITS)
 
-    def class_labels(count: int) -> torch.Tensor | None:
-        return balanced_class_labels(count) if conditional else None
-
-    def draw(scheduler: str, steps: int, count: int, seed: int) -> torch.Tensor:
-        return generate_digits(
+    def draw_and_score(
+        scheduler: str, steps: int, count: int, seed: int
+    ) -> tuple[torch.Tensor, SampleQuality | ConditionalQuality]:
+        labels = balanced_class_labels(count) if conditional else None
+        digits = generate_digits(
             sampling_pipe,
             count,
             scheduler=scheduler,
             num_inference_steps=steps,
             seed=seed,
             batch_size=args.batch_size,
-            class_labels=class_labels(count),
+            class_labels=labels,
             guidance_scale=guidance,
         )
+        return digits, reference.score_conditional(digits, labels) if conditional else reference.score(digits)
 
-    def score(samples: torch.Tensor) -> tuple[SampleQuality, ClassAccuracy | None]:
-        if not conditional:
-            return reference.score(samples), None
-        scores = reference.score_conditional(samples, class_labels(len(samples)))
-        return scores.quality, scores.accuracy
-
-    results, accuracies, drawn = {}, {}, {}
-    for name, (scheduler, steps, count) in sample_counts.items():
-        drawn[name] = draw(scheduler, steps, count, args.seed)
-        quality, accuracies[name] = score(drawn[name])
-        results[name] = (quality, floors[name])
+    results, drawn = {}, {}
+    for name, (scheduler, steps, count) in settings.items():
+        drawn[name], scores = draw_and_score(scheduler, steps, count, args.seed)
+        results[name] = (scores, floors[name])
     recommended_name = next(iter(drawn))  # the recommended setting's: what the card's code gives
-    quality, accuracy = results[recommended_name][0], accuracies[recommended_name]
-    spread = [
-        score(draw(args.scheduler, recommended_steps, args.num_samples, args.seed + k))
-        for k in range(1, args.extra_seeds + 1)
-    ]
-    classes = None
-    if conditional:
-        recommended = ConditionalQuality(quality, accuracy)
-        sweep = sweep_guidance(sampling_pipe, reference, args, recommended_steps, recommended)
-        classes = ClassResults(guidance, accuracies, [a for _, a in spread], sweep, sweep_floor)
+    spread = [draw_and_score(*settings[recommended_name], args.seed + k)[1] for k in range(1, args.extra_seeds + 1)]
+    # The guidance sweep at the recommended scheduler setting. Where it draws as many samples, the recommended scale's
+    # scores are the recommended setting's: the same labels, seed and batches draw the same digits.
+    sweep = {}
+    if conditional and args.sweep_samples:
+        scales = list(dict.fromkeys(args.guidance_scales))
+        sweep = {guidance: results[recommended_name][0]} if args.sweep_samples == args.num_samples else {}
+        missing = [scale for scale in scales if scale not in sweep]
+        if missing:
+            sweep |= guidance_sweep(
+                sampling_pipe,
+                reference,
+                args.sweep_samples,
+                missing,
+                scheduler=args.scheduler,
+                num_inference_steps=recommended_steps,
+                seed=args.seed,
+                batch_size=args.batch_size,
+            )
+        sweep = {scale: sweep[scale] for scale in scales}
     bound = nll_bound(pipe, x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
     nll = {**bound.summary(), "num_timesteps": args.nll_timesteps}
 
     grid_source = drawn[recommended_name]
-    if conditional:
-        grid = class_grid(grid_source, class_labels(len(grid_source)))
+    if conditional:  # one row per digit 0-9, the first `GRID_PER_DIGIT` drawn as each
+        labels = balanced_class_labels(len(grid_source))
+        rows = [grid_source[labels == digit][:GRID_PER_DIGIT] for digit in range(10)]
+        grid = digit_grid(torch.cat(rows), cols=GRID_PER_DIGIT, upscale=3)
     else:
         grid = digit_grid(grid_source[:64], upscale=3)
     grid.save(samples / "grid.png")
     denoising_strip(pipe, args.seed).save(samples / "denoising.png")
     draw_loss_curve(run / "logs", samples / "loss.png")
     draw_nll_terms(bound, samples / "nll_terms.png")
-    if classes:
-        draw_class_pictures(pipe, classes, test_digits, test_labels, args.seed, samples)
+    if conditional:
+        draw_class_pictures(pipe, guidance, test_digits, test_labels, args.seed, samples)
+        if sweep:
+            draw_guidance_sweep(sweep, sweep_floor, guidance, samples / "guidance.png")
     report = {
         "output_dir": args.output_dir,
-        "results": {
-            name: {"quality": scores_dict(q, accuracies[name]), "floor": f.as_dict()}
-            for name, (q, f) in results.items()
-        },
-        "seed_spread": [scores_dict(q, a) for q, a in spread],
+        "results": {name: {"quality": q.as_dict(), "floor": f.as_dict()} for name, (q, f) in results.items()},
+        "seed_spread": [scores.as_dict() for scores in spread],
         "nll": nll,
     }
-    if classes:
+    if conditional:
         report["guidance_scale"] = guidance
-        report["guidance_sweep"] = {f"{scale:g}": scores.as_dict() for scale, scores in classes.sweep.items()}
+        report["guidance_sweep"] = {f"{scale:g}": scores.as_dict() for scale, scores in sweep.items()}
         report["guidance_sweep_floor"] = sweep_floor.as_dict() if sweep_floor else None
-    evaluation = evaluation_section(
-        measured_intro(reference.num_images, args.dtype),
-        results,
-        nll,
-        COND_TARGETS if classes else TARGETS,
-        seed_spread=[q for q, _ in spread],
-        classes=classes,
-        closing=[args.note] if args.note else [],
+    intro = (
+        f"Measured with ddpm-mnist's own metrics against {reference.num_images:,} MNIST test digits. FID and KID use "
+        "the features of the project's MNIST classifier (99.46% test accuracy), not Inception: they compare with the "
+        "real-vs-real floor beside them, never with published FIDs. The `model-index` metadata carries the first "
+        f"column. The samples were drawn with the U-Net in {args.dtype} (x_t and the scheduler in fp32)."
     )
-    return Release(
-        pipeline=pipe,
-        dataset_name=record["dataset_name"],
-        training=record["training"],
-        recommended_scheduler=(args.scheduler, recommended_steps),
-        guidance_scale=guidance if conditional else None,
-        eval_results=model_index_results(report["results"][recommended_name]["quality"], nll["nll_bpd"]),
-        evaluation=evaluation,
-        report=report,
-    )
+    targets = COND_TARGETS if conditional else TARGETS
+    closing = [args.note] if args.note else []
+    classes = {"guidance_scale": guidance, "sweep": sweep, "sweep_floor": sweep_floor} if conditional else {}
+    card = {
+        "dataset_name": record["dataset_name"],
+        "training": record["training"],
+        "recommended_scheduler": (args.scheduler, recommended_steps),
+        "recommended_guidance_scale": guidance if conditional else None,
+        "eval_results": model_index_results(report["results"][recommended_name]["quality"], nll["nll_bpd"]),
+        "evaluation": evaluation_section(intro, results, nll, targets, seed_spread=spread, closing=closing, **classes),
+    }
+    return pipe, card, report
 
 
 def read_gpu_results(args: argparse.Namespace, scratch: Path, samples: Path) -> Release:
-    """The release of a GPU run from what `benchmarks/gpu_run.sh` brought back to --gpu_results, once that is a
-    complete run (else a UsageError naming the gap): its pipeline unpacked into `scratch`, its grid copied into
-    `samples`."""
+    """The release of a complete GPU run (else a UsageError naming the gap) from what `benchmarks/gpu_run.sh`
+    brought back to --gpu_results: its pipeline unpacked into `scratch`, its grid copied into `samples`."""
     folder = Path(args.gpu_results)
     if not (folder / "results.json").is_file():
         raise UsageError(
@@ -431,14 +382,19 @@ def read_gpu_results(args: argparse.Namespace, scratch: Path, samples: Path) -> 
     missing = [part.name for part in parts + [folder / "grid.png"] if not part.is_file()]
     if missing:
         raise UsageError(f"{folder} lacks {', '.join(missing)}; fetch every file the GPU run wrote.")
-    run = unpack(parts, scratch)
-    record = json.loads((run / "training.json").read_text())
+    archive = scratch / "pipeline.tar.gz"
+    archive.write_bytes(b"".join(part.read_bytes() for part in parts))
+    with tarfile.open(archive) as tar:
+        tar.extractall(scratch / "run", filter="data")
+    record = json.loads((scratch / "run" / "training.json").read_text())
     with usage("--gpu_results"):
-        pipe = DDPMMnistPipeline.from_pretrained(run)
+        pipe = DDPMMnistPipeline.from_pretrained(scratch / "run")
     shutil.copyfile(folder / "grid.png", samples / "grid.png")
     fast, nll, environment = stages["evaluate_fast"]["result"], stages["nll"]["result"], stages["setup"]["result"]
-    columns = [stages[name]["result"] for name in ("evaluate_fast", "evaluate_ddpm")]
-    measured = {f"DDPM, {r['steps']} steps": (quality_scores(r), quality_scores(r["floor"])) for r in columns}
+    measured = {
+        f"DDPM, {r['steps']} steps": (quality_scores(r), quality_scores(r["floor"]))
+        for r in (fast, stages["evaluate_ddpm"]["result"])
+    }
     trained_with = (
         f"Trained with `{portable_command(stages['train']['result']['command'])}` (torch {environment['torch']}, "
         f"CUDA {environment['cuda'] or 'none'}); the recipe and its reasons are in `benchmarks/gpu_run.py`."
@@ -450,30 +406,14 @@ def read_gpu_results(args: argparse.Namespace, scratch: Path, samples: Path) -> 
         "MNIST classifier, not Inception: compare them with the real-vs-real floor beside them, never with "
         "published FIDs. The `model-index` metadata carries the first column."
     )
-    return Release(
-        pipeline=pipe,
-        dataset_name=CARD_DATASET,  # the run read a local copy of it
-        training=record["training"],
-        recommended_scheduler=None,
-        guidance_scale=None,
-        eval_results=model_index_results(fast, nll["nll_bpd"]),
-        evaluation=evaluation_section(
-            intro, measured, nll, GPU_TARGETS, closing=[trained_with, *([args.note] if args.note else [])]
-        ),
-        report={"output_dir": args.output_dir, "training": record["training"], "fast": fast, "nll": nll},
-    )
-
-
-def unpack(parts: list[Path], destination: Path) -> Path:
-    """Join the archive's parts and extract the run folder into `destination`."""
-    archive = destination / "pipeline.tar.gz"
-    with open(archive, "wb") as joined:
-        for part in parts:
-            joined.write(part.read_bytes())
-    run = destination / "run"
-    with tarfile.open(archive) as tar:
-        tar.extractall(run, filter="data")
-    return run
+    closing = [trained_with, *([args.note] if args.note else [])]
+    card = {
+        "dataset_name": CARD_DATASET,  # the run read a local copy of it
+        "training": record["training"],
+        "eval_results": model_index_results(fast, nll["nll_bpd"]),
+        "evaluation": evaluation_section(intro, measured, nll, GPU_TARGETS, closing=closing),
+    }
+    return pipe, card, {"output_dir": args.output_dir, "training": record["training"], "fast": fast, "nll": nll}
 
 
 def quality_scores(result: dict) -> SampleQuality:
@@ -490,63 +430,57 @@ def portable_command(command: list[str]) -> str:
     return shlex.join(["accelerate", "launch", *launch_flags, "training/train.py", *where, *flags])
 
 
-def draw_nll_terms(bound: VariationalBound, path: Path) -> None:
-    """Draw L_{t-1} against t (log scale) into `path`, with L_T and L_0 marked: where the bound's bits are spent."""
-    t, terms = bound.timestep_curve()
-    summary = bound.summary()
-    kind = "every t" if bound.exact else f"mean over each of {len(t)} strata of t"
-    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=120)
-    ax.plot(t.numpy(), terms.numpy(), color="tab:purple", linewidth=1.6, marker="" if bound.exact else ".")
-    ax.set(xlabel="t", ylabel="L_(t-1) (bits/dim)", yscale="log", title=f"Terms of the NLL bound ({kind})")
-    ax.text(
-        0.98,
-        0.95,
-        f"L_0 = {summary['decoder_bpd']:.3f}, L_T = {summary['prior_bpd']:.1e}\n"
-        f"sum of L_(t-1) = {summary['diffusion_bpd']:.3f}\ntotal = {summary['nll_bpd']:.3f} bits/dim",
-        transform=ax.transAxes,
-        ha="right",
-        va="top",
-    )
-    ax.grid(alpha=0.3, which="both")
+@contextmanager
+def figure(path: Path, size: tuple[float, float], grid: str = "major") -> Iterator[plt.Axes]:
+    """The axes of a new figure (`size` in inches, 120 dpi), saved into `path` with a light grid once drawn."""
+    fig, ax = plt.subplots(figsize=size, dpi=120)
+    yield ax
+    ax.grid(alpha=0.3, which=grid)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def draw_nll_terms(bound: VariationalBound, path: Path) -> None:
+    """Draw L_{t-1} against t (log scale) into `path`, with L_T and L_0 marked: where the bound's bits are spent."""
+    t, terms = bound.timestep_curve()
+    summary = bound.summary()
+    kind = "every t" if bound.exact else f"mean over each of {len(t)} strata of t"
+    text = (
+        f"L_0 = {summary['decoder_bpd']:.3f}, L_T = {summary['prior_bpd']:.1e}\n"
+        f"sum of L_(t-1) = {summary['diffusion_bpd']:.3f}\ntotal = {summary['nll_bpd']:.3f} bits/dim"
+    )
+    with figure(path, (6, 3.4), grid="both") as ax:
+        ax.plot(t.numpy(), terms.numpy(), color="tab:purple", linewidth=1.6, marker="" if bound.exact else ".")
+        ax.set(xlabel="t", ylabel="L_(t-1) (bits/dim)", yscale="log", title=f"Terms of the NLL bound ({kind})")
+        ax.text(0.98, 0.95, text, transform=ax.transAxes, ha="right", va="top")
+
+
 def denoising_strip(pipe: DDPMMnistPipeline, seed: int) -> Image.Image:
     """One digit under 1000-step DDPM, from x_T to x_0 in STRIP_FRAMES frames, upscaled 3x."""
     ddpm = DDPMMnistScheduler.from_config(pipe.scheduler.config)
-    num_steps = ddpm.config.num_train_timesteps
-    keep = {round(k * num_steps / (STRIP_FRAMES - 1)) - 1 for k in range(1, STRIP_FRAMES)}
+    steps = ddpm.config.num_train_timesteps
+    shown = {round(k * steps / (STRIP_FRAMES - 1)) - 1 for k in range(1, STRIP_FRAMES)}
     generator = torch.Generator().manual_seed(seed)
     x_T = torch.randn((1, 1, pipe.unet.config.sample_size, pipe.unet.config.sample_size), generator=generator)
     frames = [x_T[0]]
 
-    def keep_frame(pipeline: DDPMMnistPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
-        if i in keep:
+    def keep(pipeline: DDPMMnistPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+        if i in shown:
             frames.append(tensors["image"][0].float().cpu())
         return {}
 
-    # The same generator state as x_T's draw: the pipeline's first draw is this x_T.
     saved_scheduler, pipe.scheduler = pipe.scheduler, ddpm
+    generator.manual_seed(seed)  # the pipeline's first draw is then this x_T
     try:
-        pipe(
-            num_inference_steps=num_steps,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-            callback_on_step_end=keep_frame,
-        )
+        pipe(num_inference_steps=steps, generator=generator, output_type="pt", callback_on_step_end=keep)
     finally:
         pipe.scheduler = saved_scheduler
-    border = (pipe.unet.config.sample_size - pipe.config.image_size) // 2
-    size = pipe.config.image_size
-    digits = torch.stack([f[:, border : border + size, border : border + size] for f in frames])
-    return digit_grid((digits.clamp(-1, 1) + 1) / 2, cols=len(frames), upscale=3)
+    return digit_grid(pipe.postprocess(torch.stack(frames), "pt"), cols=len(frames), upscale=3)
 
 
 def draw_loss_curve(logs: Path, path: Path) -> None:
-    """Draw the training loss per step from the run's tensorboard logs (all resumed runs) into `path`, raw and
-    smoothed."""
+    """Draw the training loss per step of the run's tensorboard logs (all resumed runs), raw and smoothed."""
     points: dict[int, float] = {}
     for events in sorted(logs.rglob("events.out.tfevents.*")):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
@@ -558,21 +492,11 @@ def draw_loss_curve(logs: Path, path: Path) -> None:
     smooth = np.copy(losses)
     for i in range(1, len(smooth)):  # an exponential moving average, as tensorboard shows it
         smooth[i] = 0.98 * smooth[i - 1] + 0.02 * losses[i]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="per step")
-    ax.plot(steps, smooth, color="tab:blue", linewidth=1.8, label="moving average")
-    ax.set(xlabel="optimizer step", ylabel="L_simple (MSE on eps)", yscale="log", title="Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def class_grid(samples: torch.Tensor, class_labels: torch.Tensor) -> Image.Image:
-    """A grid of class-conditional samples with one row per digit 0-9, the first `GRID_PER_DIGIT` drawn as each."""
-    rows = [samples[class_labels == digit][:GRID_PER_DIGIT] for digit in range(10)]
-    return digit_grid(torch.cat(rows), cols=GRID_PER_DIGIT, upscale=3)
+    with figure(path, (6, 3.2)) as ax:
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="per step")
+        ax.plot(steps, smooth, color="tab:blue", linewidth=1.8, label="moving average")
+        ax.set(xlabel="optimizer step", ylabel="L_simple (MSE on eps)", yscale="log", title="Training loss")
+        ax.legend()
 
 
 def draw_guidance_sweep(
@@ -582,39 +506,32 @@ def draw_guidance_sweep(
     and the real-vs-real floor's FID as a dashed line."""
     fids = [scores.quality.fid for scores in sweep.values()]
     accuracies = [scores.accuracy.accuracy for scores in sweep.values()]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    ax.plot(fids, accuracies, color="tab:green", marker="o", linewidth=1.4)
-    for scale, fid, accuracy in zip(sweep, fids, accuracies, strict=True):
-        label = f"{scale:g}" + (" (recommended)" if scale == recommended else "")
-        ax.annotate(label, (fid, accuracy), textcoords="offset points", xytext=(5, 5))
-    ax.axvline(floor.fid, color="grey", linestyle="--", label=f"real-vs-real floor (FID {floor.fid:.2f})")
-    ax.set(
-        xlabel=f"FID (classifier features, N={floor.num_images})",
-        ylabel="class accuracy",
-        title="Classifier-free guidance, scale by scale",
-    )
-    ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, (6, 3.6)) as ax:
+        ax.plot(fids, accuracies, color="tab:green", marker="o", linewidth=1.4)
+        for scale, fid, accuracy in zip(sweep, fids, accuracies, strict=True):
+            label = f"{scale:g}" + (" (recommended)" if scale == recommended else "")
+            ax.annotate(label, (fid, accuracy), textcoords="offset points", xytext=(5, 5))
+        ax.axvline(floor.fid, color="grey", linestyle="--", label=f"real-vs-real floor (FID {floor.fid:.2f})")
+        ax.set(xlabel=f"FID (classifier features, N={floor.num_images})", ylabel="class accuracy")
+        ax.set_title("Classifier-free guidance, scale by scale")
+        ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.legend(loc="lower right")
 
 
-def completion_figure(
-    pipe: DDPMMnistPipeline, x_0: torch.Tensor, class_labels: torch.Tensor, guidance_scale: float, seed: int
-) -> Image.Image:
-    """Test digits x_0 (N, 1, 28, 28) in [-1, 1] completed from their top half as their own digit: rows original, kept
-    half (the rest black), completion, upscaled 3x. The inpainting pipeline runs with its defaults (all T steps where
-    T is fewer)."""
+def draw_class_pictures(
+    pipe: DDPMMnistPipeline, guidance_scale: float, x_0: torch.Tensor, labels: torch.Tensor, seed: int, folder: Path
+) -> None:
+    """Into `folder`, upscaled 3x: test digits x_0 (N, 1, 28, 28) in [-1, 1] completed from their top half as their
+    own digit by the inpainting pipeline's defaults (all T steps where T is fewer), in rows original, kept half (the
+    rest black) and completion; and `interpolate` between the first two at the card's t, without a label, in a row."""
     inpaint = DDPMMnistInpaintPipeline(**pipe.components)
     inpaint.set_progress_bar_config(disable=True)
     keep = keep_half("top")
     completed = inpaint(
         x_0,
         keep,
-        class_labels=class_labels,
+        class_labels=labels,
         guidance_scale=guidance_scale,
         num_inference_steps=min(INPAINT_STEPS, pipe.scheduler.config.num_train_timesteps),
         generator=torch.Generator().manual_seed(seed),
@@ -622,101 +539,27 @@ def completion_figure(
     ).images
     kept = torch.where(keep.bool(), x_0, -1.0)
     rows = torch.cat([(x_0 + 1) / 2, (kept + 1) / 2, completed.float().cpu()])
-    return digit_grid(rows, cols=len(x_0), upscale=3)
-
-
-def interpolation_figure(
-    pipe: DDPMMnistPipeline, x_a: torch.Tensor, x_b: torch.Tensor, t: int, seed: int
-) -> Image.Image:
-    """`interpolate` between two test digits (1, 1, 28, 28) in [-1, 1] at timestep t, lambda 0, 0.1, ..., 1, without a
-    label, as one row with the two digits at its ends, upscaled 3x."""
-    row = interpolate(pipe, x_a, x_b, t=t, generator=torch.Generator().manual_seed(seed), output_type="pt").images
-    return digit_grid(torch.cat([(x_a + 1) / 2, row.float().cpu(), (x_b + 1) / 2]), cols=len(row) + 2, upscale=3)
-
-
-def sweep_guidance(
-    pipe: DDPMMnistPipeline,
-    reference: QualityReference,
-    args: argparse.Namespace,
-    num_inference_steps: int,
-    recommended: ConditionalQuality,
-) -> dict[float, ConditionalQuality]:
-    """The scores at each of --guidance_scales, at the recommended scheduler setting (none with --sweep_samples 0).
-
-    Where the sweep draws as many samples as the recommended setting, the recommended scale's scores are `recommended`
-    itself: the same labels, seed and batches draw the same digits.
-    """
-    if not args.sweep_samples:
-        return {}
-    guidance = recommended_guidance(args, conditional=True)
-    known = {guidance: recommended} if args.sweep_samples == args.num_samples else {}
-    scales = list(dict.fromkeys(args.guidance_scales))
-    missing = [scale for scale in scales if scale not in known]
-    drawn = {}
-    if missing:
-        drawn = guidance_sweep(
-            pipe,
-            reference,
-            args.sweep_samples,
-            missing,
-            scheduler=args.scheduler,
-            num_inference_steps=num_inference_steps,
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
-    return {scale: known[scale] if scale in known else drawn[scale] for scale in scales}
-
-
-def draw_class_pictures(
-    pipe: DDPMMnistPipeline,
-    classes: ClassResults,
-    test_digits: torch.Tensor,
-    test_labels: torch.Tensor,
-    seed: int,
-    folder: Path,
-) -> None:
-    """A class-conditional release's own pictures in `folder` (samples/): the guidance sweep when there is one, test
-    digits completed from their top half, and an interpolation between the first two, at the card's timestep."""
+    digit_grid(rows, cols=len(x_0), upscale=3).save(folder / "completion.png")
+    x_a, x_b = x_0[:1], x_0[1:2]
     t = pipe.scheduler.config.num_train_timesteps // INTERPOLATION_T_DIVISOR
-    completion_figure(pipe, test_digits, test_labels, classes.guidance_scale, seed).save(folder / "completion.png")
-    interpolation_figure(pipe, test_digits[:1], test_digits[1:2], t, seed).save(folder / "interpolation.png")
-    if classes.sweep:
-        draw_guidance_sweep(classes.sweep, classes.sweep_floor, classes.guidance_scale, folder / "guidance.png")
+    row = interpolate(pipe, x_a, x_b, t=t, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    ends = torch.cat([(x_a + 1) / 2, row.float().cpu(), (x_b + 1) / 2])
+    digit_grid(ends, cols=len(row) + 2, upscale=3).save(folder / "interpolation.png")
 
 
-def drop_source_paths(folder: Path) -> None:
-    """Remove the `_name_or_path` that diffusers writes into a loaded pipeline's configs: the run's folder on this
-    machine means nothing to the release's users."""
-    for path in [folder / "model_index.json", *folder.glob("*/*config.json")]:
+def write_release(pipe: DDPMMnistPipeline, card: dict[str, Any], staging: Path, args: argparse.Namespace) -> None:
+    """Save the pipeline beside the pictures in `staging/samples`, render its card with every picture there, and
+    write the folder a push uploads to --output_dir: whole or not at all (exported beside it, then renamed)."""
+    pipe.save_pretrained(staging)
+    # diffusers writes the run's folder on this machine into a loaded pipeline's configs (`_name_or_path`): drop it.
+    for path in [staging / "model_index.json", *staging.glob("*/*config.json")]:
         config = json.loads(path.read_text())
         if config.pop("_name_or_path", None) is not None:
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def scores_dict(quality: SampleQuality, accuracy: ClassAccuracy | None) -> dict:
-    """The JSON summary's scores of samples: the quality, and the class accuracy where there is one."""
-    return quality.as_dict() if accuracy is None else ConditionalQuality(quality, accuracy).as_dict()
-
-
-def write_release(release: Release, staging: Path, args: argparse.Namespace) -> None:
-    """Save the pipeline beside the pictures in `staging/samples`, render its card with every picture there, and
-    write the folder a push uploads to --output_dir: whole or not at all (exported beside it, then renamed)."""
-    release.pipeline.save_pretrained(staging)
-    drop_source_paths(staging)
     if args.time_to_quality_image:
         shutil.copyfile(args.time_to_quality_image, staging / "samples" / "time_to_quality.png")
-    card = render_model_card(
-        release.pipeline,
-        args.hub_model_id,
-        dataset_name=release.dataset_name,
-        pictures={path.stem: f"samples/{path.name}" for path in sorted((staging / "samples").glob("*.png"))},
-        recommended_scheduler=release.recommended_scheduler,
-        recommended_guidance_scale=release.guidance_scale,
-        training=release.training,
-        eval_results=release.eval_results,
-        evaluation=release.evaluation,
-    )
-    card.save(staging / "README.md")
+    pictures = {path.stem: f"samples/{path.name}" for path in sorted((staging / "samples").glob("*.png"))}
+    render_model_card(pipe, args.hub_model_id, pictures=pictures, **card).save(staging / "README.md")
     partial = Path(f"{args.output_dir}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     export_pipeline_folder(staging, partial)
@@ -731,11 +574,11 @@ def main(args: argparse.Namespace) -> None:
         staging = Path(scratch) / "release"
         (staging / "samples").mkdir(parents=True)
         if args.gpu_results is not None:
-            release = read_gpu_results(args, Path(scratch), staging / "samples")
+            pipe, card, report = read_gpu_results(args, Path(scratch), staging / "samples")
         else:
-            release = measure_run(args, staging / "samples")
-        write_release(release, staging, args)
-    print(json.dumps(release.report))
+            pipe, card, report = measure_run(args, staging / "samples")
+        write_release(pipe, card, staging, args)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

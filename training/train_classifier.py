@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from datasets import Image, load_dataset
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ddpm_mnist.data import DEFAULT_DATASET, ImagePreprocessor
+from ddpm_mnist.data import DEFAULT_DATASET, decode_labels, load_image_stream, load_x_0
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point
 from ddpm_mnist.metrics.classifier import WEIGHTS_PATH, MnistClassifier
 
@@ -42,13 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_split(dataset_name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All digits of a split as (N, 1, 28, 28) floats in [0, 1], decoded by the project's preprocessor, and labels."""
-    stream = load_dataset(dataset_name, split=split, streaming=True).cast_column("image", Image(decode=False))
-    preprocess = ImagePreprocessor()
-    images, labels = [], []
-    for batch in tqdm(stream.iter(batch_size=1000), desc=f"decoding {split}", unit="k digits"):
-        images.append((preprocess([{"image": image} for image in batch["image"]]) + 1) / 2)
-        labels.append(torch.as_tensor(batch["label"]))
-    return torch.cat(images), torch.cat(labels)
+    labels = decode_labels(load_image_stream(dataset_name, split, label_column="label"))
+    return (load_x_0(dataset_name, split) + 1) / 2, labels
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -83,10 +77,8 @@ def main(args: argparse.Namespace) -> None:
 
     model = MnistClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    steps_per_epoch = math.ceil(len(train_images) / args.train_batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, args.learning_rate, total_steps=args.num_epochs * steps_per_epoch
-    )
+    total_steps = args.num_epochs * math.ceil(len(train_images) / args.train_batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, total_steps=total_steps)
     start = time.perf_counter()
     for epoch in range(args.num_epochs):
         model.train()
