@@ -2,10 +2,8 @@
 
 q serves as a stochastic encoder: x_t ~ q(x_t | x_0) and x'_t ~ q(x_t | x'_0) (eq. 4), the two latents are mixed
 linearly, x_bar_t = (1 - lambda) x_t + lambda x'_t, and the reverse process decodes x_bar_t back to a digit,
-x_bar_0 ~ p(x_0 | x_bar_t). The paper writes the two encodings as two samples of q and fixes the noise across the
-values of lambda, "so x_t and x'_t remain the same"; it does not say that x_t and x'_t share their noise, so here they
-draw their own (independent encoder noise), once for the whole row. The reverse process runs with the same noise for
-every lambda too, so that the row changes only with lambda.
+x_bar_0 ~ p(x_0 | x_bar_t). The paper fixes the noise across the values of lambda, "so x_t and x'_t remain the same",
+but does not say that x_t and x'_t share it: here they draw their own.
 """
 
 from __future__ import annotations
@@ -40,24 +38,21 @@ def interpolate(
     Digits between `image_a` and `image_b`: both encoded to x_t, mixed by each lambda, decoded from t.
 
     One reverse pass decodes the whole row as a batch. The randomness, all from `generator`: first the encoder noise
-    of the two digits, as one (2, 1, S, S) draw (row 0 for `image_a`, row 1 for `image_b`, S the UNet's sample
-    size); then the reverse process, whose every image draws the noise that a chain of one would draw from the
-    generator as it stands after the encoder noise. So the end lambda = 0 is `image_a`'s x_t decoded alone with that
-    generator, and lambda = 1 likewise `image_b`'s.
+    of the two digits, as one (2, 1, S, S) draw (S the UNet's sample size); then the reverse process, whose every
+    image draws the noise that a chain of one would draw from the generator as it stands after the encoder noise. So
+    lambda = 0 is `image_a`'s x_t decoded alone with that generator, and lambda = 1 likewise `image_b`'s.
 
     Args:
         pipeline ([`DDPMMnistPipeline`]):
-            The pipeline whose UNet and scheduler encode and decode. Its scheduler must step from (x_t, t) alone:
-            [`DDPMMnistScheduler`], [`~diffusers.DDPMScheduler`] or [`~diffusers.DDIMScheduler`].
+            The pipeline whose UNet and scheduler encode and decode; its scheduler must step from (x_t, t) alone, as
+            [`DDPMMnistInpaintPipeline`]'s.
         image_a, image_b (`PIL.Image.Image` or `torch.Tensor`):
-            One digit each, in the forms [`DDPMMnistInpaintPipeline`] takes: a greyscale PIL image (white on black,
-            converted to 28x28 "L") or a tensor (1, 1, 28, 28) in [-1, 1].
+            One digit each, in the forms [`DDPMMnistInpaintPipeline`] takes as `image` (a tensor: (1, 1, 28, 28)).
         t (`int`, *optional*, defaults to 500):
-            The timestep of the latents, 0 to T - 1 (diffusers' numbering: the paper's t - 1). Small t keeps the
-            digits' shapes and blends them like pixels; large t keeps less of them, and the decoded row looks more
-            like new digits. The default is the paper's (of T = 1000, on 256x256 faces); with the released MNIST
-            pipeline, t = 250 keeps both ends' digits and passes from one to the other, while at t = 500 the ends
-            already decode to other digits (benchmarks/results/inpainting_interpolation.png).
+            The timestep of the latents, 0 to T - 1 (diffusers' numbering: the paper's t - 1). Small t blends the
+            digits like pixels; large t keeps less of them, and the row looks more like new digits. The default is
+            the paper's (on 256x256 faces); for the released MNIST pipeline t = 250 keeps both ends' digits, while at
+            t = 500 they decode to other digits (benchmarks/results/inpainting_interpolation.png).
         lambdas (`Sequence[float]`, *optional*, defaults to 0.0, 0.1, ..., 1.0):
             The mixing weights, each in [0, 1]; one image per lambda, in order.
         num_inference_steps (`int`, *optional*):
@@ -72,7 +67,7 @@ def interpolate(
         generator (`torch.Generator`, *optional*):
             One generator, which makes the row deterministic.
         output_type (`str`, *optional*, defaults to `"pil"`):
-            `"pil"`, `"np"` (L, 28, 28, 1) in [0, 1] or `"pt"` (L, 1, 28, 28) in [0, 1].
+            `"pil"`, `"np"` or `"pt"`, as in [`DDPMMnistPipeline`].
 
     Example:
 
@@ -133,9 +128,5 @@ def interpolate(
     x_bar_t = (1 - weights) * x_t[:1] + weights * x_t[1:]
     # The same reverse noise for every lambda: one generator per image, each a copy of the one given.
     generators = [torch.Generator(generator.device).set_state(generator.get_state()) for _ in weights]
-    if class_labels is not None:
-        class_labels = torch.as_tensor(class_labels, device=device).long()
-    x_bar_0 = pipeline.denoise(
-        x_bar_t, timesteps, class_labels, guidance_scale, generators, guidance_interval=guidance_interval
-    )
+    x_bar_0 = pipeline.denoise(x_bar_t, timesteps, class_labels, guidance_scale, guidance_interval, generators)
     return ImagePipelineOutput(images=pipeline.postprocess(x_bar_0, output_type))

@@ -9,8 +9,7 @@ the unconditional (or class-conditional) DDPM as trained; only the reverse proce
   q(x_t | x_{t'}) = N(sqrt(alpha_bar_t / alpha_bar_{t'}) x_{t'}, (1 - alpha_bar_t / alpha_bar_{t'}) I), and those steps
   are taken again, `jump_n_sample` times in all, so that the filled-in part agrees with the known one.
 
-The steps are those of the scheduler's (respaced) timesteps, so a completion costs about num_inference_steps *
-jump_n_sample UNet calls (`jump_schedule` gives the exact passes). `prepare_image` converts images and masks for this
+The steps are those of the scheduler's (respaced) timesteps. `prepare_image` converts images and masks for this
 pipeline and for `ddpm_mnist.interpolate`.
 """
 
@@ -25,23 +24,18 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-# diffusers' remote-code loader copies out of a saved folder only the modules that the pipeline's own module imports,
-# not those that they import in turn: the modules that `.pipeline_ddpm_mnist` and `.schedulers` import are named here
-# too, so that a saved inpainting folder loads with `trust_remote_code=True` without the package.
+# diffusers' remote-code loader copies out of a saved folder only the modules the pipeline's module imports itself:
+# those that `.pipeline_ddpm_mnist` and `.schedulers` import are named here too, so that a saved folder loads alone.
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 from .remote_code_utils import RemoteCodeMixin  # noqa: F401
 from .schedulers import SCHEDULERS
 from .scheduling_ddpm_mnist import DDPMMnistScheduler  # noqa: F401
 
 IMAGE_SIZE = 28  # the side of the digits the pipeline takes and returns
-# Schedulers whose step depends on (x_t, t) alone: RePaint jumps back up the chain, which a multistep scheduler's
-# history of model outputs (DPM-Solver++, UniPC) or a step counter (Euler, Heun) cannot follow. The registry's, and
-# diffusers' own DDPM.
+# Schedulers whose step depends on (x_t, t) alone, as RePaint's jumps back up the chain need: not a multistep one's
+# history of model outputs (DPM-Solver++, UniPC) or a step counter (Euler, Heun).
 ONE_STEP_SCHEDULERS = (DDPMScheduler, *(entry.scheduler_class for entry in SCHEDULERS.values() if entry.one_step))
-# Defaults measured on the release (benchmarks/README.md, "Completing digits"): 25 steps, jumps of a fifth of the
-# chain, each stretch taken 3 times, 75 UNet calls, about 3 s for one digit on one CPU core.
-DEFAULT_NUM_INFERENCE_STEPS = 25
-DEFAULT_JUMP_FRACTION = 5  # the default jump_length is num_inference_steps // DEFAULT_JUMP_FRACTION (at least 1)
+DEFAULT_NUM_INFERENCE_STEPS = 25  # the defaults, measured as `__call__` says
 DEFAULT_JUMP_N_SAMPLE = 3
 
 ImageInput = PIL.Image.Image | Sequence[PIL.Image.Image] | torch.Tensor
@@ -49,7 +43,7 @@ ImageInput = PIL.Image.Image | Sequence[PIL.Image.Image] | torch.Tensor
 
 def default_jump_length(num_inference_steps: int) -> int:
     """The default `jump_length` of a chain of `num_inference_steps`: a fifth of it, at least 1."""
-    return max(1, num_inference_steps // DEFAULT_JUMP_FRACTION)
+    return max(1, num_inference_steps // 5)
 
 
 def check_one_step_scheduler(scheduler: SchedulerMixin) -> None:
@@ -68,21 +62,17 @@ def check_one_step_scheduler(scheduler: SchedulerMixin) -> None:
 def prepare_image(
     image: ImageInput, sample_size: int, *, is_mask: bool = False, name: str | None = None
 ) -> torch.Tensor:
-    """A digit or a mask, in any accepted form, as a float32 CPU tensor (N, 1, sample_size, sample_size).
-
-    Accepted: a PIL image or a list of them (converted to 28x28 greyscale, mode "L", bilinear as the training data),
-    or a tensor (N, 1, 28, 28). Digits come back as x_0 in [-1, 1], white on black as MNIST (PIL pixels p map to
-    p / 127.5 - 1; a tensor must already lie in [-1, 1]). Masks (`is_mask=True`) come back as 1.0 where the pixel is
-    kept and 0.0 where it is filled in: PIL pixels of at least 128 (white) and tensor values of at least 0.5 (a tensor
-    mask must lie in [0, 1]) are kept. A UNet with `sample_size` above 28 was trained on digits padded with the
-    background: digits are padded with -1, masks with 1 (the border is known background). Errors call the input
-    `name` (by default "image" or "mask_image").
+    """A digit (x_0 in [-1, 1]) or a mask (`is_mask`: 1.0 keeps a pixel, 0.0 fills it in), in the forms
+    `DDPMMnistInpaintPipeline` takes as `image` and `mask_image`, as a float32 CPU tensor (N, 1, sample_size,
+    sample_size). A UNet with `sample_size` above 28 was trained on digits padded with the background: digits are
+    padded with -1, masks with 1 (known). Errors call the input `name` (by default "image" or "mask_image").
     """
     name = name or ("mask_image" if is_mask else "image")
     if isinstance(image, PIL.Image.Image):
         image = [image]
     if isinstance(image, (list, tuple)) and image and all(isinstance(item, PIL.Image.Image) for item in image):
-        pixels = torch.stack([torch.from_numpy(np.array(_digit_pixels(item), dtype=np.float32)) for item in image])
+        digits = [item.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.BILINEAR) for item in image]
+        pixels = torch.stack([torch.from_numpy(np.array(digit, dtype=np.float32)) for digit in digits])
         tensor = pixels[:, None] / 255 if is_mask else pixels[:, None] / 127.5 - 1
     elif isinstance(image, torch.Tensor):
         tensor = _checked_tensor(image, name, is_mask)
@@ -95,15 +85,6 @@ def prepare_image(
         tensor = (tensor >= 0.5).float()
     border = (sample_size - IMAGE_SIZE) // 2
     return F.pad(tensor, (border,) * 4, value=1.0 if is_mask else -1.0) if border else tensor
-
-
-def _digit_pixels(image: PIL.Image.Image) -> PIL.Image.Image:
-    """A PIL image as a 28x28 greyscale digit (mode "L"), converted and resized if it is not one."""
-    if image.mode != "L":
-        image = image.convert("L")
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.BILINEAR)
-    return image
 
 
 def _checked_tensor(tensor: torch.Tensor, name: str, is_mask: bool) -> torch.Tensor:
@@ -124,12 +105,11 @@ def _checked_tensor(tensor: torch.Tensor, name: str, is_mask: bool) -> torch.Ten
 def jump_schedule(timesteps: Sequence[int], jump_length: int, jump_n_sample: int) -> list[list[int]]:
     """RePaint's resampling schedule on a chain of timesteps: the descending passes, in order.
 
-    `timesteps` is the scheduler's (descending, e.g. 750, 500, 250, 0); -1 stands for x_0. Counting the states of
-    the chain from x_0 (state 0) up to the first timestep (state n = len(timesteps)), every state k that is a multiple
-    of `jump_length` with k + jump_length <= n is a jump point: the first `jump_n_sample - 1` times the sample reaches
-    it, it goes back up `jump_length` states, with the forward process, and comes down again. Each pass starts where
-    the previous one jumped to; each step of a pass (from one timestep to the next) is one UNet call, so the chain
-    costs n * jump_n_sample calls when `jump_length` divides n (the top n % jump_length steps are taken once).
+    `timesteps` is the scheduler's (descending, e.g. 750, 500, 250, 0); -1 stands for x_0. Counting the states from
+    x_0 (state 0) up to the first timestep (state n = len(timesteps)), every multiple k of `jump_length` with
+    k + jump_length <= n is a jump point: the first `jump_n_sample - 1` times the sample reaches it, it goes back up
+    `jump_length` states and comes down again. Each step of a pass is one UNet call: n * jump_n_sample calls when
+    `jump_length` divides n (the top n % jump_length steps are taken once).
 
     For example `jump_schedule([750, 500, 250, 0], 2, 2)` is `[[750, 500, 250], [750, 500, 250, 0, -1], [250, 0, -1]]`:
     8 UNet calls for 4 steps, each taken twice.
@@ -148,11 +128,6 @@ def jump_schedule(timesteps: Sequence[int], jump_length: int, jump_n_sample: int
     return [[grid[k] for k in states] for states in passes]
 
 
-def _alpha_bar(scheduler: SchedulerMixin, t: int) -> float:
-    """alpha_bar_t of the scheduler's noise schedule, with alpha_bar_{-1} = 1 (x_0 itself)."""
-    return 1.0 if t < 0 else float(scheduler.alphas_cumprod[t])
-
-
 def forward_jump(
     scheduler: SchedulerMixin,
     x: torch.Tensor,
@@ -162,9 +137,10 @@ def forward_jump(
 ) -> torch.Tensor:
     """A sample of the forward process q(x_{t_to} | x_{t_from}), t_to > t_from (t_from = -1: x is x_0, eq. 4).
 
-    x_{t_to} = sqrt(a) x + sqrt(1 - a) z with a = alpha_bar_{t_to} / alpha_bar_{t_from} and z ~ N(0, I), float32.
+    x_{t_to} = sqrt(a) x + sqrt(1 - a) z with a = alpha_bar_{t_to} / alpha_bar_{t_from} (alpha_bar_{-1} = 1) and
+    z ~ N(0, I), float32.
     """
-    a = _alpha_bar(scheduler, t_to) / _alpha_bar(scheduler, t_from)
+    a = float(scheduler.alphas_cumprod[t_to]) / (1.0 if t_from < 0 else float(scheduler.alphas_cumprod[t_from]))
     noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     return a**0.5 * x + (1 - a) ** 0.5 * noise
 
@@ -206,43 +182,40 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
         Complete digits: keep the pixels the mask keeps, and fill in the others with RePaint's reverse process.
 
         The kept pixels of the result are those of the input, exactly: RePaint's last step sets them to x_0 itself.
-        The defaults (25 steps, `jump_length` 5, `jump_n_sample` 3: 75 UNet calls, about 3 s for one digit on one CPU
-        core) were measured with the released pipeline on 200 MNIST test digits (benchmarks/README.md, "Completing
-        digits"): the package's classifier reads 73% of its completions of the top half as the original digit (44%
-        with the bottom left black), against 62.5% without resampling (25 calls); 90% was not reached.
+        The defaults (75 UNet calls, about 3 s for one digit on one CPU core) were measured with the released pipeline
+        on 200 MNIST test digits (benchmarks/README.md, "Completing digits"): the classifier reads 73% of its
+        completions of the top half as the original digit, against 62.5% without resampling.
 
         Args:
             image (`PIL.Image.Image`, `list[PIL.Image.Image]` or `torch.Tensor`):
                 The digits to complete: greyscale, white on black as MNIST (other modes and sizes are converted to
-                28x28 "L"), or a tensor (N, 1, 28, 28) in [-1, 1], the pipeline's x_0.
+                28x28 "L", bilinear), or a tensor (N, 1, 28, 28) in [-1, 1], the pipeline's x_0.
             mask_image (`PIL.Image.Image`, `list[PIL.Image.Image]` or `torch.Tensor`):
                 Which pixels to keep, in the same forms: white (>= 128) or 1 keeps a pixel, black or 0 has it filled
                 in. A tensor lies in [0, 1] and is cut at 0.5. One mask may serve the whole batch.
             class_labels (`list[int]` or `torch.Tensor`, *optional*):
                 The digit (0-9) each completion should be, one per image, for a class-conditional pipeline.
             guidance_scale (`float`, *optional*, defaults to 1.0):
-                Classifier-free guidance toward `class_labels` when above 1, as in [`DDPMMnistPipeline`].
+                Classifier-free guidance toward `class_labels`, as in [`DDPMMnistPipeline`].
             guidance_interval (`tuple[int, int]`, *optional*):
-                Guide only the UNet calls at timesteps in `[low, high]`, as in [`DDPMMnistPipeline`]; by default all.
+                The timesteps to guide at, as in [`DDPMMnistPipeline`]; by default all.
             num_inference_steps (`int`, *optional*, defaults to 25):
                 The number of timesteps of the chain, respaced as the scheduler's `timestep_spacing` says.
             jump_length (`int`, *optional*):
                 How many steps RePaint goes back up at each resampling, between 1 and `num_inference_steps`; by
-                default a fifth of `num_inference_steps` (5 of 25; RePaint's paper jumps 10 of 250).
+                default a fifth of `num_inference_steps` (RePaint's paper jumps 10 of 250).
             jump_n_sample (`int`, *optional*, defaults to 3):
                 How many times each stretch of `jump_length` steps is taken; 1 turns resampling off. A completion
                 costs about `num_inference_steps * jump_n_sample` UNet calls (see `jump_schedule`).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Makes the completions deterministic; with a list (one per image), image i is what a batch of one
-                would give with generator i.
+                Makes the completions deterministic, as in [`DDPMMnistPipeline`].
             output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"`, `"np"` (N, 28, 28, 1) in [0, 1] or `"pt"` (N, 1, 28, 28) in [0, 1].
+                `"pil"`, `"np"` or `"pt"`, as in [`DDPMMnistPipeline`].
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`~pipelines.ImagePipelineOutput`] rather than a tuple.
             callback_on_step_end (`Callable`, *optional*):
-                Called after every UNet call as `callback_on_step_end(pipe, i, t, callback_kwargs)`, with `i` counting
-                the calls over all passes and `callback_kwargs["image"]` the sample after the known pixels were put
-                back; the dict it returns replaces it.
+                Called after every UNet call, as in [`DDPMMnistPipeline`], with `i` counting the calls over all passes
+                and `callback_kwargs["image"]` the sample after the known pixels were put back.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["image"]`):
                 The tensors handed to `callback_on_step_end`.
 
@@ -266,7 +239,6 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the completed digits, as `.images` or the tuple's only item.
         """
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["image"]
         check_one_step_scheduler(self.scheduler)
         sample_size = self.unet.config.sample_size
         x_0 = prepare_image(image, sample_size)
@@ -294,8 +266,6 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
 
         device = self._execution_device
         x_0, keep = x_0.to(device), mask.to(device).bool()
-        if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, device=device).long()
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         passes = jump_schedule(self.scheduler.timesteps.tolist(), jump_length, jump_n_sample)
         timesteps, calls = passes[0], 0
@@ -308,13 +278,12 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
         def on_step_end(pipe: DiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
             """After the UNet call at timesteps[i] of this pass: the known pixels put back, then the user's callback."""
             nonlocal calls
-            tensors = {"image": put_back_known(tensors["image"], timesteps[i + 1])}
+            x_t = put_back_known(tensors["image"], timesteps[i + 1])
             if callback_on_step_end is not None:
-                inputs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                tensors.update(callback_on_step_end(pipe, calls, t, inputs))
+                x_t = callback_on_step_end(pipe, calls, t, {"image": x_t}).get("image", x_t)
             calls += 1
             progress_bar.update()
-            return tensors
+            return {"image": x_t}
 
         x_t = randn_tensor(x_0.shape, generator=generator, device=device, dtype=torch.float32)
         x_t = put_back_known(x_t * self.scheduler.init_noise_sigma, timesteps[0])
@@ -324,18 +293,6 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
                     x_t = forward_jump(self.scheduler, x_t, passes[number - 1][-1], timesteps[0], generator)
                 steps = torch.tensor(timesteps[:-1], device=device)
                 x_t = self.denoise(
-                    x_t,
-                    steps,
-                    class_labels,
-                    guidance_scale,
-                    generator,
-                    on_step_end,
-                    progress=False,
-                    guidance_interval=guidance_interval,
+                    x_t, steps, class_labels, guidance_scale, guidance_interval, generator, on_step_end, progress=False
                 )
-        image = self.postprocess(x_t, output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return self._output(x_t, output_type, return_dict)

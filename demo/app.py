@@ -3,22 +3,10 @@
     python demo/app.py                                   # http://127.0.0.1:7860
     python demo/app.py --model ddpm-mnist/ddpm-mnist-small --model path/to/another/pipeline
 
-GRADIO_SERVER_NAME and GRADIO_SERVER_PORT move the server, as a Hugging Face Space sets them; DDPM_MNIST_MODELS
-(comma-separated folders or Hub repo ids) stands in for `--model`. By default the app serves the released pipelines,
-each from `pretrained/<name>` beside the app where the checkout has it, else from the Hub. They are loaded once, on the
-GPU where there is one, with the UNet in bf16 where the hardware computes bf16 natively, and every picture comes
-from the library:
-
-- Generate: `DDPMMnistPipeline` with a scheduler of `ddpm_mnist.schedulers.SCHEDULERS` (classifier-free guidance
-  toward a chosen digit for a class-conditional model, at every step or in an interval of timesteps), starting from
-  the setting each release's model card recommends; the step callback feeds the progress bar and the strip of one
-  digit's denoising.
-- Complete: `DDPMMnistInpaintPipeline` (RePaint) keeps what was drawn and fills in the chosen region; the package's
-  MNIST classifier reads each completion.
-- Interpolate: `ddpm_mnist.interpolate` (the DDPM paper's section 4.4) between two bundled MNIST test digits.
-
-Bad input (a step count outside 1..T, an empty sketch, an upload that is not an image, a digit for an unconditional
-model) is a one-line message in the page; the app keeps serving.
+demo/README.md describes the tabs, the models served by default and the variables that move the server
+(GRADIO_SERVER_NAME, GRADIO_SERVER_PORT) or name the models (DDPM_MNIST_MODELS, for `--model`). Every picture comes
+from the library: `DDPMMnistPipeline` (Generate), `DDPMMnistInpaintPipeline` (Complete) and `ddpm_mnist.interpolate`
+(Interpolate). Bad input is a one-line message in the page; the app keeps serving.
 """
 
 from __future__ import annotations
@@ -41,7 +29,7 @@ from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import default_device, load_pipeline, scheduler_steps
 from ddpm_mnist.hardware import describe_device, has_native_bf16
-from ddpm_mnist.image_utils import digit_grid
+from ddpm_mnist.image_utils import HALVES, digit_grid
 from ddpm_mnist.metrics.classifier import load_mnist_classifier
 from ddpm_mnist.metrics.quality import classifier_outputs
 from ddpm_mnist.pipeline_ddpm_mnist_inpaint import (
@@ -55,23 +43,18 @@ from ddpm_mnist.schedulers import SCHEDULERS
 
 APP_DIR = Path(__file__).resolve().parent
 RELEASES = ("ddpm-mnist-small", "ddpm-mnist-cond-small")  # the released pipelines: pretrained/<name>, or the Hub
-HUB_NAMESPACE = "ddpm-mnist"
 MODELS_VARIABLE = "DDPM_MNIST_MODELS"
 
 
 class SamplingSetting(NamedTuple):
-    """Where the app starts for a model: the Generate tab's scheduler (of `SCHEDULERS`) and steps, and the
-    classifier-free guidance of the Generate and Complete tabs (its scale, and the timesteps it acts at: None for
-    every step)."""
+    """Where the app starts for a model: the Generate tab's scheduler (of `SCHEDULERS`) and steps, and the guidance."""
 
     scheduler: str
     num_inference_steps: int
     guidance_scale: float
-    guidance_interval: tuple[int, int] | None = None
 
 
-# What each release's model card measured and recommends; any other model starts from the pipeline's own DDPM on 50
-# respaced steps, which asks least of a model's training.
+# What each release's model card recommends; any other model starts from the pipeline's own DDPM on 50 steps.
 RECOMMENDED_SETTINGS = {
     "ddpm-mnist-small": SamplingSetting("unipc", 20, 1.0),
     "ddpm-mnist-cond-small": SamplingSetting("unipc", 20, 2.0),
@@ -85,29 +68,15 @@ MAX_IMAGES = 64
 UPSCALE = 4  # screen pixels per digit pixel: nearest-neighbour blocks keep the digits sharp
 STRIP_FRAMES = 10
 INK = 0.2  # a drawn pixel at 28 x 28, in [0, 1]
-KEPT_CAPTION = "kept (grey: redrawn)"
 PAD_SIZE = 280  # the sketch pad's side in pad pixels: 10 x 10 of them make one digit pixel
-# The brush's radius in pad pixels, by measurement: digit-shaped strokes drawn as the pad draws them (antialiased discs
-# along the path) and reduced to 28 x 28 as `sketch_to_digit` does are 2.8 digit pixels across with soft edges. Their
-# median width (the ink across the stroke along a row or a column, the lesser) is 2.96 pixels against 2.98 for the
-# bundled MNIST test digits (radius 13: 2.75, 15: 3.17, 22: 4.65), with 0.54 of their inked pixels above 0.9 (MNIST:
-# 0.46). tests/test_demo.py repeats the measurement.
+# The brush's radius in pad pixels: strokes read by `sketch_to_digit` are 2.96 pixels wide (median), as MNIST's 2.98
+# (radius 13: 2.75, 15: 3.17; tests/test_demo.py repeats the measurement).
 BRUSH_RADIUS = 14
 # The region the model redraws, as (rows, columns) of the digit; what is drawn is kept wherever it lies.
-HALF = 14
-REGIONS = {
-    "bottom half": (slice(HALF, None), slice(None)),
-    "top half": (slice(None, HALF), slice(None)),
-    "right half": (slice(None), slice(HALF, None)),
-    "left half": (slice(None), slice(None, HALF)),
-    "everything not drawn": (slice(None), slice(None)),
-}
-# The latents' step of the Interpolate tab: at t = 250 the released model's rows start and end at the two digits;
-# at the paper's t = 500 (for 256 x 256 faces) MNIST's 28 x 28 digits are mostly redrawn as other digits.
-INTERPOLATION_T = 250
-SAMPLING = "sampling"  # the concurrency group of every event that runs the UNet
-# The defaults that mark a handler's progress argument; Gradio passes each call a tracker of its own in their place,
-# fed by the handler or, for the second, by the progress bars (tqdm) of what the handler calls.
+REGIONS = {f"{half} half": HALVES[half] for half in ("bottom", "top", "right", "left")}
+REGIONS["everything not drawn"] = (slice(None), slice(None))
+INTERPOLATION_T = 250  # the latents' step: the released model's rows start and end at the two digits (see interpolate)
+# The defaults that mark a handler's progress argument, for which Gradio passes each call a tracker of its own.
 PROGRESS = gr.Progress()
 PROGRESS_OF_TQDM = gr.Progress(track_tqdm=True)
 
@@ -120,7 +89,7 @@ def recommended_setting(model: str) -> SamplingSetting:
 def default_models() -> list[str]:
     """The released pipelines: `pretrained/<name>` beside the app where it exists, else the Hub repo id."""
     local = [APP_DIR.parent / "pretrained" / name for name in RELEASES]
-    return [str(path) if path.is_dir() else f"{HUB_NAMESPACE}/{path.name}" for path in local]
+    return [str(path) if path.is_dir() else f"ddpm-mnist/{path.name}" for path in local]
 
 
 def load_models(models: Sequence[str | os.PathLike], device: str, dtype: str, *, required: bool) -> dict:
@@ -169,21 +138,14 @@ def _upscaled(digits: torch.Tensor, cols: int | None = None) -> Image.Image:
 def _fresh(pipe: DDPMMnistPipeline, scheduler: str = "ddpm", pipeline_class: type = DDPMMnistPipeline):
     """A `pipeline_class` over `pipe`'s UNet with a scheduler of its own (`SCHEDULERS[scheduler]` on the pipeline's
     noise schedule), so that calls running at once never share a scheduler's timesteps."""
-    fresh = pipeline_class(
-        unet=pipe.unet,
-        scheduler=SCHEDULERS[scheduler].from_config(pipe.scheduler.config),
-        image_size=pipe.config.image_size,
-    )
+    fresh = pipeline_class(pipe.unet, SCHEDULERS[scheduler].from_config(pipe.scheduler.config), pipe.config.image_size)
     fresh.set_progress_bar_config(disable=True)
     return fresh
 
 
 def sketch_to_digit(sketch: dict | None, size: int) -> np.ndarray:
-    """The sketch pad's picture (or an uploaded one) as a size x size digit in [0, 1], white on black as MNIST's.
-
-    The pad draws black on white: a picture brighter than mid-grey on average is inverted. Nothing drawn is a
-    ValueError.
-    """
+    """The sketch pad's picture (or an uploaded one) as a size x size digit in [0, 1], white on black as MNIST's: a
+    picture brighter than mid-grey on average (the pad draws black on white) is inverted. Nothing drawn: ValueError."""
     composite = (sketch or {}).get("composite")
     if composite is not None:
         pixels = np.asarray(composite.convert("L").resize((size, size), Image.BOX), dtype=np.float32) / 255
@@ -195,8 +157,6 @@ def sketch_to_digit(sketch: dict | None, size: int) -> np.ndarray:
 
 def keep_mask(digit: np.ndarray, region: str) -> np.ndarray:
     """1 where the pixel is kept: everywhere outside `region` (one of REGIONS), and every drawn pixel."""
-    if region not in REGIONS:
-        raise ValueError(f"region {region!r} is not one of {', '.join(REGIONS)}; pick one of them.")
     keep = np.ones_like(digit)
     keep[REGIONS[region]] = 0
     return np.maximum(keep, digit >= INK)
@@ -209,8 +169,7 @@ def bundled_test_digits() -> torch.Tensor:
 
 
 def _reading_images(preprocess: Callable) -> Callable:
-    """A sketch pad's `preprocess` (which opens an uploaded file, before any handler runs) for which a file that is
-    not an image is bad input like any other: a one-line message in the page."""
+    """A sketch pad's `preprocess` (which opens an uploaded file) for which a file that is not an image is bad input."""
 
     @_reported
     @functools.wraps(preprocess)
@@ -232,33 +191,25 @@ class DigitDemo:
         self.classifier = load_mnist_classifier(device=device)
         self.test_digits = bundled_test_digits()
 
-    def pipeline(self, model: str) -> DDPMMnistPipeline:
-        """The loaded pipeline named `model`."""
-        if model not in self.pipelines:
-            raise ValueError(f"model {model!r} is not loaded; pick one of {', '.join(self.pipelines)}.")
-        return self.pipelines[model]
-
-    def class_labels(self, model: str, digit: str, count: int) -> list[int] | None:
-        """`count` labels of the chosen digit, or None for any digit; a digit needs a class-conditional model."""
-        if digit == ANY_DIGIT:
-            return None
-        if not self.pipeline(model).is_class_conditional:
-            raise ValueError(
-                f"{model} draws any digit (it is unconditional): choose {ANY_DIGIT!r}, or a conditional model."
-            )
-        return [int(digit)] * count
-
-    def guidance(self, labels: list[int] | None, guidance_scale: float) -> float:
-        """The guidance scale to sample with: guidance steers toward a chosen digit, so none without one."""
-        return 1.0 if labels is None else float(guidance_scale)
-
-    def guidance_interval(self, model: str, low: float, high: float | None) -> tuple[int, int] | None:
-        """The timesteps guidance acts at, from the two fields (the pipeline checks their range); None for every
-        step, as from 0 to T (`high` None: T)."""
-        num_train_timesteps = self.pipeline(model).scheduler.config.num_train_timesteps
+    def guidance(self, model: str, digit: str, count: int, scale: float, low: float, high: float | None) -> dict:
+        """The pipeline's `class_labels` (`count` of the chosen digit, or None for any digit), `guidance_scale` (1
+        without labels) and `guidance_interval` (None for every step: 0 to T; `high` None: T) from a tab's fields."""
+        pipe = self.pipelines[model]
+        labels = None
+        if digit != ANY_DIGIT:
+            if not pipe.is_class_conditional:
+                raise ValueError(
+                    f"{model} draws any digit (it is unconditional): choose {ANY_DIGIT!r}, or a conditional model."
+                )
+            labels = [int(digit)] * count
+        num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         high = num_train_timesteps if high is None else high
         interval = (_whole(low, "guide from t"), _whole(high, "guide up to t"))
-        return None if interval == (0, num_train_timesteps) else interval
+        return {
+            "class_labels": labels,
+            "guidance_scale": 1.0 if labels is None else float(scale),
+            "guidance_interval": None if interval == (0, num_train_timesteps) else interval,
+        }
 
     @_reported
     def generate(
@@ -275,10 +226,9 @@ class DigitDemo:
         progress: gr.Progress = PROGRESS,
     ) -> tuple[Image.Image, Image.Image, str]:
         """A grid of digits, the denoising of the first one (x_t after evenly spaced steps), and how long it took."""
-        pipe = self.pipeline(model)
+        pipe = self.pipelines[model]
         count = _whole(num_images, "the number of digits", 1, MAX_IMAGES)
-        labels = self.class_labels(model, digit, count)
-        interval = self.guidance_interval(model, guidance_from, guidance_to)
+        guidance = self.guidance(model, digit, count, guidance_scale, guidance_from, guidance_to)
         steps = scheduler_steps(pipe, scheduler, _whole(num_inference_steps, "steps"))
         generator = torch.Generator().manual_seed(_whole(seed, "the seed", 0, 2**32 - 1))
         pipeline_copy = _fresh(pipe, scheduler)
@@ -294,9 +244,7 @@ class DigitDemo:
         start = time.perf_counter()
         images = pipeline_copy(
             batch_size=count,
-            class_labels=labels,
-            guidance_scale=self.guidance(labels, guidance_scale),
-            guidance_interval=interval,
+            **guidance,
             generator=generator,
             num_inference_steps=steps,
             output_type="pt",
@@ -323,13 +271,11 @@ class DigitDemo:
     ) -> tuple[list[tuple[Image.Image, str]], str]:
         """The tab's gallery (what the model keeps of the sketch, the region it redraws in grey, then its completions
         of a few seeds with what the classifier reads in each) and how long it took."""
-        pipe = self.pipeline(model)
-        size = pipe.config.image_size
-        known = sketch_to_digit(sketch, size)
+        pipe = self.pipelines[model]
+        known = sketch_to_digit(sketch, pipe.config.image_size)
         keep = keep_mask(known, region)
         count = _whole(num_completions, "the number of completions", 1, MAX_IMAGES)
-        labels = self.class_labels(model, digit, count)
-        interval = self.guidance_interval(model, guidance_from, guidance_to)
+        guidance = self.guidance(model, digit, count, guidance_scale, guidance_from, guidance_to)
         steps = scheduler_steps(pipe, "ddpm", _whole(num_inference_steps, "steps"))
         first_seed = _whole(seed, "the seed", 0, 2**32 - count)
         inpaint = _fresh(pipe, pipeline_class=DDPMMnistInpaintPipeline)
@@ -346,9 +292,7 @@ class DigitDemo:
         images = inpaint(
             image=[Image.fromarray(np.uint8(known * 255))] * count,
             mask_image=Image.fromarray(np.uint8(keep * 255)),
-            class_labels=labels,
-            guidance_scale=self.guidance(labels, guidance_scale),
-            guidance_interval=interval,
+            **guidance,
             num_inference_steps=steps,
             jump_length=jump_length,
             generator=[torch.Generator().manual_seed(first_seed + i) for i in range(count)],
@@ -359,7 +303,7 @@ class DigitDemo:
         probabilities = classifier_outputs(images.float().cpu(), self.classifier, progress=False).logits.softmax(-1)
         confidence, read = probabilities.max(dim=1)
         kept = torch.from_numpy(np.where(keep > 0, known, 0.4))[None, None]
-        pictures = [(_upscaled(kept), KEPT_CAPTION)] + [
+        pictures = [(_upscaled(kept), "kept (grey: redrawn)")] + [
             (_upscaled(image[None]), f"seed {first_seed + i}: reads {int(read[i])} ({float(confidence[i]):.0%})")
             for i, image in enumerate(images)
         ]
@@ -383,21 +327,16 @@ class DigitDemo:
         progress: gr.Progress = PROGRESS_OF_TQDM,
     ) -> tuple[Image.Image, str]:
         """The row between two test digits, lambda from 0 (digit A) to 1 (digit B), and how long it took."""
-        decoder = _fresh(self.pipeline(model))
+        decoder = _fresh(self.pipelines[model])
         decoder.set_progress_bar_config(desc="decoding the row")  # what the progress bar follows
         t = _whole(timestep, "t")
         lambdas = np.linspace(0, 1, _whole(num_lambdas, "the number of images", 2, MAX_IMAGES)).tolist()
         steps = scheduler_steps(decoder, "ddpm", _whole(num_inference_steps, "steps"))
+        a, b = (self.test_digit(index) * 2 - 1 for index in (index_a, index_b))  # x_0 in [-1, 1]
+        generator = torch.Generator().manual_seed(_whole(seed, "the seed", 0, 2**32 - 1))
         start = time.perf_counter()
         images = ddpm_mnist.interpolate(
-            decoder,
-            self.test_digit(index_a) * 2 - 1,
-            self.test_digit(index_b) * 2 - 1,
-            t=t,
-            lambdas=lambdas,
-            num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(_whole(seed, "the seed", 0, 2**32 - 1)),
-            output_type="pt",
+            decoder, a, b, t=t, lambdas=lambdas, num_inference_steps=steps, generator=generator, output_type="pt"
         ).images
         seconds = time.perf_counter() - start
         info = f"{len(lambdas)} digits through t = {t} in {seconds:.2f} s ({steps}-step chain; {self.hardware})"
@@ -405,17 +344,13 @@ class DigitDemo:
 
 
 def build_demo(
-    models: Sequence[str | os.PathLike] | None = None,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    concurrency_limit: int | None = None,
+    models: Sequence[str | os.PathLike] | None = None, *, device: str | None = None, dtype: str | None = None
 ) -> gr.Blocks:
     """The app, its queue set up, over pipelines loaded once (folders or Hub repo ids; by default the released ones).
 
     `device` defaults to the GPU where there is one; `dtype` to bf16 where the device computes it natively, else
-    fp32; `concurrency_limit` (how many sampling calls run at once, over all tabs) to 1 on a CPU, whose cores one call
-    already keeps busy, and 4 on a GPU. A model that cannot be loaded is a UsageError.
+    fp32. Sampling calls, over all tabs, run one at a time on a CPU, whose cores one call already keeps busy, and four
+    at once on a GPU. A model that cannot be loaded is a UsageError.
     """
     device = device or default_device()
     dtype = dtype or ("bf16" if has_native_bf16(device) else "fp32")
@@ -429,50 +364,39 @@ def build_demo(
     def model_controls(model: str) -> tuple[dict | str | int, ...]:
         """The model's recommended scheduler, steps and guidance; digit and guidance controls usable only with a
         class-conditional model."""
-        usable = app.pipeline(model).is_class_conditional
-        recommended = recommended_setting(model)
-        digit = gr.update(interactive=True) if usable else gr.update(interactive=False, value=ANY_DIGIT)
-        guidance = gr.update(interactive=usable, value=recommended.guidance_scale)
-        low, high = recommended.guidance_interval or (0, app.pipeline(model).scheduler.config.num_train_timesteps)
-        interval = gr.update(interactive=usable, value=low), gr.update(interactive=usable, value=high)
-        controls = (digit, guidance, *interval)
+        pipe, recommended = pipelines[model], recommended_setting(model)
+        usable = pipe.is_class_conditional
+        controls = (
+            gr.update(interactive=True) if usable else gr.update(interactive=False, value=ANY_DIGIT),
+            gr.update(interactive=usable, value=recommended.guidance_scale),
+            gr.update(interactive=usable, value=0),
+            gr.update(interactive=usable, value=pipe.scheduler.config.num_train_timesteps),
+        )
         return *controls, *controls, recommended.scheduler, recommended.num_inference_steps
 
     def test_digit(index: float) -> Image.Image:
         """A bundled test digit, enlarged, as the page shows it."""
         return _upscaled(app.test_digit(index))
 
+    usable = bool(conditional)  # the digit and guidance controls, until a model is picked
+
     def digit_choice(label: str) -> gr.Dropdown:
-        return gr.Dropdown(DIGIT_CHOICES, value=ANY_DIGIT, label=label, interactive=bool(conditional))
+        return gr.Dropdown(DIGIT_CHOICES, value=ANY_DIGIT, label=label, interactive=usable)
 
     def guidance_choice() -> gr.Slider:
-        return gr.Slider(
-            1,
-            10,
-            value=setting.guidance_scale,
-            step=0.5,
-            label="guidance scale (with a chosen digit)",
-            interactive=bool(conditional),
-        )
+        label = "guidance scale (with a chosen digit)"
+        return gr.Slider(1, 10, value=setting.guidance_scale, step=0.5, label=label, interactive=usable)
 
     def interval_choice() -> tuple[gr.Number, gr.Number]:
-        low, high = setting.guidance_interval or (0, num_train_timesteps)
+        high = f"guide up to t (all: 0 to {num_train_timesteps})"
         return (
-            gr.Number(low, precision=0, label="guide from t", interactive=bool(conditional)),
-            gr.Number(
-                high,
-                precision=0,
-                label=f"guide up to t (all: 0 to {num_train_timesteps})",
-                interactive=bool(conditional),
-            ),
+            gr.Number(0, precision=0, label="guide from t", interactive=usable),
+            gr.Number(num_train_timesteps, precision=0, label=high, interactive=usable),
         )
 
-    def seed_choice() -> gr.Number:
-        return gr.Number(0, precision=0, label="seed")
-
     sampling = {
-        "concurrency_id": SAMPLING,
-        "concurrency_limit": concurrency_limit or (1 if torch.device(device).type == "cpu" else 4),
+        "concurrency_id": "sampling",  # one group for every event that runs the UNet
+        "concurrency_limit": 1 if torch.device(device).type == "cpu" else 4,
     }
     with gr.Blocks(title="ddpm-mnist") as demo:
         gr.Markdown(
@@ -488,21 +412,16 @@ def build_demo(
                 guidance_from, guidance_to = interval_choice()
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=setting.scheduler, label="scheduler")
-                steps = gr.Number(
-                    setting.num_inference_steps,
-                    precision=0,
-                    label=f"steps (1 to {num_train_timesteps})",
-                    elem_id="steps",
-                )
-                seed = seed_choice()
+                steps_label = f"steps (1 to {num_train_timesteps})"
+                steps = gr.Number(setting.num_inference_steps, precision=0, label=steps_label, elem_id="steps")
+                seed = gr.Number(0, precision=0, label="seed")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             grid = gr.Image(label="digits", format="png", elem_id="grid")
             strip = gr.Image(label="the first digit, denoised step by step (x_t, left to right)", format="png")
             generate_info = gr.Markdown(elem_id="generate-info")
         with gr.Tab("Complete"):
             with gr.Row():
-                # The pad opens on a blank white page: Gradio's editor then selects the brush, ready to draw (with
-                # nothing in it and an upload source, it would select the image tool instead).
+                # A blank white page to show makes Gradio's editor open with the brush selected, not the image tool.
                 sketch = gr.Sketchpad(
                     Image.new("L", (PAD_SIZE, PAD_SIZE), 255),
                     label="draw part of a digit (or upload one), large and centred as in MNIST",
@@ -525,7 +444,7 @@ def build_demo(
                     complete_steps = gr.Number(
                         DEFAULT_NUM_INFERENCE_STEPS, precision=0, label="steps", elem_id="complete-steps"
                     )
-                    complete_seed = seed_choice()
+                    complete_seed = gr.Number(0, precision=0, label="seed")
                     complete = gr.Button("Complete", variant="primary", elem_id="complete")
             # The kept part and the completions share one gallery, so that the kept part shows as large as they do.
             completions = gr.Gallery(
@@ -540,19 +459,16 @@ def build_demo(
             with gr.Row():
                 index_a = gr.Slider(0, len(app.test_digits) - 1, value=0, step=1, label="test digit A")
                 index_b = gr.Slider(0, len(app.test_digits) - 1, value=1, step=1, label="test digit B")
+                last_t = num_train_timesteps - 1
                 timestep = gr.Slider(
-                    0,
-                    num_train_timesteps - 1,
-                    value=min(INTERPOLATION_T, num_train_timesteps - 1),
-                    step=1,
-                    label="t (the latents' step)",
+                    0, last_t, value=min(INTERPOLATION_T, last_t), step=1, label="t (the latents' step)"
                 )
                 num_lambdas = gr.Slider(2, 16, value=11, step=1, label="images in the row")
             with gr.Row():
                 interpolate_steps = gr.Number(
                     INTERPOLATION_STEPS, precision=0, label="steps of the whole chain", elem_id="interpolate-steps"
                 )
-                interpolate_seed = seed_choice()
+                interpolate_seed = gr.Number(0, precision=0, label="seed")
             with gr.Row():
                 digit_a = gr.Image(test_digit(0), label="A", format="png", scale=1)
                 digit_b = gr.Image(test_digit(1), label="B", format="png", scale=1)
@@ -560,16 +476,10 @@ def build_demo(
             row = gr.Image(label="from A (left) to B (right), mixed at step t and denoised", format="png")
             interpolate_info = gr.Markdown()
 
-        model.change(
-            model_controls,
-            model,
-            [
-                *(digit, guidance, guidance_from, guidance_to),
-                *(complete_digit, complete_guidance, complete_from, complete_to),
-                *(scheduler, steps),
-            ],
-            api_visibility="private",
-        )
+        guidance_controls = [digit, guidance, guidance_from, guidance_to]
+        complete_guidance_controls = [complete_digit, complete_guidance, complete_from, complete_to]
+        model_settings = [*guidance_controls, *complete_guidance_controls, scheduler, steps]
+        model.change(model_controls, model, model_settings, api_visibility="private")
         index_a.change(test_digit, index_a, digit_a, api_visibility="private", queue=False)
         index_b.change(test_digit, index_b, digit_b, api_visibility="private", queue=False)
         generate.click(

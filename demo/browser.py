@@ -1,14 +1,8 @@
 """The demo in a real browser: headless Chromium driven by Playwright, for the tests, the load benchmark and the
 README's screenshot (`python demo/browser.py --output demo/screenshot.png`, the released pipelines after one Generate).
 
-    with chromium_page() as page:
-        open_app(page, "http://127.0.0.1:7860")
-        press_generate(page)
-        page.screenshot(path="screenshot.png", full_page=True)
-
-Playwright's Python package drives the system's Chromium (`chromium` on the PATH, as Debian's package installs it),
-started headless with a fresh profile and without anything that reaches the network on its own. Nothing here runs
-in a Space; it needs `pip install playwright` and a Chromium, and `chromium_executable()` says whether there is one.
+Playwright's package (`pip install playwright`, not in a Space) drives the system's Chromium (`chromium` on the PATH,
+as Debian installs it), headless, with a fresh profile and nothing that reaches the network on its own.
 """
 
 from __future__ import annotations
@@ -49,14 +43,11 @@ def chromium_page(executable: str | None = None) -> Iterator[Page]:
     if executable is None:
         raise FileNotFoundError("no chromium on the PATH; install it (Debian: apt-get install chromium).")
     with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        context = playwright.chromium.launch_persistent_context(
+        with playwright.chromium.launch_persistent_context(
             profile, executable_path=executable, headless=True, args=CHROMIUM_FLAGS, viewport=VIEWPORT
-        )
-        context.set_default_timeout(TIMEOUT_MS)
-        try:
+        ) as context:
+            context.set_default_timeout(TIMEOUT_MS)
             yield context.pages[0] if context.pages else context.new_page()
-        finally:
-            context.close()
 
 
 def open_app(page: Page, url: str) -> float:

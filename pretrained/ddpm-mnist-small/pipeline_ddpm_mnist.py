@@ -1,12 +1,8 @@
 """DDPMMnistPipeline: Algorithm 2 of the DDPM paper (Ho et al. 2020) for MNIST digits.
 
 Noise x_T ~ N(0, I) -> for each timestep of the scheduler: eps = UNet(x_t, t), x_{t-1} = scheduler.step(...)
--> x_0 in [-1, 1] -> 28x28 greyscale digits. Any diffusers scheduler compatible with the DDPM schedule can be
-swapped in (DDIM, DPM-Solver++, UniPC, Euler, Heun).
-
-This file imports only torch, diffusers and the standard library, and the module beside it that saves and loads the
-pipeline with its code (`remote_code_utils.RemoteCodeMixin`), so that both can be copied as they are into a Hub
-repository and loaded with `trust_remote_code=True`.
+-> x_0 in [-1, 1] -> 28x28 greyscale digits. This file imports only torch, diffusers, the standard library and the
+module beside it (`remote_code_utils`), so that both load with `trust_remote_code=True` without the package.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .remote_code_utils import RemoteCodeMixin
@@ -32,14 +29,15 @@ class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
     r"""
     Unconditional generation of MNIST digits with a DDPM.
 
-    `from_pretrained` (a folder or a Hub repo id), `save_pretrained` and `push_to_hub` are diffusers' own, in the
-    layout that loads with this package and without it (see [`RemoteCodeMixin`]).
+    `from_pretrained` (a folder or a Hub repo id), `save_pretrained` and `push_to_hub` are diffusers', in the layout
+    that loads with this package and without it (see [`RemoteCodeMixin`]).
 
     Parameters:
         unet ([`DDPMMnistUNet`]):
             The noise-prediction network eps_theta(x_t, t).
         scheduler ([`SchedulerMixin`]):
-            The reverse process: [`DDPMMnistScheduler`] or any compatible diffusers scheduler.
+            The reverse process: [`DDPMMnistScheduler`] or any diffusers scheduler compatible with the DDPM schedule
+            (DDIM, DPM-Solver++, UniPC, Euler, Heun).
         image_size (`int`, *optional*, defaults to 28):
             The side of the digits. A UNet whose `sample_size` is larger was trained on digits padded with the
             background value; the pipeline crops the centre `image_size` pixels back out. Saved in
@@ -58,6 +56,7 @@ class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
             )
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(image_size=image_size)
+        self.image_processor = VaeImageProcessor()  # [-1, 1] -> [0, 1] as "pil", "np" or "pt"
 
     @property
     def is_class_conditional(self) -> bool:
@@ -71,12 +70,8 @@ class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
         batch_size: int | None,
         guidance_interval: tuple[int, int] | None = None,
     ) -> int:
-        """Check the class labels and guidance against the UNet and scheduler; return the batch size they imply.
-
-        Raises a ValueError before any sampling: labels for an unconditional model, a label outside the classes, a
-        guidance scale below 1 or without labels, a `guidance_interval` that is not a pair `low <= high` within
-        [0, num_train_timesteps], or a `batch_size` that disagrees with the number of labels.
-        """
+        """Check the class labels and guidance against the UNet and scheduler (a ValueError before any sampling);
+        return the batch size they imply."""
         if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
             raise ValueError(
                 f"guidance_scale must be a number of at least 1 (1 = no guidance), got {guidance_scale!r}."
@@ -117,20 +112,6 @@ class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
                 "as many labels as images."
             )
         return len(labels)
-
-    @staticmethod
-    def guidance_at(t: torch.Tensor | int, guidance_scale: float, guidance_interval: tuple[int, int] | None) -> float:
-        """The guidance scale at timestep `t`: `guidance_scale` inside `guidance_interval` (inclusive), else 1.
-
-        Guidance in a limited interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves
-        Sample and Distribution Quality in Diffusion Models"): off at the highest noise levels, where strong guidance
-        pulls every sample of a class toward the same few shapes, and at the lowest, where it no longer changes the
-        digit. Without an interval (None) every step is guided. Outside it a step costs one UNet call instead of two.
-        """
-        if guidance_interval is None:
-            return guidance_scale
-        low, high = guidance_interval
-        return guidance_scale if low <= float(t) <= high else 1.0
 
     def predict_noise(
         self,
@@ -204,11 +185,8 @@ class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
         r"""
         Sample digits by running the reverse process from pure noise (Algorithm 2), optionally of requested classes.
 
-        Precision: the UNet runs in its own dtype, while x_t, the noise and every scheduler update stay in float32.
-        On hardware with native bf16 (a CPU with AVX512-BF16 or AMX, a recent GPU) ask for a bf16 UNet with
-        `DDPMMnistPipeline.from_pretrained(path, dtype=torch.bfloat16)` (diffusers' older name: `torch_dtype`) or
-        `pipe.to(torch.bfloat16)`: it samples faster from the same noise, with digits that score like float32 ones
-        (benchmarks/README.md).
+        The UNet runs in its own dtype (bf16 samples faster where native: `pipe.to(torch.bfloat16)`); x_t, the noise
+        and every scheduler update (eq. 11, eq. 7) stay in float32.
 
         Args:
             batch_size (`int`, *optional*):
@@ -217,34 +195,27 @@ class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
                 The digit (0-9) to draw for each image, for a class-conditional pipeline (`is_class_conditional`).
                 Without labels a conditional model draws any digit (its null class).
             guidance_scale (`float`, *optional*, defaults to 1.0):
-                Classifier-free guidance scale, as in `DiTPipeline`: guidance is on when it is above 1; higher values
-                draw more clearly the requested digit at some cost in variety.
+                Classifier-free guidance scale, as in `DiTPipeline`: on above 1; higher values draw the requested
+                digit more clearly at some cost in variety.
             guidance_interval (`tuple[int, int]`, *optional*):
-                Guide only the steps whose timestep t lies in `[low, high]` (of the scheduler's `num_train_timesteps`,
-                high t = much noise); the other steps use the conditional prediction alone, at one UNet call.
-                Kynkäänniemi et al. 2024 find guidance at the noisiest steps costs variety and at the last ones does
-                little. By default every step is guided. Unlike the `start`/`stop` of diffusers' guiders, which count
-                denoising steps, the interval names noise levels, so it means the same at any `num_inference_steps`
-                and with any scheduler.
+                Guide only the steps whose timestep lies in `[low, high]` (by default all): guidance at the noisiest
+                steps costs variety, at the last ones it does little (Kynkäänniemi et al. 2024). The others use the
+                conditional prediction alone, at one UNet call. Timesteps, unlike the steps of diffusers' guiders,
+                mean the same at any step count and with any scheduler.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Makes sampling deterministic. With a list (one per image), image i is the image that a batch of
-                one would give with generator i.
+                Makes sampling deterministic. With a list (one per image), image i is what a batch of one would give
+                with generator i.
             num_inference_steps (`int`, *optional*, defaults to 1000):
-                The number of denoising steps, at most the scheduler's `num_train_timesteps`. The default follows
-                diffusers' `DDPMPipeline`: the paper's whole chain. Fewer steps respace it (`timestep_spacing`).
-                Both released models' cards recommend diffusers' UniPC on 20 steps, measured against the other
-                schedulers and step counts:
-                `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)`, then
-                `num_inference_steps=20`.
+                The number of denoising steps, at most the scheduler's `num_train_timesteps` (the default: the paper's
+                whole chain, as diffusers' `DDPMPipeline`); fewer respace it. The released models' cards recommend
+                `pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)` on 20 steps.
             output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"` (greyscale `PIL.Image`s, mode "L"), `"np"` (an array of shape (N, 28, 28, 1) in [0, 1])
-                or `"pt"` (a tensor of shape (N, 1, 28, 28) in [0, 1]).
+                `"pil"` (greyscale, mode "L"), `"np"` ((N, 28, 28, 1) in [0, 1]) or `"pt"` ((N, 1, 28, 28) in [0, 1]).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`~pipelines.ImagePipelineOutput`] rather than a tuple.
             callback_on_step_end (`Callable`, *optional*):
-                Called after every step as `callback_on_step_end(pipe, i, t, callback_kwargs)`, diffusers' callback
-                convention: `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (here
-                `"image"`, the current x_{t-1} in the model's space), and the dict it returns replaces them.
+                Called after every step as `callback_on_step_end(pipe, i, t, callback_kwargs)`, as in diffusers:
+                `callback_kwargs["image"]` is x_{t-1}, and the dict it returns replaces it.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["image"]`):
                 The tensors handed to `callback_on_step_end`.
 
@@ -266,80 +237,62 @@ class DDPMMnistPipeline(RemoteCodeMixin, DiffusionPipeline):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the images, as `.images` or as the tuple's only item.
         """
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["image"]
         batch_size = self.check_class_inputs(class_labels, guidance_scale, batch_size, guidance_interval)
         self.check_inputs(batch_size, generator, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         sample_size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, sample_size, sample_size)
-        if class_labels is not None:
-            class_labels = torch.as_tensor(class_labels, device=device).long()
-
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        # x_T ~ N(0, I), scaled for schedulers that work in sigma space (Euler, Heun), whose
-        # `init_noise_sigma` depends on the timesteps just set. x_t and the scheduler's arithmetic (eq. 11's update,
-        # the posterior variance of eq. 7) stay in float32 whatever the UNet's dtype: a bf16 UNet sees a bf16 copy.
-        image = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        image = image * self.scheduler.init_noise_sigma
-        image = self.denoise(
-            image,
-            self.scheduler.timesteps,
-            class_labels,
-            guidance_scale,
-            generator,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            guidance_interval=guidance_interval,
+        # x_T ~ N(0, I), scaled for schedulers in sigma space (Euler, Heun) as the timesteps just set say.
+        x_t = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        x_t = x_t * self.scheduler.init_noise_sigma
+        timesteps = self.scheduler.timesteps
+        x_0 = self.denoise(
+            x_t, timesteps, class_labels, guidance_scale, guidance_interval, generator, callback_on_step_end
         )
-        image = self.postprocess(image, output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return self._output(x_0, output_type, return_dict)
 
     def denoise(
         self,
         x_t: torch.Tensor,
         timesteps: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
+        class_labels: list[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[int, int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("image",),
         progress: bool = True,
-        guidance_interval: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The reverse process over `timesteps` (the scheduler's, already set, or their tail): x_t -> x_0, float32.
 
-        `progress=False` hides the progress bar, for a caller that runs several passes under a bar of its own. Steps
-        outside `guidance_interval` are unguided (see `guidance_at`).
+        Steps outside `guidance_interval` (inclusive) are unguided. `callback_on_step_end` gets `{"image": x_{t-1}}`
+        after every step, as in `__call__`. `progress=False` hides the progress bar, for a caller that runs several
+        passes under a bar of its own.
         """
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=x_t.device).long()
         # UniPC and a few others draw no noise and take no generator.
         extra_step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra_step_kwargs["generator"] = generator
         for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
             model_input = self.scheduler.scale_model_input(x_t, t)
-            scale = self.guidance_at(t, guidance_scale, guidance_interval)
-            model_output = self.predict_noise(model_input, t, class_labels, scale)
+            guided = guidance_interval is None or guidance_interval[0] <= float(t) <= guidance_interval[1]
+            model_output = self.predict_noise(model_input, t, class_labels, guidance_scale if guided else 1.0)
             x_t = self.scheduler.step(model_output, t, x_t, **extra_step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                tensors = {"image": x_t}
-                outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                x_t = outputs.get("image", x_t)
+                x_t = callback_on_step_end(self, i, t, {"image": x_t}).get("image", x_t)
         return x_t
 
     def postprocess(
         self, x_0: torch.Tensor, output_type: str = "pil"
     ) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
         """x_0 in [-1, 1] -> digits in [0, 1]: the centre `image_size` crop, as `output_type` ("pil", "np", "pt")."""
-        # Crop the padding a 32x32 model was trained with, then map [-1, 1] to [0, 1].
-        border = (self.unet.config.sample_size - self.config.image_size) // 2
-        image = x_0[:, :, border : border + self.config.image_size, border : border + self.config.image_size]
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
-        return image
+        border, size = (self.unet.config.sample_size - self.config.image_size) // 2, self.config.image_size
+        return self.image_processor.postprocess(x_0[:, :, border : border + size, border : border + size], output_type)
+
+    def _output(self, x_0: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        """The end of a call: x_0 post-processed, the offload hooks freed, the images as `return_dict` asks."""
+        images = self.postprocess(x_0, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -1,16 +1,12 @@
 """RemoteCodeMixin: saving and loading the package's pipelines in a layout that loads with the package and without it.
 
-A folder written by `save_pretrained`, and so a repo pushed by `push_to_hub` or `save_pretrained(...,
-push_to_hub=True)`, carries the code of its pipeline beside the weights, and its model_index.json names the module files
-(`_class_name: ["pipeline_ddpm_mnist", "DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist", "DDPMMnistUNet"]`):
+A folder written by `save_pretrained` (and so a repo pushed by `push_to_hub`) carries the code of its pipeline beside
+the weights, and its model_index.json names the module files (`"unet": ["unet_ddpm_mnist", "DDPMMnistUNet"]`):
 diffusers' generic loader runs those files with `trust_remote_code=True`, without the package. With the package
-imported, `load_config` reads those names as the modules beside this one, so the package's classes load the folder.
+imported, `load_config` reads those names as the package's own modules, which load without running downloaded code.
 
-Loading by Hub repo id: diffusers' `DiffusionPipeline.download` refuses a model_index.json whose components come from a
-package outside diffusers (`_get_custom_components_and_folders` accepts only diffusers' own libraries or a
-`<component>/<module>.py` file in the repo), even when that package is installed. So `from_pretrained` fetches the repo
-with `huggingface_hub.snapshot_download` and loads the local snapshot, where diffusers resolves the components from the
-imported package.
+diffusers' `DiffusionPipeline.download` refuses a model_index.json whose components come from a package outside
+diffusers, even when it is installed: `from_pretrained` fetches a Hub repo with `snapshot_download` and loads that.
 
 This file imports only diffusers, huggingface_hub and the standard library: a saved folder carries it beside the
 pipeline's module, which imports it.
@@ -78,11 +74,16 @@ class RemoteCodeMixin:
 
     @classmethod
     def load_config(cls, *args, **kwargs) -> dict | tuple:
-        """`ConfigMixin.load_config`, reading the remote-code entries of a pushed model_index.json as this package."""
+        """`ConfigMixin.load_config`, with the model_index.json entries that name a module file beside this one read as
+        that module of the package, and `_class_name` as this class: a folder of one of this package's pipelines loads
+        as the class asked for (a base pipeline's folder as the inpainting pipeline, say), as diffusers loads a folder
+        into any pipeline class that takes its components."""
         loaded = super().load_config(*args, **kwargs)
-        if isinstance(loaded, tuple):
-            return (_package_entries(loaded[0], cls), *loaded[1:])
-        return _package_entries(loaded, cls)
+        config = dict(loaded[0] if isinstance(loaded, tuple) else loaded)
+        for name, entry in config.items():
+            if isinstance(entry, list) and f"{_PACKAGE}.{entry[0]}" in sys.modules:
+                config[name] = cls.__name__ if name == "_class_name" else [f"{_PACKAGE}.{entry[0]}", entry[1]]
+        return (config, *loaded[1:]) if isinstance(loaded, tuple) else config
 
     def save_pretrained(
         self,
@@ -93,19 +94,13 @@ class RemoteCodeMixin:
         push_to_hub: bool = False,
         **kwargs,
     ) -> str | None:
-        """`DiffusionPipeline.save_pretrained`, in the layout that loads with the package and without it.
-
-        model_index.json names the module files the folder carries (`_class_name: ["pipeline_ddpm_mnist",
-        "DDPMMnistPipeline"]`, `"unet": ["unet_ddpm_mnist", "DDPMMnistUNet"]`): the pipeline's module and the modules
-        it imports relatively (diffusers' `get_relative_import_files`, the list its remote-code loader fetches) at the
-        root, and each component's module, if it is one of this package, in the component's folder, copied as they
-        are. diffusers' generic loader runs those files with `trust_remote_code=True`; the pipeline's
-        `from_pretrained` reads the names as the package's own modules (see `load_config`).
+        """`DiffusionPipeline.save_pretrained`, with the pipeline's module and those it imports relatively at the root
+        and each component's module of this package in the component's folder, copied as they are.
 
         `push_to_hub=True` then uploads the whole folder, as diffusers does, with diffusers' `repo_id` (default: the
         folder's name), `commit_message`, `private`, `token` and `create_pr`, and returns the commit URL (a training
-        run's folder, with its checkpoints and logs, goes up with `ddpm_mnist.hub.push_pipeline_folder` instead, which
-        leaves those out). The model card that goes up is the folder's README.md if it has one (a full card:
+        run's folder goes up with `ddpm_mnist.hub.push_pipeline_folder` instead, without its checkpoints and logs).
+        The model card that goes up is the folder's README.md if it has one (a full card:
         `ddpm_mnist.model_card.render_model_card(...).save(...)` before the push), else the repo's card, else a short
         card on how to load the pipeline.
         """
@@ -114,13 +109,7 @@ class RemoteCodeMixin:
             create_pr, private = kwargs.pop("create_pr", False), kwargs.pop("private", None)
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             repo_id = create_repo(repo_id, private=private, token=upload["token"], exist_ok=True).repo_id
-        super().save_pretrained(
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            **kwargs,
-        )
+        super().save_pretrained(save_directory, safe_serialization, variant, max_shard_size, **kwargs)
         _write_remote_code(save_directory, type(self), self.components)
         if not push_to_hub:
             return None
@@ -140,51 +129,20 @@ class RemoteCodeMixin:
         variant: str | None = None,
         subfolder: str | None = None,
     ) -> str:
-        """diffusers' `push_to_hub`, uploading what `save_pretrained(..., push_to_hub=True)` does; the commit URL.
-
-        The weights, configs and the code `trust_remote_code` needs go up in one commit, with the repo's model card,
-        or a short one for a repo without a card.
-        """
+        """diffusers' `push_to_hub`: what `save_pretrained(..., push_to_hub=True)` uploads, in one commit; the commit
+        URL."""
+        arguments = {name: value for name, value in locals().items() if name != "self"}  # each goes on as it is
         with tempfile.TemporaryDirectory() as folder:
-            return self.save_pretrained(
-                folder,
-                safe_serialization=safe_serialization,
-                variant=variant,
-                push_to_hub=True,
-                repo_id=repo_id,
-                commit_message=commit_message,
-                private=private,
-                token=token,
-                create_pr=create_pr,
-                subfolder=subfolder,
-            )
-
-
-def _package_entries(config: dict, pipeline_class: type) -> dict:
-    """model_index.json with the entries that name a module file beside this one pointing to that module instead."""
-    # A pushed repo's `["unet_ddpm_mnist", "DDPMMnistUNet"]` and `_class_name: ["pipeline_ddpm_mnist", ...]` point
-    # diffusers to the code files the repo carries; with the package imported they mean its own modules, e.g.
-    # `["ddpm_mnist.unet_ddpm_mnist", "DDPMMnistUNet"]`, which diffusers loads without running downloaded code.
-    # A folder of one of this package's pipelines loads as the class asked for (a base pipeline's folder as the
-    # inpainting pipeline, say), as diffusers loads a folder into any pipeline class that takes its components.
-    config = dict(config)
-    saved_as = config.get("_class_name")
-    if isinstance(saved_as, list) and f"{_PACKAGE}.{saved_as[0]}" in sys.modules:
-        config["_class_name"] = pipeline_class.__name__
-    for name, entry in config.items():
-        if name != "_class_name" and isinstance(entry, list) and f"{_PACKAGE}.{entry[0]}" in sys.modules:
-            config[name] = [f"{_PACKAGE}.{entry[0]}", entry[1]]
-    return config
+            return self.save_pretrained(folder, push_to_hub=True, **arguments)
 
 
 def _write_remote_code(folder: str | os.PathLike, pipeline_class: type, components: dict) -> None:
-    """Point a saved folder's model_index.json to module files, and copy those modules in (see `save_pretrained`)."""
+    """Point a saved folder's model_index.json to module files, and copy those modules in."""
     index_path = os.path.join(folder, "model_index.json")
     with open(index_path) as file:
         index = json.load(file)
     module = pipeline_class.__module__.rpartition(".")[2]
     index["_class_name"] = [module, pipeline_class.__name__]
-    # The pipeline's module and those it imports relatively, which diffusers' remote-code loader fetches beside it.
     module_file = inspect.getsourcefile(pipeline_class)
     for source in (module_file, *get_relative_import_files(module_file)):
         shutil.copyfile(source, os.path.join(folder, os.path.basename(source)))
