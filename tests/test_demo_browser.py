@@ -28,8 +28,12 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
 
 def natural_size(image) -> list[int]:
-    """The width and height of the picture an <img> shows, as the server sent it."""
-    return image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    """The width and height of the picture an <img> shows, as the server sent it, once the browser has loaded it."""
+    image.element_handle().wait_for_element_state("visible")
+    return image.evaluate(
+        "img => img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight]"
+        " : new Promise(done => img.addEventListener('load', () => done([img.naturalWidth, img.naturalHeight])))"
+    )
 
 
 def test_generate_shows_the_grid(page, tmp_path: Path) -> None:
