@@ -171,6 +171,10 @@ def train_recipe(config: str, run_dir: Path, dataset: str, minutes: float, resum
     """Run train.py on the recipe until its summed training time reaches `minutes`; its output goes to train.log."""
     command = [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--output_dir", str(run_dir)]
     command += ["--dataset_name", dataset, "--max_train_minutes", str(minutes)]
+    if not {"max_train_steps", "num_epochs"} & json.loads(Path(config).read_text()).keys():
+        # A step budget that is never reached keeps the minutes a limit on the summed training time; alone, train.py
+        # would turn them into a step count measured at the start of each snapshot.
+        command += ["--max_train_steps", str(10**9)]
     command += ["--resume_from_checkpoint", "latest"] * resume
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run_dir.mkdir(parents=True, exist_ok=True)

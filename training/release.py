@@ -67,7 +67,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ddpm_mnist import DDPMMnistInpaintPipeline, DDPMMnistPipeline, DDPMMnistScheduler, interpolate
 from ddpm_mnist.data import DEFAULT_DATASET
-from ddpm_mnist.errors import UsageError, run_entry_point
+from ddpm_mnist.errors import UsageError, first_line, run_entry_point
 from ddpm_mnist.evaluation import (
     DEFAULT_GUIDANCE_SCALES,
     DTYPES,
@@ -173,11 +173,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextmanager
 def usage(*flags: str) -> Iterator[None]:
-    """Report a library's ValueError about the input of `flags` as a one-line UsageError that names them."""
+    """Report a library's refusal of the input of `flags` (a ValueError, or an OSError for a path or a folder that
+    cannot be read) as a one-line UsageError that names them."""
     try:
         yield
-    except ValueError as error:
-        raise UsageError(f"{', '.join(flags)}: {str(error).splitlines()[0]}") from error
+    except UsageError:
+        raise
+    except (ValueError, OSError) as error:
+        raise UsageError(f"{', '.join(flags)}: {first_line(error)}") from error
 
 
 def recommended_guidance(args: argparse.Namespace, conditional: bool) -> float:

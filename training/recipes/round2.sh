@@ -6,8 +6,8 @@
 #   DATASET_NAME=path/to/mnist bash training/recipes/round2.sh   # a local copy of the Hub dataset ylecun/mnist
 #
 # Run from the repository root with the package installed. Arms train two at a time, one process and one CPU
-# thread each, for the 15 minutes of training time their configs give (the learning rate decays over that time
-# budget, see train.py's --lr_scheduler); then each is scored on 1,000 samples of the release's scheduler (the
+# thread each, for the 15 minutes of training time their configs give (a step count measured as each run starts,
+# over which the learning rate decays, see train.py's --max_train_minutes); then each is scored on 1,000 samples of the release's scheduler (the
 # pipeline's DDPM on 50 respaced steps, U-Net in bf16, sampling seed 0) against the 10,000 MNIST test digits.
 # Results: runs/round2/seed$SEED/ARM (the run) and ARM.json (`ddpm-mnist evaluate --json`). An arm already scored is
 # skipped and one cut short resumes from its last checkpoint, so the script can be run again after a stop.
