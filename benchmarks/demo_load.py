@@ -1,21 +1,17 @@
 """The demo app under load, and its speed targets: start-up to a usable page, one grid, concurrent calls.
 
-Starts `python demo/app.py --model MODEL` on 127.0.0.1 (GRADIO_SERVER_PORT=--port) and measures, printing the CPU
-with each figure:
+Starts `python demo/app.py --model MODEL` on 127.0.0.1 (GRADIO_SERVER_PORT=--port) and measures, naming the CPU:
 
-1. start-up: the seconds from starting the process to the page being usable, i.e. its Generate button painted in
-   headless Chromium (demo/browser.py; target: 10 s), or, without Playwright or a Chromium, to the page's first HTTP
-   answer (said so);
+1. start-up: the seconds until the page's Generate button is painted in headless Chromium (demo/browser.py; target:
+   10 s), or, without Playwright or a Chromium, until the page's first HTTP answer (said so);
 2. one grid: a Generate call of --num_images digits with --scheduler on --num_inference_steps steps (by default the
-   released card's recommendation, 16 digits of UniPC on 20 steps; target: 3 s), after a one-step warm-up call, as the
-   app reports it and as the client waits for it;
-3. load: --concurrent such Generate calls and --bad bad ones (0 steps, an unknown digit, more steps than T, in turn),
-   all sent at once from gradio_client, one client each: whether every good call got its grid and strip and every
-   bad one its one-line message, the p50 and p95 latency of the good ones, and the server's peak resident memory
-   (VmHWM of /proc, Linux).
+   released card's recommendation; target: 3 s), after a one-step warm-up, as the app and the client time it;
+3. load: --concurrent such calls and --bad bad ones (0 steps, an unknown digit, more steps than T, in turn) sent at
+   once, one gradio_client each: whether every good call got its grid and strip and every bad one its one-line
+   message, the p50 and p95 latency of the good ones, and the server's peak resident memory (VmHWM, Linux).
 
-The app queues calls and runs one at a time on a CPU, so the load's latencies grow with --concurrent. With --json the
-last line is one JSON object with every figure. Run it on a quiet machine: other work on the cores slows every figure.
+The app runs one call at a time on a CPU, so the load's latencies grow with --concurrent. With --json the last line
+is one JSON object with every figure. Run it on a quiet machine.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ EMA_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kills", type=int, default=6, help="SIGKILLs in all (at least 5)")
+    p.add_argument("--kills", type=int, default=6, help="SIGKILLs in all (at least 2)")
     p.add_argument("--checkpoint_kills", type=int, default=1, help="of them, kills during a checkpoint write")
     p.add_argument("--max_train_steps", type=int, default=24, help="optimizer steps of the run")
     p.add_argument("--checkpointing_steps", type=int, default=3, help="checkpoint every N steps")
@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset_name", default=None, help="an MNIST-layout folder (default: 96 random digits)")
     p.add_argument("--output_dir", default=None, help="where the two runs go (default: a temporary folder)")
     args = p.parse_args(argv)
-    if args.kills < 5 or not 1 <= args.checkpoint_kills <= args.kills:
-        p.error("--kills must be at least 5, and --checkpoint_kills between 1 and --kills.")
+    if args.kills < 2 or not 1 <= args.checkpoint_kills <= args.kills:
+        p.error("--kills must be at least 2, and --checkpoint_kills between 1 and --kills.")
     if args.max_train_steps < args.kills + 2 * args.checkpointing_steps:
         p.error("--max_train_steps must be at least --kills + 2 x --checkpointing_steps.")
     return args

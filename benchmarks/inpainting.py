@@ -1,20 +1,17 @@
 """Completing digits with RePaint: how often the classifier reads a completion as the original digit, and its cost.
 
 Each setting NUM_INFERENCE_STEPS,JUMP_LENGTH,JUMP_N_SAMPLE of `DDPMMnistInpaintPipeline` completes the first
---num_images MNIST test digits with one half kept: the top half (`top`: the bottom is filled in) and the left half
-(`left`). A completion counts as right when the package's MNIST classifier reads it as the test digit's label. Beside
-the settings: the classifier on the whole digits (the ceiling) and on the kept half alone with the rest black (what
-the kept half tells without the model). Cost: UNet calls per digit (from the jump schedule), wall seconds per digit in
-batches of --batch_size, and the seconds one digit takes alone (a batch of one, as an app completes a sketch). Every
-setting starts from one generator seeded with --seed. A conditional pipeline can be told each digit's true label
-(--class_labels_from_truth, with --guidance_scale). Without the Hub, pass `--dataset_name path/to/mnist` (a local copy
-of ylecun/mnist).
+--num_images MNIST test digits with one half kept (`top`: the bottom is filled in; `left`). A completion counts as
+right when the package's MNIST classifier reads it as the test digit's label; beside the settings, the classifier on
+the whole digits (the ceiling) and on the kept half alone with the rest black. Cost: UNet calls per digit, wall
+seconds per digit in batches of --batch_size, and the seconds of one digit alone (as an app completes a sketch).
+Every setting starts from one generator seeded with --seed. A conditional pipeline can be told each digit's true
+label (--class_labels_from_truth, with --guidance_scale).
 
 The table ends with the cheapest setting (fewest UNet calls) whose top-half completions are read right at least 90%
-of the time. The JSON (--output) holds every row, the ceiling and the kept-half rows, that choice and where it ran.
---figure writes a picture of a few completions with the pipeline's defaults (originals, kept top halves, two
-completions each) and, beside its name with `_interpolation`, rows of `ddpm_mnist.interpolate` between two test
-digits, at t = 250 and t = 500.
+of the time; the JSON (--output) holds every row, that choice and where it ran. --figure writes a few completions
+with the pipeline's defaults and, beside it (`_interpolation`), rows of `ddpm_mnist.interpolate` between two test
+digits at t = 250 and t = 500.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_mnist import DDPMMnistInpaintPipeline, interpolate
+from ddpm_mnist import DDPMMnistInpaintPipeline, interpolate, model_card
 from ddpm_mnist.data import DEFAULT_DATASET, load_x_0
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import DTYPES, default_device, load_pipeline, load_test_labels
@@ -153,22 +150,17 @@ def cheapest_meeting_target(rows: list[Row]) -> Row | None:
 
 def markdown_table(rows: list[Row], ceiling: float, kept_only: dict[str, float], masks: list[str]) -> str:
     """One line per setting, its accuracy on each kept half, its cost; then the ceiling and the kept halves alone."""
-    columns = ["steps, jump_length, jump_n_sample", "UNet calls"]
-    columns += [f"{mask} half kept: read right" for mask in masks]
-    columns += ["s per digit (batches)", "s for one digit alone"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    header = ["steps, jump_length, jump_n_sample", "UNet calls", *(f"{mask} half kept: read right" for mask in masks)]
+    lines = []
     for setting in dict.fromkeys(row.setting for row in rows):
         cells = {row.mask: row for row in rows if row.setting == setting}
-        accuracies = " | ".join(f"{cells[mask].accuracy:.1%}" for mask in masks)
         per_digit = sum(row.seconds_per_digit for row in cells.values()) / len(cells)
         alone = sum(row.seconds_one_digit_alone for row in cells.values()) / len(cells)
-        calls = cells[masks[0]].unet_calls
-        lines.append(f"| {setting} | {calls} | {accuracies} | {per_digit:.3f} | {alone:.2f} |")
-    lines.append(
-        "| kept half alone, the rest black | 0 | " + " | ".join(f"{kept_only[m]:.1%}" for m in masks) + " | - | - |"
-    )
-    lines.append("| whole digits (the ceiling) | 0 | " + " | ".join(f"{ceiling:.1%}" for _ in masks) + " | - | - |")
-    return "\n".join(lines)
+        accuracies = [f"{cells[mask].accuracy:.1%}" for mask in masks]
+        lines.append([setting, str(cells[masks[0]].unet_calls), *accuracies, f"{per_digit:.3f}", f"{alone:.2f}"])
+    lines.append(["kept half alone, the rest black", "0", *(f"{kept_only[m]:.1%}" for m in masks), "-", "-"])
+    lines.append(["whole digits (the ceiling)", "0", *(f"{ceiling:.1%}" for _ in masks), "-", "-"])
+    return model_card.markdown_table([*header, "s per digit (batches)", "s for one digit alone"], lines)
 
 
 def save_figures(
@@ -230,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--masks", nargs="+", choices=MASKS, default=list(MASKS), help="the halves kept (default: top left)"
     )
     parser.add_argument(
-        "--class_labels_from_truth",
-        action="store_true",
-        help="give a class-conditional pipeline each digit's true label (default: no labels)",
+        "--class_labels_from_truth", action="store_true", help="tell a conditional pipeline each digit's true label"
     )
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="with the true labels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every setting's noise (default: %(default)s)")

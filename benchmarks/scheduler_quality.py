@@ -1,19 +1,15 @@
 """Sample quality against wall time of few-step schedulers: DDPM, DDIM, DPM-Solver++ and UniPC at 10 to 1000 steps.
 
-Each cell (scheduler, steps) draws --num_samples digits from one generator seeded with --seed (the same seed in every
-cell, so every scheduler starts from the same noise), timed with `time.perf_counter` around the sampling alone, and
-scores them with `ddpm_mnist.evaluation` (FID, KID, precision, recall, classifier confidence, share of the rarest
-predicted digit) against the first --reference_images MNIST test digits, whose classifier features are computed
-once. The floor row scores as many real MNIST training digits against the same reference: what real digits score at
-this sample count. Step counts above the pipeline's training timesteps T are skipped. A class-conditional pipeline
-draws every digit equally often (in order), with classifier-free guidance at --guidance_scale, and each cell adds
-its class accuracy: the share of samples that the classifier reads as the digit asked for.
+Each cell (scheduler, steps) draws --num_samples digits from one generator seeded with --seed (every scheduler starts
+from the same noise), timed around the sampling alone, and scores them with `ddpm_mnist.evaluation` against the first
+--reference_images MNIST test digits, beside the floor: as many real training digits scored the same way. Step counts
+above the pipeline's training timesteps T are skipped. A class-conditional pipeline draws every digit equally often,
+with classifier-free guidance at --guidance_scale, and each cell adds its class accuracy.
 
 The table gives each FID as a multiple of the FID of DDPM at 1000 steps (the paper's Algorithm 2) when that cell ran,
 and the summary names, per scheduler, the fewest steps whose FID is at most 10% above it. With --json the last line
-is one JSON object with every cell, the floor and that summary (null when DDPM at 1000 steps did not run).
-FIDs here come from the project's MNIST classifier, not Inception: compare them only with each other. Without the
-Hub, pass `--dataset_name path/to/mnist` (a local copy of ylecun/mnist).
+is one JSON object with every cell, the floor and that summary. FIDs here come from the project's MNIST classifier,
+not Inception: compare them only with each other.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_mnist import DDPMMnistPipeline
+from ddpm_mnist import DDPMMnistPipeline, model_card
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import QualityReference, default_device, generate_digits, load_pipeline, scoring_labels
@@ -166,11 +162,10 @@ def markdown_table(cells: list[Cell], floor: SampleQuality) -> str:
     columns = COLUMNS + ([CLASS_ACCURACY_COLUMN] if any(c.class_accuracy is not None for c in cells) else [])
     rows = [(c.scheduler, str(c.steps), c.as_dict(reference)) for c in cells]
     rows.append((f"real floor ({floor.num_images} train digits)", "-", score_entries(floor, reference, None)))
-    lines = ["| scheduler | steps | " + " | ".join(title for title, _, _ in columns) + " |"]
-    lines.append("|" + " --- |" * (len(columns) + 2))
-    for label, steps, scores in rows:
-        lines.append(f"| {label} | {steps} | " + " | ".join(_number(scores[key], d) for _, key, d in columns) + " |")
-    return "\n".join(lines)
+    header = ["scheduler", "steps", *(title for title, _, _ in columns)]
+    return model_card.markdown_table(
+        header, [[label, steps, *(_number(scores[key], d) for _, key, d in columns)] for label, steps, scores in rows]
+    )
 
 
 def summary_lines(cells: list[Cell]) -> list[str]:

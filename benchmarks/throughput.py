@@ -1,28 +1,22 @@
 """Throughput of ddpm-mnist against diffusers at equal architecture, measured side by side on this machine.
 
-It first prints where it runs (the CPU model with its relevant ISA flags, or the GPU's name) and the matmul peak in
-fp32 and bf16 there (bf16's only where the hardware computes in bf16 natively; elsewhere it is emulated, and not
-measured). Then, for each part asked for:
+It prints where it runs (the CPU model with its relevant ISA flags, or the GPU's name) and the fp32 and bf16 matmul
+peaks there (bf16's only where the hardware computes in bf16 natively), then measures each part asked for:
 
-* models: per preset, `DDPMMnistUNet` against `diffusers.UNet2DModel` built to the same architecture (same parameter
-  count): images/s of a training step (forward, backward, AdamW; bf16 = `torch.autocast`) and image-steps/s of a
-  sampling forward pass (bf16 = the weights cast to bf16), one column per precision, optionally compiled
-  (`torch.compile`, compile time reported apart) or in channels_last.
-* sample: images/s of the whole sampling loop (`--sampling_steps` DDPM steps), `DDPMMnistPipeline` against diffusers'
-  `DDPMPipeline` with the twin UNet, in each precision.
-* e2e: training end to end, data loading included: `training/train.py` with its defaults (a subprocess on
-  `--dataset_name`, `--max_train_steps` two lengths so that start-up and the end-of-run work cancel) against the loop of
-  diffusers' `examples/unconditional_image_generation/train_unconditional.py` at equal architecture (written out in
-  `benchmarks/diffusers_baseline.py`), in the mixed precisions that script offers (fp32, its "no", and bf16).
-* quality: whether bf16 sampling keeps the quality: `--num_samples` digits from `--pipeline` (50 DDPM steps) scored
-  with `ddpm_mnist.metrics.quality` against the MNIST test digits, in fp32 with two seeds (their difference is the
-  noise of the metric) and in bf16 with the first seed, ours and `DDPMPipeline` (which keeps x_t in the UNet's dtype).
+* models: per preset, `DDPMMnistUNet` against its `diffusers.UNet2DModel` twin: images/s of a training step (forward,
+  backward, AdamW; bf16 = `torch.autocast`) and image-steps/s of a sampling forward pass (bf16 = bf16 weights),
+  optionally compiled (compile time reported apart) or in channels_last.
+* sample: images/s of the whole sampling loop, `DDPMMnistPipeline` against `DDPMPipeline` with the twin UNet.
+* e2e: `training/train.py` with its defaults (two run lengths, so that start-up and the end-of-run work cancel)
+  against the loop of diffusers' `train_unconditional.py` (`benchmarks/diffusers_baseline.py`) in fp32 and bf16.
+* quality: `--num_samples` digits of `--pipeline` scored in fp32 with two seeds (the metric's noise) and in bf16,
+  ours and `DDPMPipeline` (which keeps x_t in the UNet's dtype).
 * profile: the top operators of one training step of each UNet in each precision (`torch.profiler`, self time).
 * data: decoded images/s of `ddpm_mnist.data` (the stream and decode-once) against plain `datasets` streaming.
 
-The machine may be shared: the two sides of every ratio are measured alternately, a few seconds apart, so ratios
-are what counts; absolute rates move with the load. Each timing is the median of `--repeats` runs after a warm-up.
-With --json the last line is one JSON object holding every number.
+The two sides of every ratio are measured alternately, a few seconds apart: on a shared machine, ratios are what
+counts. Each timing is the median of `--repeats` runs after a warm-up. With --json the last line is one JSON object
+holding every number. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -405,9 +399,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=128, help="batch of e2e (train.py's default)")
     parser.add_argument("--num_samples", type=int, default=1000, help="digits per quality measurement")
     parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE), help="the pipeline of the quality part")
-    parser.add_argument(
-        "--dataset_name", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy (default: %(default)s)"
-    )
+    parser.add_argument("--dataset_name", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy")
     parser.add_argument("--quick", action="store_true", help="2 repeats, 10 sampling steps, e2e runs of 5 and 20")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()

@@ -3,35 +3,25 @@
     python benchmarks/time_to_quality.py --config training/recipes/e-release-cosine.json --output_dir runs/ttq
 
 Both sides train for the same wall-clock budget and are scored at the same training minutes (`--snapshot_minutes`,
-wall time of the training loop only: start-up, saving for the snapshot and scoring are not counted):
+wall time of the training loop only), alternating snapshot by snapshot so that a change in the machine's load falls
+on both:
 
-* the recipe: `training/train.py` as a subprocess with the `--config` JSON (keys are train.py's flags) and its
-  `--output_dir` set to `OUTPUT_DIR/recipe`. A snapshot is a resumed run: the first runs with
-  `--max_train_minutes M1`, each next with `--resume_from_checkpoint latest --max_train_minutes Mk` (with a step
-  budget train.py sums the training time over resumed runs; without one, each budget becomes a step count from the
-  speed measured as the run starts); every run ends with a checkpoint and the EMA pipeline folder, scored as is.
-  A recipe whose learning rate decays must give `max_train_steps` (sized to the last snapshot), else train.py would
-  run its schedule over each snapshot's budget in turn; such a recipe is refused.
-* the baseline: `diffusers.UNet2DModel` built to the recipe's UNet (`diffusers_baseline.diffusers_twin`), trained
-  in this process by the loop of diffusers' `train_unconditional.py` with that script's defaults (DDPMScheduler,
-  AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, cosine schedule with 500 warm-up steps, EMAModel 0.9999 with
-  inv_gamma 1 and power 3/4, `--baseline_batch_size` 16, `--baseline_mixed_precision` fp32), on the same data. Its
-  EMA weights at each snapshot go into `DDPMMnistPipeline` with the same noise schedule.
+* the recipe: `training/train.py` as a subprocess with the `--config` JSON (keys are train.py's flags), in
+  `OUTPUT_DIR/recipe`, resumed from snapshot to snapshot (`--resume_from_checkpoint latest --max_train_minutes Mk`)
+  with this process's thread count; each run's EMA pipeline is scored. A recipe whose learning rate decays must give
+  `max_train_steps` (sized to the last snapshot), else its schedule would restart with each budget: it is refused.
+* the baseline: `diffusers.UNet2DModel` built to the recipe's UNet, trained in this process by the loop of diffusers'
+  `train_unconditional.py` with that script's defaults (`benchmarks/diffusers_baseline.py`; `--baseline_batch_size`,
+  `--baseline_mixed_precision`); its EMA weights go into `DDPMMnistPipeline` with the same noise schedule.
 
-The two sides alternate, snapshot by snapshot, so that a change in the machine's load falls on both; the recipe's
-subprocess gets this process's thread count (OMP_NUM_THREADS). Every snapshot is scored by one protocol:
-`--num_samples` digits from seed `--seed` with the pipeline's own DDPM scheduler (Algorithm 2 of the DDPM paper) on
-`--num_inference_steps` respaced steps, the UNet in `--dtype` (fp32 by default; bf16 is faster on a CPU
-with bf16 hardware), scored with `ddpm_mnist.evaluation.QualityReference` against the MNIST test
-digits (mean classifier confidence, share of each digit, FID, KID, precision and recall on the package classifier's
-features), beside the real floor at the same N.
-
-It writes into `--output_dir`: `time_to_quality.json` (the settings, the floor, every snapshot of both sides with
-its minutes, steps, images seen and metrics; the ratio: the minutes the recipe takes to reach the FID the baseline
-has at its last snapshot, interpolated linearly between snapshots, against the baseline's minutes; and both sides'
-quality at equal minutes), `time_to_quality.png` (FID and mean confidence against training minutes, both sides)
-and `recipe/` (the recipe's run, with `train.log`). Toy sizes for a check run in seconds: a `"preset": "tiny"`
-config, `--snapshot_minutes 0.05 0.1 --num_samples 16 --num_inference_steps 4`.
+Every snapshot is scored by one protocol: `--num_samples` digits from seed `--seed` of the pipeline's DDPM on
+`--num_inference_steps` respaced steps, the UNet in `--dtype`, scored with `ddpm_mnist.evaluation.QualityReference`
+against the MNIST test digits, beside the real floor at the same N. It writes into `--output_dir`:
+`time_to_quality.json` (the settings, the floor, every snapshot of both sides; the ratio: the minutes the recipe takes
+to reach the baseline's last FID, interpolated between snapshots, against the baseline's minutes; and both sides'
+quality at equal minutes), `time_to_quality.png` (FID and mean confidence against training minutes) and `recipe/`
+(the recipe's run, with `train.log`). A check run in seconds: a `"preset": "tiny"` config,
+`--snapshot_minutes 0.05 0.1 --num_samples 16 --num_inference_steps 4`. More: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -52,7 +42,7 @@ from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersL
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET
-from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point, usage_errors
+from ddpm_mnist.errors import UsageError, WorkFailed, first_line, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import (
     DTYPES,
     MIN_SCORED_IMAGES,
@@ -76,11 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the recipe: a JSON file of training/train.py flag values")
     parser.add_argument("--output_dir", required=True, help="a new folder for the runs, the JSON and the PNG")
     parser.add_argument(
-        "--snapshot_minutes",
-        nargs="+",
-        type=float,
-        default=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0],
-        help="training minutes at which both sides are scored, increasing",
+        "--snapshot_minutes", nargs="+", type=float, default=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0], help="when to score"
     )
     parser.add_argument("--num_samples", type=int, default=1000, help="generated digits per snapshot")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="respaced DDPM sampling steps")
@@ -92,18 +78,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reference_images", type=int, default=None, help="test digits to score against (all)")
     parser.add_argument("--device", default=default_device(), help="where the samples are drawn and scored")
     parser.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=list(DTYPES),
-        help="both sides' UNet dtype while sampling (x_t and the scheduler stay fp32); training is untouched",
+        "--dtype", default="fp32", choices=list(DTYPES), help="both sides' UNet's while sampling (x_t stays fp32)"
     )
     parser.add_argument("--baseline_batch_size", type=int, default=TRAIN_BATCH_SIZE, help="the diffusers loop's")
-    parser.add_argument(
-        "--baseline_mixed_precision",
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="the diffusers loop's mixed precision",
-    )
+    parser.add_argument("--baseline_mixed_precision", default="fp32", choices=["fp32", "bf16"], help="the loop's")
     args = parser.parse_args()
     minutes = args.snapshot_minutes
     if minutes[0] <= 0 or any(b <= a for a, b in pairwise(minutes)):
@@ -164,7 +142,7 @@ def recipe_unet(recipe: dict) -> DDPMMnistUNet:
             return DDPMMnistUNet.from_preset(recipe.get("preset", "mnist"))
         return DDPMMnistUNet.from_config(DDPMMnistUNet.load_config(root_relative(config_path)))
     except (OSError, ValueError) as error:
-        raise UsageError(f"the recipe's UNet cannot be built ({str(error).splitlines()[0]}); fix --config.") from error
+        raise UsageError(f"the recipe's UNet cannot be built ({first_line(error)}); fix --config.") from error
 
 
 def train_recipe(config: str, run_dir: Path, dataset: str, minutes: float, resume: bool) -> None:

@@ -75,10 +75,9 @@ def check_device(device: str | torch.device) -> torch.device:
 def load_pipeline(
     name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str = "fp32"
 ) -> DDPMMnistPipeline:
-    """A saved pipeline (a folder written by `save_pretrained`, or a Hub repo id) on `device`, in `dtype`.
+    """A saved pipeline (a folder written by `save_pretrained`, or a Hub repo id) on `device`, in `dtype` (of `DTYPES`).
 
-    `dtype` is one of `DTYPES` and is handed to `from_pretrained` (its `dtype`). A bad device or dtype is a
-    ValueError, a missing folder a FileNotFoundError, a folder or repo that does not load an OSError.
+    A bad device or dtype is a ValueError, a missing folder a FileNotFoundError, one that does not load an OSError.
     """
     name = os.fspath(name_or_path)
     if dtype not in DTYPES:
@@ -117,9 +116,8 @@ def scoring_labels(
     guidance_scale: float,
     guidance_interval: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
-    """The class labels `num_samples` digits of `pipe` are scored with at `guidance_scale`: every digit equally often
-    (`balanced_class_labels`) for a class-conditional pipeline, None for an unconditional one. Guidance above 1 for an
-    unconditional pipeline, or below 1, is a ValueError."""
+    """The class labels `num_samples` digits of `pipe` are scored with: each digit equally often for a conditional
+    pipeline, None for an unconditional one. Guidance above 1 for an unconditional pipeline, or below 1, is refused."""
     if guidance_scale > 1 and not pipe.is_class_conditional:
         raise ValueError("guidance_scale above 1 needs a class-conditional pipeline; leave it at 1.")
     class_labels = balanced_class_labels(num_samples) if pipe.is_class_conditional else None
@@ -188,8 +186,7 @@ def load_test_digits(dataset_name: str | os.PathLike, test_digits: Sequence[int]
 
 
 def load_test_labels(dataset_name: str | os.PathLike, test_digits: Sequence[int]) -> torch.Tensor:
-    """The labels (N,) of the MNIST test digits at the indexes `test_digits`, in the order given: what each of
-    `load_test_digits(dataset_name, test_digits)` is."""
+    """The labels (N,) of the MNIST test digits at the indexes `test_digits`, in the order given."""
     labels = decode_labels(load_image_stream(dataset_name, "test", label_column="label"))
     if max(test_digits) >= len(labels):
         raise ValueError(f"test_digits {list(test_digits)} go past the {len(labels)} test digits; pass lower ones.")
@@ -262,10 +259,8 @@ class QualityReference:
         return classifier_outputs(samples, self.classifier, progress=self.progress)
 
     def floor(self, num_samples: int) -> SampleQuality:
-        """The real-vs-real floor of `num_samples` training digits, computed once per count.
-
-        Call it before sampling: a count the training split cannot give fails then, not after the samples.
-        """
+        """The real-vs-real floor of `num_samples` training digits, computed once per count (call it before sampling: a
+        count the training split cannot give then fails early)."""
         if num_samples not in self._floors:
             if num_samples < MIN_SCORED_IMAGES:
                 raise ValueError(f"num_samples must be at least {MIN_SCORED_IMAGES} to be scored, got {num_samples}.")

@@ -24,7 +24,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
 
-from .errors import WorkFailed
+from .errors import WorkFailed, first_line
 from .model_card import render_model_card
 from .pipeline_ddpm_mnist import DDPMMnistPipeline
 
@@ -43,8 +43,7 @@ def check_push_access(repo_id: str, token: str | None = None) -> str:
             "https://huggingface.co/settings/tokens and run `hf auth login` or set HF_TOKEN."
         ) from e
     except Exception as e:  # offline mode, or transport errors, whose types depend on huggingface_hub's HTTP library
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot reach {api.endpoint} ({reason}); check the network or HF_ENDPOINT.") from e
+        raise ValueError(f"cannot reach {api.endpoint} ({first_line(e)}); check the network or HF_ENDPOINT.") from e
     if user.get("auth", {}).get("accessToken", {}).get("role") == "read":  # fine-grained scopes show up only on use
         raise ValueError(f"the token of {user['name']} is read-only; use a token with write access.")
     namespace, _, name = repo_id.rpartition("/")
@@ -148,8 +147,7 @@ def push_training_run(output_dir: str | os.PathLike, repo_id: str, private: bool
     except Exception as e:  # whatever failed (network, Hub, quota), the folder is complete and can be pushed alone
         private_flag = ", private=True" if private else ""
         call = f"push_pipeline_folder({json.dumps(str(output_dir))}, {json.dumps(repo_id)}{private_flag})"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WorkFailed(
-            f"the upload to {repo_id} failed ({reason}); {output_dir} is intact. Retry the upload alone with: "
+            f"the upload to {repo_id} failed ({first_line(e)}); {output_dir} is intact. Retry the upload alone with: "
             f"python -c {shlex.quote('from ddpm_mnist.hub import push_pipeline_folder; ' + call)}"
         ) from e

@@ -33,23 +33,20 @@ if TYPE_CHECKING:
 # A symlink to model_cards/ddpm_mnist_card.md in a checkout; the file itself in a wheel (package data).
 CARD_TEMPLATE = Path(__file__).parent / "model_card_template.md"
 CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "unconditional-image-generation"]
-# The Hub has no class-conditional task (its image-generation tasks take a prompt, an image or nothing; DiT's repos
-# carry none), so a class-conditional card keeps the unconditional task as its pipeline_tag and model-index task, and
-# says what it is with tags.
+# The Hub has no class-conditional task (DiT's repos carry none): a class-conditional card keeps the unconditional
+# task as its pipeline_tag and model-index task, and says what it is with tags.
 CONDITIONAL_CARD_TAGS = ["pytorch", "diffusers", "ddpm", "mnist", "class-conditional", "classifier-free-guidance"]
 PIPELINE_TAG = "unconditional-image-generation"
 CARD_DATASET = "ylecun/mnist"  # the card's dataset when training read a local copy of it
 EVAL_SPLIT = "test"  # the MNIST split every score and bound is measured against
 DISTRIBUTION = "ddpm-mnist"  # the installed package's name, whose metadata gives the card its home page link
-# The pictures a card shows, by the name `render_model_card` takes each under (the release's file names): samples, one
-# digit denoised from x_T to x_0, the training loss, quality against training time, the terms of the NLL bound, and a
-# class-conditional card's guidance sweep, test digits completed from their top half and an interpolation.
+# The pictures a card shows, by the release's file names: samples, one digit denoised from x_T to x_0, the training
+# loss, quality against training time, the NLL bound's terms; a class-conditional card's guidance sweep, completions
+# and interpolation.
 PICTURES = ("grid", "denoising", "loss", "time_to_quality", "nll_terms", "guidance", "completion", "interpolation")
-# The timestep a class-conditional card interpolates at, in its code and its picture: T / 4, where the shapes of both
-# ends survive (t = 250 of 1000).
+# A class-conditional card interpolates, in its code and picture, at t = T / 4 (250 of 1000): both ends' shapes survive.
 INTERPOLATION_T_DIVISOR = 4
-# The metrics a card's `eval_results` may hold, by key, in the order the card lists them: (name in the card, decimals
-# it is rounded to).
+# The metrics `eval_results` may hold, in the card's order: (name in the card, decimals it is rounded to).
 METRICS = {
     "fid": ("FID", 3),
     "kid": ("KID", 5),

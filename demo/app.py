@@ -26,7 +26,7 @@ from PIL import Image
 
 import ddpm_mnist
 from ddpm_mnist import DDPMMnistPipeline
-from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
+from ddpm_mnist.errors import UsageError, first_line, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import default_device, load_pipeline, scheduler_steps
 from ddpm_mnist.hardware import describe_device, has_native_bf16
 from ddpm_mnist.image_utils import HALVES, digit_grid
@@ -117,7 +117,7 @@ def _reported(handler: Callable) -> Callable:
         try:
             return handler(*args, **kwargs)
         except ValueError as error:
-            raise gr.Error(str(error).splitlines()[0], print_exception=False) from None
+            raise gr.Error(first_line(error), print_exception=False) from None
 
     return report
 

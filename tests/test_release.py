@@ -43,11 +43,11 @@ def finished_run(mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def conditional_run(finished_run: Path, mnist_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`finished_run` fine-tuned with labels for 3 steps into a class-conditional model, with T = 30: the
-    inpainting pipeline's default 25 steps fit."""
+    """`finished_run` fine-tuned with labels for 3 steps into a class-conditional model, with T = 25: the
+    inpainting pipeline's default 25 steps just fit."""
     process, output_dir, _ = train(
         tmp_path_factory.mktemp("conditional"), mnist_folder, "conditional", "--max_train_steps=3",
-        "--ddpm_num_steps=30", "--class_conditional", f"--pretrained_model_name_or_path={finished_run}",
+        "--ddpm_num_steps=25", "--class_conditional", f"--pretrained_model_name_or_path={finished_run}",
         "--class_embedding_lr=0.02",
     )  # fmt: skip
     assert process.returncode == 0, process.stderr
@@ -184,7 +184,7 @@ def test_a_conditional_release_scores_class_accuracy_and_draws_its_own_pictures(
     assert Image.open(out / "samples" / "completion.png").size == (8 * 28 * 3, 3 * 28 * 3)
     assert Image.open(out / "samples" / "interpolation.png").size == (13 * 28 * 3, 28 * 3)  # 11 lambdas and the ends
     card = (out / "README.md").read_text()
-    recommended, ddpm = result["results"]["DDPM, 5 steps, guidance 2"], result["results"]["DDPM, 30 steps, guidance 2"]
+    recommended, ddpm = result["results"]["DDPM, 5 steps, guidance 2"], result["results"]["DDPM, 25 steps, guidance 2"]
     quality = recommended["quality"]
     assert quality["num_images"] == 100 and ddpm["quality"]["num_images"] == 64
     # Balanced labels: every digit's accuracy is over its 10 samples, in tenths; the overall one is their mean.
@@ -194,7 +194,7 @@ def test_a_conditional_release_scores_class_accuracy_and_draws_its_own_pictures(
     row = f"| DDPM, 5 steps, guidance 2 (N=100) | {quality['class_accuracy']:.1%} | " + " | ".join(
         f"{share:.1%}" for share in per_digit
     )
-    assert row in card and "| DDPM, 30 steps, guidance 2 (N=64) | " in card
+    assert row in card and "| DDPM, 25 steps, guidance 2 (N=64) | " in card
     assert f"- class accuracy {quality['class_accuracy']:.1%} (target >= 99%): **" in card
     worst = min(range(10), key=per_digit.__getitem__)
     assert f"- lowest class accuracy of a digit {per_digit[worst]:.1%}, digit {worst}'s (target >= 97% for" in card
@@ -291,3 +291,21 @@ def test_bad_guidance_flags_are_refused_in_one_line_before_any_work(
         assert "\n" not in str(error.value), flags
     check(finished_run, "--guidance_scale=1")  # no guidance is what an unconditional run draws with
     check(conditional_run, "--num_samples=100", "--sweep_samples=0")
+
+
+def test_flags_that_sample_or_score_a_run_are_refused_beside_gpu_results(release_module, tmp_path):
+    def check(*flags: str) -> None:
+        argv = ["--gpu_results", str(tmp_path / "gpu"), f"--output_dir={tmp_path / 'new'}", "--hub_model_id=a/b"]
+        release_module["check_args"](release_module["parse_args"]([*argv, *flags]))
+
+    cases = {
+        ("--num_samples=500",): "--num_samples",
+        ("--scheduler=unipc", "--num_inference_steps=20"): "--scheduler",
+        ("--guidance_scales", "1", "3"): "--guidance_scales",
+        ("--dataset_name=path/to/mnist",): "--dataset_name",
+    }
+    for flags, name in cases.items():
+        with pytest.raises(UsageError, match=f"^{name} plays no part with --gpu_results, whose run") as error:
+            check(*flags)
+        assert "\n" not in str(error.value), flags
+    check("--note=Trained on a GPU.", "--seed=0")  # the card's own flags, and a default given as it is

@@ -77,18 +77,23 @@ def read_ids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()]
 
 
+def resume_from_a_copy(tmp_path: Path, data: Path, whole_dir: Path, step: int, *flags: str):
+    """Resume into tmp_path/resumed from a copy of `whole_dir`'s checkpoint-`step`, all that a run interrupted after
+    that checkpoint leaves (the uninterrupted run saved it on its way, by the same code that saves a run's last one)."""
+    checkpoint = f"checkpoint-{step}"
+    shutil.copytree(whole_dir / "checkpoints" / checkpoint, tmp_path / "resumed" / "checkpoints" / checkpoint)
+    return train(tmp_path, data, "resumed", "--resume_from_checkpoint=latest", *flags)
+
+
 @pytest.mark.parametrize("data", [[], ["--decode_once"]], ids=["stream", "decode_once"])
 def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnist_folder, data):
-    whole, whole_dir, whole_record = train(tmp_path, mnist_folder, "whole", "--max_train_steps=9", *data)
-    assert whole.returncode == 0, whole.stderr
-    first, resumed_dir, _ = train(
-        tmp_path, mnist_folder, "resumed", "--max_train_steps=4", "--checkpointing_steps=4", *data
+    whole, whole_dir, whole_record = train(
+        tmp_path, mnist_folder, "whole", "--max_train_steps=9", "--checkpointing_steps=4", *data
     )
-    assert first.returncode == 0, first.stderr
-    second, _, resumed_record = train(
-        tmp_path, mnist_folder, "resumed-2", f"--output_dir={resumed_dir}", "--max_train_steps=9",
-        "--resume_from_checkpoint=latest", *data,
-    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    second, resumed_dir, resumed_record = resume_from_a_copy(
+        tmp_path, mnist_folder, whole_dir, 4, "--max_train_steps=9", *data
+    )
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stderr and "checkpoint-4 at step 4" in second.stderr
     # The training weights (all processes' digests) and the released EMA weights are identical, bit for bit.
@@ -103,8 +108,8 @@ def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnis
 
 @pytest.mark.parametrize("data", [[], ["--decode_once"]], ids=["stream", "decode_once"])
 def test_a_conditional_run_sees_each_digit_label_drops_some_and_resumes_bitwise(tmp_path, mnist_folder, data):
-    flags = ["--class_conditional", "--class_dropout_prob=0.5", "--save_images_steps=6", *data]
-    whole, whole_dir, whole_record = train(tmp_path, mnist_folder, "whole", "--max_train_steps=6", *flags)
+    flags = ["--class_conditional", "--class_dropout_prob=0.5", "--save_images_steps=6", "--max_train_steps=6", *data]
+    whole, whole_dir, whole_record = train(tmp_path, mnist_folder, "whole", "--checkpointing_steps=4", *flags)
     assert whole.returncode == 0, whole.stderr
     # The fixture's example i has label i % 10: the UNet saw each example's label, or the null class 10.
     ids, labels = read_ids(whole_record / "seen-0.txt"), read_ids(whole_record / "labels-0.txt")
@@ -118,31 +123,45 @@ def test_a_conditional_run_sees_each_digit_label_drops_some_and_resumes_bitwise(
     assert pipe(class_labels=[1, 2], guidance_scale=2.0, num_inference_steps=2, output_type="np").images.shape == (
         2, 28, 28, 1,
     )  # fmt: skip
-    first, resumed_dir, _ = train(
-        tmp_path, mnist_folder, "first", "--max_train_steps=4", "--checkpointing_steps=4", *flags
-    )
-    assert first.returncode == 0, first.stderr
-    second, _, resumed_record = train(
-        tmp_path, mnist_folder, "second", f"--output_dir={resumed_dir}", "--max_train_steps=6",
-        "--resume_from_checkpoint=latest", *flags,
-    )  # fmt: skip
+    second, resumed_dir, resumed_record = resume_from_a_copy(tmp_path, mnist_folder, whole_dir, 4, *flags)
     assert second.returncode == 0, second.stderr
+    assert "checkpoint-4 at step 4" in second.stderr
     assert read_ids(resumed_record / "labels-0.txt") == labels[4 * 16 :], "the same labels were dropped after resume"
     assert (whole_record / "weights-0.txt").read_text() == (resumed_record / "weights-0.txt").read_text()
     ema = "unet/diffusion_pytorch_model.safetensors"
     assert (whole_dir / ema).read_bytes() == (resumed_dir / ema).read_bytes()
 
 
-def test_the_output_folder_is_a_pipeline_with_card_and_samples(tmp_path, mnist_folder):
-    process, output_dir, _ = train(tmp_path, mnist_folder, "out", "--max_train_steps=2", "--save_images_steps=1")
+@pytest.fixture(scope="module")
+def finished_training(tmp_path_factory: pytest.TempPathFactory, mnist_folder: Path):
+    """A finished 5-step run of the tiny preset: a checkpoint after every step, of which the newest 2 are kept
+    (checkpoint-4 and checkpoint-5), and a sample grid every 2 steps and at the end. Its process (with the log) and
+    its folder."""
+    process, output_dir, _ = train(
+        tmp_path_factory.mktemp("finished"), mnist_folder, "run", "--max_train_steps=5", "--checkpointing_steps=1",
+        "--checkpoints_total_limit=2", "--save_images_steps=2",
+    )  # fmt: skip
     assert process.returncode == 0, process.stderr
+    return process, output_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(finished_training) -> Path:
+    """The folder of `finished_training`."""
+    return finished_training[1]
+
+
+def test_the_output_folder_is_a_pipeline_with_card_and_samples(finished_run):
+    output_dir = finished_run
     for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
         assert (output_dir / name).is_file(), name
-    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["step-0000001.png", "step-0000002.png"]
-    assert Image.open(output_dir / "samples" / "step-0000002.png").size == (224, 224)  # 2x2 digits of 28x28, 4x
+    # A grid every 2 steps, and the last step's for the card.
+    samples = ["step-0000002.png", "step-0000004.png", "step-0000005.png"]
+    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == samples
+    assert Image.open(output_dir / "samples" / "step-0000004.png").size == (224, 224)  # 2x2 digits of 28x28, 4x
     card = (output_dir / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
-    assert "| optimizer steps | 2 |" in card and "176,849 parameters" in card
+    assert "| optimizer steps | 5 |" in card and "176,849 parameters" in card
     assert not [p for p in output_dir.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
                 and "checkpoints" not in p.parts]  # fmt: skip
     assert list((output_dir / "logs").rglob("events.out.tfevents.*")), "tensorboard got the logs"
@@ -162,30 +181,39 @@ def two_processes() -> list[str]:
     return [accelerate, "launch", "--multi_gpu", "--num_processes=2", f"--main_process_port={free_port()}"]
 
 
-def test_two_processes_see_disjoint_data_draw_their_own_noise_and_end_with_identical_weights(tmp_path, mnist_folder):
-    process, _, record = train(
-        tmp_path, mnist_folder, "ddp", "--max_train_steps=3", launch=two_processes(), ACCELERATE_USE_CPU="1"
-    )
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory, mnist_folder: Path):
+    """An uninterrupted 5-step run of a 2-process group (3 steps per epoch): its process, folder and record."""
+    process, output_dir, record = train(
+        tmp_path_factory.mktemp("ddp"), mnist_folder, "whole", "--max_train_steps=5", launch=two_processes(),
+        ACCELERATE_USE_CPU="1",
+    )  # fmt: skip
     assert process.returncode == 0, process.stderr
+    return process, output_dir, record
+
+
+def test_two_processes_see_disjoint_data_draw_their_own_noise_and_end_with_identical_weights(two_process_run):
+    process, _, record = two_process_run
     assert "2 processes, 3 steps per epoch" in process.stderr
     seen = [read_ids(record / f"seen-{rank}.txt") for rank in (0, 1)]
-    assert len(seen[0]) == len(seen[1]) == 48
-    assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(96))
+    assert len(seen[0]) == len(seen[1]) == 5 * 16
+    # Each epoch (3 batches of 16 per process, then the 2 of the next) the processes see other examples; the first
+    # shows every example once.
+    for epoch in (slice(0, 48), slice(48, 80)):
+        assert not set(seen[0][epoch]) & set(seen[1][epoch])
+    assert sorted(seen[0][:48] + seen[1][:48]) == list(range(96))
     # In every step the two processes drew other timesteps and other noise.
     noise = [(record / f"noise-{rank}.txt").read_text().splitlines() for rank in (0, 1)]
-    assert len(noise[0]) == len(noise[1]) == 3
+    assert len(noise[0]) == len(noise[1]) == 5
     for step_0, step_1 in zip(*noise, strict=True):
         (*t_0, eps_0), (*t_1, eps_1) = step_0.split(), step_1.split()
         assert len(t_0) == len(t_1) == 16 and t_0 != t_1 and eps_0 != eps_1
     assert (record / "weights-0.txt").read_text() == (record / "weights-1.txt").read_text()
 
 
-def test_a_resumed_two_process_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnist_folder):
+def test_a_resumed_two_process_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path, mnist_folder, two_process_run):
     env = {"ACCELERATE_USE_CPU": "1"}
-    whole, whole_dir, whole_record = train(
-        tmp_path, mnist_folder, "whole", "--max_train_steps=5", launch=two_processes(), **env
-    )
-    assert whole.returncode == 0, whole.stderr
+    _, whole_dir, whole_record = two_process_run
     first, resumed_dir, _ = train(tmp_path, mnist_folder, "first", "--max_train_steps=2", launch=two_processes(), **env)
     assert first.returncode == 0, first.stderr
     second, _, resumed_record = train(
@@ -235,12 +263,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, mnist_folder):
     assert f"stopped at step {checkpoints[0].split('-')[1]} on request" in stderr
 
 
-def test_checkpoints_total_limit_keeps_the_newest(tmp_path, mnist_folder):
-    process, output_dir, _ = train(
-        tmp_path, mnist_folder, "limit", "--max_train_steps=5", "--checkpointing_steps=1", "--checkpoints_total_limit=2"
-    )
-    assert process.returncode == 0, process.stderr
-    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+def test_checkpoints_total_limit_keeps_the_newest(finished_run):
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
 
 
 @pytest.fixture(scope="module")
@@ -307,14 +331,6 @@ def test_the_class_embedding_learns_at_its_own_rate(train_module):
     args = train_module["parse_args"](flags)
     optimizer, _ = train_module["make_optimizer"](unet, args, 1, 10)
     assert [group["lr"] for group in optimizer.param_groups] == [1e-3]  # one group, as before the flag existed
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, mnist_folder: Path) -> Path:
-    """A finished 2-step run of the tiny preset, with its checkpoint-2."""
-    process, output_dir, _ = train(tmp_path_factory.mktemp("finished"), mnist_folder, "run", "--max_train_steps=2")
-    assert process.returncode == 0, process.stderr
-    return output_dir
 
 
 # Bad input: flags, data and folders. Each is refused with one line naming the problem and the fix, before the model
@@ -423,11 +439,11 @@ def test_overwrite_output_dir_replaces_the_old_run(tmp_path, mnist_folder, finis
 
 
 def check_resume(train_module: dict, run: Path, flags: list[str], num_processes: int = 1, **classes: int) -> None:
-    """train.py's resume check of `run`'s checkpoint-2 for a run with `flags`: its settings, the names it compares."""
+    """train.py's resume check of `run`'s checkpoint-5 for a run with `flags`: its settings, the names it compares."""
     args = train_module["parse_args"]([f"--output_dir={run}", *TINY, "--resume_from_checkpoint=latest", *flags])
     settings = train_module["run_settings"](args, num_processes, **classes)
     names = train_module["RESUME_MUST_KEEP"], train_module["RESUME_MAY_CHANGE"]
-    train_module["check_resume"](run / "checkpoints" / "checkpoint-2", settings, *names)
+    train_module["check_resume"](run / "checkpoints" / "checkpoint-5", settings, *names)
 
 
 @pytest.mark.parametrize(
@@ -440,7 +456,7 @@ def check_resume(train_module: dict, run: Path, flags: list[str], num_processes:
     ],
 )
 def test_resuming_with_other_settings_is_refused_naming_them(train_module, finished_run, flags, message):
-    with pytest.raises(ValueError, match="cannot resume .*checkpoint-2 with other settings") as error:
+    with pytest.raises(ValueError, match="cannot resume .*checkpoint-5 with other settings") as error:
         check_resume(train_module, finished_run, flags)
     assert message in str(error.value)
 
@@ -459,7 +475,7 @@ def test_resuming_with_another_number_of_processes_is_refused(train_module, fini
 
 def test_a_damaged_checkpoint_is_refused_before_the_model_is_built(train_module, tmp_path, finished_run):
     run = shutil.copytree(finished_run, tmp_path / "run")
-    weights = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    weights = run / "checkpoints" / "checkpoint-5" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"model.safetensors is damaged .*resume from an earlier checkpoint"):
         check_resume(train_module, run, [])
@@ -485,12 +501,8 @@ def test_a_second_training_on_one_output_dir_is_refused_and_the_first_is_unharme
 
     first = start("first", "--max_train_steps=100000")
     wait_for_batches(tmp_path / "first" / "seen-0.txt", 3)
-    second = subprocess.run(
-        [sys.executable, str(TRAIN), *base, "--resume_from_checkpoint=latest"], capture_output=True, text=True
-    )
-    assert second.returncode == 2
-    assert "is in use by another training (pid " in second.stderr.strip().splitlines()[-1]
-    # The lock is checked first: a second training is refused before it reads any data (here, none it could read).
+    # The lock is checked first: a second training is refused before it reads any data (here, none it could read;
+    # were the lock checked later, or not at all, it would fail on that data instead).
     unread = subprocess.run(
         [
             sys.executable,
@@ -579,9 +591,10 @@ def test_a_time_budgeted_run_resumed_from_a_checkpoint_ends_bitwise_equal_to_the
 ):
     """A 0.1-minute budget at 1 step per second (a clock the launcher fixes, whatever the machine's load) is 6 steps.
     The first run is stopped (SIGTERM) right after its checkpoint at step 1, so it ends at step 2; its resume keeps the
-    6 steps (and measures nothing again) and ends with the weights of the uninterrupted run of that budget, which are
-    those of the run of 6 steps: the time budget changes nothing else (its trial steps leave weights and random states
-    alone)."""
+    6 steps (and measures nothing again) and ends with the weights of the run of 6 steps without a budget. Those are
+    the weights of the uninterrupted run of that budget: its trial steps, run before its first step as the first run's
+    were before its steps 1 and 2, leave weights, optimizer and random states alone, and any trace they left would be
+    in the checkpoint of step 2, which the resumed run starts from."""
     timed = ["--max_train_minutes=0.1", "--checkpointing_steps=1", "--lr_scheduler=cosine", "--lr_warmup_steps=2"]
     clock = {"TRIAL_STEPS_PER_SECOND": "1"}
     first, resumed_dir, _ = train(tmp_path, mnist_folder, "first", *timed, STOP_AFTER_CHECKPOINT="1", **clock)
@@ -595,21 +608,18 @@ def test_a_time_budgeted_run_resumed_from_a_checkpoint_ends_bitwise_equal_to_the
     assert "| 6/6 [" in second.stderr
     resumed_ids = read_ids(resumed_record / "seen-0.txt")
     assert len(resumed_ids) == 6 * 16, "the 2 batches passed over to resume, then 4 trained on: no trial steps"
-    whole, whole_dir, whole_record = train(tmp_path, mnist_folder, "whole", *timed, **clock)
     steps, steps_dir, steps_record = train(
         tmp_path, mnist_folder, "steps", "--max_train_steps=6", "--lr_scheduler=cosine", "--lr_warmup_steps=2"
     )
-    assert whole.returncode == steps.returncode == 0, whole.stderr + steps.stderr
+    assert steps.returncode == 0, steps.stderr
     ema = "unet/diffusion_pytorch_model.safetensors"
     assert resumed_ids[2 * 16 :] == read_ids(steps_record / "seen-0.txt")[2 * 16 :]
-    for record, run in ((whole_record, whole_dir), (steps_record, steps_dir)):
-        assert (record / "weights-0.txt").read_text() == (resumed_record / "weights-0.txt").read_text()
-        assert (run / ema).read_bytes() == (resumed_dir / ema).read_bytes()
+    assert (steps_record / "weights-0.txt").read_text() == (resumed_record / "weights-0.txt").read_text()
+    assert (steps_dir / ema).read_bytes() == (resumed_dir / ema).read_bytes()
 
 
-def test_the_step_bar_draws_each_step_once(tmp_path, mnist_folder):
-    process, _, _ = train(tmp_path, mnist_folder, "bar", "--max_train_steps=5")
-    assert process.returncode == 0, process.stderr
+def test_the_step_bar_draws_each_step_once(finished_training):
+    process, _ = finished_training  # its log lines (a checkpoint saved every step) come between the bar's draws
     draws = [draw for draw in process.stderr.split("\r") if "/5 [" in draw]
     for step in range(1, 5):  # the last step is drawn again when the bar closes
         assert sum(f"| {step}/5 [" in draw for draw in draws) <= 1, draws

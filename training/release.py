@@ -6,23 +6,20 @@
 MNIST comes from the Hub (`ylecun/mnist`); `--dataset_name path/to/mnist` reads a local copy instead.
 
 Reads the run's pipeline folder (written by training/train.py, with its `training.json` and tensorboard logs), then:
-1. scores samples of the recommended scheduler setting (default: the pipeline's own DDPM on 50 respaced steps) and
-   of the paper's 1000-step DDPM with the project's metrics, each beside the real-vs-real floor of as many MNIST
-   training digits, checks the release targets (`TARGETS`, see `ddpm_mnist.targets`), and bounds the NLL
-   (`ddpm_mnist.evaluation`, on the GPU where there is one); the recommended setting runs again from `--extra_seeds`
-   further seeds, so that the card shows how far its metrics move from seed to seed;
+1. scores samples of the recommended scheduler setting (default: the pipeline's own DDPM on 50 respaced steps; again
+   from `--extra_seeds` further seeds, for the seed-to-seed spread) and of the paper's 1000-step DDPM, each beside the
+   real-vs-real floor of as many MNIST training digits, checks the release targets (`TARGETS`, see
+   `ddpm_mnist.targets`), and bounds the NLL (`ddpm_mnist.evaluation`, on the GPU where there is one);
 2. draws an 8x8 grid of samples, one digit denoised from x_T to x_0, the training loss curve, the per-timestep terms
    of the NLL bound and, when given, the time-to-quality curve of benchmarks/time_to_quality.py;
-3. renders the model card with those results (`ddpm_mnist.model_card`) and writes the folder exactly as a push would
-   upload it (`ddpm_mnist.hub.export_pipeline_folder`), so it can be committed, loaded, or pushed as it is.
+3. renders the model card (`ddpm_mnist.model_card`) and writes the folder exactly as a push would upload it
+   (`ddpm_mnist.hub.export_pipeline_folder`), so it can be committed, loaded, or pushed as it is.
 
-A class-conditional run (its pipeline `is_class_conditional`) draws every setting with balanced labels (each digit
-equally often) and classifier-free guidance at `--guidance_scale`, scores the class accuracy beside the rest, checks
-`COND_TARGETS`, and sweeps the guidance scales `--guidance_scales` (`--sweep_samples` digits each; 0 skips it). Its
-pictures: a 10x10 grid with one row per digit, FID against class accuracy over the sweep, test digits completed from
-their top half (`DDPMMnistInpaintPipeline`) and an interpolation between two test digits (`ddpm_mnist.interpolate`).
-`pretrained/ddpm-mnist-cond-small` was released on a 2-core CPU with fewer samples than the defaults (its card's
-note says which):
+A class-conditional run draws every setting with balanced labels and classifier-free guidance at `--guidance_scale`,
+scores the class accuracy too, checks `COND_TARGETS`, and sweeps the guidance scales `--guidance_scales`
+(`--sweep_samples` digits each; 0 skips it). Its pictures: a 10x10 grid with one row per digit, FID against class
+accuracy over the sweep, test digits completed from their top half and an interpolation between two test digits.
+`pretrained/ddpm-mnist-cond-small` was released on a 2-core CPU with fewer samples than the defaults:
 
     python training/release.py runs/cond-release --output_dir pretrained/ddpm-mnist-cond-small \
         --hub_model_id ddpm-mnist/ddpm-mnist-cond-small --scheduler unipc --num_inference_steps 20 \
@@ -34,14 +31,12 @@ note says which):
     python training/release.py --gpu_results gpu-results --output_dir pretrained/ddpm-mnist \
         --hub_model_id ddpm-mnist/ddpm-mnist
 
-That folder holds `results.json`, the run folder archived in parts (`pipeline.tar.gz.00`, `.01`, ...) and `grid.png`
-(its `train.log` and `stages.log` are for reading). Nothing is sampled then: the card's quality is what the GPU
-measured, the package's metrics on 10,000 samples of the recommended scheduler setting (DDPM on 50 respaced steps)
-and on 1,000 of 1000-step DDPM, each beside its real floor, and the exact NLL bound on 1,000 test digits, checked
-against `GPU_TARGETS`; its training table (hardware, minutes, images seen, every optimiser setting) is the run's own
-record, and the evaluation section adds the exact training command. The GPU run brings back no denoising strip and no
-loss-curve picture, so the card has neither (the tensorboard logs are in the archive, under `logs/`); the flags that
-measure and draw (`--num_samples` to `--sweep_samples`) play no part.
+That folder holds `results.json`, the run folder archived in parts (`pipeline.tar.gz.00`, `.01`, ...) and `grid.png`.
+Nothing is sampled then: the card's quality is what the GPU measured (the package's metrics on 10,000 samples of DDPM
+on 50 respaced steps and 1,000 of 1000-step DDPM, each beside its real floor, and the exact NLL bound on 1,000 test
+digits), checked against `GPU_TARGETS`; its training table is the run's own record, and the evaluation section adds
+the exact training command. The card has no denoising strip and no loss curve (the tensorboard logs are in the
+archive, under `logs/`). The flags that sample and score a run (`RUN_FLAGS`) are refused with `--gpu_results`.
 """
 
 from __future__ import annotations
@@ -115,10 +110,21 @@ GRID_PER_DIGIT = 10  # a class-conditional grid: one row per digit 0-9, this man
 # two (7 and 2) are the ends of its interpolation.
 TEST_DIGITS = tuple(range(8))
 GPU_STAGES = ("train", "evaluate_fast", "evaluate_ddpm", "nll", "grid", "archive")  # what a GPU release needs
+# The flags that sample, score and draw a run: a GPU release reads what its run measured, so they are refused there.
+RUN_FLAGS = (
+    "dataset_name", "scheduler", "num_inference_steps", "num_samples", "ddpm_samples", "reference_images", "nll_images",
+    "nll_timesteps", "batch_size", "dtype", "seed", "extra_seeds", "device", "guidance_scale", "guidance_scales",
+    "sweep_samples",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags, each with its default."""
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the command-line flags, each with its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("run", nargs="?", help="the output_dir of a finished training/train.py run")
@@ -168,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     conditional.add_argument(
         "--sweep_samples", type=int, default=1000, help="samples per scale of the sweep (default: 1000; 0: skip it)"
     )
-    return p.parse_args(argv)
+    return p
 
 
 @contextmanager
@@ -192,7 +198,7 @@ def recommended_guidance(args: argparse.Namespace, conditional: bool) -> float:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse an existing --output_dir, a run folder that is not a finished run, or flags that cannot work, before
-    any work (the GPU results are checked as they are read, by `read_gpu_results`)."""
+    any work (the GPU results themselves are checked as they are read, by `read_gpu_results`)."""
     if Path(args.output_dir).exists():
         raise UsageError(f"--output_dir {args.output_dir} exists; pass a new folder (or remove the old release first).")
     if args.time_to_quality_image and not Path(args.time_to_quality_image).is_file():
@@ -201,6 +207,12 @@ def check_args(args: argparse.Namespace) -> None:
             "benchmarks/time_to_quality.py drew, or leave the flag out."
         )
     if args.gpu_results is not None:
+        defaults = build_parser()
+        for name in RUN_FLAGS:
+            if getattr(args, name) != defaults.get_default(name):
+                raise UsageError(
+                    f"--{name} plays no part with --gpu_results, whose run sampled and scored itself; leave it out."
+                )
         return
     run = Path(args.run)
     for name in ("model_index.json", "training.json", "logs", "unet/config.json"):
