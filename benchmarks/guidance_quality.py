@@ -19,6 +19,7 @@ It writes `guidance_quality.json` (settings, machine, floor, every cell) into --
 `--figure tradeoff`, class accuracy against FID / floor, one curve per (model, guide, interval) over the scales, each
 point the mean over the seeds; with `--figure training`, both against the images each checkpoint had seen. FIDs come
 from the project's MNIST classifier, not Inception: compare them only with each other and with the floor.
+`--include` joins the cells of earlier runs of the same setting (say, a released model's curve beside a new one's).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 NULL_GUIDE = "null"  # classifier-free guidance: the model's own null class is the guide
+# What results joined by --include share with this run: the cells' digits and the floor are drawn alike.
+SAME_SETTING = ("num_samples", "scheduler", "num_inference_steps", "dtype", "dataset_name")
 
 
 class AutoGuidedPipeline(DDPMMnistPipeline):
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="guidance_quality.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("models", nargs="+", metavar="MODEL", help="pipeline folders or repo ids, or train.py checkpoint folders")
+    add("models", nargs="*", metavar="MODEL", help="pipeline folders or repo ids, or train.py checkpoint folders")
+    add("--include", nargs="+", type=Path, default=[], help="earlier guidance_quality.json files of the same setting")
     add("--guidance_scales", nargs="+", type=float, default=[1.0, 2.0], help="(default: %(default)s)")
     add("--guidance_intervals", nargs="+", type=parse_interval, default=[None], help="all or low:high (default: all)")
     add("--guides", nargs="+", default=[NULL_GUIDE], help="null, or weak pipeline folders (default: %(default)s)")
@@ -238,6 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.num_samples < 10 or args.batch_size < 1:
         raise UsageError("--num_samples must be at least 10 (one per digit) and --batch_size at least 1.")
+    if not args.models and not args.include:
+        raise UsageError("no MODEL to score; pass pipeline or checkpoint folders, or --include earlier results.")
+    with usage_errors("include"):
+        included = [json.loads(path.read_text()) for path in args.include]
+    for path, other in zip(args.include, included, strict=True):
+        if [other[k] for k in SAME_SETTING] != [getattr(args, k) for k in SAME_SETTING]:
+            raise UsageError(f"--include {path} has another {', '.join(SAME_SETTING)}; include results of this one.")
     with usage_errors("dataset_name", "num_samples"):
         models = {name: load_model(name, args.dtype) for name in args.models}
         guides = {name: None if name == NULL_GUIDE else load_model(name, args.dtype)[0] for name in args.guides}
@@ -251,10 +262,13 @@ def main(argv: list[str] | None = None) -> None:
         floor = reference.floor(args.num_samples)
     device = describe_device("cpu")
     print(f"device: {device}; real floor FID at N={args.num_samples}: {floor.fid:.3f}", flush=True)
-    cells = score_cells(args, models, guides, reference, floor.fid)
+    cells = [cell for other in included for cell in other["cells"]] + score_cells(
+        args, models, guides, reference, floor.fid
+    )
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "models")}
-    result = {"models": args.models, **settings, "device": device, "floor": floor.as_dict(), "cells": cells}
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "models", "include")}
+    models = [model for other in included for model in other["models"]] + args.models
+    result = {"models": models, **settings, "device": device, "floor": floor.as_dict(), "cells": cells}
     (args.output_dir / "guidance_quality.json").write_text(json.dumps(result, indent=1))
     save_figure(cells, args.figure, args.output_dir / "guidance_quality.png")
     print(f"wrote {args.output_dir / 'guidance_quality.json'} and guidance_quality.png")

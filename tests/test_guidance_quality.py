@@ -12,7 +12,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler
-from ddpm_mnist.errors import run_entry_point
+from ddpm_mnist.errors import UsageError, run_entry_point
 from ddpm_mnist.training_utils import SETTINGS_FILE, TrainingProgress
 from tests.utils import tiny_unet
 
@@ -114,6 +114,24 @@ def test_the_grid_scores_each_setting_and_draws_scale_1_once(bench, pipeline_dir
     assert fids[("null", None, 3.0, 0)] != fids[(weak, None, 3.0, 0)] != fids[(weak, (3, 6), 3.0, 0)]
     assert (tmp_path / "guidance_quality.png").stat().st_size > 0
     assert "guide=null interval=all scale=1 seed=0: accuracy" in capsys.readouterr().out
+    # Earlier results of the same setting join a new run's cells and figure; of another setting they are refused.
+    common = [
+        "--num_samples",
+        "10",
+        "--num_inference_steps",
+        "3",
+        "--dtype",
+        "fp32",
+        "--dataset_name",
+        str(mnist_folder),
+    ]
+    bench.main([weak, "--guidance_scales", "2", "--include", str(tmp_path / "guidance_quality.json"), *common,
+                "--output_dir", str(tmp_path / "joined")])  # fmt: skip
+    joined = json.loads((tmp_path / "joined" / "guidance_quality.json").read_text())
+    assert joined["models"] == [model, weak] and joined["cells"][:-1] == result["cells"]
+    assert (joined["cells"][-1]["model"], joined["cells"][-1]["guidance_scale"]) == (weak, 2.0)
+    with pytest.raises(UsageError, match="has another num_samples"):
+        bench.main(["--include", str(tmp_path / "guidance_quality.json"), *common[2:], "--output_dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize(
