@@ -2,32 +2,17 @@
 
     bash benchmarks/gpu_run.sh OUT_DIR [--dry-run]      (gpu_run.sh does the set-up, then runs this file)
 
-Stages, each a child process with its own log and time limit, so that one failing stage is recorded and the others
-still run (those that need its output are skipped):
+Each stage is a child process with its own log and time limit, so that a failing stage is recorded and the others
+still run (those that need its output are skipped): set-up (gpu_run.sh), the CUDA tests, throughput against diffusers
+at equal architecture, training of the seed's model (the `mnist` preset in bf16, for what is left of the budget after
+the other stages, at most 5 minutes), then evaluation with the `ddpm-mnist` CLI: 10,000 samples of DDPM on 50
+respaced steps and 1,000 of 1000-step DDPM, each beside its real floor, the exact NLL bound on 1,000 test digits and
+a grid. At most 8 files come back in OUT_DIR: `results.json` (rewritten after every stage), `train.log`, `stages.log`,
+`grid.png` and the pipeline folder without checkpoints as `pipeline.tar.gz.00`, `.01`, ... in parts under 16 MB,
+packed right after training, so that a run stopped at the command's limit still brings back the weights.
+`training/release.py --gpu_results OUT_DIR` turns them into `pretrained/ddpm-mnist/` on the CPU.
 
-1. set-up (gpu_run.sh): diffusers and datasets from `.whl/`, this checkout editable; here: what got installed where.
-2. CUDA tests: `pytest -m cuda tests/test_gpu.py`.
-3. throughput against diffusers at equal architecture: `benchmarks/throughput.py` on the device (`throughput_command`).
-4. training of the seed's model: `accelerate launch training/train.py`, the `mnist` preset (the seed's architecture
-   and noise schedule: 32x32 padded digits, 4 resolutions, attention at 16x16, dropout 0.1, linear betas, T = 1000)
-   in bf16 with `--decode_once`, for what is left of the time budget after the other stages (at most 5 minutes).
-5. evaluation on the GPU with the `ddpm-mnist` CLI (`--json`): the package's metrics on 10,000 samples of the
-   recommended few-step setting (the pipeline's own DDPM scheduler on 50 respaced steps) and on 1,000 samples of
-   1000-step DDPM, each beside its real-vs-real floor; the exact NLL bound (all T terms) on 1,000 test digits; a grid.
-6. bring-back: at most 8 files in OUT_DIR: `results.json` (every stage's figures), `train.log`, `stages.log` (the
-   other stages' output), `grid.png` (64 digits, 1000-step DDPM) and the pipeline folder (EMA weights, configs,
-   card, training record, tensorboard logs; no checkpoints) as `pipeline.tar.gz.00`, `.01`, ... in parts under
-   16 MB. The archive is packed right after training and `results.json` rewritten after every stage, so that a
-   run stopped at the command's limit still brings back the weights and the figures so far.
-   `training/release.py --gpu_results OUT_DIR` turns them into `pretrained/ddpm-mnist/` on the CPU.
-
-Expected split of the 8 minutes on one H100 (estimates until the first run replaces them): set-up 20 s, CUDA tests
-40 s (8 pytest workers), throughput 60 s, training start-up 30 s, evaluation 150 s: training gets the remaining ~3.3
-minutes, more if the stages before it are faster. A summary table is printed last.
-
-`--dry-run` runs every stage at toy sizes on the CPU (the `tiny` preset with T = 20, 6 steps, a handful of samples),
-about 2 CPU-minutes, each stage on one thread (a check of the plumbing, not a measurement, and on a shared CPU one
-thread per process keeps OpenMP's busy-waiting threads from starving each other); `tests/test_gpu_run.py` runs it.
+`--dry-run` runs every stage at toy sizes on the CPU (`DRY`), each on one thread; `tests/test_gpu_run.py` runs it.
 
 The training recipe, for a few minutes of one H100 instead of the paper's 800k steps of 128 at lr 2e-4 (10.6 hours
 of a TPU v3-8 at its 2,688 images/s, for CIFAR10):
@@ -374,7 +359,8 @@ def pack_pipeline(run: Path, out: Path, work: Path) -> list[str]:
 def main(args: argparse.Namespace) -> None:
     sizes, dataset = check_args(args)
     if args.dry_run:
-        os.environ["OMP_NUM_THREADS"] = "1"  # for the stages' processes (see the module docstring)
+        # One thread per stage process: on a shared CPU, OpenMP's busy-waiting threads would starve each other.
+        os.environ["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

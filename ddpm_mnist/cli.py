@@ -1,13 +1,5 @@
 """The `ddpm-mnist` command line: sample digits from a saved pipeline, score their quality, bound its likelihood,
-complete a partly known digit, interpolate between two.
-
-    ddpm-mnist sample PIPELINE --num_samples 64 --num_inference_steps 50 --scheduler ddim --seed 0 --output_dir samples
-        [--class_labels 3 7 | --class_labels all] [--guidance_scale 2]
-    ddpm-mnist evaluate PIPELINE --num_samples 10000 --num_inference_steps 50 --scheduler ddim [--guidance_scale 2]
-        [--nll] [--json]
-    ddpm-mnist nll PIPELINE --split test --nll_images 1000
-    ddpm-mnist inpaint PIPELINE (--image digit.png | --test_digit 0) (--mask mask.png | --keep top) --output out.png
-    ddpm-mnist interpolate PIPELINE (--image_a a.png --image_b b.png | --test_digits 0 1) --t 500 --output row.png
+complete a partly known digit, interpolate between two: `ddpm-mnist {sample,evaluate,nll,inpaint,interpolate} --help`.
 
 PIPELINE is a folder written by `DDPMMnistPipeline.save_pretrained` or a Hub repo id; every option is also accepted
 with hyphens (`--num-samples`). Argument parsing and printing live here, the work in `ddpm_mnist.evaluation`, the

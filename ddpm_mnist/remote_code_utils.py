@@ -97,12 +97,8 @@ class RemoteCodeMixin:
         """`DiffusionPipeline.save_pretrained`, with the pipeline's module and those it imports relatively at the root
         and each component's module of this package in the component's folder, copied as they are.
 
-        `push_to_hub=True` then uploads the whole folder, as diffusers does, with diffusers' `repo_id` (default: the
-        folder's name), `commit_message`, `private`, `token` and `create_pr`, and returns the commit URL (a training
-        run's folder goes up with `ddpm_mnist.hub.push_pipeline_folder` instead, without its checkpoints and logs).
-        The model card that goes up is the folder's README.md if it has one (a full card:
-        `ddpm_mnist.model_card.render_model_card(...).save(...)` before the push), else the repo's card, else a short
-        card on how to load the pipeline.
+        `push_to_hub=True` then uploads the whole folder as diffusers does and returns the commit URL. The model card
+        that goes up is the folder's README.md if it has one, else the repo's card, else a short one on loading it.
         """
         if push_to_hub:
             upload = {name: kwargs.pop(name, None) for name in ("commit_message", "token", "subfolder")}

@@ -1,23 +1,10 @@
 """What training scripts share (diffusers' name for such a module): the run folder, its Accelerator, its progress.
 
 A run trains in one folder (`output_dir`) that ends up holding its pipeline, `checkpoints/`, `samples/` and `logs/`.
-These pieces keep that folder sound for any accelerate script, whatever its flags (the script names its own settings):
-
-- `make_accelerator`: the run's Accelerator, its trackers in the folder, its mixed precision chosen for the device;
-- `OutputDirLock`: one training per folder, released by the kernel however the process ends;
-- `save_checkpoint` and `find_checkpoint`: accelerate's `save_state` under a temporary name, then renamed, so that
-  `latest` only ever finds whole checkpoints, each with the run's settings (`SETTINGS_FILE`);
-- `check_resume`: a resume with other values of the settings it must keep is refused, the allowed changes listed;
-- `TrainingProgress` (registered for checkpointing) and `resumed_batches`: where training stands, so that a resumed run
-  trains on exactly the batches of the uninterrupted one;
-- `StopRequest` and `stop_reason`: the run stops after a whole step (and a checkpoint) on SIGINT/SIGTERM, at its step
-  count, or when a time limit is spent;
-- `time_budget_steps`: a time budget turned into a step count once, at the start, from the measured throughput;
-- `progress_bar`: optimizer steps done of the run's total;
-- `min_snr_weight`: the min-SNR-gamma loss weighting, on diffusers' `compute_snr`.
-
-It needs the package's `train` extra (accelerate). Bad input is refused with a ValueError that names the arguments
-(`output_dir`); an entry point turns those names into its flags with `ddpm_mnist.errors.usage_errors`.
+These pieces keep that folder sound for any accelerate script, whatever its flags: one training per folder, only whole
+checkpoints, each with the settings a resume must keep, an exact resume of the data order, and a clean stop after a
+whole step. It needs the package's `train` extra (accelerate). Bad input is refused with a ValueError that names the
+arguments (`output_dir`); an entry point turns those names into its flags with `ddpm_mnist.errors.usage_errors`.
 """
 
 from __future__ import annotations
@@ -52,17 +39,9 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 SETTINGS_FILE = "training_settings.json"  # in every checkpoint: the run's settings, for `check_resume`
 # What a run writes into its folder: the pipeline and its card (`ddpm_mnist.hub.save_training_run`), checkpoints,
 # sample grids and logs; what `clear_output_dir` removes.
-RUN_FILES = (
-    "model_index.json",
-    "pipeline_ddpm_mnist.py",
-    "remote_code_utils.py",
-    "unet",
-    "scheduler",
-    "README.md",
-    "training.json",
-    "checkpoints",
-    "samples",
-    "logs",
+RUN_FILES = tuple(
+    "model_index.json pipeline_ddpm_mnist.py remote_code_utils.py unet scheduler README.md training.json checkpoints "
+    "samples logs".split()
 )
 MEASURE_SECONDS = 10.0  # the longest `time_budget_steps` times its trial steps (a twentieth of a budget under 200 s)
 

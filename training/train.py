@@ -383,11 +383,6 @@ def diffusion_loss(
     return loss.mean()
 
 
-def loss_settings(args: argparse.Namespace, num_classes: int | None) -> dict:
-    """`diffusion_loss`'s settings from the flags: the loss weighting and a conditional model's label dropout."""
-    return dict(snr_gamma=args.snr_gamma, class_dropout_prob=args.class_dropout_prob, null_class_label=num_classes)
-
-
 def make_optimizer(
     unet: DDPMMnistUNet, args: argparse.Namespace, num_processes: int, max_train_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -562,7 +557,8 @@ def main(args: argparse.Namespace) -> None:
     # process's random state, so a resumed run draws what the uninterrupted one would have.
     set_seed(args.seed, device_specific=True)
     unet = accelerator.prepare(unet).train()
-    loss_fn = partial(diffusion_loss, unet, noise_scheduler, **loss_settings(args, num_classes))
+    loss_settings = dict(snr_gamma=args.snr_gamma, class_dropout_prob=args.class_dropout_prob)
+    loss_fn = partial(diffusion_loss, unet, noise_scheduler, **loss_settings, null_class_label=num_classes)
     # The data is not prepared: accelerate would shard the already-split stream a second time.
     shard = steps_per_epoch * accumulation, accelerator.process_index, accelerator.num_processes, accelerator.device
     if max_train_steps is None:  # --max_train_minutes alone: the steps it fits, measured now and kept in checkpoints

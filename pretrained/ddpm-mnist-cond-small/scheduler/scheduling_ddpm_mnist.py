@@ -17,12 +17,12 @@ This file imports only torch, diffusers and the standard library so that it can 
 and loaded with `trust_remote_code`.
 """
 
-import math
 import operator
 from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -49,17 +49,6 @@ class DDPMMnistSchedulerOutput(BaseOutput):
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; expected one of: {', '.join(choices)}.")
-
-
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Betas of the cosine schedule of Nichol & Dhariwal (2021), eq. 17, capped at `max_beta`."""
-
-    def alpha_bar(s: float) -> float:
-        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    n = num_train_timesteps
-    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
-    return torch.tensor(betas, dtype=torch.float32)
 
 
 def _posterior_coefficients(alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -145,14 +134,12 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
             n = num_train_timesteps
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
         else:
-            betas = _cosine_betas(num_train_timesteps)
+            betas = betas_for_alpha_bar(num_train_timesteps)  # the cosine schedule (Nichol & Dhariwal 2021, eq. 17)
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("All betas must lie in the open interval (0, 1).")
 
-        # beta_t, the forward-process variances (eq. 2).
-        self.betas = betas
-        # alpha_t = 1 - beta_t (Section 2, before eq. 4).
-        self.alphas = 1.0 - betas
+        self.betas = betas  # beta_t, the forward-process variances (eq. 2)
+        self.alphas = 1.0 - betas  # alpha_t = 1 - beta_t (Section 2, before eq. 4)
         # alpha_bar_t = prod_{s<=t} alpha_s (eq. 4); a float32 cumprod, bit-identical to diffusers'.
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
@@ -163,12 +150,9 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         posterior = _posterior_coefficients(abar, abar_prev)
 
-        # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (eq. 7).
-        self.alphas_cumprod_prev = abar_prev.float()
-        # sqrt(alpha_bar_t), the signal scale of q(x_t | x_0) (eq. 4).
-        self.sqrt_alphas_cumprod = abar.sqrt().float()
-        # sqrt(1 - alpha_bar_t), the noise scale of q(x_t | x_0) (eq. 4).
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt().float()
+        self.alphas_cumprod_prev = abar_prev.float()  # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (eq. 7)
+        self.sqrt_alphas_cumprod = abar.sqrt().float()  # the signal scale of q(x_t | x_0) (eq. 4)
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt().float()  # the noise scale of q(x_t | x_0) (eq. 4)
         # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t, Var q(x_{t-1}|x_t, x_0) (eq. 7).
         self.posterior_variance = posterior["posterior_variance"].float()
         # log(beta_tilde_t), t=0 entry (beta_tilde_0 = 0) replaced by t=1 as in the paper's reference code.
@@ -179,8 +163,7 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         # and coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (eq. 7).
         self.posterior_mean_coef2 = posterior["posterior_mean_coef2"].float()
 
-        # x_T ~ N(0, I) (Algorithm 2, line 1).
-        self.init_noise_sigma = 1.0
+        self.init_noise_sigma = 1.0  # x_T ~ N(0, I) (Algorithm 2, line 1)
 
         # Inference schedule: by default all T steps, t = T-1, ..., 0.
         self.num_inference_steps: int | None = None
@@ -190,8 +173,7 @@ class DDPMMnistScheduler(SchedulerMixin, ConfigMixin):
         self._prev_table = torch.arange(-1, num_train_timesteps - 1, dtype=torch.int64)
         # The posterior (eq. 7) of each step t -> t' of that chain, as `_posterior_coefficients` gives it.
         self._chain_posterior = self._chain_posterior_tables()
-        # Per-device copies of the lookup tables, filled lazily by _tables().
-        self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}  # filled lazily by _tables()
 
         # diffusers' `from_config` skips the keys a config took by default, so `HeunDiscreteScheduler.from_config`
         # would fall back to its own (Stable Diffusion) betas. Mark every key as chosen, as a saved config is.

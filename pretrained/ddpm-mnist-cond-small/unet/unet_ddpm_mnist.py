@@ -9,10 +9,6 @@ The file is self-contained (only ``torch``, ``diffusers`` and the standard libra
 copied verbatim into a Hub repository and loaded with ``trust_remote_code=True``. It knows nothing
 about noise schedules: it maps ``(x_t, t) -> eps_theta(x_t, t)`` and nothing more.
 
-Reading order: ``DDPMMnistUNet.__init__`` / ``forward`` are the table of contents (timestep
-embedding, input conv, down path, middle, up path, output head); the small building blocks
-(``ResnetBlock``, ``AttnBlock``, ``Downsample``, ``Upsample`` and the per-level containers) follow it.
-
 Initialisation follows the paper's code: Xavier-uniform weights, zero biases, and zero weights on the
 last conv of every residual branch, the attention output projection and the output conv. A freshly
 built model therefore predicts exactly zero noise until its first optimiser step.
@@ -32,63 +28,31 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-# Named configurations. Parameter counts and forward FLOPs per image were measured on this file
-# (torch.utils.flop_counter.FlopCounterMode, which counts 2 FLOPs per multiply-accumulate).
+# Named configurations, each written as its changes to the paper's CIFAR10 model. Parameter counts and forward FLOPs
+# per image were measured on this file (torch.utils.flop_counter.FlopCounterMode, 2 FLOPs per multiply-accumulate).
+# The paper's CIFAR10 model (Ho et al. 2020, appendix B): 35,746,307 parameters ("35.7M"), identical to the original
+# TF code; 12.44 GFLOP forward per image.
+_CIFAR10 = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    base_channels=128,
+    channel_mult=(1, 2, 2, 2),
+    layers_per_block=2,
+    attention_resolutions=(16,),
+    dropout=0.1,
+    norm_num_groups=32,
+)
+# GPU recipe: 28x28 digits zero-padded to 32x32, the CIFAR10 layout at half width.
+# 8,949,761 parameters, 3.194 GFLOP forward per image.
+_MNIST = dict(_CIFAR10, in_channels=1, out_channels=1, base_channels=64)
+# CPU-trainable, native 28x28 (levels 28/14/7). 1,623,169 parameters, 0.625 GFLOP forward per image.
+_MNIST_SMALL = dict(_MNIST, sample_size=28, base_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(14,))
+# For unit tests only: 176,849 parameters, 0.118 GFLOP forward per image; a forward+backward on a batch of 8 takes
+# ~0.1 s on one CPU core.
+_TINY = dict(_MNIST_SMALL, base_channels=16, channel_mult=(1, 2), layers_per_block=1, dropout=0.0, norm_num_groups=8)
 PRESETS: MappingProxyType[str, dict[str, Any]] = MappingProxyType(
-    {
-        # The paper's CIFAR10 model (Ho et al. 2020, appendix B): 35,746,307 parameters ("35.7M"),
-        # identical to the original TF code; 12.44 GFLOP forward per image.
-        "cifar10": dict(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            base_channels=128,
-            channel_mult=(1, 2, 2, 2),
-            layers_per_block=2,
-            attention_resolutions=(16,),
-            dropout=0.1,
-            norm_num_groups=32,
-        ),
-        # GPU recipe: 28x28 digits zero-padded to 32x32, the CIFAR10 layout at half width.
-        # 8,949,761 parameters, 3.194 GFLOP forward per image.
-        "mnist": dict(
-            sample_size=32,
-            in_channels=1,
-            out_channels=1,
-            base_channels=64,
-            channel_mult=(1, 2, 2, 2),
-            layers_per_block=2,
-            attention_resolutions=(16,),
-            dropout=0.1,
-            norm_num_groups=32,
-        ),
-        # CPU-trainable, native 28x28 (levels 28/14/7).
-        # 1,623,169 parameters, 0.625 GFLOP forward per image.
-        "mnist-small": dict(
-            sample_size=28,
-            in_channels=1,
-            out_channels=1,
-            base_channels=32,
-            channel_mult=(1, 2, 2),
-            layers_per_block=2,
-            attention_resolutions=(14,),
-            dropout=0.1,
-            norm_num_groups=32,
-        ),
-        # For unit tests only: 176,849 parameters, 0.118 GFLOP forward per image; a forward+backward
-        # on a batch of 8 takes ~0.1 s on one CPU core.
-        "tiny": dict(
-            sample_size=28,
-            in_channels=1,
-            out_channels=1,
-            base_channels=16,
-            channel_mult=(1, 2),
-            layers_per_block=1,
-            attention_resolutions=(14,),
-            dropout=0.0,
-            norm_num_groups=8,
-        ),
-    }
+    {"cifar10": _CIFAR10, "mnist": _MNIST, "mnist-small": _MNIST_SMALL, "tiny": _TINY}
 )
 
 
@@ -125,17 +89,7 @@ class DDPMMnistUNet(ModelMixin, ConfigMixin):
         super().__init__()
         channel_mult = tuple(channel_mult)  # config.json round trips store lists
         attention_resolutions = tuple(attention_resolutions)
-        _validate_config(
-            sample_size,
-            in_channels,
-            out_channels,
-            base_channels,
-            channel_mult,
-            layers_per_block,
-            attention_resolutions,
-            dropout,
-            norm_num_groups,
-        )
+        _validate_config(self.config)
         if num_class_embeds is not None and num_class_embeds < 1:
             raise ValueError(f"num_class_embeds={num_class_embeds} must be a positive integer, or None for no classes.")
         temb_channels = 4 * base_channels
@@ -290,14 +244,12 @@ class DDPMMnistUNet(ModelMixin, ConfigMixin):
 
 # ----------------------------------------------------------------------------------------------
 # Small building blocks.
-# ----------------------------------------------------------------------------------------------
 
 
 class TimestepEmbedding(nn.Module):
     """Transformer sinusoidal position encoding of t followed by the paper's two-layer MLP."""
 
     def __init__(self, base_channels: int, temb_channels: int) -> None:
-        """Sinusoid of width `base_channels`, then Dense(temb), SiLU, Dense(temb)."""
         super().__init__()
         self.base_channels = base_channels
         self.linear_1 = nn.Linear(base_channels, temb_channels)
@@ -339,10 +291,10 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """The paper's self-attention block: GN, single-head attention over the H*W positions, residual add."""
+    """The paper's self-attention block: GN, single-head attention over the H*W positions, residual add; q, k, v and
+    the output projection are per-position linear maps (the paper's ``nin`` layers)."""
 
     def __init__(self, channels: int, groups: int) -> None:
-        """q, k, v and output projections are per-position linear maps (the paper's ``nin`` layers)."""
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
         self.to_q = nn.Linear(channels, channels)
@@ -370,12 +322,10 @@ class Downsample(nn.Module):
     """The paper's downsampling: a 3x3 conv with stride 2 (halves H and W)."""
 
     def __init__(self, channels: int) -> None:
-        """Stride-2 3x3 conv, padding 1, channels unchanged."""
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Halve the spatial resolution."""
         return self.conv(x)
 
 
@@ -383,12 +333,10 @@ class Upsample(nn.Module):
     """The paper's upsampling: nearest-neighbour x2 followed by a 3x3 conv."""
 
     def __init__(self, channels: int) -> None:
-        """3x3 conv, padding 1, channels unchanged."""
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Double the spatial resolution."""
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -402,10 +350,9 @@ class DownLevel(nn.Module):
         self.attns = nn.ModuleList(attns)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> list[torch.Tensor]:
         """Return every intermediate activation (all become skips); the last one feeds the next level."""
         outputs = []
-        h = x
         for resnet, attn in zip(self.resnets, self.attns, strict=True):
             h = attn(resnet(h, temb))
             outputs.append(h)
@@ -418,14 +365,12 @@ class MidBlock(nn.Module):
     """The paper's middle of the U-Net: ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution."""
 
     def __init__(self, channels: int, temb_channels: int, dropout: float, groups: int) -> None:
-        """All three blocks keep the channel count."""
         super().__init__()
         self.resnet_1 = ResnetBlock(channels, channels, temb_channels, dropout, groups)
         self.attn = AttnBlock(channels, groups)
         self.resnet_2 = ResnetBlock(channels, channels, temb_channels, dropout, groups)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """Resnet -> Attn -> Resnet."""
         return self.resnet_2(self.attn(self.resnet_1(x, temb)), temb)
 
 
@@ -433,7 +378,6 @@ class UpLevel(nn.Module):
     """One decoder resolution of the paper's U-Net: ResnetBlock(concat(h, skip))(+AttnBlock), Upsample."""
 
     def __init__(self, resnets: list[ResnetBlock], attns: list[nn.Module], upsample: Upsample | None):
-        """Wrap the level's blocks; `attns[i]` is an AttnBlock or Identity following `resnets[i]`."""
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attns = nn.ModuleList(attns)
@@ -450,7 +394,6 @@ class UpLevel(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Helpers.
-# ----------------------------------------------------------------------------------------------
 
 
 def _attn_or_identity(channels: int, groups: int, use_attention: bool) -> nn.Module:
@@ -479,27 +422,20 @@ def _broadcast_timesteps(timestep: torch.Tensor | int | float, batch: int, devic
     return t.expand(batch)
 
 
-def _validate_config(
-    sample_size: int,
-    in_channels: int,
-    out_channels: int,
-    base_channels: int,
-    channel_mult: tuple[int, ...],
-    layers_per_block: int,
-    attention_resolutions: tuple[int, ...],
-    dropout: float,
-    norm_num_groups: int,
-) -> None:
+def _validate_config(config: Any) -> None:
     """Raise a one-line ValueError naming the problem and the fix for an inconsistent config."""
+    sample_size, base_channels, norm_num_groups = config.sample_size, config.base_channels, config.norm_num_groups
+    channel_mult, attention_resolutions = tuple(config.channel_mult), tuple(config.attention_resolutions)
     if len(channel_mult) == 0 or any(m < 1 for m in channel_mult):
         raise ValueError(f"channel_mult={channel_mult} must be a non-empty tuple of positive integers.")
-    if min(sample_size, in_channels, out_channels, base_channels, layers_per_block, norm_num_groups) < 1:
+    sizes = ("sample_size", "in_channels", "out_channels", "base_channels", "layers_per_block", "norm_num_groups")
+    if min(config[name] for name in sizes) < 1:
         raise ValueError(
             "sample_size, in_channels, out_channels, base_channels, layers_per_block and norm_num_groups "
             "must all be positive integers."
         )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout} must be in [0, 1).")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout={config.dropout} must be in [0, 1).")
     factor = 2 ** (len(channel_mult) - 1)
     if sample_size % factor != 0:
         raise ValueError(
