@@ -88,14 +88,14 @@ class ReleaseTargets:
             measured = f"every digit's share between {rarest:.1%} and {commonest:.1%} (target {low:.0%} to {high:.0%})"
             checks.append(TargetCheck(measured, max(low - rarest, commonest - high), "{:.1%} of the samples"))
         if self.min_class_accuracy is not None:
-            measured = f"class accuracy {accuracy.accuracy:.1%} (target >= {self.min_class_accuracy:.0%})"
+            measured = f"class accuracy {accuracy.accuracy:.1%} (target >= {self.min_class_accuracy * 100:g}%)"
             checks.append(TargetCheck(measured, self.min_class_accuracy - accuracy.accuracy, "{:.1%} of the samples"))
         if self.min_digit_accuracy is not None:  # the worst digit's, digits never requested left out
             requested = {digit: share for digit, share in enumerate(accuracy.per_class) if not math.isnan(share)}
             worst = min(requested, key=requested.get)
             measured = (
                 f"lowest class accuracy of a digit {requested[worst]:.1%}, digit {worst}'s (target >= "
-                f"{self.min_digit_accuracy:.0%} for every digit)"
+                f"{self.min_digit_accuracy * 100:g}% for every digit)"
             )
             gap = self.min_digit_accuracy - requested[worst]
             checks.append(TargetCheck(measured, gap, f"{{:.1%}} of digit {worst}'s samples"))

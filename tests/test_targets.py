@@ -81,6 +81,10 @@ def test_the_conditional_release_checks_the_class_accuracy_overall_and_of_the_wo
     # Exactly on every target is meeting it: confidence 0.97, 99% overall, 97% for the worst digit, 30 / 20 = 1.5x.
     assert COND_RELEASE.all_met(quality(0.97, 30.0), FLOOR, accuracy=accuracy(0.99, {5: 0.97}))
     assert not COND_RELEASE.all_met(quality(0.97, 30.0), FLOOR, accuracy=accuracy(0.99, {5: 0.969}))
+    # A target between whole percents reads as it is.
+    strict = ReleaseTargets(min_confidence=0.98, max_fid_ratio=1.3, min_class_accuracy=0.995, min_digit_accuracy=0.985)
+    lines = strict.markdown("UniPC, 20 steps", good, FLOOR, accuracy=accuracy(0.994, {3: 0.98}))
+    assert "(target >= 99.5%): **missed by 0.1% of the samples**" in lines[3] and "(target >= 98.5% for" in lines[4]
 
 
 def test_a_digit_never_requested_is_left_out_and_the_accuracy_targets_need_the_accuracy():
