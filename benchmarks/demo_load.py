@@ -1,17 +1,13 @@
 """The demo app under load, and its speed targets: start-up to a usable page, one grid, concurrent calls.
 
-Starts `python demo/app.py --model MODEL` on 127.0.0.1 (GRADIO_SERVER_PORT=--port) and measures, naming the CPU:
+    python benchmarks/demo_load.py --json
 
-1. start-up: the seconds until the page's Generate button is painted in headless Chromium (demo/browser.py; target:
-   10 s), or, without Playwright or a Chromium, until the page's first HTTP answer (said so);
-2. one grid: a Generate call of --num_images digits with --scheduler on --num_inference_steps steps (by default the
-   released card's recommendation; target: 3 s), after a one-step warm-up, as the app and the client time it;
-3. load: --concurrent such calls and --bad bad ones (0 steps, an unknown digit, more steps than T, in turn) sent at
-   once, one gradio_client each: whether every good call got its grid and strip and every bad one its one-line
-   message, the p50 and p95 latency of the good ones, and the server's peak resident memory (VmHWM, Linux).
-
-The app runs one call at a time on a CPU, so the load's latencies grow with --concurrent. With --json the last line
-is one JSON object with every figure. Run it on a quiet machine.
+Starts `python demo/app.py --model MODEL` on 127.0.0.1:--port and measures, naming the CPU: the seconds until the
+page's Generate button is painted in headless Chromium (demo/browser.py; without Playwright or a Chromium, until the
+page first answers; target 10 s); one Generate call of --num_images digits after a one-step warm-up (target 3 s); and
+--concurrent such calls sent at once with --bad bad ones, one gradio_client each: whether every good call got its
+grid and strip and every bad one its one-line message, the p50 and p95 latency and the server's peak resident memory.
+The app runs one call at a time on a CPU, so the latencies grow with --concurrent. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -120,18 +116,6 @@ def timed_call(client, settings: tuple) -> tuple[float, tuple | str]:
     return time.perf_counter() - start, outputs
 
 
-def reported_seconds(info: str) -> float:
-    """The sampling time in the app's line, e.g. "16 digits in 2.41 s (ddpm, 50 steps; ...)"."""
-    return float(re.search(r" in ([\d.]+) s ", info).group(1))
-
-
-def peak_memory_mib(pid: int) -> float | None:
-    """The process's peak resident memory (VmHWM) in MiB, None where /proc does not say."""
-    status = Path(f"/proc/{pid}/status")
-    match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
-    return int(match.group(1)) / 1024 if match else None
-
-
 def main() -> None:
     args = parse_args()
     where = describe_device("cpu") + (f" with {describe_device('cuda')}" if torch.cuda.is_available() else "")
@@ -162,7 +146,8 @@ def main() -> None:
         seconds, outputs = timed_call(client, generate_settings(args))
         if isinstance(outputs, str):
             raise WorkFailed(f"the timed Generate call failed: {outputs}")
-        figures["grid_s"], figures["grid_client_s"] = reported_seconds(outputs[2]), seconds
+        # The sampling time in the app's line, e.g. "16 digits in 2.41 s (ddpm, 50 steps; ...)".
+        figures["grid_s"], figures["grid_client_s"] = float(re.search(r" in ([\d.]+) s ", outputs[2])[1]), seconds
         verdict = "met" if figures["grid_s"] <= GRID_TARGET_S else "missed"
         print(
             f"one grid: {args.num_images} digits, {args.scheduler} on {args.num_inference_steps} steps, in "
@@ -183,6 +168,8 @@ def main() -> None:
             for (_, out), (_, text) in zip(bad, bad_calls, strict=True)
         )
         latencies = np.array([seconds for seconds, _ in good])
+        status = Path(f"/proc/{server.pid}/status")  # the peak resident memory (VmHWM), where /proc says it
+        peak = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
         figures.update(
             good_calls=args.concurrent,
             good_calls_with_images=grids_ok,
@@ -190,7 +177,7 @@ def main() -> None:
             bad_calls_with_message=messages_ok,
             p50_s=float(np.percentile(latencies, 50)),
             p95_s=float(np.percentile(latencies, 95)),
-            peak_memory_mib=peak_memory_mib(server.pid),
+            peak_memory_mib=int(peak[1]) / 1024 if peak else None,
         )
         print(
             f"load: {grids_ok} of {args.concurrent} good calls got their images, {messages_ok} of {args.bad} bad calls "

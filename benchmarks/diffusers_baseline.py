@@ -10,8 +10,8 @@ its data path (`diffusers_loader`). It is a library module for the benchmark ent
 from __future__ import annotations
 
 import copy
+import itertools
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +75,6 @@ def diffusers_loader(data: str, batch_size: int, seed: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
-def endless_batches(loader: DataLoader) -> Iterator[torch.Tensor]:
-    """The loader's batches of x_0, epoch after epoch."""
-    while True:
-        for batch in loader:
-            yield batch["input"]
-
-
 class DiffusersLoop:
     """train_unconditional.py's training loop on `model`, one optimizer step per `step()` call.
 
@@ -116,7 +109,7 @@ class DiffusersLoop:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(model, optimizer, lr_scheduler)
         self.ema_model.to(self.accelerator.device)
         self.weight_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-        self.batches = endless_batches(loader)
+        self.batches = (batch["input"] for _ in itertools.count() for batch in loader)  # epoch after epoch
         self.global_step = 0
         self.train_seconds = 0.0  # the wall time of every step so far
 

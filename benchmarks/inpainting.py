@@ -1,17 +1,14 @@
 """Completing digits with RePaint: how often the classifier reads a completion as the original digit, and its cost.
 
-Each setting NUM_INFERENCE_STEPS,JUMP_LENGTH,JUMP_N_SAMPLE of `DDPMMnistInpaintPipeline` completes the first
---num_images MNIST test digits with one half kept (`top`: the bottom is filled in; `left`). A completion counts as
-right when the package's MNIST classifier reads it as the test digit's label; beside the settings, the classifier on
-the whole digits (the ceiling) and on the kept half alone with the rest black. Cost: UNet calls per digit, wall
-seconds per digit in batches of --batch_size, and the seconds of one digit alone (as an app completes a sketch).
-Every setting starts from one generator seeded with --seed. A conditional pipeline can be told each digit's true
-label (--class_labels_from_truth, with --guidance_scale).
+    python benchmarks/inpainting.py --dataset_name path/to/mnist --settings 10,5,1 25,5,1 --figure inpainting.png
 
-The table ends with the cheapest setting (fewest UNet calls) whose top-half completions are read right at least 90%
-of the time; the JSON (--output) holds every row, that choice and where it ran. --figure writes a few completions
-with the pipeline's defaults and, beside it (`_interpolation`), rows of `ddpm_mnist.interpolate` between two test
-digits at t = 250 and t = 500.
+Each setting STEPS,JUMP_LENGTH,JUMP_N_SAMPLE of `DDPMMnistInpaintPipeline` completes the first --num_images MNIST
+test digits with one half kept (`top`: the bottom is filled in; `left`), every setting from one generator seeded with
+--seed; beside them, the classifier on the whole digits (the ceiling) and on the kept half alone. Cost: UNet calls per
+digit, seconds per digit in batches, and the seconds of one digit alone (as an app completes a sketch). The table ends
+with the cheapest setting whose top-half completions are read right at least 90% of the time; the JSON (--output)
+holds every row, that choice and where it ran. --figure writes a few completions and, beside it (`_interpolation`),
+rows of `ddpm_mnist.interpolate` between two test digits at t = 250 and t = 500. Results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -100,10 +97,9 @@ def complete(
     setting: Setting,
     labels: torch.Tensor | None,
     args: argparse.Namespace,
-    seed: int,
 ) -> torch.Tensor:
-    """Completions (N, 1, 28, 28) in [0, 1] on the CPU, batch by batch from one generator seeded with `seed`."""
-    generator = torch.Generator().manual_seed(seed)
+    """Completions (N, 1, 28, 28) in [0, 1] on the CPU, batch by batch from one generator seeded with --seed."""
+    generator = torch.Generator().manual_seed(args.seed)
     batches = []
     for start in range(0, len(x_0), args.batch_size):
         batch = slice(start, start + args.batch_size)
@@ -134,18 +130,12 @@ def measure(
     keep = keep_half(mask)
     class_labels = labels if args.class_labels_from_truth else None
     start = time.perf_counter()
-    images = complete(pipe, x_0, keep, setting, class_labels, args, args.seed)
+    images = complete(pipe, x_0, keep, setting, class_labels, args)
     middle = time.perf_counter()
-    complete(pipe, x_0[:1], keep, setting, None if class_labels is None else class_labels[:1], args, args.seed)
+    complete(pipe, x_0[:1], keep, setting, None if class_labels is None else class_labels[:1], args)
     seconds_alone = time.perf_counter() - middle
     calls, right = setting.unet_calls(pipe), accuracy(images, labels, classifier)
     return Row(str(setting), mask, calls, right, (middle - start) / len(x_0), seconds_alone)
-
-
-def cheapest_meeting_target(rows: list[Row]) -> Row | None:
-    """The top-half row with the fewest UNet calls (then the highest accuracy) that reaches TARGET, if any."""
-    passing = [row for row in rows if row.mask == "top" and row.accuracy >= TARGET]
-    return min(passing, key=lambda row: (row.unet_calls, -row.accuracy), default=None)
 
 
 def markdown_table(rows: list[Row], ceiling: float, kept_only: dict[str, float], masks: list[str]) -> str:
@@ -266,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         mask: accuracy(torch.where(keep_half(mask).bool(), x_0, -1.0) / 2 + 0.5, labels, classifier) for mask in masks
     }
     warm_up_labels = labels[:1] if args.class_labels_from_truth else None  # first-call costs stay out of the timings
-    complete(pipe, x_0[:1], keep_half("top"), Setting(2, 1, 1), warm_up_labels, args, args.seed)
+    complete(pipe, x_0[:1], keep_half("top"), Setting(2, 1, 1), warm_up_labels, args)
     rows = []
     for setting in settings:
         for mask in masks:
@@ -277,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{row.seconds_per_digit:.3f} s per digit, {row.seconds_one_digit_alone:.2f} s alone",
                 flush=True,
             )
-    chosen = cheapest_meeting_target(rows)
+    # The top-half row with the fewest UNet calls (then the highest accuracy) that reaches TARGET, if any.
+    passing = [row for row in rows if row.mask == "top" and row.accuracy >= TARGET]
+    chosen = min(passing, key=lambda row: (row.unet_calls, -row.accuracy), default=None)
     print(
         f"\nThe first {args.num_images} MNIST test digits, one half kept, seed {args.seed}, {args.dtype} UNet on "
         f"{device}:\n"

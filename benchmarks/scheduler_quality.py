@@ -50,36 +50,32 @@ CLASS_ACCURACY_COLUMN = ("class accuracy", "class_accuracy", 3)  # a class-condi
 
 @dataclass
 class Cell:
-    """The samples of one scheduler at one step count: their scores and the seconds their sampling took."""
+    """The samples of one scheduler at one step count (or the real floor, without seconds): their scores and the
+    seconds their sampling took."""
 
     scheduler: str
-    steps: int
+    steps: int | str
     quality: SampleQuality
-    seconds: float
+    seconds: float | None
     class_accuracy: float | None = None  # a class-conditional pipeline's
 
     def as_dict(self, baseline_fid: float | None) -> dict[str, str | int | float | None]:
-        """The JSON entry of the cell."""
-        scores = score_entries(self.quality, baseline_fid, self.seconds, self.class_accuracy)
-        return {"scheduler": self.scheduler, "steps": self.steps, **scores}
-
-
-def score_entries(
-    quality: SampleQuality, baseline_fid: float | None, seconds: float | None, class_accuracy: float | None = None
-) -> dict[str, float | None]:
-    """The scores of a cell or of the floor (no `seconds`), with the FID as a multiple of DDPM-1000's."""
-    return {
-        "fid": quality.fid,
-        "fid_vs_ddpm_1000": quality.fid / baseline_fid if baseline_fid else None,
-        "kid": quality.kid,
-        "precision": quality.precision,
-        "recall": quality.recall,
-        "mean_confidence": quality.mean_confidence,
-        "rarest_class_share": quality.rarest_class_share,
-        "class_accuracy": class_accuracy,
-        "seconds": seconds,
-        "images_per_second": quality.num_images / seconds if seconds else None,
-    }
+        """The JSON entry of the cell, with the FID as a multiple of DDPM-1000's."""
+        quality = self.quality
+        return {
+            "scheduler": self.scheduler,
+            "steps": self.steps,
+            "fid": quality.fid,
+            "fid_vs_ddpm_1000": quality.fid / baseline_fid if baseline_fid else None,
+            "kid": quality.kid,
+            "precision": quality.precision,
+            "recall": quality.recall,
+            "mean_confidence": quality.mean_confidence,
+            "rarest_class_share": quality.rarest_class_share,
+            "class_accuracy": self.class_accuracy,
+            "seconds": self.seconds,
+            "images_per_second": quality.num_images / self.seconds if self.seconds else None,
+        }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,12 +156,12 @@ def markdown_table(cells: list[Cell], floor: SampleQuality) -> str:
     """One row per cell, then the real-vs-real floor; the class accuracy where the pipeline is class-conditional."""
     reference = baseline_fid(cells)
     columns = COLUMNS + ([CLASS_ACCURACY_COLUMN] if any(c.class_accuracy is not None for c in cells) else [])
-    rows = [(c.scheduler, str(c.steps), c.as_dict(reference)) for c in cells]
-    rows.append((f"real floor ({floor.num_images} train digits)", "-", score_entries(floor, reference, None)))
-    header = ["scheduler", "steps", *(title for title, _, _ in columns)]
-    return model_card.markdown_table(
-        header, [[label, steps, *(_number(scores[key], d) for _, key, d in columns)] for label, steps, scores in rows]
-    )
+    floor_cell = Cell(f"real floor ({floor.num_images} train digits)", "-", floor, None)
+    rows = []
+    for cell in [*cells, floor_cell]:
+        scores = cell.as_dict(reference)
+        rows.append([cell.scheduler, str(cell.steps), *(_number(scores[key], d) for _, key, d in columns)])
+    return model_card.markdown_table(["scheduler", "steps", *(title for title, _, _ in columns)], rows)
 
 
 def summary_lines(cells: list[Cell]) -> list[str]:

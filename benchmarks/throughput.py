@@ -1,22 +1,14 @@
 """Throughput of ddpm-mnist against diffusers at equal architecture, measured side by side on this machine.
 
-It prints where it runs (the CPU model with its relevant ISA flags, or the GPU's name) and the fp32 and bf16 matmul
-peaks there (bf16's only where the hardware computes in bf16 natively), then measures each part asked for:
+    python benchmarks/throughput.py --quick --json
 
-* models: per preset, `DDPMMnistUNet` against its `diffusers.UNet2DModel` twin: images/s of a training step (forward,
-  backward, AdamW; bf16 = `torch.autocast`) and image-steps/s of a sampling forward pass (bf16 = bf16 weights),
-  optionally compiled (compile time reported apart) or in channels_last.
-* sample: images/s of the whole sampling loop, `DDPMMnistPipeline` against `DDPMPipeline` with the twin UNet.
-* e2e: `training/train.py` with its defaults (two run lengths, so that start-up and the end-of-run work cancel)
-  against the loop of diffusers' `train_unconditional.py` (`benchmarks/diffusers_baseline.py`) in fp32 and bf16.
-* quality: `--num_samples` digits of `--pipeline` scored in fp32 with two seeds (the metric's noise) and in bf16,
-  ours and `DDPMPipeline` (which keeps x_t in the UNet's dtype).
-* profile: the top operators of one training step of each UNet in each precision (`torch.profiler`, self time).
-* data: decoded images/s of `ddpm_mnist.data` (the stream and decode-once) against plain `datasets` streaming.
-
-The two sides of every ratio are measured alternately, a few seconds apart: on a shared machine, ratios are what
-counts. Each timing is the median of `--repeats` runs after a warm-up. With --json the last line is one JSON object
-holding every number. Results: benchmarks/README.md.
+It prints where it runs and the 2048^3 matmul peaks there (bf16's only where the hardware computes in bf16 natively),
+then measures each of `--parts`: `models` (a training step and a sampling forward pass of each preset's UNet against
+its `UNet2DModel` twin), `sample` (the whole sampling loop against `DDPMPipeline`), `e2e` (`training/train.py` against
+the loop of diffusers' `train_unconditional.py` in `benchmarks/diffusers_baseline.py`), `quality` (fp32 and bf16
+samples scored), `profile` (the top operators of a training step) and `data` (decoded images/s). The two sides of every
+ratio are measured alternately; each timing is the median of `--repeats` runs after a warm-up. What each part measures
+and the results: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -74,11 +66,7 @@ def twins(preset: str, device: torch.device) -> tuple[DDPMMnistUNet, UNet2DModel
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall time of `fn` over `repeats` calls, after one warm-up call, the device's queued work included."""
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
@@ -233,16 +221,12 @@ def measure_quality(args: argparse.Namespace, device: torch.device) -> dict[str,
     """Quality of fp32 (two seeds: the metric's noise) and bf16 samples of the released pipeline, same first seed."""
     classifier = load_mnist_classifier(device=str(device))
     reference = classifier_outputs((load_x_0(str(args.dataset_name), "test", None, sample_size=28) + 1) / 2, classifier)
-    runs = {
-        "ours_fp32_seed0": ("ours", torch.float32, 0),
-        "ours_fp32_seed1": ("ours", torch.float32, 1),
-        "ours_bf16_seed0": ("ours", torch.bfloat16, 0),
-        "ddpmpipeline_bf16_seed0": ("diffusers", torch.bfloat16, 0),
-    }
     results = {}
-    for key, (name, dtype, seed) in runs.items():
-        pipe = DDPMMnistPipeline.from_pretrained(args.pipeline, dtype=dtype).to(device)
-        if name == "diffusers":  # the released UNet in DDPMPipeline, whose x_t and scheduler follow the UNet's dtype
+    runs = [("ours", "fp32", 0), ("ours", "fp32", 1), ("ours", "bf16", 0), ("ddpmpipeline", "bf16", 0)]
+    for name, precision, seed in runs:
+        key = f"{name}_{precision}_seed{seed}"
+        pipe = DDPMMnistPipeline.from_pretrained(args.pipeline, dtype=DTYPES[precision]).to(device)
+        if name == "ddpmpipeline":  # the released UNet in DDPMPipeline, whose x_t and scheduler follow the UNet's dtype
             pipe = DDPMPipeline(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(seed)

@@ -2,26 +2,14 @@
 
     python benchmarks/time_to_quality.py --config training/recipes/e-release-cosine.json --output_dir runs/ttq
 
-Both sides train for the same wall-clock budget and are scored at the same training minutes (`--snapshot_minutes`,
-wall time of the training loop only), alternating snapshot by snapshot so that a change in the machine's load falls
-on both:
-
-* the recipe: `training/train.py` as a subprocess with the `--config` JSON (keys are train.py's flags), in
-  `OUTPUT_DIR/recipe`, resumed from snapshot to snapshot (`--resume_from_checkpoint latest --max_train_minutes Mk`)
-  with this process's thread count; each run's EMA pipeline is scored. A recipe whose learning rate decays must give
-  `max_train_steps` (sized to the last snapshot), else its schedule would restart with each budget: it is refused.
-* the baseline: `diffusers.UNet2DModel` built to the recipe's UNet, trained in this process by the loop of diffusers'
-  `train_unconditional.py` with that script's defaults (`benchmarks/diffusers_baseline.py`; `--baseline_batch_size`,
-  `--baseline_mixed_precision`); its EMA weights go into `DDPMMnistPipeline` with the same noise schedule.
-
-Every snapshot is scored by one protocol: `--num_samples` digits from seed `--seed` of the pipeline's DDPM on
-`--num_inference_steps` respaced steps, the UNet in `--dtype`, scored with `ddpm_mnist.evaluation.QualityReference`
-against the MNIST test digits, beside the real floor at the same N. It writes into `--output_dir`:
-`time_to_quality.json` (the settings, the floor, every snapshot of both sides; the ratio: the minutes the recipe takes
-to reach the baseline's last FID, interpolated between snapshots, against the baseline's minutes; and both sides'
-quality at equal minutes), `time_to_quality.png` (FID and mean confidence against training minutes) and `recipe/`
-(the recipe's run, with `train.log`). A check run in seconds: a `"preset": "tiny"` config,
-`--snapshot_minutes 0.05 0.1 --num_samples 16 --num_inference_steps 4`. More: benchmarks/README.md.
+Both sides train for the same wall-clock budget and are scored alternately at each of `--snapshot_minutes` (the
+training loop's wall time), by one protocol: `--num_samples` digits of the pipeline's DDPM scored with
+`ddpm_mnist.evaluation.QualityReference` beside the real floor. The recipe is `training/train.py` run on the `--config`
+JSON, resumed from snapshot to snapshot; the baseline, the loop of diffusers' `train_unconditional.py`
+(`benchmarks/diffusers_baseline.py`) on the recipe's UNet built as `UNet2DModel`. Writes `time_to_quality.json`,
+`time_to_quality.png` and the recipe's run (`recipe/`, with `train.log`) into `--output_dir`. A check run in seconds:
+a `"preset": "tiny"` config, `--snapshot_minutes 0.05 0.1 --num_samples 16 --num_inference_steps 4`. What each side
+does and what the JSON holds: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -36,7 +24,6 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
-import matplotlib
 import torch
 from diffusers_baseline import NUM_TRAIN_TIMESTEPS, TRAIN_BATCH_SIZE, DiffusersLoop, diffusers_twin
 
@@ -52,9 +39,7 @@ from ddpm_mnist.evaluation import (
     generate_digits,
 )
 from ddpm_mnist.hardware import describe_device
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from ddpm_mnist.model_card import figure
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAT_SCHEDULES = ("constant", "constant_with_warmup")  # learning-rate schedules that do not depend on the budget
@@ -145,27 +130,6 @@ def recipe_unet(recipe: dict) -> DDPMMnistUNet:
         raise UsageError(f"the recipe's UNet cannot be built ({first_line(error)}); fix --config.") from error
 
 
-def train_recipe(config: str, run_dir: Path, dataset: str, minutes: float, resume: bool) -> None:
-    """Run train.py on the recipe until its summed training time reaches `minutes`; its output goes to train.log."""
-    command = [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--output_dir", str(run_dir)]
-    command += ["--dataset_name", dataset, "--max_train_minutes", str(minutes)]
-    if not {"max_train_steps", "num_epochs"} & json.loads(Path(config).read_text()).keys():
-        # A step budget that is never reached keeps the minutes a limit on the summed training time; alone, train.py
-        # would turn them into a step count measured at the start of each snapshot.
-        command += ["--max_train_steps", str(10**9)]
-    command += ["--resume_from_checkpoint", "latest"] * resume
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "a") as log:
-        result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        lines = [line for line in (run_dir / "train.log").read_text().splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {result.returncode}"
-        if result.returncode == 2 and not resume:
-            raise UsageError(f"train.py refused the recipe --config {config}: {last}")
-        raise WorkFailed(f"train.py failed at {minutes} minutes (see {run_dir / 'train.log'}): {last}")
-
-
 def snapshot(
     side: str, pipe: DDPMMnistPipeline, record: dict, args: argparse.Namespace, reference: QualityReference
 ) -> dict:
@@ -193,11 +157,22 @@ def snapshot(
 
 
 def recipe_snapshot(
-    args: argparse.Namespace, config: str, dataset: str, minutes: float, resume: bool, reference: QualityReference
+    args: argparse.Namespace, train: list[str], minutes: float, resume: bool, reference: QualityReference
 ) -> dict:
-    """Train the recipe on to `minutes` and score its saved EMA pipeline."""
+    """Run train.py (`train`: the recipe's command) until its summed training time reaches `minutes`, its output
+    appended to train.log, and score the EMA pipeline it saves."""
     run_dir = args.output_dir / "recipe"
-    train_recipe(config, run_dir, dataset, minutes, resume)
+    command = [*train, "--max_train_minutes", str(minutes), *["--resume_from_checkpoint", "latest"] * resume]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log:
+        result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        lines = [line for line in (run_dir / "train.log").read_text().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {result.returncode}"
+        if result.returncode == 2 and not resume:
+            raise UsageError(f"train.py refused the recipe --config {args.config}: {last}")
+        raise WorkFailed(f"train.py failed at {minutes} minutes (see {run_dir / 'train.log'}): {last}")
     training = json.loads((run_dir / "training.json").read_text())["training"]
     pipe = DDPMMnistPipeline.from_pretrained(run_dir).to(args.device, DTYPES[args.dtype])
     record = {"minutes": minutes, "steps": training["global_step"], "images_seen": training["images_seen"]}
@@ -262,27 +237,21 @@ def comparison(recipe: list[dict], baseline: list[dict]) -> dict:
 
 def draw_curve(results: dict, path: Path) -> None:
     """FID (log scale) and mean classifier confidence against training minutes, both sides, the real floor dashed."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, key, label in (
-        (axes[0], "fid", "FID (classifier features)"),
-        (axes[1], "mean_confidence", "mean confidence"),
-    ):
-        for side, name in (("recipe", "our recipe (train.py)"), ("baseline", "diffusers train_unconditional.py")):
-            snapshots = results[side]
-            axis.plot([s["minutes"] for s in snapshots], [s["metrics"][key] for s in snapshots], "o-", label=name)
-        floor = results["floor"]
-        axis.axhline(floor[key], color="grey", linestyle="--", label=f"real digits, N = {floor['num_images']}")
-        axis.set_xlabel("training minutes (wall clock)")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[1].legend(loc="lower right")
-    settings = results["settings"]
-    title = f"time to quality: {settings['num_samples']} samples, DDPM {settings['num_inference_steps']} steps; "
-    figure.suptitle(title + settings["device_description"], fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    settings, floor = results["settings"], results["floor"]
+    with figure(path, (11, 4.2), ncols=2) as axes:
+        for axis, key, label in (
+            (axes[0], "fid", "FID (classifier features)"),
+            (axes[1], "mean_confidence", "mean confidence"),
+        ):
+            for side, name in (("recipe", "our recipe (train.py)"), ("baseline", "diffusers train_unconditional.py")):
+                snapshots = results[side]
+                axis.plot([s["minutes"] for s in snapshots], [s["metrics"][key] for s in snapshots], "o-", label=name)
+            axis.axhline(floor[key], color="grey", linestyle="--", label=f"real digits, N = {floor['num_images']}")
+            axis.set(xlabel="training minutes (wall clock)", ylabel=label)
+        axes[0].set_yscale("log")
+        axes[1].legend(loc="lower right")
+        title = f"time to quality: {settings['num_samples']} samples, DDPM {settings['num_inference_steps']} steps; "
+        axes[0].figure.suptitle(title + settings["device_description"], fontsize=9)
 
 
 def main() -> None:
@@ -321,10 +290,16 @@ def main() -> None:
     print(
         f"real floor at N = {args.num_samples}: FID {floor.fid:.2f}, confidence {floor.mean_confidence:.4f}", flush=True
     )
+    train = [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--dataset_name", dataset]
+    train += ["--output_dir", str(args.output_dir / "recipe")]
+    if not {"max_train_steps", "num_epochs"} & recipe.keys():
+        # A step budget that is never reached keeps the minutes a limit on the summed training time; alone, train.py
+        # would turn them into a step count measured at the start of each snapshot.
+        train += ["--max_train_steps", str(10**9)]
     with tempfile.TemporaryDirectory() as project_dir:
         loop = DiffusersLoop(twin, dataset, args.baseline_batch_size, args.baseline_mixed_precision, project_dir)
         for k, minutes in enumerate(args.snapshot_minutes):
-            results["recipe"].append(recipe_snapshot(args, config, dataset, minutes, k > 0, reference))
+            results["recipe"].append(recipe_snapshot(args, train, minutes, k > 0, reference))
             results["baseline"].append(baseline_snapshot(loop, minutes, args, reference))
         loop.close()
     results.update(comparison(results["recipe"], results["baseline"]))

@@ -15,7 +15,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -251,6 +252,20 @@ def evaluation_section(
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A Markdown table of `header` and `rows` of cells."""
     return "\n".join(["| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows]])
+
+
+@contextmanager
+def figure(path: str | os.PathLike, size: tuple[float, float], ncols: int = 1, grid: str = "major") -> Iterator[Any]:
+    """The axes of a new figure (`ncols` side by side, `size` in inches, 120 dpi), saved into `path` with a light grid
+    once drawn: a card's picture. A matplotlib `Figure` of its own, so no pyplot state or backend is touched."""
+    from matplotlib.figure import Figure  # matplotlib comes with the `train` extra
+
+    fig = Figure(figsize=size, dpi=120)
+    yield fig.subplots(1, ncols)
+    for ax in fig.axes:
+        ax.grid(alpha=0.3, which=grid)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def quality_table(results: Mapping[str, tuple[SampleQuality, SampleQuality]]) -> str:

@@ -394,10 +394,8 @@ def build_demo(
             gr.Number(num_train_timesteps, precision=0, label=high, interactive=usable),
         )
 
-    sampling = {
-        "concurrency_id": "sampling",  # one group for every event that runs the UNet
-        "concurrency_limit": 1 if torch.device(device).type == "cpu" else 4,
-    }
+    # One concurrency group for every event that runs the UNet.
+    sampling = {"concurrency_id": "sampling", "concurrency_limit": 1 if torch.device(device).type == "cpu" else 4}
     with gr.Blocks(title="ddpm-mnist") as demo:
         gr.Markdown(
             "# ddpm-mnist\nHandwritten digits from a denoising diffusion probabilistic model (Ho et al. 2020) trained "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -37,9 +36,9 @@ def chromium_executable() -> str | None:
 
 
 @contextmanager
-def chromium_page(executable: str | None = None) -> Iterator[Page]:
+def chromium_page() -> Iterator[Page]:
     """A page of a headless Chromium with a fresh user-data folder, closed (and the folder removed) afterwards."""
-    executable = executable or chromium_executable()
+    executable = chromium_executable()
     if executable is None:
         raise FileNotFoundError("no chromium on the PATH; install it (Debian: apt-get install chromium).")
     with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
@@ -50,12 +49,10 @@ def chromium_page(executable: str | None = None) -> Iterator[Page]:
             yield context.pages[0] if context.pages else context.new_page()
 
 
-def open_app(page: Page, url: str) -> float:
-    """Load the app and wait until its Generate button shows; the seconds that took."""
-    start = time.perf_counter()
+def open_app(page: Page, url: str) -> None:
+    """Load the app and wait until its Generate button shows."""
     page.goto(url)
     page.locator("#generate").wait_for(state="visible")
-    return time.perf_counter() - start
 
 
 def press_generate(page: Page) -> None:

@@ -198,7 +198,7 @@ def test_a_conditional_release_scores_class_accuracy_and_draws_its_own_pictures(
     assert f"- class accuracy {quality['class_accuracy']:.1%} (target >= 99.5%): **" in card
     worst = min(range(10), key=per_digit.__getitem__)
     assert f"- lowest class accuracy of a digit {per_digit[worst]:.1%}, digit {worst}'s (target >= 98% for" in card
-    assert "(target >= 0.97)" in card and "(target <= 1.5x)" in card and "every digit's share" not in card
+    assert "(target >= 0.98)" in card and "(target <= 1.3x)" in card and "every digit's share" not in card
     # The sweep: scale 2 is the recommended setting itself (as many samples, one seed); scale 1 was drawn.
     sweep, floor = result["guidance_sweep"], result["guidance_sweep_floor"]
     assert list(sweep) == ["1", "2"] and sweep["2"] == quality and sweep["1"]["fid"] != quality["fid"]
