@@ -553,8 +553,7 @@ def main(args: argparse.Namespace) -> None:
     )
     # The sample grids use --scheduler (the pipeline's DDPM, Algorithm 2, by default) on the same schedule.
     sample_scheduler = SCHEDULERS[args.scheduler].from_config(noise_scheduler.config)
-    # From here on each process draws its own timesteps, noise and dropout (seed + rank). Checkpoints keep each
-    # process's random state, so a resumed run draws what the uninterrupted one would have.
+    # From here on each process draws its own timesteps, noise and dropout (seed + rank); checkpoints keep its RNG.
     set_seed(args.seed, device_specific=True)
     unet = accelerator.prepare(unet).train()
     loss_settings = dict(snr_gamma=args.snr_gamma, class_dropout_prob=args.class_dropout_prob)
