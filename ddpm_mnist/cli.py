@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(evaluate, "num_samples", "digits to sample (default: %(default)s)", type=int, default=10_000)
     _add_option(evaluate, "reference_images", "test digits to compare with (default: all)", type=int)
     evaluate.add_argument("--nll", action="store_true", help="also bound the NLL on test digits (see `nll`)")
+    _add_option(
+        evaluate, "null_class", "score a class-conditional pipeline without labels: its null class", action="store_true"
+    )
     _add_option(evaluate, "nll_images", "test digits for --nll (default: %(default)s)", type=int, default=1000)
     _add_option(evaluate, "nll_timesteps", "sampled timesteps for --nll (default: exact)", type=int)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -322,7 +325,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     data_arguments = ("dataset_name", "reference_images", "nll_images", "nll_timesteps")
     with usage_errors("scheduler", "num_samples", *SAMPLING_ARGUMENTS, *data_arguments):
         steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
-        class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale, args.guidance_interval)
+        class_labels = None
+        if args.null_class and args.guidance_scale != 1:  # the U-Net's null class: an unconditional model
+            raise UsageError(
+                "--null_class draws without labels, so nothing to guide toward; leave out --guidance_scale."
+            )
+        if not args.null_class:
+            class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale, args.guidance_interval)
         # All data first, so that a bad --dataset_name or count fails before the sampling.
         if args.nll:
             nll_x_0 = load_nll_digits(pipe, args.dataset_name, **_options(args, "nll_images", "nll_timesteps", "seed"))
@@ -336,7 +345,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         "floor": floor.as_dict(),
         "scheduler": args.scheduler,
         "steps": steps,
-        "class_conditional": pipe.is_class_conditional,
+        "class_conditional": pipe.is_class_conditional and not args.null_class,
         "guidance_scale": args.guidance_scale,
         "guidance_interval": args.guidance_interval,
     }

@@ -178,6 +178,13 @@ def test_evaluate_scores_a_conditional_pipeline_on_balanced_labels_with_its_clas
     assert "Each digit asked for equally often, guidance scale 1" in table
     assert "class_accuracy                0.0000" in table
     assert "accuracy per digit 0-9: " + " ".join(["0.000"] * 10) in table
+    # --null_class scores the same pipeline without labels, as an unconditional model; guidance then has no digit.
+    monkeypatch.undo()  # the pipeline samples again
+    calls = spy(monkeypatch, DDPMMnistPipeline, "__call__")
+    result = json.loads(run(capsys, *args, "--null_class", "--num_inference_steps", 2, "--json").splitlines()[-1])
+    assert len(calls) == 1 and calls[0].get("class_labels") is None
+    assert result["class_conditional"] is False and "class_accuracy" not in result and result["num_images"] == 20
+    assert "--null_class draws without labels" in fails(capsys, *args, "--null_class", "--guidance_scale", 2)
 
 
 def test_inpaint_writes_the_digit_its_kept_part_and_the_completions(
