@@ -57,7 +57,7 @@ class SamplingSetting(NamedTuple):
 # What each release's model card recommends; any other model starts from the pipeline's own DDPM on 50 steps.
 RECOMMENDED_SETTINGS = {
     "ddpm-mnist-small": SamplingSetting("unipc", 20, 1.0),
-    "ddpm-mnist-cond-small": SamplingSetting("unipc", 20, 2.0),
+    "ddpm-mnist-cond-small": SamplingSetting("unipc", 20, 1.5),
 }
 OTHER_MODELS_SETTING = SamplingSetting("ddpm", 50, 2.0)
 INTERPOLATION_STEPS = 50  # the Interpolate tab's chain: the pipeline's DDPM on 50 respaced steps of the 1000

@@ -107,8 +107,8 @@ def test_the_cards_code_runs_as_pasted(tmp_path):
 
 # The conditional release in `pretrained/ddpm-mnist-cond-small`: does it draw the digit it is asked for?
 COND_PRETRAINED = PRETRAINED.parent / "ddpm-mnist-cond-small"
-# On 1,000 samples (its card: UniPC on 20 steps, guidance 2) the release reads as the requested digit 0.99 of the time;
-# the unconditional release's digits, matched against the same labels, agree about one time in ten (chance).
+# On 1,000 samples (its card: UniPC on 20 steps, guidance 1.5) the release reads as the requested digit 0.986 of the
+# time; the unconditional release's digits, matched against the same labels, agree about one time in ten (chance).
 MIN_CLASS_ACCURACY = 0.9
 
 
@@ -139,7 +139,7 @@ def test_the_conditional_release_folder_is_what_a_push_uploads(cond_pipe):
     card = (COND_PRETRAINED / "README.md").read_text()
     assert "ddpm-mnist/ddpm-mnist-cond-small" in card and "**Targets**" in card
     # The card's setting, in its code.
-    assert "guidance_scale=2" in card and "UniPCMultistepScheduler.from_config" in card
+    assert "guidance_scale=1.5" in card and "UniPCMultistepScheduler.from_config" in card
 
 
 def test_the_conditional_release_draws_the_digits_it_is_asked_for(cond_pipe, pipe):
@@ -150,7 +150,7 @@ def test_the_conditional_release_draws_the_digits_it_is_asked_for(cond_pipe, pip
     scheduler = UniPCMultistepScheduler.from_config(cond_pipe.scheduler.config)
     unipc = DDPMMnistPipeline(unet=cond_pipe.unet, scheduler=scheduler)
     images = unipc(
-        class_labels=class_labels, guidance_scale=2.0, num_inference_steps=20, generator=generator, output_type="pt"
+        class_labels=class_labels, guidance_scale=1.5, num_inference_steps=20, generator=generator, output_type="pt"
     ).images
     digits = read_as(images)
     assert (digits == class_labels).double().mean() >= MIN_CLASS_ACCURACY, digits.tolist()

@@ -14,10 +14,10 @@ A class-conditional run draws with balanced labels and guidance, scores the clas
 accuracy over the sweep, test digits completed from their top half and an interpolation between two test digits.
 `pretrained/ddpm-mnist-cond-small` was released on a 2-core CPU with fewer samples than the defaults:
 
-    python training/release.py runs/cond-release --output_dir pretrained/ddpm-mnist-cond-small \
+    python training/release.py runs/cond-teacher --output_dir pretrained/ddpm-mnist-cond-small \
         --hub_model_id ddpm-mnist/ddpm-mnist-cond-small --scheduler unipc --num_inference_steps 20 \
-        --guidance_scale 2 --extra_seeds 0 --ddpm_samples 0 --sweep_samples 100 --nll_images 100 --nll_timesteps 20 \
-        --device cpu --note "..."
+        --guidance_scale 1.5 --guidance_scales 1 1.5 2 3 --extra_seeds 1 --ddpm_samples 0 --nll_images 100 \
+        --nll_timesteps 20 --dtype bf16 --device cpu --note "..."
 
 `--gpu_results` takes, instead of a run, the folder that `benchmarks/gpu_run.sh` brought back from a GPU machine:
 
