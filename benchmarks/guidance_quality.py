@@ -1,6 +1,6 @@
 """Class accuracy against variety for class-conditional models: guidance scale x interval x guide model, and training.
 
-    python benchmarks/guidance_quality.py runs/cond-teacher pretrained/ddpm-mnist-cond-small \\
+    python benchmarks/guidance_quality.py runs/cond-teacher path/to/previous-release \\
         --guidance_scales 1 1.5 2 3 --guidance_intervals all 82:581 --seeds 0 1 --output_dir runs/guidance
 
 Each MODEL is a pipeline folder (or Hub repo id) or a checkpoint folder of `training/train.py`
@@ -49,6 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 NULL_GUIDE = "null"  # classifier-free guidance: the model's own null class is the guide
 # What results joined by --include share with this run: the cells' digits and the floor are drawn alike.
 SAME_SETTING = ("num_samples", "scheduler", "num_inference_steps", "dtype", "dataset_name")
+RUN_SETTINGS = ("models", "guides", "guidance_scales", "guidance_intervals", "seeds", "device")  # each run's own
 
 
 class AutoGuidedPipeline(DDPMMnistPipeline):
@@ -62,7 +63,11 @@ class AutoGuidedPipeline(DDPMMnistPipeline):
         self.register_modules(guide_unet=guide_unet)
 
     def predict_noise(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, class_labels: torch.Tensor | None = None, guidance_scale=1.0
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         eps = super().predict_noise(x_t, t, class_labels)
         if class_labels is None or guidance_scale <= 1:
@@ -80,6 +85,8 @@ def load_model(name: str, dtype: str) -> tuple[DDPMMnistPipeline, dict]:
     settings = recorded_settings(checkpoint)
     unet = DDPMMnistUNet.from_config(settings["unet_config"])
     ema = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)  # the first registered: the EMA
+    if "shadow_params" not in ema:
+        raise ValueError(f"{checkpoint} holds no EMA weights (a run without EMA); score its pipeline folder instead.")
     for param, shadow in zip(unet.parameters(), ema["shadow_params"], strict=True):
         param.data.copy_(shadow)
     progress = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)  # then TrainingProgress
@@ -146,7 +153,9 @@ def score_cells(
         for (guide_name, guide), interval, scale, seed in settings:
             if scale == 1 and (guide_name, interval) != (args.guides[0], args.guidance_intervals[0]):
                 continue
-            guided = pipe if guide is None else AutoGuidedPipeline(pipe.unet, pipe.scheduler, guide.unet)
+            guided = pipe
+            if guide is not None:
+                guided = AutoGuidedPipeline(pipe.unet, pipe.scheduler, guide.unet, pipe.config.image_size)
             guided.set_progress_bar_config(disable=True)
             sampling = dict(scheduler=args.scheduler, num_inference_steps=args.num_inference_steps, seed=seed)
             start = time.perf_counter()
@@ -247,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     with usage_errors("include"):
         included = [json.loads(path.read_text()) for path in args.include]
     for path, other in zip(args.include, included, strict=True):
+        if not isinstance(other, dict) or not {*SAME_SETTING, "cells", "models"} <= other.keys():
+            raise UsageError(f"--include {path} is not a guidance_quality.json; pass a file this script wrote.")
         if [other[k] for k in SAME_SETTING] != [getattr(args, k) for k in SAME_SETTING]:
             raise UsageError(f"--include {path} has another {', '.join(SAME_SETTING)}; include results of this one.")
     with usage_errors("dataset_name", "num_samples"):
@@ -256,19 +267,30 @@ def main(argv: list[str] | None = None) -> None:
         for name, pipe in [(name, pipe) for name, (pipe, _) in models.items()] + list(guides.items()):
             if pipe is not None and not pipe.is_class_conditional:
                 raise UsageError(f"{name} is not class-conditional; pass class-conditional models and guides.")
+        for (name, guide), (pipe, _) in product(guides.items(), models.values()):
+            if (
+                guide is not None
+                and guide.scheduler.config.num_train_timesteps != pipe.scheduler.config.num_train_timesteps
+            ):
+                raise UsageError(
+                    f"guide {name} has another number of timesteps than the models; pass one that matches."
+                )
         for (pipe, _), scale, interval in product(models.values(), args.guidance_scales, args.guidance_intervals):
             pipe.check_class_inputs(labels, scale, args.num_samples, interval)
         reference = QualityReference(args.dataset_name, progress=False)
         floor = reference.floor(args.num_samples)
     device = describe_device("cpu")
     print(f"device: {device}; real floor FID at N={args.num_samples}: {floor.fid:.3f}", flush=True)
-    cells = [cell for other in included for cell in other["cells"]] + score_cells(
-        args, models, guides, reference, floor.fid
-    )
+    cells = [cell for other in included for cell in other["cells"]]
+    for cell in cells:  # JSON gives lists; a new cell's interval is a tuple, and the figure groups by both alike
+        cell["guidance_interval"] = cell["guidance_interval"] and tuple(cell["guidance_interval"])
+    cells += score_cells(args, models, guides, reference, floor.fid)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "models", "include")}
-    models = [model for other in included for model in other["models"]] + args.models
-    result = {"models": models, **settings, "device": device, "floor": floor.as_dict(), "cells": cells}
+    runs = [run for other in included for run in other.get("runs", [{k: other.get(k) for k in RUN_SETTINGS}])]
+    runs.append({k: device if k == "device" else getattr(args, k) for k in RUN_SETTINGS})
+    models = list(dict.fromkeys(model for run in runs for model in run["models"]))
+    result = {"models": models, **{k: getattr(args, k) for k in SAME_SETTING}, "floor": floor.as_dict()}
+    result.update(runs=runs, cells=cells)
     (args.output_dir / "guidance_quality.json").write_text(json.dumps(result, indent=1))
     save_figure(cells, args.figure, args.output_dir / "guidance_quality.png")
     print(f"wrote {args.output_dir / 'guidance_quality.json'} and guidance_quality.png")

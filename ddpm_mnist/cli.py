@@ -326,10 +326,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     with usage_errors("scheduler", "num_samples", *SAMPLING_ARGUMENTS, *data_arguments):
         steps = scheduler_steps(pipe, args.scheduler, args.num_inference_steps)
         class_labels = None
-        if args.null_class and args.guidance_scale != 1:  # the U-Net's null class: an unconditional model
-            raise UsageError(
-                "--null_class draws without labels, so nothing to guide toward; leave out --guidance_scale."
-            )
+        if args.null_class and (args.guidance_scale != 1 or args.guidance_interval is not None):  # no labels
+            raise UsageError("--null_class draws without labels, so nothing to guide; leave out the guidance flags.")
         if not args.null_class:
             class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale, args.guidance_interval)
         # All data first, so that a bad --dataset_name or count fails before the sampling.

@@ -185,6 +185,7 @@ def test_evaluate_scores_a_conditional_pipeline_on_balanced_labels_with_its_clas
     assert len(calls) == 1 and calls[0].get("class_labels") is None
     assert result["class_conditional"] is False and "class_accuracy" not in result and result["num_images"] == 20
     assert "--null_class draws without labels" in fails(capsys, *args, "--null_class", "--guidance_scale", 2)
+    assert "--null_class draws without labels" in fails(capsys, *args, "--null_class", "--guidance_interval", 1, 2)
 
 
 def test_inpaint_writes_the_digit_its_kept_part_and_the_completions(

@@ -129,7 +129,13 @@ def test_the_grid_scores_each_setting_and_draws_scale_1_once(bench, pipeline_dir
                 "--output_dir", str(tmp_path / "joined")])  # fmt: skip
     joined = json.loads((tmp_path / "joined" / "guidance_quality.json").read_text())
     assert joined["models"] == [model, weak] and joined["cells"][:-1] == result["cells"]
+    # Each run keeps its own grid.
+    assert [run["guides"] for run in joined["runs"]] == [["null", weak], ["null"]]
+    assert [run["guidance_scales"] for run in joined["runs"]] == [[1.0, 3.0], [2.0]]
     assert (joined["cells"][-1]["model"], joined["cells"][-1]["guidance_scale"]) == (weak, 2.0)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(UsageError, match="is not a guidance_quality.json"):
+        bench.main(["--include", str(tmp_path / "other.json"), *common, "--output_dir", str(tmp_path / "x")])
     with pytest.raises(UsageError, match="has another num_samples"):
         bench.main(["--include", str(tmp_path / "guidance_quality.json"), *common[2:], "--output_dir", str(tmp_path)])
 
