@@ -30,7 +30,6 @@ import time
 from itertools import product
 from pathlib import Path
 
-import matplotlib
 import torch
 from diffusers import ModelMixin
 
@@ -40,11 +39,9 @@ from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import DTYPES, QualityReference, generate_digits, load_pipeline
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.metrics.quality import balanced_class_labels
+from ddpm_mnist.model_card import figure
 from ddpm_mnist.schedulers import SCHEDULERS
 from ddpm_mnist.training_utils import SETTINGS_FILE, recorded_settings
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 NULL_GUIDE = "null"  # classifier-free guidance: the model's own null class is the guide
 # What results joined by --include share with this run: the cells' digits and the floor are drawn alike.
@@ -208,42 +205,37 @@ def mean_over_seeds(cells: list[dict], key: tuple[str, ...]) -> dict[tuple, dict
     }
 
 
-def save_figure(cells: list[dict], figure: str, path: Path) -> None:
+def save_figure(cells: list[dict], kind: str, path: Path) -> None:
     """The trade-off (accuracy against FID / floor over the scales) or the training curve (both against the images
     seen, checkpoints only)."""
     for cell in cells:
         cell["curve"] = curve_name(cell)
-    if figure == "tradeoff":
-        fig, ax = plt.subplots(figsize=(7, 5))
-        points = mean_over_seeds(cells, ("curve", "guidance_scale"))
-        for curve in dict.fromkeys(c["curve"] for c in cells):
-            curve_points = [p for (name, _), p in points.items() if name == curve]
-            ax.plot([p["fid_over_floor"] for p in curve_points], [p["class_accuracy"] for p in curve_points], "o-")
-            ax.lines[-1].set_label(curve)
-            for p in curve_points:
-                xy = (p["fid_over_floor"], p["class_accuracy"])
-                ax.annotate(f"{p['guidance_scale']:g}", xy, textcoords="offset points", xytext=(4, -10), fontsize=7)
-        ax.axvline(1.0, linestyle="--", color="grey", label="real floor")
-        ax.set(
-            xlabel="FID / real floor (lower is better)", ylabel="class accuracy", title="guidance scale by each point"
-        )
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if kind == "tradeoff":
+        with figure(path, (7, 5)) as ax:
+            points = mean_over_seeds(cells, ("curve", "guidance_scale"))
+            for curve in dict.fromkeys(c["curve"] for c in cells):
+                curve_points = [p for (name, _), p in points.items() if name == curve]
+                xs, ys = [p["fid_over_floor"] for p in curve_points], [p["class_accuracy"] for p in curve_points]
+                ax.plot(xs, ys, "o-", label=curve)
+                for p, xy in zip(curve_points, zip(xs, ys, strict=True), strict=True):
+                    ax.annotate(f"{p['guidance_scale']:g}", xy, textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.axvline(1.0, linestyle="--", color="grey", label="real floor")
+            ax.set(xlabel="FID / real floor (lower is better)", ylabel="class accuracy")
+            ax.set_title("guidance scale by each point")
+            ax.legend(fontsize=7)
+        return
+    with figure(path, (10, 4), ncols=2) as axes:
         checkpoints = [cell for cell in cells if "images_seen" in cell]
         points = mean_over_seeds(checkpoints, ("guide", "guidance_interval", "guidance_scale", "images_seen"))
         for setting in dict.fromkeys(key[:3] for key in points):
             rows = sorted((p for key, p in points.items() if key[:3] == setting), key=lambda p: p["images_seen"])
             interval = "" if setting[1] == "None" else f", t in {setting[1]}"
             for ax, metric in zip(axes, ("class_accuracy", "fid_over_floor"), strict=True):
-                ax.plot([p["images_seen"] / 1000 for p in rows], [p[metric] for p in rows], "o-")
-                ax.lines[-1].set_label(f"guidance {setting[2]}{interval}")
+                label = f"guidance {setting[2]}{interval}"
+                ax.plot([p["images_seen"] / 1000 for p in rows], [p[metric] for p in rows], "o-", label=label)
                 ax.set(xlabel="images seen (thousands)", ylabel=metric.replace("_", " "))
         axes[1].axhline(1.0, linestyle="--", color="grey", label="real floor")
-        ax = axes[0]
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        axes[0].legend(fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> None:
