@@ -125,8 +125,11 @@ def save_training_run(
     dataset_name: str,
     training: dict[str, Any],
     samples_image: str | None = None,
+    samples_scheduler: tuple[str, int] | None = None,
 ) -> None:
     """The end of a training run in `output_dir`: the pipeline folder, its model card, and `training.json`.
+
+    The card's code draws with `samples_scheduler`, (scheduler name, steps), the setting of the run's `samples_image`.
 
     `training.json` records the dataset and the `training` settings, so that `training/release.py` can render the card
     again later with measured quality; it is never pushed (see `upload_patterns`).
@@ -136,7 +139,14 @@ def save_training_run(
     record = {"dataset_name": dataset_name, "training": training}
     (output_dir / "training.json").write_text(json.dumps(record, indent=2))
     pictures = {"grid": samples_image} if samples_image else None
-    card = render_model_card(pipeline, repo_id, dataset_name=dataset_name, pictures=pictures, training=training)
+    card = render_model_card(
+        pipeline,
+        repo_id,
+        dataset_name=dataset_name,
+        pictures=pictures,
+        recommended_scheduler=samples_scheduler,
+        training=training,
+    )
     card.save(output_dir / "README.md")
 
 

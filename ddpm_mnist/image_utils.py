@@ -24,6 +24,8 @@ HALVES = {
     "left": (slice(None), slice(0, 14)),
     "right": (slice(None), slice(14, 28)),
 }
+# Training's sample grids enlarge every pixel to a block of this size (nearest neighbour), so that digits are readable.
+SAMPLE_GRID_UPSCALE = 4
 
 
 def load_image(path: str | os.PathLike, name: str = "image") -> Image.Image:

@@ -370,8 +370,8 @@ def min_snr_weight(
     return clipped  # x_0 prediction
 
 
-def progress_bar(progress: TrainingProgress, max_train_steps: int, disable: bool = False) -> tqdm:
-    """The run's bar: optimizer steps done of the run's total, its time left, and the rate of this run's steps."""
-    return tqdm(
-        total=max(max_train_steps, progress.global_step), initial=progress.global_step, unit="step", disable=disable
-    )
+def progress_bar(progress: TrainingProgress, max_train_steps: int | None, disable: bool = False) -> tqdm:
+    """The run's bar: optimizer steps done of the run's total, its time left, and the rate of this run's steps; without
+    a total (None: a time limit may end the run first), the steps done and their rate."""
+    total = None if max_train_steps is None else max(max_train_steps, progress.global_step)
+    return tqdm(total=total, initial=progress.global_step, unit="step", disable=disable)

@@ -558,10 +558,18 @@ def test_config_file_sets_defaults_and_flags_win(train_module, tmp_path):
 
 def test_a_time_budget_ends_the_run_with_a_saved_pipeline(tmp_path, mnist_folder):
     process, output_dir, _ = train(
-        tmp_path, mnist_folder, "budget", "--max_train_steps=50", "--max_train_minutes=1e-6", "--snr_gamma=5"
-    )
+        tmp_path, mnist_folder, "budget", "--max_train_steps=50", "--max_train_minutes=1e-6", "--snr_gamma=5",
+        "--scheduler=unipc",
+    )  # fmt: skip
     assert process.returncode == 0, process.stderr
-    assert "| optimizer steps | 1 |" in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert "| optimizer steps | 1 |" in card
+    # The time limit may end the run before its 50 steps, so the bar shows no total, only the steps and the time left.
+    assert "/50" not in process.stderr and "1step [" in process.stderr and "left=00:00" in process.stderr
+    assert "clamping frac" not in process.stderr
+    # The card's code draws as the run's grid was drawn: UniPC on the 4 steps of TINY.
+    assert "pipe.scheduler = UniPCMultistepScheduler.from_config" in card
+    assert "num_inference_steps=4," in card and "the setting that drew the digits above" in card
 
 
 def planned_steps(process: subprocess.CompletedProcess, minutes: str) -> int:

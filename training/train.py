@@ -43,7 +43,7 @@ from ddpm_mnist.data import (
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point, usage_errors
 from ddpm_mnist.hardware import describe_device
 from ddpm_mnist.hub import check_push_access, push_training_run, save_training_run
-from ddpm_mnist.image_utils import digit_grid
+from ddpm_mnist.image_utils import SAMPLE_GRID_UPSCALE, digit_grid
 from ddpm_mnist.schedulers import SCHEDULERS
 from ddpm_mnist.training_utils import (
     OutputDirLock,
@@ -443,7 +443,7 @@ def save_sample_grid(
         num_inference_steps=args.num_inference_steps,
         output_type="pt",
     ).images
-    grid = digit_grid(images, cols=cols, upscale=4)
+    grid = digit_grid(images, cols=cols, upscale=SAMPLE_GRID_UPSCALE)
     path = sample_grid_path(args, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -472,9 +472,11 @@ def save_pipeline(
         save_sample_grid(accelerator, pipeline, progress.global_step, args)
     pipeline.scheduler, repo_id = noise_scheduler, args.hub_model_id or output_dir.name
     record, grid = training_record(args, progress, accelerator), grid_path.relative_to(output_dir).as_posix()
+    sampler = args.scheduler, args.num_inference_steps  # the card's code draws as the grid was drawn
     save_training_run(
-        pipeline, output_dir, repo_id, dataset_name=args.dataset_name, training=record, samples_image=grid
-    )
+        pipeline, output_dir, repo_id, dataset_name=args.dataset_name, training=record, samples_image=grid,
+        samples_scheduler=sampler,
+    )  # fmt: skip
     if args.push_to_hub:
         logger.info(f"pushed {output_dir} to {push_training_run(output_dir, repo_id, args.hub_private_repo)}")
 
@@ -589,7 +591,8 @@ def main(args: argparse.Namespace) -> None:
     stop, batches = StopRequest(), resumed_batches(data, progress, *shard)
     reason = "finished" if progress.global_step >= max_train_steps else None
     progress.start_clock()
-    with progress_bar(progress, max_train_steps, disable=not accelerator.is_local_main_process) as bar:
+    bar_total = None if time_limit else max_train_steps  # a time limit may stop the run before its step budget
+    with progress_bar(progress, bar_total, disable=not accelerator.is_local_main_process) as bar:
         while reason is None:
             # One optimizer step: `accumulation` batches of Algorithm 1.
             for batch in islice(batches, accumulation):
@@ -614,9 +617,11 @@ def main(args: argparse.Namespace) -> None:
             logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
             logs.update(images_per_second=images_per_second, **({"ema_decay": ema.cur_decay_value} if ema else {}))
             accelerator.log(logs, step=progress.global_step)
+            time_left = {"left": bar.format_interval(max(0, time_limit - progress.train_seconds))} if time_limit else {}
             bar.set_postfix(
-                loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}", refresh=False
-            )
+                loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}", **time_left,
+                refresh=False,
+            )  # fmt: skip
             bar.update()  # draws the bar, once per step
             if progress.global_step % args.checkpointing_steps == 0 or reason is not None:
                 # Also at the end of every run, so that it can be continued with a larger budget.

@@ -21,6 +21,11 @@ from tqdm.auto import tqdm
 
 from .classifier import NUM_CLASSES, MnistClassifier, load_mnist_classifier
 
+# A blob is a sample with a grey background, which no MNIST digit has: the mean of its outer BLOB_FRAME pixels on each
+# side is above BLOB_BORDER_MEAN (in [0, 1]). Of the 10,000 test digits the highest such mean is 0.044; most are 0.
+BLOB_FRAME = 3
+BLOB_BORDER_MEAN = 0.1
+
 
 @dataclass
 class ClassifierOutputs:
@@ -106,6 +111,14 @@ def sample_quality(
         class_histogram=histogram.tolist(),
         num_images=num_samples,
     )
+
+
+def blob_mask(images: torch.Tensor) -> torch.Tensor:
+    """Which digits (N, 1, 28, 28) in [0, 1] are blobs: a (N,) bool tensor, True where the frame of `BLOB_FRAME` pixels
+    around the digit has a mean intensity above `BLOB_BORDER_MEAN`, more than twice that of any MNIST test digit."""
+    frame = torch.ones(images.shape[-2:], dtype=torch.bool)
+    frame[BLOB_FRAME:-BLOB_FRAME, BLOB_FRAME:-BLOB_FRAME] = False
+    return images[..., frame].flatten(1).mean(1) > BLOB_BORDER_MEAN
 
 
 @dataclass
