@@ -94,15 +94,8 @@ def wait_for_page(url: str, server: subprocess.Popen, log: Path) -> None:
 
 def generate_settings(args: argparse.Namespace, **changes) -> tuple:
     """The Generate endpoint's arguments: model, digit, how many, guidance, scheduler, steps, seed."""
-    settings = {
-        "model": Path(args.model).name,
-        "digit": "any",
-        "num_images": args.num_images,
-        "guidance_scale": 1.0,
-        "scheduler": args.scheduler,
-        "num_inference_steps": args.num_inference_steps,
-        "seed": 0,
-    }
+    settings = {"model": Path(args.model).name, "digit": "any", "num_images": args.num_images, "guidance_scale": 1.0}
+    settings |= {"scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps, "seed": 0}
     return tuple({**settings, **changes}.values())
 
 
@@ -167,18 +160,12 @@ def main() -> None:
             isinstance(out, str) and text in out and "\n" not in out
             for (_, out), (_, text) in zip(bad, bad_calls, strict=True)
         )
-        latencies = np.array([seconds for seconds, _ in good])
         status = Path(f"/proc/{server.pid}/status")  # the peak resident memory (VmHWM), where /proc says it
         peak = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
-        figures.update(
-            good_calls=args.concurrent,
-            good_calls_with_images=grids_ok,
-            bad_calls=args.bad,
-            bad_calls_with_message=messages_ok,
-            p50_s=float(np.percentile(latencies, 50)),
-            p95_s=float(np.percentile(latencies, 95)),
-            peak_memory_mib=int(peak[1]) / 1024 if peak else None,
-        )
+        p50, p95 = np.percentile([seconds for seconds, _ in good], [50, 95]).tolist()
+        figures |= {"good_calls": args.concurrent, "good_calls_with_images": grids_ok, "bad_calls": args.bad}
+        figures |= {"bad_calls_with_message": messages_ok, "p50_s": p50, "p95_s": p95}
+        figures["peak_memory_mib"] = int(peak[1]) / 1024 if peak else None
         print(
             f"load: {grids_ok} of {args.concurrent} good calls got their images, {messages_ok} of {args.bad} bad calls "
             f"their message; latency p50 {figures['p50_s']:.2f} s, p95 {figures['p95_s']:.2f} s ({where})"

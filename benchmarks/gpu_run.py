@@ -4,29 +4,26 @@
 
 Each stage is a child process with its own log and time limit, so that a failing stage is recorded and the others
 still run (those that need its output are skipped): set-up (gpu_run.sh), the CUDA tests, throughput against diffusers
-at equal architecture, training of the seed's model (the `mnist` preset in bf16, for what is left of the budget after
-the other stages, at most 5 minutes), then evaluation with the `ddpm-mnist` CLI: 10,000 samples of DDPM on 50
-respaced steps and 1,000 of 1000-step DDPM, each beside its real floor, the exact NLL bound on 1,000 test digits and
-a grid. At most 8 files come back in OUT_DIR: `results.json` (rewritten after every stage), `train.log`, `stages.log`,
-`grid.png` and the pipeline folder without checkpoints as `pipeline.tar.gz.00`, `.01`, ... in parts under 16 MB,
-packed right after training, so that a run stopped at the command's limit still brings back the weights.
-`training/release.py --gpu_results OUT_DIR` turns them into `pretrained/ddpm-mnist/` on the CPU.
-
-`--dry-run` runs every stage at toy sizes on the CPU (`DRY`), each on one thread; `tests/test_gpu_run.py` runs it.
+at equal architecture, training of the seed's model (the `mnist` preset in bf16, for what is left of the budget, at
+most 5 minutes), then evaluation with the `ddpm-mnist` CLI: 10,000 samples of DDPM on 50 respaced steps and 1,000 of
+1000-step DDPM, each beside its real floor, the exact NLL bound on 1,000 test digits and a grid. At most 8 files come
+back in OUT_DIR: `results.json` (rewritten after every stage), `train.log`, `stages.log`, `grid.png` and the pipeline
+without checkpoints in parts under 16 MB (`pipeline.tar.gz.00`, `.01`, ...), packed right after training so that a
+run stopped at the command's limit still brings back the weights; `training/release.py --gpu_results OUT_DIR` turns
+them into `pretrained/ddpm-mnist/` on the CPU. `--dry-run` runs every stage at toy sizes on the CPU (`DRY`), each on
+one thread; `tests/test_gpu_run.py` runs it.
 
 The training recipe, for a few minutes of one H100 instead of the paper's 800k steps of 128 at lr 2e-4 (10.6 hours
 of a TPU v3-8 at its 2,688 images/s, for CIFAR10):
 - batch 256: twice the paper's, so that each step's kernels fill the GPU (at batch 128 the 32x32 U-Net's small
   convolutions and the per-step EMA and loss read-back leave it idle between launches); still about 230 steps per
   epoch of the 60,000 digits, so a few minutes make thousands of optimizer steps.
-- lr 4e-4 (the paper's 2e-4 scaled linearly with the batch), 500 warm-up steps instead of 5,000 (the paper's
-  warm-up would outlast the whole run of a few thousand steps), then cosine decay to zero at the last step: a
-  short run gains most from ending at a small learning rate, which averages out the noise of the last steps much as
-  a long EMA would.
-  The cosine needs the number of steps in advance: it is the training seconds times the throughput stage's measured
-  bf16 images/s of our U-Net (`THROUGHPUT_KEY`) times 0.7 for the loop's own costs (EMA update, data, loss
-  read-back, gradient clipping), over the batch; 4,000 images/s where that figure is missing.
-  `--max_train_minutes` stops the run in any case.
+- lr 4e-4 (the paper's 2e-4 scaled linearly with the batch), 500 warm-up steps instead of 5,000 (which would outlast
+  a run of a few thousand steps), then cosine decay to zero at the last step: a short run gains most from ending at a
+  small learning rate, which averages out the noise of the last steps much as a long EMA would. The cosine needs the
+  number of steps in advance: the training seconds times the throughput stage's bf16 images/s of our U-Net
+  (`THROUGHPUT_KEY`; 4,000 where that figure is missing) times 0.7 for the loop's own costs (EMA update, data, loss
+  read-back, gradient clipping), over the batch. `--max_train_minutes` stops the run in any case.
 - EMA max decay 0.9995 with the default warm-up (inv_gamma 1, power 3/4): after n steps the decay is
   min(0.9995, 1 - (1 + n)^(-3/4)), about 0.9975 at 3,000 steps, so the released weights average the last ~400
   steps, the last part of the cosine's descent; the cap only binds past 25,000 steps (a longer budget), where the
@@ -95,21 +92,9 @@ class Sizes:
 
 
 REAL = Sizes()
-DRY = Sizes(
-    device="cpu",
-    preset="tiny",
-    num_train_timesteps=20,
-    train_batch_size=16,
-    lr_warmup_steps=2,
-    max_train_steps=6,
-    fast_samples=16,
-    fast_steps=5,
-    ddpm_samples=8,
-    nll_images=8,
-    grid_images=16,
-    batch_size=16,
-    stage_timeout=120,
-)
+DRY = Sizes(device="cpu", preset="tiny", num_train_timesteps=20, train_batch_size=16, lr_warmup_steps=2,
+            max_train_steps=6, fast_samples=16, fast_steps=5, ddpm_samples=8, nll_images=8, grid_images=16,
+            batch_size=16, stage_timeout=120)  # fmt: skip
 
 
 @dataclass
@@ -131,9 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output_dir", help="the folder for the files to bring back (new or empty)")
     p.add_argument("--dry-run", action="store_true", help="every stage at toy sizes on the CPU")
-    p.add_argument(
-        "--dataset_name", default=None, help="MNIST, a local copy (default: .gpu_data/mnist, from stage_gpu.sh)"
-    )
+    p.add_argument("--dataset_name", help="MNIST, a local copy (default: .gpu_data/mnist, from stage_gpu.sh)")
     p.add_argument("--work_dir", default=None, help="scratch folder for the run (default: a temporary folder)")
     p.add_argument("--budget_minutes", type=float, default=8.0, help="the whole run's time budget")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile'd models (minutes)")
@@ -197,31 +180,26 @@ def train_command(sizes: Sizes, dataset: Path, run: Path, max_train_steps: int, 
     return [*launch, "training/train.py", *flags]
 
 
-def cli_command(subcommand: str, run: Path, sizes: Sizes, dataset: Path, flags: dict[str, object]) -> list[str]:
-    """A `ddpm-mnist` call on the trained pipeline, on the run's device; `flags` by their CLI names."""
-    cli = shutil.which("ddpm-mnist", path=str(Path(sys.executable).parent)) or "ddpm-mnist"
-    common = {"device": sizes.device, "batch_size": sizes.batch_size, "seed": 0}
-    if subcommand != "sample":
-        common.update({"dataset_name": dataset, "json": True})
-    command = [cli, subcommand, str(run)]
-    for name, value in {**common, **flags}.items():
-        command += [f"--{name}"] if value is True else [f"--{name}", str(value)]
-    return command
-
-
 def evaluation_commands(sizes: Sizes, dataset: Path, run: Path, out: Path) -> dict[str, list[str]]:
-    """The evaluation stages. DDPM without `--num_inference_steps` runs all T steps; `nll` without `--nll_timesteps`
-    sums all T terms exactly. Sampling runs the U-Net in bf16 (x_t and the scheduler stay fp32): a third of the fp32
-    time on the GPU; the bound keeps the U-Net in fp32."""
-    sampling = {"scheduler": "ddpm", "dtype": "bf16"}
-    flags = {
-        "evaluate_fast": {**sampling, "num_inference_steps": sizes.fast_steps, "num_samples": sizes.fast_samples},
-        "evaluate_ddpm": {**sampling, "num_samples": sizes.ddpm_samples},
-        "nll": {"split": "test", "nll_images": sizes.nll_images},
-        "grid": {**sampling, "num_samples": sizes.grid_images, "upscale": 3, "output_dir": out},
+    """The evaluation stages: `ddpm-mnist` calls on the trained pipeline, on the run's device. DDPM without
+    `--num_inference_steps` runs all T steps; `nll` without `--nll_timesteps` sums all T terms exactly. Sampling runs
+    the U-Net in bf16 (x_t and the scheduler stay fp32): a third of the fp32 time on the GPU; the bound keeps the
+    U-Net in fp32."""
+    cli = shutil.which("ddpm-mnist", path=str(Path(sys.executable).parent)) or "ddpm-mnist"
+    scored, sampling = {"dataset_name": dataset, "json": True}, {"scheduler": "ddpm", "dtype": "bf16"}
+    fast = {"num_inference_steps": sizes.fast_steps, "num_samples": sizes.fast_samples}
+    stages = {
+        "evaluate_fast": ("evaluate", {**scored, **sampling, **fast}),
+        "evaluate_ddpm": ("evaluate", {**scored, **sampling, "num_samples": sizes.ddpm_samples}),
+        "nll": ("nll", {**scored, "split": "test", "nll_images": sizes.nll_images}),
+        "grid": ("sample", {**sampling, "num_samples": sizes.grid_images, "upscale": 3, "output_dir": out}),
     }
-    subcommands = {"evaluate_fast": "evaluate", "evaluate_ddpm": "evaluate", "nll": "nll", "grid": "sample"}
-    return {name: cli_command(subcommands[name], run, sizes, dataset, flags[name]) for name in flags}
+    commands = {}
+    for name, (subcommand, flags) in stages.items():
+        commands[name] = [cli, subcommand, str(run)]
+        for flag, value in {"device": sizes.device, "batch_size": sizes.batch_size, "seed": 0, **flags}.items():
+            commands[name] += [f"--{flag}"] if value is True else [f"--{flag}", str(value)]
+    return commands
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -287,56 +265,32 @@ def bf16_fraction_of_peak(throughput: dict, preset: str) -> float | None:
     return gflops_per_second_fp32 / images_per_second_fp32 * images_per_second_bf16 / peak
 
 
-def summarize(stage: Stage, sizes: Sizes) -> str:
-    """The summary table's cell of a finished stage; for the throughput, our bf16 training images/s against
-    diffusers' on the trained preset, and the share of peak."""
-    result = stage.result
+def run_tool(stage: Stage, command: list[str], log: Path, sizes: Sizes) -> None:
+    """Run a stage that reports through pytest's closing line or a `--json` last line, read that, and write its cell
+    of the summary table; for the throughput, our bf16 training images/s against diffusers' on the trained preset, and
+    the share of peak."""
+    output = run_stage(stage, command, log, sizes.stage_timeout)
+    result = stage.result = pytest_counts(output) if stage.name == "tests" else last_json(output)
+    if stage.name == "throughput" and result is not None:
+        result["train_fraction_of_bf16_peak"] = bf16_fraction_of_peak(result, sizes.preset)
+    if stage.status != "ok" or (result is None and stage.name != "grid"):
+        return
     if stage.name == "tests":
-        return ", ".join(f"{n} {word}" for word, n in result.items())
-    if stage.name == "throughput":
+        stage.summary = ", ".join(f"{n} {word}" for word, n in result.items())
+    elif stage.name == "throughput":
         models = result.get(sizes.preset, {})
         ours, theirs = models.get("train_ours_bf16"), models.get("train_diffusers_bf16")
-        if not (ours and theirs):
-            return "no bf16 training figures"
         fraction = result.get("train_fraction_of_bf16_peak")
         peak = f"{fraction:.1%} of the bf16 matmul peak" if fraction is not None else "bf16 matmul peak not measured"
-        ratio = f"{ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x)"
-        return f"{sizes.preset} bf16 training: {ratio}, {peak}"
-    if stage.name.startswith("evaluate"):
+        ratio = f"{ours:,.0f} vs diffusers {theirs:,.0f} images/s ({ours / theirs:.2f}x)" if ours and theirs else ""
+        stage.summary = f"{sizes.preset} bf16 training: {ratio}, {peak}" if ratio else "no bf16 training figures"
+    elif stage.name.startswith("evaluate"):
         fid, floor = result["fid"], result["floor"]["fid"]
-        return f"FID {fid:.2f} (floor {floor:.2f}), confidence {result['mean_confidence']:.3f}"
-    if stage.name == "nll":
-        return f"{result['nll_bpd']:.3f} bits/dim, exact: {result['exact']}"
-    return f"{sizes.grid_images} digits in grid.png"
-
-
-def run_tool(stage: Stage, command: list[str], log: Path, sizes: Sizes) -> None:
-    """Run a stage that reports through pytest's closing line or a `--json` last line, and read that."""
-    output = run_stage(stage, command, log, sizes.stage_timeout)
-    stage.result = pytest_counts(output) if stage.name == "tests" else last_json(output)
-    if stage.name == "throughput" and stage.result is not None:
-        stage.result["train_fraction_of_bf16_peak"] = bf16_fraction_of_peak(stage.result, sizes.preset)
-    if stage.status == "ok" and (stage.result is not None or stage.name == "grid"):
-        stage.summary = summarize(stage, sizes)
-
-
-def run_training(
-    stage: Stage, sizes: Sizes, dataset: Path, run: Path, out: Path, seconds_left: float, throughput: dict | None
-) -> None:
-    """Train for the time left (at most MAX_TRAIN_MINUTES), with the steps the measured throughput allows."""
-    minutes, steps = None, sizes.max_train_steps
-    if steps is None:
-        minutes = max(1.0, min(MAX_TRAIN_MINUTES, (seconds_left - RESERVE_AFTER_TRAINING - TRAIN_START_SECONDS) / 60))
-        steps = planned_steps(throughput, minutes * 60, sizes.train_batch_size)
-    command = train_command(sizes, dataset, run, steps, minutes)
-    timeout = (minutes or 0) * 60 + TRAIN_START_SECONDS + sizes.stage_timeout
-    output = run_stage(stage, command, out / "train.log", timeout)
-    if stage.status == "ok":
-        record = json.loads((run / "training.json").read_text())
-        losses = re.findall(r"loss=([0-9.]+(?:e-?\d+)?)", output)  # the training progress bar's
-        stage.result = {**record, "command": command, "final_loss": float(losses[-1]) if losses else None}
-        t = record["training"]
-        stage.summary = f"{t['global_step']} steps, {t['images_seen']:,} images, {t['training_time']}"
+        stage.summary = f"FID {fid:.2f} (floor {floor:.2f}), confidence {result['mean_confidence']:.3f}"
+    elif stage.name == "nll":
+        stage.summary = f"{result['nll_bpd']:.3f} bits/dim, exact: {result['exact']}"
+    else:
+        stage.summary = f"{sizes.grid_images} digits in grid.png"
 
 
 def pack_pipeline(run: Path, out: Path, work: Path) -> list[str]:
@@ -357,12 +311,12 @@ def pack_pipeline(run: Path, out: Path, work: Path) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Run the stages in turn, each recorded in results.json as it ends, then print the closing table."""
     sizes, dataset = check_args(args)
     if args.dry_run:
         # One thread per stage process: on a shared CPU, OpenMP's busy-waiting threads would starve each other.
         os.environ["OMP_NUM_THREADS"] = "1"
-    start = time.perf_counter()
-    out = Path(args.output_dir)
+    start, out = time.perf_counter(), Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_run_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -371,13 +325,9 @@ def main(args: argparse.Namespace) -> None:
     # Where this runs; the set-up's seconds were measured by gpu_run.sh.
     setup, packages = stages["setup"], ("torch", "diffusers", "datasets", "accelerate", "huggingface_hub")
     setup.status, setup.seconds = "ok", float(os.environ.get("GPU_RUN_SETUP_SECONDS", 0))
-    setup.result = {
-        "device": describe_device(sizes.device),
-        "cuda": torch.version.cuda,
-        "python": sys.version.split()[0],
-        **{name: version(name) for name in packages},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    setup.result = {"device": describe_device(sizes.device), "cuda": torch.version.cuda}
+    setup.result |= {"python": sys.version.split()[0], **{name: version(name) for name in packages}}
+    setup.result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     setup.summary = f"torch {setup.result['torch']}, {setup.result['device']}"
 
     def elapsed() -> float:
@@ -393,10 +343,23 @@ def main(args: argparse.Namespace) -> None:
     for name, command in (("tests", tests_command(sizes)), ("throughput", throughput_command(sizes, args.compile))):
         run_tool(stages[name], command, log, sizes)
         save()
-    seconds_left = args.budget_minutes * 60 - elapsed()
-    run_training(stages["train"], sizes, dataset, run, out, seconds_left, stages["throughput"].result)
+    # Training for the time left (at most MAX_TRAIN_MINUTES), in the steps that the measured throughput allows.
+    train, minutes, steps = stages["train"], None, sizes.max_train_steps
+    if steps is None:
+        left = args.budget_minutes * 60 - elapsed() - RESERVE_AFTER_TRAINING - TRAIN_START_SECONDS
+        minutes = max(1.0, min(MAX_TRAIN_MINUTES, left / 60))
+        steps = planned_steps(stages["throughput"].result, minutes * 60, sizes.train_batch_size)
+    command = train_command(sizes, dataset, run, steps, minutes)
+    timeout = (minutes or 0) * 60 + TRAIN_START_SECONDS + sizes.stage_timeout
+    output = run_stage(train, command, out / "train.log", timeout)
+    if train.status == "ok":
+        record = json.loads((run / "training.json").read_text())
+        losses = re.findall(r"loss=([0-9.]+(?:e-?\d+)?)", output)  # the training progress bar's
+        train.result = {**record, "command": command, "final_loss": float(losses[-1]) if losses else None}
+        t = record["training"]
+        train.summary = f"{t['global_step']} steps, {t['images_seen']:,} images, {t['training_time']}"
     save()
-    if stages["train"].status == "ok":
+    if train.status == "ok":
         # The trained pipeline comes back first, so that the weights return even if an evaluation runs out of time.
         archive, began = stages["archive"], time.perf_counter()
         archive.result = pack_pipeline(run, out, work)
@@ -418,8 +381,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"{'total':15}{'':>9}{elapsed():9.1f}  {budget}")
     if len(files) > MAX_FILES or any(p.stat().st_size >= 16 * 2**20 for p in files):
         raise WorkFailed(f"{out} holds {len(files)} files, over the {MAX_FILES} (each under 16 MB) that come back.")
-    failed = [stage.name for stage in stages.values() if stage.status != "ok"]
-    if failed:
+    if failed := [stage.name for stage in stages.values() if stage.status != "ok"]:
         raise WorkFailed(f"stages {', '.join(failed)} did not finish; their output is in {out}/stages.log.")
 
 

@@ -14,6 +14,7 @@ rows of `ddpm_mnist.interpolate` between two test digits at t = 250 and t = 500.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -53,13 +54,11 @@ class Setting:
         try:
             steps, length, samples = (int(part) for part in text.split(","))
         except ValueError as error:
-            raise argparse.ArgumentTypeError(
-                f"setting {text!r} is not three integers STEPS,JUMP_LENGTH,JUMP_N_SAMPLE, e.g. 50,10,2"
-            ) from error
+            message = f"setting {text!r} is not three integers STEPS,JUMP_LENGTH,JUMP_N_SAMPLE, e.g. 50,10,2"
+            raise argparse.ArgumentTypeError(message) from error
         if not (steps >= 1 and 1 <= length <= steps and samples >= 1):
-            raise argparse.ArgumentTypeError(
-                f"setting {text!r} needs STEPS >= 1, 1 <= JUMP_LENGTH <= STEPS and JUMP_N_SAMPLE >= 1"
-            )
+            message = f"setting {text!r} needs STEPS >= 1, 1 <= JUMP_LENGTH <= STEPS and JUMP_N_SAMPLE >= 1"
+            raise argparse.ArgumentTypeError(message)
         return cls(steps, length, samples)
 
     def __str__(self) -> str:
@@ -100,42 +99,13 @@ def complete(
 ) -> torch.Tensor:
     """Completions (N, 1, 28, 28) in [0, 1] on the CPU, batch by batch from one generator seeded with --seed."""
     generator = torch.Generator().manual_seed(args.seed)
+    options = {"guidance_scale": args.guidance_scale, "generator": generator, "output_type": "pt", **asdict(setting)}
     batches = []
     for start in range(0, len(x_0), args.batch_size):
         batch = slice(start, start + args.batch_size)
         class_labels = None if labels is None else labels[batch]
-        images = pipe(
-            x_0[batch],
-            keep,
-            class_labels=class_labels,
-            guidance_scale=args.guidance_scale,
-            generator=generator,
-            output_type="pt",
-            **asdict(setting),
-        ).images
-        batches.append(images.float().cpu())
+        batches.append(pipe(x_0[batch], keep, class_labels=class_labels, **options).images.float().cpu())
     return torch.cat(batches)
-
-
-def measure(
-    pipe: DDPMMnistInpaintPipeline,
-    x_0: torch.Tensor,
-    labels: torch.Tensor,
-    setting: Setting,
-    mask: str,
-    args: argparse.Namespace,
-    classifier: MnistClassifier,
-) -> Row:
-    """Complete every digit with one setting and kept half, then one digit alone; score and time them."""
-    keep = keep_half(mask)
-    class_labels = labels if args.class_labels_from_truth else None
-    start = time.perf_counter()
-    images = complete(pipe, x_0, keep, setting, class_labels, args)
-    middle = time.perf_counter()
-    complete(pipe, x_0[:1], keep, setting, None if class_labels is None else class_labels[:1], args)
-    seconds_alone = time.perf_counter() - middle
-    calls, right = setting.unet_calls(pipe), accuracy(images, labels, classifier)
-    return Row(str(setting), mask, calls, right, (middle - start) / len(x_0), seconds_alone)
 
 
 def markdown_table(rows: list[Row], ceiling: float, kept_only: dict[str, float], masks: list[str]) -> str:
@@ -189,44 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inpainting.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "pipeline",
-        nargs="?",
-        default=DEFAULT_PIPELINE,
-        metavar="PIPELINE",
-        help="a folder saved by save_pretrained, or a Hub repo id (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dataset_name", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy (default: %(default)s)"
-    )
+    parser.add_argument("pipeline", nargs="?", default=DEFAULT_PIPELINE, metavar="PIPELINE",
+                        help="a folder saved by save_pretrained, or a Hub repo id (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--dataset_name", default=DEFAULT_DATASET,
+                        help="MNIST: a Hub dataset id or a local copy (default: %(default)s)")  # fmt: skip
     parser.add_argument("--num_images", type=int, default=200, help="test digits completed (default: %(default)s)")
-    parser.add_argument(
-        "--settings",
-        nargs="+",
-        type=Setting.parse,
-        default=[Setting.parse(s) for s in DEFAULT_SETTINGS],
-        metavar="STEPS,JUMP_LENGTH,JUMP_N_SAMPLE",
-        help=f"RePaint settings, run one after another (default: {' '.join(DEFAULT_SETTINGS)})",
-    )
-    parser.add_argument(
-        "--masks", nargs="+", choices=MASKS, default=list(MASKS), help="the halves kept (default: top left)"
-    )
-    parser.add_argument(
-        "--class_labels_from_truth", action="store_true", help="tell a conditional pipeline each digit's true label"
-    )
+    parser.add_argument("--settings", nargs="+", type=Setting.parse, metavar="STEPS,JUMP_LENGTH,JUMP_N_SAMPLE",
+                        default=[Setting.parse(s) for s in DEFAULT_SETTINGS],
+                        help=f"RePaint settings, run in turn (default: {' '.join(DEFAULT_SETTINGS)})")  # fmt: skip
+    parser.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS),
+                        help="the halves kept (default: top left)")  # fmt: skip
+    parser.add_argument("--class_labels_from_truth", action="store_true",
+                        help="tell a conditional pipeline each digit's true label")  # fmt: skip
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="with the true labels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every setting's noise (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=200, help="digits per pipeline call (default: %(default)s)")
-    parser.add_argument(
-        "--device", default=default_device(), help="torch device (default: the GPU where there is one, else cpu)"
-    )
+    parser.add_argument("--device", default=default_device(),
+                        help="torch device (default: the GPU where there is one, else cpu)")  # fmt: skip
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="the UNet's precision (default: %(default)s)")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=RESULTS / "inpainting.json",
-        help="the JSON record (default: benchmarks/results/inpainting.json)",
-    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "inpainting.json",
+                        help="the JSON record (default: benchmarks/results/inpainting.json)")  # fmt: skip
     parser.add_argument("--figure", type=Path, help="write the completions and interpolation PNGs (default: none)")
     return parser
 
@@ -255,18 +207,24 @@ def main(argv: list[str] | None = None) -> None:
     kept_only = {
         mask: accuracy(torch.where(keep_half(mask).bool(), x_0, -1.0) / 2 + 0.5, labels, classifier) for mask in masks
     }
-    warm_up_labels = labels[:1] if args.class_labels_from_truth else None  # first-call costs stay out of the timings
-    complete(pipe, x_0[:1], keep_half("top"), Setting(2, 1, 1), warm_up_labels, args)
+    class_labels = labels if args.class_labels_from_truth else None
+    first_label = None if class_labels is None else class_labels[:1]
+    complete(pipe, x_0[:1], keep_half("top"), Setting(2, 1, 1), first_label, args)  # warm-up, untimed
     rows = []
-    for setting in settings:
-        for mask in masks:
-            rows.append(measure(pipe, x_0, labels, setting, mask, args, classifier))
-            row = rows[-1]
-            print(
-                f"{setting} {mask} half kept: {row.accuracy:.1%} read right, {row.unet_calls} UNet calls, "
-                f"{row.seconds_per_digit:.3f} s per digit, {row.seconds_one_digit_alone:.2f} s alone",
-                flush=True,
-            )
+    for setting, mask in itertools.product(settings, masks):
+        # Every digit completed with one setting and kept half, then one digit alone; scored and timed.
+        keep, start = keep_half(mask), time.perf_counter()
+        images = complete(pipe, x_0, keep, setting, class_labels, args)
+        middle = time.perf_counter()
+        complete(pipe, x_0[:1], keep, setting, first_label, args)
+        alone = time.perf_counter() - middle
+        calls, right = setting.unet_calls(pipe), accuracy(images, labels, classifier)
+        rows.append(row := Row(str(setting), mask, calls, right, (middle - start) / len(x_0), alone))
+        print(
+            f"{setting} {mask} half kept: {row.accuracy:.1%} read right, {row.unet_calls} UNet calls, "
+            f"{row.seconds_per_digit:.3f} s per digit, {row.seconds_one_digit_alone:.2f} s alone",
+            flush=True,
+        )
     # The top-half row with the fewest UNet calls (then the highest accuracy) that reaches TARGET, if any.
     passing = [row for row in rows if row.mask == "top" and row.accuracy >= TARGET]
     chosen = min(passing, key=lambda row: (row.unet_calls, -row.accuracy), default=None)
@@ -279,26 +237,15 @@ def main(argv: list[str] | None = None) -> None:
         f"\ncheapest setting with at least {TARGET:.0%} of top-half completions read right: "
         + (f"{chosen.setting} ({chosen.unet_calls} UNet calls)" if chosen else "none of those run")
     )
-    record = {
-        "pipeline": args.pipeline,
-        "test_digits": f"the first {args.num_images} of the MNIST test split",
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "device": f"{args.device} ({device})",
-        "dtype": args.dtype,
-        "class_labels_from_truth": args.class_labels_from_truth,
-        "guidance_scale": args.guidance_scale,
-        "target": TARGET,
-        "ceiling_whole_digits": ceiling,
-        "kept_half_alone": kept_only,
-        "rows": [asdict(row) for row in rows],
-        "cheapest_meeting_target": None if chosen is None else asdict(chosen),
-    }
+    record = {"pipeline": args.pipeline, "test_digits": f"the first {args.num_images} of the MNIST test split"}
+    record |= {"seed": args.seed, "batch_size": args.batch_size, "device": f"{args.device} ({device})"}
+    record |= {key: getattr(args, key) for key in ("dtype", "class_labels_from_truth", "guidance_scale")}
+    record |= {"target": TARGET, "ceiling_whole_digits": ceiling, "kept_half_alone": kept_only}
+    record |= {"rows": [asdict(row) for row in rows], "cheapest_meeting_target": chosen and asdict(chosen)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.output}")
     if args.figure:
-        class_labels = labels if args.class_labels_from_truth else None
         for path in save_figures(pipe, x_0, args.figure, args.seed, class_labels):
             print(f"wrote {path}")
 

@@ -29,22 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import load_dataset
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.utils import logging as diffusers_logging
 from diffusers_baseline import DiffusersLoop, diffusers_twin
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
-from ddpm_mnist.data import (
-    DEFAULT_DATASET,
-    ImagePreprocessor,
-    decode_stream,
-    epoch_order,
-    load_image_stream,
-    load_x_0,
-    shuffled_shard,
-)
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet, data
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import DTYPES, default_device
 from ddpm_mnist.hardware import describe_device, has_native_bf16
@@ -57,43 +48,42 @@ PARTS = ("models", "sample", "e2e", "quality", "profile", "data")
 BENCHMARK_DTYPES = ("fp32", "bf16")  # the DTYPES measured: fp32, and bf16 (autocast in training, bf16 weights sampling)
 
 
-def twins(preset: str, device: torch.device) -> tuple[DDPMMnistUNet, UNet2DModel]:
-    """Our UNet of `preset` and diffusers' twin, checked to hold the same number of parameters."""
+def twins(preset: str, device: torch.device) -> dict[str, torch.nn.Module]:
+    """Our UNet of `preset` ("ours") and diffusers' twin ("diffusers"), checked to hold as many parameters."""
     torch.manual_seed(0)
     ours = DDPMMnistUNet.from_preset(preset).to(device)
-    return ours, diffusers_twin(ours).to(device)
+    return {"ours": ours, "diffusers": diffusers_twin(ours).to(device)}
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median wall time of `fn` over `repeats` calls, after one warm-up call, the device's queued work included."""
-    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     fn()
     times = []
     for _ in range(repeats):
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def random_x_t(model: torch.nn.Module, batch_size: int, layout: torch.memory_format) -> torch.Tensor:
-    """A batch of random x_t for `model`, on its device, in its dtype and in the memory layout measured."""
+def step_fn(model: torch.nn.Module, batch_size: int, layout: torch.memory_format, train: str | None = None) -> Callable:
+    """A step on random x_t in the model's dtype and memory `layout`: with `train` ("fp32", or "bf16" for autocast)
+    one L_simple training step (Algorithm 1: forward, backward, AdamW), else a sampling forward pass without gradients.
+    """
     size = model.config.sample_size
     x_t = torch.randn(batch_size, model.config.in_channels, size, size, device=model.device, dtype=model.dtype)
-    return x_t.contiguous(memory_format=layout)
-
-
-def train_step_fn(model: torch.nn.Module, batch_size: int, precision: str, layout: torch.memory_format) -> Callable:
-    """One L_simple training step (Algorithm 1) on random data: forward (autocast in bf16), backward, AdamW."""
+    x_t = x_t.contiguous(memory_format=layout)
+    if train is None:
+        t = torch.full((batch_size,), 500, device=x_t.device)
+        return torch.no_grad()(lambda: model(x_t, t))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
-    x_t = random_x_t(model, batch_size, layout)
-    eps = torch.randn_like(x_t)
-    t = torch.randint(0, 1000, (batch_size,), device=x_t.device)
+    eps, t = torch.randn_like(x_t), torch.randint(0, 1000, (batch_size,), device=x_t.device)
 
     def step() -> None:
-        with torch.autocast(x_t.device.type, torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(x_t.device.type, torch.bfloat16, enabled=train == "bf16"):
             prediction = model(x_t, t).sample
         F.mse_loss(prediction.float(), eps).backward()
         optimizer.step()
@@ -102,110 +92,74 @@ def train_step_fn(model: torch.nn.Module, batch_size: int, precision: str, layou
     return step
 
 
-def sample_step_fn(model: torch.nn.Module, batch_size: int, layout: torch.memory_format) -> Callable:
-    """One forward pass of a sampling step, in the model's own dtype, without gradients."""
-    x_t = random_x_t(model, batch_size, layout)
-    t = torch.full((batch_size,), 500, device=x_t.device)
-
-    @torch.no_grad()
-    def step() -> None:
-        model(x_t, t)
-
-    return step
-
-
-def variant(
-    model: torch.nn.Module, dtype: torch.dtype, compile_it: bool, layout: torch.memory_format
-) -> torch.nn.Module:
-    """A copy of `model` in `dtype` and the memory layout, optionally compiled."""
-    model = copy.deepcopy(model).to(dtype, memory_format=layout)
-    return torch.compile(model) if compile_it else model
-
-
 def measure_models(args: argparse.Namespace, device: torch.device, preset: str) -> dict[str, float]:
     """Training and sampling-forward rates of our UNet and its diffusers twin, one column per precision/variant."""
-    ours, theirs = twins(preset, device)
-    results: dict[str, float] = {"parameters": sum(p.numel() for p in ours.parameters())}
+    models = twins(preset, device)
+    results: dict[str, float] = {"parameters": sum(p.numel() for p in models["ours"].parameters())}
     with FlopCounterMode(display=False) as counter:
-        train_step_fn(ours, args.batch_size, "fp32", torch.contiguous_format)()
-    flops = counter.get_total_flops()
+        step_fn(models["ours"], args.batch_size, torch.contiguous_format, "fp32")()
     variants = [("", False, torch.contiguous_format)]  # the key's suffix, compiled or not, memory layout
     variants += [("_compiled", True, torch.contiguous_format)] * args.compile
     variants += [("_channels_last", False, torch.channels_last)] * args.channels_last
-    for suffix, compile_it, layout in variants:
-        for precision in args.dtypes:
-            for name, base in (("ours", ours), ("diffusers", theirs)):
-                # Training: fp32 weights under autocast, as accelerate trains.
-                model = variant(base, torch.float32, compile_it, layout).train()
-                step = train_step_fn(model, args.batch_size, precision, layout)
-                start = time.perf_counter()
-                step()  # the first call compiles
-                first = time.perf_counter() - start
-                seconds = median_seconds(step, args.repeats, device)
-                key = f"{name}_{precision}{suffix}"
-                results[f"train_{key}"] = args.batch_size / seconds
-                if compile_it:
-                    results[f"compile_seconds_train_{key}"] = first - seconds
-                if name == "ours" and precision == "fp32" and not suffix:
-                    results["train_gflops_per_second_ours_fp32"] = flops / seconds / 1e9
-                # Sampling forward: the weights in the precision itself.
-                model = variant(base, DTYPES[precision], compile_it, layout).eval()
-                step = sample_step_fn(model, args.sample_batch_size, layout)
-                results[f"sample_{key}"] = args.sample_batch_size / median_seconds(step, args.repeats, device)
-            line = ", ".join(
-                f"{kind} ours {results[f'{kind}_ours_{precision}{suffix}']:.1f} vs diffusers "
-                f"{results[f'{kind}_diffusers_{precision}{suffix}']:.1f}"
-                for kind in ("train", "sample")
-            )
-            print(f"{preset} {precision}{suffix}: {line} (train images/s, sample image-steps/s)", flush=True)
+    for (suffix, compile_it, layout), precision in itertools.product(variants, args.dtypes):
+        for name, base in models.items():
+            key = f"{name}_{precision}{suffix}"
+            # Training: fp32 weights under autocast, as accelerate trains.
+            model = copy.deepcopy(base).to(torch.float32, memory_format=layout).train()
+            step = step_fn(torch.compile(model) if compile_it else model, args.batch_size, layout, precision)
+            start = time.perf_counter()
+            step()  # the first call compiles
+            first = time.perf_counter() - start
+            seconds = median_seconds(step, args.repeats, device)
+            results[f"train_{key}"] = args.batch_size / seconds
+            if compile_it:
+                results[f"compile_seconds_train_{key}"] = first - seconds
+            if key == "ours_fp32":
+                results["train_gflops_per_second_ours_fp32"] = counter.get_total_flops() / seconds / 1e9
+            # Sampling forward: the weights in the precision itself.
+            model = copy.deepcopy(base).to(DTYPES[precision], memory_format=layout).eval()
+            step = step_fn(torch.compile(model) if compile_it else model, args.sample_batch_size, layout)
+            results[f"sample_{key}"] = args.sample_batch_size / median_seconds(step, args.repeats, device)
+        line = ", ".join(
+            f"{kind} ours {results[f'{kind}_ours_{precision}{suffix}']:.1f} vs diffusers "
+            f"{results[f'{kind}_diffusers_{precision}{suffix}']:.1f}"
+            for kind in ("train", "sample")
+        )
+        print(f"{preset} {precision}{suffix}: {line} (train images/s, sample image-steps/s)", flush=True)
     return results
 
 
-def profile_training(args: argparse.Namespace, device: torch.device, preset: str) -> dict[str, list]:
-    """The top operators (self time) of one training step of each UNet in each precision, from `torch.profiler`."""
-    ours, theirs = twins(preset, device)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    results = {}
-    for precision in args.dtypes:
-        for name, model in (("ours", ours), ("diffusers", theirs)):
-            step = train_step_fn(model.train(), args.batch_size, precision, torch.contiguous_format)
+def profile_training(args: argparse.Namespace, device: torch.device) -> dict[str, list]:
+    """The top operators (self time) of one training step of each UNet of the first preset in each precision."""
+    preset, activities = args.presets[0], [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
+    sort_by, results = f"self_{device.type}_time_total", {}
+    for precision, (name, model) in itertools.product(args.dtypes, twins(preset, device).items()):
+        step = step_fn(model.train(), args.batch_size, torch.contiguous_format, precision)
+        step()
+        with torch.profiler.profile(activities=activities) as profiler:
             step()
-            with torch.profiler.profile(activities=activities) as profiler:
-                step()
-            events = sorted(profiler.key_averages(), key=lambda e: -getattr(e, sort_by))
-            total = sum(getattr(e, sort_by) for e in events)
-            top = [(e.key, getattr(e, sort_by) / 1e3, getattr(e, sort_by) / total, e.count) for e in events[:12]]
-            results[f"{name}_{precision}"] = top
-            print(f"profile of a training step, {preset}, {name}, {precision}: {total / 1e3:.0f} ms", flush=True)
-            for key, milliseconds, share, count in top:
-                print(f"  {key[:60]:60} {milliseconds:9.1f} ms {share:6.1%} {count:6d} calls", flush=True)
+        events = sorted(profiler.key_averages(), key=lambda e: -getattr(e, sort_by))
+        total = sum(getattr(e, sort_by) for e in events)
+        top = [(e.key, getattr(e, sort_by) / 1e3, getattr(e, sort_by) / total, e.count) for e in events[:12]]
+        results[f"{name}_{precision}"] = top
+        print(f"profile of a training step, {preset}, {name}, {precision}: {total / 1e3:.0f} ms", flush=True)
+        for key, milliseconds, share, count in top:
+            print(f"  {key[:60]:60} {milliseconds:9.1f} ms {share:6.1%} {count:6d} calls", flush=True)
     return results
 
 
 def measure_pipelines(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Images/s of the whole sampling loop: our pipeline against DDPMPipeline, per precision, alternately."""
-    ours, theirs = twins(args.presets[0], device)
-    results = {}
+    unets, results, repeats = twins(args.presets[0], device), {}, max(1, args.repeats // 2)
+    classes = {"ours": (DDPMMnistPipeline, DDPMMnistScheduler), "diffusers": (DDPMPipeline, DDPMScheduler)}
+    settings = {"batch_size": args.sample_batch_size, "num_inference_steps": args.sampling_steps, "output_type": "pt"}
     for precision in args.dtypes:
-        dtype = DTYPES[precision]
-        pipelines = {
-            "ours": DDPMMnistPipeline(copy.deepcopy(ours).to(dtype).eval(), DDPMMnistScheduler()),
-            "diffusers": DDPMPipeline(copy.deepcopy(theirs).to(dtype).eval(), DDPMScheduler()),
-        }
-        for name, pipeline in pipelines.items():
-            pipeline.set_progress_bar_config(disable=True)
+        for name, (pipeline_class, scheduler_class) in classes.items():
+            pipe = pipeline_class(copy.deepcopy(unets[name]).to(DTYPES[precision]).eval(), scheduler_class())
+            pipe.set_progress_bar_config(disable=True)
             seconds = median_seconds(
-                lambda p=pipeline: p(
-                    batch_size=args.sample_batch_size,
-                    generator=torch.Generator().manual_seed(0),
-                    num_inference_steps=args.sampling_steps,
-                    output_type="pt",
-                ),
-                max(1, args.repeats // 2),
-                device,
+                lambda p=pipe: p(generator=torch.Generator().manual_seed(0), **settings), repeats, device
             )
             results[f"pipeline_{name}_{precision}"] = args.sample_batch_size / seconds
         print(
@@ -220,8 +174,8 @@ def measure_pipelines(args: argparse.Namespace, device: torch.device) -> dict[st
 def measure_quality(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
     """Quality of fp32 (two seeds: the metric's noise) and bf16 samples of the released pipeline, same first seed."""
     classifier = load_mnist_classifier(device=str(device))
-    reference = classifier_outputs((load_x_0(str(args.dataset_name), "test", None, sample_size=28) + 1) / 2, classifier)
-    results = {}
+    real = data.load_x_0(str(args.dataset_name), "test", None, sample_size=28)
+    reference, results = classifier_outputs((real + 1) / 2, classifier), {}
     runs = [("ours", "fp32", 0), ("ours", "fp32", 1), ("ours", "bf16", 0), ("ddpmpipeline", "bf16", 0)]
     for name, precision, seed in runs:
         key = f"{name}_{precision}_seed{seed}"
@@ -229,8 +183,7 @@ def measure_quality(args: argparse.Namespace, device: torch.device) -> dict[str,
         if name == "ddpmpipeline":  # the released UNet in DDPMPipeline, whose x_t and scheduler follow the UNet's dtype
             pipe = DDPMPipeline(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator().manual_seed(seed)
-        start = time.perf_counter()
+        generator, start = torch.Generator().manual_seed(seed), time.perf_counter()
         batches = [
             pipe(batch_size=size, generator=generator, num_inference_steps=50, output_type="pt").images.float().cpu()
             for size in [args.sample_batch_size] * (args.num_samples // args.sample_batch_size)
@@ -251,18 +204,15 @@ def measure_quality(args: argparse.Namespace, device: torch.device) -> dict[str,
 
 
 def train_py_seconds(args: argparse.Namespace, steps: int) -> float:
-    """Wall seconds of `training/train.py` with its defaults, `steps` optimizer steps of `--e2e_preset`.
-
-    Its defaults include the automatic precision (`--mixed_precision auto`: bf16 autocast on a CPU with bf16
-    instructions), the shuffled stream of `ddpm_mnist.data`, EMA, gradient clipping and the per-step logging.
-    """
+    """Wall seconds of `training/train.py` with its defaults, `steps` optimizer steps of `--e2e_preset`: the automatic
+    precision (`--mixed_precision auto`: bf16 autocast on a CPU with bf16 instructions), the shuffled stream of
+    `ddpm_mnist.data`, EMA, gradient clipping and the per-step logging."""
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, str(ROOT / "training" / "train.py"), "--dataset_name", str(args.dataset_name)]
         command += ["--preset", args.e2e_preset, "--train_batch_size", str(args.train_batch_size)]
-        command += ["--max_train_steps", str(steps), "--output_dir", output_dir]
-        # The end-of-run grid of 16 digits, 1000 DDPM steps by default, costs the same in both runs and cancels;
-        # 10 steps keep it from dominating the wall time.
-        command += ["--num_inference_steps", "10"]
+        # The end-of-run grid of 16 digits costs the same in both runs and cancels; 10 DDPM steps instead of 1000
+        # keep it from dominating the wall time.
+        command += ["--max_train_steps", str(steps), "--output_dir", output_dir, "--num_inference_steps", "10"]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
         return time.perf_counter() - start
@@ -282,7 +232,7 @@ def diffusers_loop_rate(args: argparse.Namespace, mixed_precision: str, steps: t
     return (steps[1] - steps[0]) * args.train_batch_size / (seconds[steps[1]] - seconds[steps[0]])
 
 
-def measure_end_to_end(args: argparse.Namespace) -> dict[str, float]:
+def measure_end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """train.py (subprocess, two lengths) against the diffusers loop in fp32 and bf16, alternately."""
     short, long = args.e2e_steps
     train_py, loop = [], {"fp32": [], "bf16": []}
@@ -309,57 +259,52 @@ def measure_end_to_end(args: argparse.Namespace) -> dict[str, float]:
 
 
 def matmul_peak_gflops(device: torch.device, precision: str, size: int = 2048) -> float | None:
-    """GFLOP/s of a large square matmul in `precision`: the peak that the UNet's convolutions can hope for.
-
-    None (not measured) for bf16 where the device only emulates it (an AVX2-only CPU): there a 2048^3 bf16 matmul
-    takes about 20 s, and its rate, below that of the emulated bf16 convolutions, is no peak.
-    """
+    """GFLOP/s of a large square matmul in `precision`: the peak that the UNet's convolutions can hope for. None (not
+    measured) for bf16 where the device only emulates it (an AVX2-only CPU): there a 2048^3 bf16 matmul takes about
+    20 s, and its rate, below that of the emulated bf16 convolutions, is no peak."""
     if precision == "bf16" and not has_native_bf16(device):
         return None
     a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
     return 2 * size**3 / median_seconds(lambda: a @ b, repeats=5, device=device) / 1e9
 
 
-def data_images_per_second(data: str, num_images: int, device: torch.device) -> dict[str, float]:
+def measure_data(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Images/s of our two data paths (the shuffled stream, and decode-once + exact shuffle) and of plain `datasets`.
-
     Decode-once pays for decoding every PNG up front (reported apart, and amortised over one epoch); after that an
-    epoch is an index permutation and a uint8 -> float copy per batch, which is what a training loop then sees.
-    """
-    preprocess = ImagePreprocessor(28)
-    stream = load_image_stream(data)
-    loader = DataLoader(shuffled_shard(stream, seed=0, epoch=0), batch_size=256, collate_fn=preprocess)
+    epoch is an index permutation and a uint8 -> float copy per batch, which is what a training loop then sees."""
+    num_images, preprocess = 5_000 if args.quick else 20_000, data.ImagePreprocessor(28)
+    stream = data.load_image_stream(args.dataset_name)
+    loader = DataLoader(data.shuffled_shard(stream, seed=0, epoch=0), batch_size=256, collate_fn=preprocess)
 
     def ours_stream() -> None:
-        seen = 0
-        for x_0 in loader:
-            seen += len(x_0)
-            if seen >= num_images:
-                return
+        for _ in itertools.islice(loader, (num_images + 255) // 256):  # batches of 256 up to num_images
+            pass
 
     start = time.perf_counter()
-    digits = decode_stream(stream, preprocess)
+    digits = data.decode_stream(stream, preprocess)
     decode_seconds = time.perf_counter() - start
 
     def ours_decoded() -> None:
         for epoch in range(3):
-            for indices in epoch_order(len(digits), seed=0, epoch=epoch).split(256):
+            for indices in data.epoch_order(len(digits), seed=0, epoch=epoch).split(256):
                 preprocess.scale(digits[indices])
 
-    plain_stream = load_dataset(data, split="train", streaming=True).shuffle(seed=0, buffer_size=10_000)
+    plain_stream = load_dataset(args.dataset_name, split="train", streaming=True).shuffle(seed=0, buffer_size=10_000)
 
     def plain() -> None:
         for example in itertools.islice(plain_stream, num_images):
             torch.from_numpy(np.asarray(example["image"], dtype=np.float32) / 127.5 - 1)
 
     epoch_seconds = median_seconds(ours_decoded, 3, device) / 3
-    return {
+    rates = {
         "data_images_per_second": len(digits) / epoch_seconds,
         "data_decode_once_seconds": decode_seconds,
         "data_first_epoch_images_per_second": len(digits) / (decode_seconds + epoch_seconds),
         "data_stream_images_per_second": num_images / median_seconds(ours_stream, 1, device),
         "plain_datasets_images_per_second": num_images / median_seconds(plain, 1, device),
     }
+    print("data: " + ", ".join(f"{key} {value:.1f}" for key, value in rates.items()), flush=True)
+    return rates
 
 
 def parse_args() -> argparse.Namespace:
@@ -367,9 +312,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=default_device(), choices=["cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=["mnist-small"], choices=DDPMMnistUNet.preset_names())
-    parser.add_argument(
-        "--dtypes", nargs="+", default=list(BENCHMARK_DTYPES), choices=BENCHMARK_DTYPES, help="the precisions measured"
-    )
+    parser.add_argument("--dtypes", nargs="+", default=list(BENCHMARK_DTYPES), choices=BENCHMARK_DTYPES,
+                        help="the precisions measured")  # fmt: skip
     parser.add_argument("--parts", nargs="+", default=["models", "sample", "e2e"], choices=PARTS)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     parser.add_argument("--channels_last", action="store_true", help="also measure models in channels_last")
@@ -383,7 +327,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=128, help="batch of e2e (train.py's default)")
     parser.add_argument("--num_samples", type=int, default=1000, help="digits per quality measurement")
     parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE), help="the pipeline of the quality part")
-    parser.add_argument("--dataset_name", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy")
+    parser.add_argument("--dataset_name", default=data.DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy")
     parser.add_argument("--quick", action="store_true", help="2 repeats, 10 sampling steps, e2e runs of 5 and 20")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
@@ -395,7 +339,7 @@ def parse_args() -> argparse.Namespace:
         raise UsageError(f"--e2e_steps {args.e2e_steps} must be two increasing step counts, e.g. 15 65.")
     if {"e2e", "quality", "data"} & set(args.parts):
         with usage_errors("dataset_name"):  # a missing or unreadable dataset is refused here
-            load_image_stream(args.dataset_name, "test")
+            data.load_image_stream(args.dataset_name, "test")
     if "quality" in args.parts and not Path(args.pipeline).is_dir():
         raise UsageError(f"--pipeline {args.pipeline!r} is not a folder; pass a saved DDPMMnistPipeline.")
     if min(args.batch_size, args.sample_batch_size, args.repeats, args.train_batch_size, args.num_samples) < 1:
@@ -409,31 +353,18 @@ def main() -> None:
     device = torch.device(args.device)
     # diffusers warns on every `.to(dtype)` of a model about fp32 modules that neither UNet has.
     diffusers_logging.set_verbosity_error()
-    results: dict[str, object] = {
-        "device": describe_device(device),
-        "torch": torch.__version__,
-        **{f"matmul_peak_gflops_{p}": matmul_peak_gflops(device, p) for p in args.dtypes},
-    }
-    peaks = ", ".join(
-        f"{p} not measured (emulated)" if (peak := results[f"matmul_peak_gflops_{p}"]) is None else f"{p} {peak:.0f}"
-        for p in args.dtypes
-    )
-    print(f"{results['device']}; torch {torch.__version__}; 2048^3 matmul GFLOP/s: {peaks}", flush=True)
+    peaks = {p: matmul_peak_gflops(device, p) for p in args.dtypes}
+    results: dict[str, object] = {"device": describe_device(device), "torch": torch.__version__}
+    results |= {f"matmul_peak_gflops_{p}": peak for p, peak in peaks.items()}
+    shown = ", ".join(f"{p} not measured (emulated)" if v is None else f"{p} {v:.0f}" for p, v in peaks.items())
+    print(f"{results['device']}; torch {torch.__version__}; 2048^3 matmul GFLOP/s: {shown}", flush=True)
     if "models" in args.parts:
-        for preset in args.presets:
-            results[preset] = measure_models(args, device, preset)
-    if "profile" in args.parts:
-        results["profile"] = profile_training(args, device, args.presets[0])
-    if "sample" in args.parts:
-        results["sample"] = measure_pipelines(args, device)
-    if "e2e" in args.parts:
-        results["e2e"] = measure_end_to_end(args)
-    if "quality" in args.parts:
-        results["quality"] = measure_quality(args, device)
-    if "data" in args.parts:
-        rates = data_images_per_second(args.dataset_name, 5_000 if args.quick else 20_000, device)
-        results["data"] = rates
-        print("data: " + ", ".join(f"{key} {value:.1f}" for key, value in rates.items()), flush=True)
+        results |= {preset: measure_models(args, device, preset) for preset in args.presets}
+    # The other parts in this order, each under its own name.
+    parts = {"profile": profile_training, "sample": measure_pipelines, "e2e": measure_end_to_end}
+    for part, measure in {**parts, "quality": measure_quality, "data": measure_data}.items():
+        if part in args.parts:
+            results[part] = measure(args, device)
     if args.json:
         print(json.dumps(results))
 

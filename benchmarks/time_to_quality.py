@@ -50,21 +50,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe: a JSON file of training/train.py flag values")
     parser.add_argument("--output_dir", required=True, help="a new folder for the runs, the JSON and the PNG")
-    parser.add_argument(
-        "--snapshot_minutes", nargs="+", type=float, default=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0], help="when to score"
-    )
+    parser.add_argument("--snapshot_minutes", nargs="+", type=float, default=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0],
+                        help="when to score")  # fmt: skip
     parser.add_argument("--num_samples", type=int, default=1000, help="generated digits per snapshot")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="respaced DDPM sampling steps")
     parser.add_argument("--batch_size", type=int, default=100, help="images per forward pass when sampling")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples and of the floor's real digits")
-    parser.add_argument(
-        "--dataset_name", default=None, help=f"MNIST for both sides (default: the recipe's, else {DEFAULT_DATASET})"
-    )
+    parser.add_argument("--dataset_name", help=f"MNIST for both sides (default: the recipe's, else {DEFAULT_DATASET})")
     parser.add_argument("--reference_images", type=int, default=None, help="test digits to score against (all)")
     parser.add_argument("--device", default=default_device(), help="where the samples are drawn and scored")
-    parser.add_argument(
-        "--dtype", default="fp32", choices=list(DTYPES), help="both sides' UNet's while sampling (x_t stays fp32)"
-    )
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="both sides' UNet's while sampling (x_t stays fp32)")  # fmt: skip
     parser.add_argument("--baseline_batch_size", type=int, default=TRAIN_BATCH_SIZE, help="the diffusers loop's")
     parser.add_argument("--baseline_mixed_precision", default="fp32", choices=["fp32", "bf16"], help="the loop's")
     args = parser.parse_args()
@@ -137,15 +133,8 @@ def snapshot(
     `--num_samples` digits of its DDPM on `--num_inference_steps` steps, scored; printed as it comes."""
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
-    samples = generate_digits(
-        pipe,
-        args.num_samples,
-        scheduler="ddpm",
-        num_inference_steps=args.num_inference_steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=False,
-    )
+    settings = {"num_inference_steps": args.num_inference_steps, "seed": args.seed, "batch_size": args.batch_size}
+    samples = generate_digits(pipe, args.num_samples, scheduler="ddpm", progress=False, **settings)
     quality = reference.score(samples).as_dict()
     metrics = {**quality, "sample_seconds": time.perf_counter() - start, "unet_dtype": str(pipe.unet.dtype)}
     print(
@@ -213,6 +202,12 @@ def comparison(recipe: list[dict], baseline: list[dict]) -> dict:
     minutes = [s["minutes"] for s in recipe]
     target = baseline[-1]["metrics"]["fid"]
     reached = minutes_to_reach(minutes, [s["metrics"]["fid"] for s in recipe], target)
+    equal_minutes = []
+    for ours, theirs in zip(recipe, baseline, strict=True):
+        row = {"minutes": ours["minutes"]}
+        for side, s in (("recipe", ours), ("baseline", theirs)):
+            row |= {f"{side}_fid": s["metrics"]["fid"], f"{side}_mean_confidence": s["metrics"]["mean_confidence"]}
+        equal_minutes.append(row)
     return {
         "ratio": {
             "baseline_minutes": baseline[-1]["minutes"],
@@ -221,17 +216,7 @@ def comparison(recipe: list[dict], baseline: list[dict]) -> dict:
             "reached_at_first_snapshot": reached == minutes[0],
             "speedup": baseline[-1]["minutes"] / reached if reached is not None else None,
         },
-        "equal_minutes": [
-            {
-                "minutes": ours["minutes"],
-                **{
-                    f"{side}_{key}": s["metrics"][key]
-                    for side, s in (("recipe", ours), ("baseline", theirs))
-                    for key in ("fid", "mean_confidence")
-                },
-            }
-            for ours, theirs in zip(recipe, baseline, strict=True)
-        ],
+        "equal_minutes": equal_minutes,
     }
 
 
@@ -239,10 +224,8 @@ def draw_curve(results: dict, path: Path) -> None:
     """FID (log scale) and mean classifier confidence against training minutes, both sides, the real floor dashed."""
     settings, floor = results["settings"], results["floor"]
     with figure(path, (11, 4.2), ncols=2) as axes:
-        for axis, key, label in (
-            (axes[0], "fid", "FID (classifier features)"),
-            (axes[1], "mean_confidence", "mean confidence"),
-        ):
+        labels = {"fid": "FID (classifier features)", "mean_confidence": "mean confidence"}
+        for axis, (key, label) in zip(axes, labels.items(), strict=True):
             for side, name in (("recipe", "our recipe (train.py)"), ("baseline", "diffusers train_unconditional.py")):
                 snapshots = results[side]
                 axis.plot([s["minutes"] for s in snapshots], [s["metrics"][key] for s in snapshots], "o-", label=name)
@@ -266,30 +249,14 @@ def main() -> None:
         reference = QualityReference(dataset, args.reference_images, device=args.device, seed=args.seed, progress=False)
         floor = reference.floor(args.num_samples)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {
-        "settings": {
-            "config": config,
-            "recipe": recipe,
-            "dataset_name": dataset,
-            "snapshot_minutes": args.snapshot_minutes,
-            "num_samples": args.num_samples,
-            "num_inference_steps": args.num_inference_steps,
-            "scheduler": "ddpm",
-            "sampling_dtype": args.dtype,
-            "seed": args.seed,
-            "reference_images": reference.num_images,
-            "baseline_batch_size": args.baseline_batch_size,
-            "baseline_mixed_precision": args.baseline_mixed_precision,
-            "threads": torch.get_num_threads(),
-            "device_description": describe_device(args.device),
-        },
-        "floor": floor.as_dict(),
-        "recipe": [],
-        "baseline": [],
-    }
-    print(
-        f"real floor at N = {args.num_samples}: FID {floor.fid:.2f}, confidence {floor.mean_confidence:.4f}", flush=True
-    )
+    settings = {"config": config, "recipe": recipe, "dataset_name": dataset, "snapshot_minutes": args.snapshot_minutes}
+    settings |= {"num_samples": args.num_samples, "num_inference_steps": args.num_inference_steps, "scheduler": "ddpm"}
+    settings |= {"sampling_dtype": args.dtype, "seed": args.seed, "reference_images": reference.num_images}
+    settings |= {key: getattr(args, key) for key in ("baseline_batch_size", "baseline_mixed_precision")}
+    settings |= {"threads": torch.get_num_threads(), "device_description": describe_device(args.device)}
+    results: dict = {"settings": settings, "floor": floor.as_dict(), "recipe": [], "baseline": []}
+    floor_line = f"real floor at N = {args.num_samples}: FID {floor.fid:.2f}, confidence {floor.mean_confidence:.4f}"
+    print(floor_line, flush=True)
     train = [sys.executable, str(ROOT / "training" / "train.py"), "--config", config, "--dataset_name", dataset]
     train += ["--output_dir", str(args.output_dir / "recipe")]
     if not {"max_train_steps", "num_epochs"} & recipe.keys():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,183 +52,123 @@ from .scheduling_ddpm_mnist import DDPMMnistScheduler
 SAMPLING_ARGUMENTS = ("num_inference_steps", "class_labels", "guidance_scale", "guidance_interval")
 
 
-def _add_option(parser: argparse._ActionsContainer, name: str, help: str, **kwargs: object) -> None:
+def _option(parser: argparse._ActionsContainer, name: str, help: str, **kwargs: object) -> None:
     """Add `--name` under its underscore and its hyphen spelling, with its `help` (every option has one)."""
-    spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
-    parser.add_argument(*spellings, dest=name, help=help, **kwargs)
+    parser.add_argument(*dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]), dest=name, help=help, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `ddpm-mnist` and its sub-commands."""
-    parser = argparse.ArgumentParser(
-        prog="ddpm-mnist",
-        description="DDPM (Ho et al. 2020) on MNIST. Train with `accelerate launch training/train.py`.",
-    )
+    about = "DDPM (Ho et al. 2020) on MNIST. Train with `accelerate launch training/train.py`."
+    parser = argparse.ArgumentParser(prog="ddpm-mnist", description=about)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, run: Callable, parents: list, help: str, description: str) -> argparse.ArgumentParser:
+        """The sub-command `name`, which calls `run(args)`, with the options of `parents` first."""
+        sub = commands.add_parser(name, parents=parents, help=help, description=description)
+        sub.set_defaults(run=run)
+        return sub
+
+    def editing(sub: argparse.ArgumentParser, steps_help: str, seed_help: str, output: str) -> None:
+        """The options that `inpaint` and `interpolate` end with: steps, seed and the picture to write."""
+        _option(sub, "num_inference_steps", steps_help, type=int)
+        _option(sub, "seed", seed_help, type=int, default=0)
+        _option(sub, "output", "the picture to write (default: %(default)s)", default=output)
 
     # The option groups that several sub-commands share (argparse parents).
     loading, batching, precision, sampling, labels, guidance, picture, data = (
         argparse.ArgumentParser(add_help=False) for _ in range(8)
     )
     loading.add_argument("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
-    _add_option(loading, "device", "torch device (default: %(default)s)", default=default_device())
-    _add_option(batching, "batch_size", "images per network call (default: %(default)s)", type=int, default=64)
-    _add_option(
-        precision, "dtype", "the U-Net's dtype while sampling (default: %(default)s)", choices=DTYPES, default="fp32"
-    )
-    _add_option(
-        sampling, "scheduler", "the scheduler, on the pipeline's noise schedule", choices=SCHEDULERS, default="ddpm"
-    )
-    _add_option(
-        sampling,
-        "num_inference_steps",
-        f"sampling steps (default: all T for ddpm, {FAST_SCHEDULER_STEPS} for the others)",
-        type=int,
-    )
-    _add_option(sampling, "seed", "seed of the initial noise and of data subsets", type=int, default=0)
-    _add_option(
-        labels,
-        "class_labels",
-        "the digits 0-9 to ask a class-conditional pipeline for, repeated in order to give one per image "
-        "(`all`: 0 1 ... 9; default: any digit)",
-        nargs="+",
-        type=_class_label,
-        metavar="DIGIT",
-    )
-    _add_option(
-        guidance,
-        "guidance_scale",
-        "classifier-free guidance toward the digits asked for, at least 1 (1: none; default: %(default)s)",
-        type=float,
-        default=1.0,
-    )
-    _add_option(
-        guidance,
-        "guidance_interval",
-        "guide only the steps at timesteps LOW <= t <= HIGH of the T training steps, e.g. 82 581 (default: every step)",
-        type=int,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-    )
-    _add_option(picture, "upscale", "picture pixels per digit pixel (default: %(default)s)", type=int, default=2)
-    _add_option(
-        data, "dataset_name", "MNIST: a Hub dataset id or a local copy (default: %(default)s)", default=DEFAULT_DATASET
-    )
+    _option(loading, "device", "torch device (default: %(default)s)", default=default_device())
+    _option(batching, "batch_size", "images per network call (default: %(default)s)", type=int, default=64)
+    dtype = "the U-Net's dtype while sampling (default: %(default)s)"
+    _option(precision, "dtype", dtype, choices=DTYPES, default="fp32")
+    scheduler = "the scheduler, on the pipeline's noise schedule"
+    _option(sampling, "scheduler", scheduler, choices=SCHEDULERS, default="ddpm")
+    steps = f"sampling steps (default: all T for ddpm, {FAST_SCHEDULER_STEPS} for the others)"
+    _option(sampling, "num_inference_steps", steps, type=int)
+    _option(sampling, "seed", "seed of the initial noise and of data subsets", type=int, default=0)
+    asked = "the digits 0-9 to ask a class-conditional pipeline for, repeated in order to give one per image"
+    asked += " (`all`: 0 1 ... 9; default: any digit)"
+    _option(labels, "class_labels", asked, nargs="+", type=_class_label, metavar="DIGIT")
+    scale = "classifier-free guidance toward the digits asked for, at least 1 (1: none; default: %(default)s)"
+    _option(guidance, "guidance_scale", scale, type=float, default=1.0)
+    interval = "guide only the steps at timesteps LOW <= t <= HIGH of the T training steps, e.g. 82 581 (default: "
+    _option(guidance, "guidance_interval", interval + "every step)", type=int, nargs=2, metavar=("LOW", "HIGH"))
+    _option(picture, "upscale", "picture pixels per digit pixel (default: %(default)s)", type=int, default=2)
+    dataset = "MNIST: a Hub dataset id or a local copy (default: %(default)s)"
+    _option(data, "dataset_name", dataset, default=DEFAULT_DATASET)
 
-    sample = commands.add_parser(
-        "sample",
-        parents=[loading, batching, precision, sampling, labels, guidance, picture],
-        help="write a grid of sampled digits",
-        description="Sample digits. With --class_labels, the grid has one column per label given.",
-    )
-    _add_option(sample, "num_samples", "digits to sample (default: %(default)s)", type=int, default=64)
-    _add_option(sample, "output_dir", "the folder for grid.png (default: %(default)s)", default="samples")
-    _add_option(sample, "save_digits", "also write each digit as OUTPUT_DIR/digits/NNNNN.png", action="store_true")
-    sample.set_defaults(run=_sample)
+    about = "Sample digits. With --class_labels, the grid has one column per label given."
+    sample = command("sample", _sample, [loading, batching, precision, sampling, labels, guidance, picture],
+                     "write a grid of sampled digits", about)  # fmt: skip
+    _option(sample, "num_samples", "digits to sample (default: %(default)s)", type=int, default=64)
+    _option(sample, "output_dir", "the folder for grid.png (default: %(default)s)", default="samples")
+    _option(sample, "save_digits", "also write each digit as OUTPUT_DIR/digits/NNNNN.png", action="store_true")
 
-    evaluate = commands.add_parser(
-        "evaluate",
-        parents=[loading, batching, precision, sampling, guidance, data],
-        help="score samples against the MNIST test set",
-        description="FID, KID, precision/recall, confidence and class balance of samples against the MNIST test "
-        "digits (features of the package's MNIST classifier), beside the floor of as many real training digits. A "
-        "class-conditional pipeline is asked for every digit equally often, and scored also on its class accuracy: "
-        "how often the classifier reads a sample as the digit asked for, overall and per digit.",
+    about = (
+        "FID, KID, precision/recall, confidence and class balance of samples against the MNIST test digits (features "
+        "of the package's MNIST classifier), beside the floor of as many real training digits. A class-conditional "
+        "pipeline is asked for every digit equally often, and scored also on its class accuracy: how often the "
+        "classifier reads a sample as the digit asked for, overall and per digit."
     )
-    _add_option(evaluate, "num_samples", "digits to sample (default: %(default)s)", type=int, default=10_000)
-    _add_option(evaluate, "reference_images", "test digits to compare with (default: all)", type=int)
-    evaluate.add_argument("--nll", action="store_true", help="also bound the NLL on test digits (see `nll`)")
-    _add_option(
-        evaluate, "null_class", "score a class-conditional pipeline without labels: its null class", action="store_true"
-    )
-    _add_option(evaluate, "nll_images", "test digits for --nll (default: %(default)s)", type=int, default=1000)
-    _add_option(evaluate, "nll_timesteps", "sampled timesteps for --nll (default: exact)", type=int)
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    evaluate.set_defaults(run=_evaluate)
+    evaluate = command("evaluate", _evaluate, [loading, batching, precision, sampling, guidance, data],
+                       "score samples against the MNIST test set", about)  # fmt: skip
+    _option(evaluate, "num_samples", "digits to sample (default: %(default)s)", type=int, default=10_000)
+    _option(evaluate, "reference_images", "test digits to compare with (default: all)", type=int)
+    _option(evaluate, "nll", "also bound the NLL on test digits (see `nll`)", action="store_true")
+    null = "score a class-conditional pipeline without labels: its null class"
+    _option(evaluate, "null_class", null, action="store_true")
+    _option(evaluate, "nll_images", "test digits for --nll (default: %(default)s)", type=int, default=1000)
+    _option(evaluate, "nll_timesteps", "sampled timesteps for --nll (default: exact)", type=int)
+    _option(evaluate, "json", "print one JSON object as the last line", action="store_true")
 
-    nll = commands.add_parser(
-        "nll",
-        parents=[loading, batching, data],
-        help="bound the negative log-likelihood in bits/dim",
-        description="The variational bound of Ho et al. (2020, eq. 5) on 8-bit MNIST digits, in bits per digit "
-        "pixel, with its prior, diffusion and decoder terms.",
+    about = (
+        "The variational bound of Ho et al. (2020, eq. 5) on 8-bit MNIST digits, in bits per digit pixel, with its "
+        "prior, diffusion and decoder terms."
     )
-    nll.add_argument("--split", choices=["train", "test"], default="test", help="the MNIST split (default: test)")
-    _add_option(nll, "nll_images", "digits to use (default: the whole split)", type=int)
-    _add_option(
-        nll,
-        "nll_timesteps",
-        "estimate the diffusion terms from this many sampled timesteps per digit (default: all, exact)",
-        type=int,
-    )
-    _add_option(nll, "seed", "seed of the x_t noise and of the digit subset", type=int, default=0)
-    nll.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    nll.set_defaults(run=_nll)
+    nll = command("nll", _nll, [loading, batching, data], "bound the negative log-likelihood in bits/dim", about)
+    _option(nll, "split", "the MNIST split (default: test)", choices=["train", "test"], default="test")
+    _option(nll, "nll_images", "digits to use (default: the whole split)", type=int)
+    timesteps = "estimate the diffusion terms from this many sampled timesteps per digit (default: all, exact)"
+    _option(nll, "nll_timesteps", timesteps, type=int)
+    _option(nll, "seed", "seed of the x_t noise and of the digit subset", type=int, default=0)
+    _option(nll, "json", "print one JSON object as the last line", action="store_true")
 
-    inpaint = commands.add_parser(
-        "inpaint",
-        parents=[loading, precision, labels, guidance, data, picture],
-        help="complete a partly known digit",
-        description="Keep part of a digit and fill in the rest with RePaint (Lugmayr et al. 2022), a few times over. "
-        "Writes one row: the digit, the part kept (the rest black), then each completion.",
+    about = (
+        "Keep part of a digit and fill in the rest with RePaint (Lugmayr et al. 2022), a few times over. Writes one "
+        "row: the digit, the part kept (the rest black), then each completion."
     )
+    inpaint = command("inpaint", _inpaint, [loading, precision, labels, guidance, data, picture],
+                      "complete a partly known digit", about)  # fmt: skip
     digit = inpaint.add_mutually_exclusive_group(required=True)
-    _add_option(digit, "image", "a PNG of the digit, white on black as MNIST")
-    _add_option(digit, "test_digit", "the MNIST test digit at this index instead", type=int, metavar="INDEX")
+    _option(digit, "image", "a PNG of the digit, white on black as MNIST")
+    _option(digit, "test_digit", "the MNIST test digit at this index instead", type=int, metavar="INDEX")
     region = inpaint.add_mutually_exclusive_group(required=True)
-    _add_option(region, "mask", "a PNG the size of the digit: white pixels are kept, black ones filled in")
-    _add_option(region, "keep", "keep this half of the digit and fill in the other one", choices=HALVES)
-    _add_option(inpaint, "num_images", "completions to draw (default: %(default)s)", type=int, default=4)
-    _add_editing_options(
-        inpaint,
-        f"RePaint's steps, each taken a few times over (default: {DEFAULT_NUM_INFERENCE_STEPS}, at most T)",
-        "seed of the noise",
-        "inpainted.png",
-    )
-    inpaint.set_defaults(run=_inpaint)
+    _option(region, "mask", "a PNG the size of the digit: white pixels are kept, black ones filled in")
+    _option(region, "keep", "keep this half of the digit and fill in the other one", choices=HALVES)
+    _option(inpaint, "num_images", "completions to draw (default: %(default)s)", type=int, default=4)
+    steps = f"RePaint's steps, each taken a few times over (default: {DEFAULT_NUM_INFERENCE_STEPS}, at most T)"
+    editing(inpaint, steps, "seed of the noise", "inpainted.png")
 
-    between = commands.add_parser(
-        "interpolate",
-        parents=[loading, precision, labels, guidance, data, picture],
-        help="interpolate between two digits",
-        description="Encode two digits to x_t, mix them by each lambda and decode (Ho et al. 2020, section 4.4). "
-        "Writes one row: the first digit, one decoded digit per lambda, the second digit.",
+    about = (
+        "Encode two digits to x_t, mix them by each lambda and decode (Ho et al. 2020, section 4.4). Writes one row: "
+        "the first digit, one decoded digit per lambda, the second digit."
     )
-    _add_option(between, "image_a", "a PNG of the first digit, white on black as MNIST")
-    _add_option(between, "image_b", "a PNG of the second digit")
-    _add_option(between, "test_digits", "two MNIST test digits by index instead", type=int, nargs=2, metavar="INDEX")
-    between.add_argument(
-        "--t",
-        type=int,
-        default=500,
-        help="the timestep of the latents, 0 to T-1: small keeps the digits' shapes, large draws new digits "
-        "(default: %(default)s)",
-    )
-    _add_option(
-        between,
-        "lambdas",
-        "the mixing weights, each in [0, 1] (default: 0 0.1 ... 1)",
-        type=float,
-        nargs="+",
-        default=DEFAULT_LAMBDAS,
-        metavar="LAMBDA",
-    )
-    _add_editing_options(
-        between,
-        "respaced decoding steps from t (default: every timestep from t down)",
-        "seed of the encoder and decoder noise",
-        "interpolation.png",
-    )
-    between.set_defaults(run=_interpolate)
+    between = command("interpolate", _interpolate, [loading, precision, labels, guidance, data, picture],
+                      "interpolate between two digits", about)  # fmt: skip
+    _option(between, "image_a", "a PNG of the first digit, white on black as MNIST")
+    _option(between, "image_b", "a PNG of the second digit")
+    _option(between, "test_digits", "two MNIST test digits by index instead", type=int, nargs=2, metavar="INDEX")
+    t = "the timestep of the latents, 0 to T-1: small keeps the digits' shapes, large draws new digits"
+    _option(between, "t", t + " (default: %(default)s)", type=int, default=500)
+    lambdas = "the mixing weights, each in [0, 1] (default: 0 0.1 ... 1)"
+    _option(between, "lambdas", lambdas, type=float, nargs="+", default=DEFAULT_LAMBDAS, metavar="LAMBDA")
+    editing(between, "respaced decoding steps from t (default: every timestep from t down)",
+            "seed of the encoder and decoder noise", "interpolation.png")  # fmt: skip
     return parser
-
-
-def _add_editing_options(parser: argparse.ArgumentParser, steps_help: str, seed_help: str, output: str) -> None:
-    """The options that `inpaint` and `interpolate` end with: steps, seed and the picture to write."""
-    _add_option(parser, "num_inference_steps", steps_help, type=int)
-    _add_option(parser, "seed", seed_help, type=int, default=0)
-    _add_option(parser, "output", "the picture to write (default: %(default)s)", default=output)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,16 +226,15 @@ def _generate(
     pipe: DDPMMnistPipeline, args: argparse.Namespace, class_labels: list[int] | torch.Tensor | None
 ) -> torch.Tensor:
     """--num_samples digits of `class_labels` from the chosen scheduler, guidance, seed and batch size."""
-    sampling = _options(
-        args, "scheduler", "num_inference_steps", "seed", "batch_size", "guidance_scale", "guidance_interval"
-    )
-    return generate_digits(pipe, args.num_samples, class_labels=class_labels, **sampling)
+    names = ("scheduler", "num_inference_steps", "seed", "batch_size", "guidance_scale", "guidance_interval")
+    return generate_digits(pipe, args.num_samples, class_labels=class_labels, **_options(args, *names))
 
 
-def _check_upscale(args: argparse.Namespace) -> None:
-    """--upscale enlarges a picture by whole pixels."""
-    if args.upscale < 1:
-        raise UsageError(f"--upscale must be at least 1, got {args.upscale}.")
+def _at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a count or a size, such as --upscale (picture pixels per digit pixel), below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}.")
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -302,9 +242,7 @@ def _sample(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.is_file():
         raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder.")
-    _check_upscale(args)
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}.")
+    _at_least_one(args, "upscale", "num_samples")
     digits = _asked_digits(args)
     pipe = _load_pipeline(args)
     with usage_errors("scheduler", *SAMPLING_ARGUMENTS):  # `generate_digits` checks them all before it samples
@@ -397,33 +335,24 @@ def _nll(args: argparse.Namespace) -> None:
 def _inpaint(args: argparse.Namespace) -> None:
     """`ddpm-mnist inpaint`: a row of the digit, its kept part and --num_images completions."""
     output = _picture_path(args)
-    if args.num_images < 1:
-        raise UsageError(f"--num_images must be at least 1, got {args.num_images}.")
+    _at_least_one(args, "num_images")
     pipe = _load_pipeline(args)
     class_labels = _class_labels(args, args.num_images)
-    steps = args.num_inference_steps
-    if steps is None:
-        steps = min(DEFAULT_NUM_INFERENCE_STEPS, pipe.scheduler.config.num_train_timesteps)
+    default_steps = min(DEFAULT_NUM_INFERENCE_STEPS, pipe.scheduler.config.num_train_timesteps)
+    steps = default_steps if args.num_inference_steps is None else args.num_inference_steps
     with usage_errors(*SAMPLING_ARGUMENTS, "dataset_name", test_digits="--test_digit"):
         pipe.check_class_inputs(class_labels, args.guidance_scale, args.num_images, args.guidance_interval)
         scheduler_steps(pipe, "ddpm", steps)
         x_0 = _read_digits(args, {"--image": args.image}, None if args.test_digit is None else [args.test_digit])
         mask = load_image(args.mask, "--mask") if args.mask is not None else keep_half(args.keep)
         keep = prepare_image(mask, IMAGE_SIZE, is_mask=True)
-    inpaint = DDPMMnistInpaintPipeline(
-        unet=pipe.unet, scheduler=_ddpm_scheduler(pipe), image_size=pipe.config.image_size
-    )
-    completions = inpaint(
-        x_0.repeat(args.num_images, 1, 1, 1),
-        keep,
-        class_labels=class_labels,
-        **_options(args, "guidance_scale", "guidance_interval"),
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(args.seed),
-        output_type="pt",
-    ).images
+    inpaint = DDPMMnistInpaintPipeline(pipe.unet, _ddpm_scheduler(pipe), pipe.config.image_size)
+    guided = {"class_labels": class_labels, **_options(args, "guidance_scale", "guidance_interval")}
+    generator = torch.Generator().manual_seed(args.seed)
+    known = x_0.repeat(args.num_images, 1, 1, 1)  # the digit once per completion
+    completed = inpaint(known, keep, **guided, num_inference_steps=steps, generator=generator, output_type="pt").images
     kept = torch.where(keep.bool(), x_0, -1.0)
-    _save_row([(x_0 + 1) / 2, (kept + 1) / 2, completions], output, args.upscale)
+    _save_row([(x_0 + 1) / 2, (kept + 1) / 2, completed], output, args.upscale)
     print(f"wrote the digit, its kept part and {args.num_images} completions to {output}")
 
 
@@ -444,17 +373,10 @@ def _interpolate(args: argparse.Namespace) -> None:
     pipe.set_progress_bar_config()  # the decoding runs up to T steps: show them
     # `interpolate` checks t and lambdas before it samples.
     with usage_errors(*SAMPLING_ARGUMENTS, "t", "lambdas"):
+        options = _options(args, "t", "lambdas", "num_inference_steps", "guidance_scale", "guidance_interval")
+        generator = torch.Generator().manual_seed(args.seed)
         decoded = interpolate(
-            pipe,
-            x_0[:1],
-            x_0[1:],
-            t=args.t,
-            lambdas=args.lambdas,
-            num_inference_steps=args.num_inference_steps,
-            class_labels=class_labels,
-            **_options(args, "guidance_scale", "guidance_interval"),
-            generator=torch.Generator().manual_seed(args.seed),
-            output_type="pt",
+            pipe, x_0[:1], x_0[1:], class_labels=class_labels, **options, generator=generator, output_type="pt"
         ).images
     _save_row([(x_0[:1] + 1) / 2, decoded, (x_0[1:] + 1) / 2], output, args.upscale)
     print(f"wrote the two digits and {len(decoded)} interpolations at t={args.t} to {output}")
@@ -469,7 +391,7 @@ def _read_digits(args: argparse.Namespace, files: dict[str, str | None], test_di
 
 def _picture_path(args: argparse.Namespace) -> Path:
     """--output, checked to be an image file name, and --upscale."""
-    _check_upscale(args)
+    _at_least_one(args, "upscale")
     output = Path(args.output)
     if output.is_dir() or output.suffix.lower() not in Image.registered_extensions():
         raise UsageError(f"--output {args.output!r} is not an image file name; pass one such as out.png.")

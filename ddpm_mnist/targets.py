@@ -8,7 +8,7 @@ writes the verdicts into the card:
     # ["**Targets** (at DDPM, 50 steps, N=1000):",
     #  "",
     #  "- mean classifier confidence 0.962 (target >= 0.95): **met**",
-    #  "- every digit's share between 8.1% and 12.4% (target 7% to 13%): **met**",
+    #  "- every digit's share between 8.1% and 12.4% (target 7.0% to 13.0%): **met**",
     #  "- FID 45.10, 2.26x the real-vs-real floor of 19.96 (target <= 2x): **missed by 0.26x the floor**"]
 
 `quality` and `floor` are the `SampleQuality` of the samples and of as many real training digits
@@ -85,7 +85,7 @@ class ReleaseTargets:
         if self.digit_shares is not None:
             (low, high), shares = self.digit_shares, quality.class_histogram
             rarest, commonest = min(shares), max(shares)
-            measured = f"every digit's share between {rarest:.1%} and {commonest:.1%} (target {low:.0%} to {high:.0%})"
+            measured = f"every digit's share between {rarest:.1%} and {commonest:.1%} (target {low:.1%} to {high:.1%})"
             checks.append(TargetCheck(measured, max(low - rarest, commonest - high), "{:.1%} of the samples"))
         if self.min_class_accuracy is not None:
             measured = f"class accuracy {accuracy.accuracy:.1%} (target >= {self.min_class_accuracy * 100:g}%)"

@@ -195,13 +195,11 @@ class DigitDemo:
         """The pipeline's `class_labels` (`count` of the chosen digit, or None for any digit), `guidance_scale` (1
         without labels) and `guidance_interval` (None for every step: 0 to T; `high` None: T) from a tab's fields."""
         pipe = self.pipelines[model]
-        labels = None
-        if digit != ANY_DIGIT:
-            if not pipe.is_class_conditional:
-                raise ValueError(
-                    f"{model} draws any digit (it is unconditional): choose {ANY_DIGIT!r}, or a conditional model."
-                )
-            labels = [int(digit)] * count
+        if digit != ANY_DIGIT and not pipe.is_class_conditional:
+            raise ValueError(
+                f"{model} draws any digit (it is unconditional): choose {ANY_DIGIT!r}, or a conditional model."
+            )
+        labels = None if digit == ANY_DIGIT else [int(digit)] * count
         num_train_timesteps = pipe.scheduler.config.num_train_timesteps
         high = num_train_timesteps if high is None else high
         interval = (_whole(low, "guide from t"), _whole(high, "guide up to t"))
@@ -213,18 +211,10 @@ class DigitDemo:
 
     @_reported
     def generate(
-        self,
-        model: str,
-        digit: str,
-        num_images: float,
-        guidance_scale: float,
-        scheduler: str,
-        num_inference_steps: float,
-        seed: float,
-        guidance_from: float = 0,
-        guidance_to: float | None = None,
+        self, model: str, digit: str, num_images: float, guidance_scale: float, scheduler: str,
+        num_inference_steps: float, seed: float, guidance_from: float = 0, guidance_to: float | None = None,
         progress: gr.Progress = PROGRESS,
-    ) -> tuple[Image.Image, Image.Image, str]:
+    ) -> tuple[Image.Image, Image.Image, str]:  # fmt: skip
         """A grid of digits, the denoising of the first one (x_t after evenly spaced steps), and how long it took."""
         pipe = self.pipelines[model]
         count = _whole(num_images, "the number of digits", 1, MAX_IMAGES)
@@ -256,19 +246,10 @@ class DigitDemo:
 
     @_reported
     def complete(
-        self,
-        model: str,
-        sketch: dict | None,
-        region: str,
-        digit: str,
-        guidance_scale: float,
-        num_completions: float,
-        num_inference_steps: float,
-        seed: float,
-        guidance_from: float = 0,
-        guidance_to: float | None = None,
+        self, model: str, sketch: dict | None, region: str, digit: str, guidance_scale: float, num_completions: float,
+        num_inference_steps: float, seed: float, guidance_from: float = 0, guidance_to: float | None = None,
         progress: gr.Progress = PROGRESS,
-    ) -> tuple[list[tuple[Image.Image, str]], str]:
+    ) -> tuple[list[tuple[Image.Image, str]], str]:  # fmt: skip
         """The tab's gallery (what the model keeps of the sketch, the region it redraws in grey, then its completions
         of a few seeds with what the classifier reads in each) and how long it took."""
         pipe = self.pipelines[model]
@@ -316,16 +297,9 @@ class DigitDemo:
 
     @_reported
     def interpolate(
-        self,
-        model: str,
-        index_a: float,
-        index_b: float,
-        timestep: float,
-        num_lambdas: float,
-        num_inference_steps: float,
-        seed: float,
-        progress: gr.Progress = PROGRESS_OF_TQDM,
-    ) -> tuple[Image.Image, str]:
+        self, model: str, index_a: float, index_b: float, timestep: float, num_lambdas: float,
+        num_inference_steps: float, seed: float, progress: gr.Progress = PROGRESS_OF_TQDM,
+    ) -> tuple[Image.Image, str]:  # fmt: skip
         """The row between two test digits, lambda from 0 (digit A) to 1 (digit B), and how long it took."""
         decoder = _fresh(self.pipelines[model])
         decoder.set_progress_bar_config(desc="decoding the row")  # what the progress bar follows
@@ -389,10 +363,8 @@ def build_demo(
 
     def interval_choice() -> tuple[gr.Number, gr.Number]:
         high = f"guide up to t (all: 0 to {num_train_timesteps})"
-        return (
-            gr.Number(0, precision=0, label="guide from t", interactive=usable),
-            gr.Number(num_train_timesteps, precision=0, label=high, interactive=usable),
-        )
+        low = gr.Number(0, precision=0, label="guide from t", interactive=usable)
+        return low, gr.Number(num_train_timesteps, precision=0, label=high, interactive=usable)
 
     # One concurrency group for every event that runs the UNet.
     sampling = {"concurrency_id": "sampling", "concurrency_limit": 1 if torch.device(device).type == "cpu" else 4}
@@ -421,16 +393,11 @@ def build_demo(
             with gr.Row():
                 # A blank white page to show makes Gradio's editor open with the brush selected, not the image tool.
                 sketch = gr.Sketchpad(
-                    Image.new("L", (PAD_SIZE, PAD_SIZE), 255),
+                    Image.new("L", (PAD_SIZE, PAD_SIZE), 255), type="pil", image_mode="L", sources=["upload"],
                     label="draw part of a digit (or upload one), large and centred as in MNIST",
-                    type="pil",
-                    image_mode="L",
-                    sources=["upload"],
-                    canvas_size=(PAD_SIZE, PAD_SIZE),
-                    fixed_canvas=True,
+                    canvas_size=(PAD_SIZE, PAD_SIZE), fixed_canvas=True, elem_id="sketch",
                     brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#000000"], color_mode="fixed"),
-                    elem_id="sketch",
-                )
+                )  # fmt: skip
                 sketch.preprocess = _reading_images(sketch.preprocess)  # where Gradio opens an uploaded file
                 with gr.Column():
                     region = gr.Radio(list(REGIONS), value="bottom half", label="the model redraws")
@@ -445,22 +412,17 @@ def build_demo(
                     complete_seed = gr.Number(0, precision=0, label="seed")
                     complete = gr.Button("Complete", variant="primary", elem_id="complete")
             # The kept part and the completions share one gallery, so that the kept part shows as large as they do.
-            completions = gr.Gallery(
-                label="what the model keeps, then its completions",
-                format="png",
-                columns=5,  # the kept part and the default 4 completions in one row
-                height="auto",
-                elem_id="completions",
-            )
+            # Five columns: the kept part and the default 4 completions in one row.
+            label = "what the model keeps, then its completions"
+            completions = gr.Gallery(label=label, format="png", columns=5, height="auto", elem_id="completions")
             complete_info = gr.Markdown()
         with gr.Tab("Interpolate"):
             with gr.Row():
                 index_a = gr.Slider(0, len(app.test_digits) - 1, value=0, step=1, label="test digit A")
                 index_b = gr.Slider(0, len(app.test_digits) - 1, value=1, step=1, label="test digit B")
                 last_t = num_train_timesteps - 1
-                timestep = gr.Slider(
-                    0, last_t, value=min(INTERPOLATION_T, last_t), step=1, label="t (the latents' step)"
-                )
+                label = "t (the latents' step)"
+                timestep = gr.Slider(0, last_t, value=min(INTERPOLATION_T, last_t), step=1, label=label)
                 num_lambdas = gr.Slider(2, 16, value=11, step=1, label="images in the row")
             with gr.Row():
                 interpolate_steps = gr.Number(
@@ -480,40 +442,21 @@ def build_demo(
         model.change(model_controls, model, model_settings, api_visibility="private")
         index_a.change(test_digit, index_a, digit_a, api_visibility="private", queue=False)
         index_b.change(test_digit, index_b, digit_b, api_visibility="private", queue=False)
-        generate.click(
-            app.generate,
-            [model, digit, num_images, guidance, scheduler, steps, seed, guidance_from, guidance_to],
-            [grid, strip, generate_info],
-            api_name="generate",
-            **sampling,
-        )
-        complete.click(
-            app.complete,
-            [
-                *(model, sketch, region, complete_digit, complete_guidance),
-                *(num_completions, complete_steps, complete_seed, complete_from, complete_to),
-            ],
-            [completions, complete_info],
-            api_name="complete",
-            **sampling,
-        )
-        interpolate.click(
-            app.interpolate,
-            [model, index_a, index_b, timestep, num_lambdas, interpolate_steps, interpolate_seed],
-            [row, interpolate_info],
-            api_name="interpolate",
-            **sampling,
-        )
+        # Each tab's button, its handler's inputs in order (the API's too) and its outputs.
+        inputs = [model, digit, num_images, guidance, scheduler, steps, seed, guidance_from, guidance_to]
+        generate.click(app.generate, inputs, [grid, strip, generate_info], api_name="generate", **sampling)
+        inputs = [model, sketch, region, complete_digit, complete_guidance, num_completions, complete_steps]
+        inputs += [complete_seed, complete_from, complete_to]
+        complete.click(app.complete, inputs, [completions, complete_info], api_name="complete", **sampling)
+        inputs = [model, index_a, index_b, timestep, num_lambdas, interpolate_steps, interpolate_seed]
+        interpolate.click(app.interpolate, inputs, [row, interpolate_info], api_name="interpolate", **sampling)
     return demo.queue(max_size=64)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="demo/app.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        help=f"a pipeline folder or Hub repo id, repeatable (default: ${MODELS_VARIABLE}, else the released ones)",
-    )
+    model = f"a pipeline folder or Hub repo id, repeatable (default: ${MODELS_VARIABLE}, else the released ones)"
+    parser.add_argument("--model", action="append", help=model)
     parser.add_argument("--device", help="cpu or cuda (default: the GPU where there is one)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the UNet's (default: bf16 where native)")
     args = parser.parse_args()

@@ -94,7 +94,7 @@ def test_the_release_folder_is_the_pushed_layout_with_pictures_and_results(
     quality = result["results"]["DDPM, 5 steps"]["quality"]
     assert f"- mean classifier confidence {quality['mean_confidence']:.3f} (target >= 0.95): **" in card
     low, high = min(quality["class_histogram"]), max(quality["class_histogram"])
-    assert f"- every digit's share between {low:.1%} and {high:.1%} (target 7% to 13%): **missed by" in card
+    assert f"- every digit's share between {low:.1%} and {high:.1%} (target 7.0% to 13.0%): **missed by" in card
     assert result["nll"]["exact"] is False and result["nll"]["num_timesteps"] == 3
     # One more seed of the recommended setting: other digits, shown as a range beside the card's seed.
     (spread,) = result["seed_spread"]
@@ -167,10 +167,10 @@ def larger_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def conditional_release(release_module, conditional_run, larger_mnist, tmp_path_factory) -> tuple[Path, dict]:
-    """The release of `conditional_run` (100 samples at the default guidance 2, a sweep over 1 and 2 at as many) and
-    the JSON summary it printed."""
+    """The release of `conditional_run` (100 samples at the default guidance 1.5, a sweep over 1 and 1.5 at as many)
+    and the JSON summary it printed."""
     out = tmp_path_factory.mktemp("conditional-release") / "release"
-    flags = ["--num_samples=100", "--extra_seeds=1", "--sweep_samples=100", "--guidance_scales", "1", "2"]
+    flags = ["--num_samples=100", "--extra_seeds=1", "--sweep_samples=100", "--guidance_scales", "1", "1.5"]
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         release(release_module, conditional_run, out, larger_mnist, *flags)
     return out, json.loads(stdout.getvalue().strip().splitlines()[-1])
@@ -184,24 +184,25 @@ def test_a_conditional_release_scores_class_accuracy_and_draws_its_own_pictures(
     assert Image.open(out / "samples" / "completion.png").size == (8 * 28 * 3, 3 * 28 * 3)
     assert Image.open(out / "samples" / "interpolation.png").size == (13 * 28 * 3, 28 * 3)  # 11 lambdas and the ends
     card = (out / "README.md").read_text()
-    recommended, ddpm = result["results"]["DDPM, 5 steps, guidance 2"], result["results"]["DDPM, 25 steps, guidance 2"]
+    recommended = result["results"]["DDPM, 5 steps, guidance 1.5"]
+    ddpm = result["results"]["DDPM, 25 steps, guidance 1.5"]
     quality = recommended["quality"]
     assert quality["num_images"] == 100 and ddpm["quality"]["num_images"] == 64
     # Balanced labels: every digit's accuracy is over its 10 samples, in tenths; the overall one is their mean.
     per_digit = quality["class_accuracy_per_digit"]
     assert all(round(share * 10, 6) == round(share * 10) for share in per_digit)
     assert quality["class_accuracy"] == pytest.approx(sum(per_digit) / 10)
-    row = f"| DDPM, 5 steps, guidance 2 (N=100) | {quality['class_accuracy']:.1%} | " + " | ".join(
+    row = f"| DDPM, 5 steps, guidance 1.5 (N=100) | {quality['class_accuracy']:.1%} | " + " | ".join(
         f"{share:.1%}" for share in per_digit
     )
-    assert row in card and "| DDPM, 25 steps, guidance 2 (N=64) | " in card
+    assert row in card and "| DDPM, 25 steps, guidance 1.5 (N=64) | " in card
     assert f"- class accuracy {quality['class_accuracy']:.1%} (target >= 99.5%): **" in card
     worst = min(range(10), key=per_digit.__getitem__)
     assert f"- lowest class accuracy of a digit {per_digit[worst]:.1%}, digit {worst}'s (target >= 98% for" in card
     assert "(target >= 0.98)" in card and "(target <= 1.3x)" in card and "every digit's share" not in card
-    # The sweep: scale 2 is the recommended setting itself (as many samples, one seed); scale 1 was drawn.
+    # The sweep: scale 1.5 is the recommended setting itself (as many samples, one seed); scale 1 was drawn.
     sweep, floor = result["guidance_sweep"], result["guidance_sweep_floor"]
-    assert list(sweep) == ["1", "2"] and sweep["2"] == quality and sweep["1"]["fid"] != quality["fid"]
+    assert list(sweep) == ["1", "1.5"] and sweep["1.5"] == quality and sweep["1"]["fid"] != quality["fid"]
     for scale, scores in sweep.items():
         assert (
             f"| {scale} | {scores['fid']:.2f} | {scores['fid'] / floor['fid']:.2f} | {scores['class_accuracy']:.1%} | "
@@ -224,7 +225,7 @@ def test_the_conditional_card_is_hub_correct_and_says_where_training_started(con
     assert evaluated == card.data.pipeline_tag
     metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert metrics["class_accuracy"] == round(
-        result["results"]["DDPM, 5 steps, guidance 2"]["quality"]["class_accuracy"], 4
+        result["results"]["DDPM, 5 steps, guidance 1.5"]["quality"]["class_accuracy"], 4
     )
     started = json.loads((conditional_run / "training.json").read_text())["training"]["pretrained_model_name_or_path"]
     assert (
@@ -242,7 +243,7 @@ def test_the_conditional_cards_code_runs_with_and_without_the_package(conditiona
         for block in re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.DOTALL)
     ]
     package, remote, editing = blocks
-    assert "guidance_scale=2.0" in package and "num_inference_steps=5" in package
+    assert "guidance_scale=1.5" in package and "num_inference_steps=5" in package
     scope = {}
     exec(package + editing, scope)
     labels = [int(label) for label in re.search(r"class_labels=\[([\d, ]+)\]", package)[1].split(",")]

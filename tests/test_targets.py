@@ -25,7 +25,7 @@ def test_each_target_of_the_cpu_release_says_met_or_by_how_much_it_was_missed():
         "**Targets** (at DDPM, 50 steps, N=1000):",
         "",
         "- mean classifier confidence 0.960 (target >= 0.95): **met**",
-        "- every digit's share between 8.0% and 12.0% (target 7% to 13%): **met**",
+        "- every digit's share between 8.0% and 12.0% (target 7.0% to 13.0%): **met**",
         "- FID 39.00, 1.95x the real-vs-real floor of 20.00 (target <= 2x): **met**",
     ]
     assert CPU_RELEASE.all_met(good, FLOOR)

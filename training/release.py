@@ -90,7 +90,9 @@ from ddpm_mnist.targets import ReleaseTargets
 TARGETS = ReleaseTargets(min_confidence=0.95, max_fid_ratio=2.0, digit_shares=(0.07, 0.13))
 COND_TARGETS = ReleaseTargets(min_confidence=0.98, max_fid_ratio=1.3, min_class_accuracy=0.995, min_digit_accuracy=0.98)
 GPU_TARGETS = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.3, max_nll_bpd=1.3)
-DEFAULT_GUIDANCE_SCALE = 2.0  # the classifier-free guidance a class-conditional card recommends unless told otherwise
+# The classifier-free guidance a class-conditional card recommends unless told otherwise: the released conditional
+# model's (pretrained/ddpm-mnist-cond-small; its card says why).
+DEFAULT_GUIDANCE_SCALE = 1.5
 STRIP_FRAMES = 11  # x_T, then every 100th step, down to x_0
 GRID_PER_DIGIT = 10  # a class-conditional grid: one row per digit 0-9, this many samples each
 # The first MNIST test digits (7 2 1 0 4 1 4 9), completed from their top half on a class-conditional card; the first
@@ -128,39 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nll_timesteps", type=int, default=100, help="NLL timesteps per digit (T-1: exact)")
     p.add_argument("--time_to_quality_image", help="the PNG of benchmarks/time_to_quality.py, if run")
     p.add_argument("--batch_size", type=int, default=250, help="images per forward pass")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=sorted(DTYPES),
-        help="the UNet's dtype while sampling (x_t and the scheduler stay fp32; the release and its NLL bound are "
-        "fp32 whatever this is)",
-    )
+    dtype = "the UNet's dtype while sampling (x_t and the scheduler stay fp32; the release and its NLL bound are fp32"
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help=dtype + " whatever this is)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of the data subsets")
-    p.add_argument(
-        "--extra_seeds",
-        type=int,
-        default=4,
-        help="the recommended setting again from seeds seed+1 .. seed+N: the metrics' seed-to-seed spread (0: none)",
-    )
+    seeds = "the recommended setting again from seeds seed+1 .. seed+N: the metrics' seed-to-seed spread (0: none)"
+    p.add_argument("--extra_seeds", type=int, default=4, help=seeds)
     p.add_argument("--device", default=default_device(), help="torch device (default: the GPU where there is one)")
     p.add_argument("--note", default="", help="a paragraph for the card's evaluation section")
-    conditional = p.add_argument_group("class-conditional runs")
-    conditional.add_argument(
-        "--guidance_scale",
-        type=float,
-        help=f"the classifier-free guidance the card recommends, its code uses and every setting draws with (default: "
-        f"{DEFAULT_GUIDANCE_SCALE:g}; an unconditional run takes none, or 1)",
-    )
-    conditional.add_argument(
-        "--guidance_scales",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_GUIDANCE_SCALES),
-        help="the guidance scales of the sweep, at the recommended scheduler setting (default: %(default)s)",
-    )
-    conditional.add_argument(
-        "--sweep_samples", type=int, default=1000, help="samples per scale of the sweep (default: 1000; 0: skip it)"
-    )
+    guided = p.add_argument_group("class-conditional runs")
+    scale = "the classifier-free guidance the card recommends, its code uses and every setting draws with (default: "
+    scale += f"{DEFAULT_GUIDANCE_SCALE:g}; an unconditional run takes none, or 1)"
+    guided.add_argument("--guidance_scale", type=float, help=scale)
+    scales = "the guidance scales of the sweep, at the recommended scheduler setting (default: %(default)s)"
+    guided.add_argument("--guidance_scales", type=float, nargs="+", default=list(DEFAULT_GUIDANCE_SCALES), help=scales)
+    sweep = "samples per scale of the sweep (default: 1000; 0: skip it)"
+    guided.add_argument("--sweep_samples", type=int, default=1000, help=sweep)
     return p
 
 
@@ -178,9 +162,8 @@ def usage(*flags: str) -> Iterator[None]:
 
 def recommended_guidance(args: argparse.Namespace, conditional: bool) -> float:
     """--guidance_scale, by default `DEFAULT_GUIDANCE_SCALE` for a class-conditional run and 1 (none) otherwise."""
-    if args.guidance_scale is not None:
-        return args.guidance_scale
-    return DEFAULT_GUIDANCE_SCALE if conditional else 1.0
+    default = DEFAULT_GUIDANCE_SCALE if conditional else 1.0
+    return default if args.guidance_scale is None else args.guidance_scale
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -281,16 +264,8 @@ def measure_run(args: argparse.Namespace, samples: Path) -> Release:
         scheduler: str, steps: int, count: int, seed: int
     ) -> tuple[torch.Tensor, SampleQuality | ConditionalQuality]:
         labels = balanced_class_labels(count) if conditional else None
-        digits = generate_digits(
-            sampling_pipe,
-            count,
-            scheduler=scheduler,
-            num_inference_steps=steps,
-            seed=seed,
-            batch_size=args.batch_size,
-            class_labels=labels,
-            guidance_scale=guidance,
-        )
+        how = {"scheduler": scheduler, "num_inference_steps": steps, "seed": seed, "batch_size": args.batch_size}
+        digits = generate_digits(sampling_pipe, count, class_labels=labels, guidance_scale=guidance, **how)
         return digits, reference.score_conditional(digits, labels) if conditional else reference.score(digits)
 
     results, drawn = {}, {}
@@ -307,15 +282,9 @@ def measure_run(args: argparse.Namespace, samples: Path) -> Release:
         sweep = {guidance: results[recommended_name][0]} if args.sweep_samples == args.num_samples else {}
         missing = [scale for scale in scales if scale not in sweep]
         if missing:
+            how = {"scheduler": args.scheduler, "num_inference_steps": recommended_steps, "seed": args.seed}
             sweep |= guidance_sweep(
-                sampling_pipe,
-                reference,
-                args.sweep_samples,
-                missing,
-                scheduler=args.scheduler,
-                num_inference_steps=recommended_steps,
-                seed=args.seed,
-                batch_size=args.batch_size,
+                sampling_pipe, reference, args.sweep_samples, missing, **how, batch_size=args.batch_size
             )
         sweep = {scale: sweep[scale] for scale in scales}
     bound = nll_bound(pipe, x_0, nll_timesteps=args.nll_timesteps, batch_size=args.batch_size, seed=args.seed)
@@ -519,15 +488,9 @@ def draw_class_pictures(
     inpaint = DDPMMnistInpaintPipeline(**pipe.components)
     inpaint.set_progress_bar_config(disable=True)
     keep = keep_half("top")
-    completed = inpaint(
-        x_0,
-        keep,
-        class_labels=labels,
-        guidance_scale=guidance_scale,
-        num_inference_steps=min(INPAINT_STEPS, pipe.scheduler.config.num_train_timesteps),
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
+    steps = min(INPAINT_STEPS, pipe.scheduler.config.num_train_timesteps)
+    options = {"class_labels": labels, "guidance_scale": guidance_scale, "num_inference_steps": steps}
+    completed = inpaint(x_0, keep, **options, generator=torch.Generator().manual_seed(seed), output_type="pt").images
     kept = torch.where(keep.bool(), x_0, -1.0)
     rows = torch.cat([(x_0 + 1) / 2, (kept + 1) / 2, completed.float().cpu()])
     digit_grid(rows, cols=len(x_0), upscale=3).save(folder / "completion.png")
