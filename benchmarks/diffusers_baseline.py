@@ -36,18 +36,13 @@ def diffusers_twin(unet: DDPMMnistUNet) -> UNet2DModel:
     """`UNet2DModel` configured to the architecture of `unet`: same levels, channels, blocks and attention; checked
     to hold the same number of parameters (within 1%)."""
     c = unet.config
-    resolutions = [c.sample_size // 2**i for i in range(len(c.channel_mult))]
-    attention = [r in c.attention_resolutions for r in resolutions]
+    attention = [c.sample_size // 2**i in c.attention_resolutions for i in range(len(c.channel_mult))]  # level by level
+    same = ("sample_size", "in_channels", "out_channels", "layers_per_block", "norm_num_groups", "dropout")
     twin = UNet2DModel(
-        sample_size=c.sample_size,
-        in_channels=c.in_channels,
-        out_channels=c.out_channels,
-        layers_per_block=c.layers_per_block,
+        **{key: c[key] for key in same},
         block_out_channels=tuple(c.base_channels * m for m in c.channel_mult),
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        norm_num_groups=c.norm_num_groups,
-        dropout=c.dropout,
         attention_head_dim=None,  # one head, as in the paper
         flip_sin_to_cos=False,
         freq_shift=1,

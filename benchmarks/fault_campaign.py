@@ -34,15 +34,8 @@ from safetensors.numpy import load_file
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "training" / "train.py"
 # The files every checkpoint of a single-process run with EMA holds (accelerate's names, and the run's settings).
-CHECKPOINT_FILES = {
-    "model.safetensors",
-    "optimizer.bin",
-    "scheduler.bin",
-    "random_states_0.pkl",
-    "custom_checkpoint_0.pkl",
-    "custom_checkpoint_1.pkl",
-    "training_settings.json",
-}
+CHECKPOINT_FILES = {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                    "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "training_settings.json"}  # fmt: skip
 EMA_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
@@ -189,12 +182,8 @@ def main(args: argparse.Namespace) -> int:
         work.mkdir(parents=True, exist_ok=True)
         figures = run_campaign(args, work)
     print(json.dumps(figures))
-    passed = (
-        not figures["damaged_checkpoints"]
-        and figures["training_weight_bytes_that_differ"] == figures["ema_weight_bytes_that_differ"] == 0
-        and figures["ema_files_identical"]
-    )
-    return 0 if passed else 1
+    same = figures["training_weight_bytes_that_differ"] == figures["ema_weight_bytes_that_differ"] == 0
+    return 0 if same and figures["ema_files_identical"] and not figures["damaged_checkpoints"] else 1
 
 
 if __name__ == "__main__":

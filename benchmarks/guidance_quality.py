@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from diffusers import ModelMixin
+from torch import Tensor
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET
@@ -60,12 +61,9 @@ class AutoGuidedPipeline(DDPMMnistPipeline):
         self.register_modules(guide_unet=guide_unet)
 
     def predict_noise(
-        self,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-        class_labels: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
+        self, x_t: Tensor, t: Tensor | int, class_labels: Tensor | None = None, guidance_scale: float = 1.0
+    ) -> Tensor:
+        """eps_weak(x_t, y) + s (eps(x_t, y) - eps_weak(x_t, y)) when guided, else the model's own prediction."""
         eps = super().predict_noise(x_t, t, class_labels)
         if class_labels is None or guidance_scale <= 1:
             return eps
@@ -87,12 +85,8 @@ def load_model(name: str, dtype: str) -> tuple[DDPMMnistPipeline, dict]:
     for param, shadow in zip(unet.parameters(), ema["shadow_params"], strict=True):
         param.data.copy_(shadow)
     progress = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)  # then TrainingProgress
-    scheduler = DDPMMnistScheduler(
-        num_train_timesteps=settings["ddpm_num_steps"],
-        beta_schedule=settings["ddpm_beta_schedule"],
-        prediction_type=settings["prediction_type"],
-        variance_type=settings["variance_type"],
-    )
+    kinds = {key: settings[key] for key in ("prediction_type", "variance_type")}
+    scheduler = DDPMMnistScheduler(settings["ddpm_num_steps"], beta_schedule=settings["ddpm_beta_schedule"], **kinds)
     pipe = DDPMMnistPipeline(unet=unet.to(DTYPES[dtype]).eval(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     batch = settings["train_batch_size"] * settings["num_processes"] * settings["gradient_accumulation_steps"]
@@ -144,6 +138,8 @@ def score_cells(
     """Every cell, model by model, printed as it is scored. Scale 1 (no guidance) is drawn once per model and seed,
     under the first guide and interval: the digits are the same under any."""
     labels = balanced_class_labels(args.num_samples)
+    sampling = {key: getattr(args, key) for key in ("num_samples", "scheduler", "num_inference_steps", "batch_size")}
+    sampling.update(class_labels=labels, progress=False)
     cells = []
     for model, (pipe, trained) in models.items():
         settings = product(guides.items(), args.guidance_intervals, args.guidance_scales, args.seeds)
@@ -154,18 +150,8 @@ def score_cells(
             if guide is not None:
                 guided = AutoGuidedPipeline(pipe.unet, pipe.scheduler, guide.unet, pipe.config.image_size)
             guided.set_progress_bar_config(disable=True)
-            sampling = dict(scheduler=args.scheduler, num_inference_steps=args.num_inference_steps, seed=seed)
             start = time.perf_counter()
-            samples = generate_digits(
-                guided,
-                args.num_samples,
-                **sampling,
-                batch_size=args.batch_size,
-                class_labels=labels,
-                guidance_scale=scale,
-                guidance_interval=interval,
-                progress=False,
-            )
+            samples = generate_digits(guided, **sampling, seed=seed, guidance_scale=scale, guidance_interval=interval)
             seconds = time.perf_counter() - start
             scores = reference.score_conditional(samples, labels).as_dict()
             cell = dict(model=model, guide=guide_name, guidance_interval=interval, guidance_scale=scale, seed=seed)
@@ -259,11 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, pipe in [(name, pipe) for name, (pipe, _) in models.items()] + list(guides.items()):
             if pipe is not None and not pipe.is_class_conditional:
                 raise UsageError(f"{name} is not class-conditional; pass class-conditional models and guides.")
-        for (name, guide), (pipe, _) in product(guides.items(), models.values()):
-            if (
-                guide is not None
-                and guide.scheduler.config.num_train_timesteps != pipe.scheduler.config.num_train_timesteps
-            ):
+        model_timesteps = {pipe.scheduler.config.num_train_timesteps for pipe, _ in models.values()}
+        for name, guide in guides.items():
+            if guide is not None and model_timesteps - {guide.scheduler.config.num_train_timesteps}:
                 raise UsageError(
                     f"guide {name} has another number of timesteps than the models; pass one that matches."
                 )

@@ -19,10 +19,9 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from itertools import product
 
-import torch
-
-from ddpm_mnist import DDPMMnistPipeline, model_card
+from ddpm_mnist import model_card
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import QualityReference, default_device, generate_digits, load_pipeline, scoring_labels
@@ -34,18 +33,12 @@ DEFAULT_STEPS = [10, 20, 50, 100, 1000]
 BASELINE = ("ddpm", 1000)  # the scheduler setting every FID is compared with: Algorithm 2 over all T = 1000 steps
 TOLERANCE = 0.10  # "as good as the baseline": an FID at most 10% above the baseline's
 # The table's columns after the scheduler and the steps: title, key of `Cell.as_dict`, decimals.
-COLUMNS = [
-    ("FID", "fid", 4),
-    ("FID / DDPM-1000", "fid_vs_ddpm_1000", 2),
-    ("KID", "kid", 4),
-    ("precision", "precision", 3),
-    ("recall", "recall", 3),
-    ("mean confidence", "mean_confidence", 3),
-    ("rarest digit", "rarest_class_share", 3),
-    ("seconds", "seconds", 1),
-    ("images/s", "images_per_second", 2),
-]
+COLUMNS = [("FID", "fid", 4), ("FID / DDPM-1000", "fid_vs_ddpm_1000", 2), ("KID", "kid", 4),
+           ("precision", "precision", 3), ("recall", "recall", 3), ("mean confidence", "mean_confidence", 3),
+           ("rarest digit", "rarest_class_share", 3), ("seconds", "seconds", 1),
+           ("images/s", "images_per_second", 2)]  # fmt: skip
 CLASS_ACCURACY_COLUMN = ("class accuracy", "class_accuracy", 3)  # a class-conditional pipeline's
+QUALITY_KEYS = ("kid", "precision", "recall", "mean_confidence", "rarest_class_share")  # a cell's scores after the FID
 
 
 @dataclass
@@ -61,21 +54,12 @@ class Cell:
 
     def as_dict(self, baseline_fid: float | None) -> dict[str, str | int | float | None]:
         """The JSON entry of the cell, with the FID as a multiple of DDPM-1000's."""
-        quality = self.quality
-        return {
-            "scheduler": self.scheduler,
-            "steps": self.steps,
-            "fid": quality.fid,
-            "fid_vs_ddpm_1000": quality.fid / baseline_fid if baseline_fid else None,
-            "kid": quality.kid,
-            "precision": quality.precision,
-            "recall": quality.recall,
-            "mean_confidence": quality.mean_confidence,
-            "rarest_class_share": quality.rarest_class_share,
-            "class_accuracy": self.class_accuracy,
-            "seconds": self.seconds,
-            "images_per_second": quality.num_images / self.seconds if self.seconds else None,
-        }
+        quality, seconds = self.quality, self.seconds
+        entry = {"scheduler": self.scheduler, "steps": self.steps, "fid": quality.fid}
+        entry["fid_vs_ddpm_1000"] = quality.fid / baseline_fid if baseline_fid else None
+        entry.update({key: getattr(quality, key) for key in QUALITY_KEYS}, class_accuracy=self.class_accuracy)
+        entry.update(seconds=seconds, images_per_second=quality.num_images / seconds if seconds else None)
+        return entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,48 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scheduler_quality.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
-    parser.add_argument(
-        "--schedulers",
-        nargs="+",
-        choices=SCHEDULERS,
-        default=list(SCHEDULERS),
-        metavar="NAME",
-        help=f"schedulers to compare, of {', '.join(SCHEDULERS)} (default: {' '.join(SCHEDULERS)})",
-    )
-    parser.add_argument(
-        "--num_inference_steps",
-        nargs="+",
-        type=int,
-        default=DEFAULT_STEPS,
-        help=f"step counts of each scheduler, those above the pipeline's T skipped (default: {default_steps})",
-    )
-    parser.add_argument("--num_samples", type=int, default=1000, help="digits sampled per cell (default: %(default)s)")
-    parser.add_argument(
-        "--reference_images",
-        type=int,
-        default=10_000,
-        help="MNIST test digits to compare with, the first ones of the split (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dataset_name", default=DEFAULT_DATASET, help="MNIST: a Hub dataset id or a local copy (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of each cell's noise and of the floor's digits (default: %(default)s)"
-    )
-    parser.add_argument("--batch_size", type=int, default=250, help="images per pipeline call (default: %(default)s)")
-    parser.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=1.0,
-        help="a class-conditional pipeline's classifier-free guidance, at least 1 (1: none; default: %(default)s)",
-    )
-    parser.add_argument(
-        "--device", default=default_device(), help="torch device (default: the GPU where there is one, else cpu)"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object as the last line (default: a table only)"
-    )
+    add = parser.add_argument
+    add("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
+    add("--schedulers", nargs="+", choices=SCHEDULERS, default=list(SCHEDULERS), metavar="NAME",
+        help=f"schedulers to compare, of {', '.join(SCHEDULERS)} (default: {' '.join(SCHEDULERS)})")  # fmt: skip
+    add("--num_inference_steps", nargs="+", type=int, default=DEFAULT_STEPS, help="step counts of each scheduler, "
+        f"those above the pipeline's T skipped (default: {default_steps})")  # fmt: skip
+    add("--num_samples", type=int, default=1000, help="digits sampled per cell (default: %(default)s)")
+    add("--reference_images", type=int, default=10_000,
+        help="MNIST test digits to compare with, the first ones of the split (default: %(default)s)")  # fmt: skip
+    add("--dataset_name", default=DEFAULT_DATASET,
+        help="MNIST: a Hub dataset id or a local copy (default: %(default)s)")  # fmt: skip
+    add("--seed", type=int, default=0,
+        help="seed of each cell's noise and of the floor's digits (default: %(default)s)")  # fmt: skip
+    add("--batch_size", type=int, default=250, help="images per pipeline call (default: %(default)s)")
+    add("--guidance_scale", type=float, default=1.0, help="a class-conditional pipeline's classifier-free guidance, "
+        "at least 1 (1: none; default: %(default)s)")  # fmt: skip
+    add("--device", default=default_device(), help="torch device (default: the GPU where there is one, else cpu)")
+    add("--json", action="store_true", help="print one JSON object as the last line (default: a table only)")
     return parser
 
 
@@ -177,48 +137,10 @@ def summary_lines(cells: list[Cell]) -> list[str]:
     ]
 
 
-def run_cells(
-    pipe: DDPMMnistPipeline,
-    schedulers: list[str],
-    steps: list[int],
-    args: argparse.Namespace,
-    reference: QualityReference,
-    class_labels: torch.Tensor | None = None,
-) -> list[Cell]:
-    """Sample and score every (scheduler, steps) cell, each scheduler built on the pipeline's own noise schedule;
-    with `class_labels` (a conditional pipeline's, one per sample), the class accuracy too."""
-    # Warm-up, guided as the cells are: first-call costs stay out of the timings.
-    labels = None if class_labels is None else class_labels[:1]
-    pipe(batch_size=1, class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=1, output_type="pt")
-    cells = []
-    for name in schedulers:
-        for count in steps:
-            start = time.perf_counter()  # to the digits on the CPU: the device has finished
-            images = generate_digits(
-                pipe,
-                args.num_samples,
-                scheduler=name,
-                num_inference_steps=count,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                class_labels=class_labels,
-                guidance_scale=args.guidance_scale,
-                progress=False,
-            )
-            seconds = time.perf_counter() - start
-            if class_labels is None:
-                cells.append(Cell(name, count, reference.score(images), seconds))
-            else:
-                scores = reference.score_conditional(images, class_labels)
-                cells.append(Cell(name, count, scores.quality, seconds, scores.accuracy.accuracy))
-            print(f"{name} at {count} steps: FID {cells[-1].quality.fid:.4f} in {seconds:.1f} s", flush=True)
-    return cells
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Check the options, load everything, then sample, score and print the table (and the JSON object)."""
+    """Check the options and load everything, then sample and score every (scheduler, steps) cell, each scheduler
+    built on the pipeline's own noise schedule, and print the table (and the JSON object)."""
     args = build_parser().parse_args(argv)
-    schedulers = list(dict.fromkeys(args.schedulers))
 
     # Everything that can fail on bad input, before any sampling.
     if min(args.num_inference_steps) < 1 or args.batch_size < 1:
@@ -226,24 +148,37 @@ def main(argv: list[str] | None = None) -> None:
     with usage_errors("device", "num_samples", "guidance_scale", "dataset_name", "reference_images"):
         pipe = load_pipeline(args.pipeline, args.device)
         class_labels = scoring_labels(pipe, args.num_samples, args.guidance_scale)
-        num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+        T = pipe.scheduler.config.num_train_timesteps
         ordered = sorted(set(args.num_inference_steps))
-        steps = [count for count in ordered if count <= num_train_timesteps]
-        skipped = [count for count in ordered if count > num_train_timesteps]
+        steps, skipped = [count for count in ordered if count <= T], [count for count in ordered if count > T]
         if not steps:
-            raise UsageError(
-                f"every --num_inference_steps value exceeds the pipeline's {num_train_timesteps} training timesteps."
-            )
+            raise UsageError(f"every --num_inference_steps value exceeds the pipeline's {T} training timesteps.")
         reference = QualityReference(
             args.dataset_name, args.reference_images, device=args.device, seed=args.seed, progress=False
         )
         floor = reference.floor(args.num_samples)
     for count in skipped:
-        print(f"note: skipping {count} steps, more than the pipeline's {num_train_timesteps} training timesteps")
+        print(f"note: skipping {count} steps, more than the pipeline's {T} training timesteps")
 
     device = f"{args.device} ({describe_device(pipe.device)})"
     print(f"device: {device}")
-    cells = run_cells(pipe, schedulers, steps, args, reference, class_labels)
+    # Warm-up, guided as the cells are: first-call costs stay out of the timings.
+    labels = None if class_labels is None else class_labels[:1]
+    pipe(batch_size=1, class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=1, output_type="pt")
+    sampling = dict(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, class_labels=class_labels)
+    sampling.update(guidance_scale=args.guidance_scale, progress=False)
+    cells = []
+    for name, count in product(dict.fromkeys(args.schedulers), steps):
+        start = time.perf_counter()  # to the digits on the CPU: the device has finished
+        images = generate_digits(pipe, scheduler=name, num_inference_steps=count, **sampling)
+        seconds = time.perf_counter() - start
+        if class_labels is None:
+            cells.append(Cell(name, count, reference.score(images), seconds))
+        else:
+            scores = reference.score_conditional(images, class_labels)
+            cells.append(Cell(name, count, scores.quality, seconds, scores.accuracy.accuracy))
+        print(f"{name} at {count} steps: FID {cells[-1].quality.fid:.4f} in {seconds:.1f} s", flush=True)
+
     guidance = "" if class_labels is None else f", every digit equally often at guidance {args.guidance_scale:g}"
     print(
         f"\n{args.num_samples} samples per cell against the first {reference.num_images} MNIST test digits "
@@ -252,19 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(cells, floor))
     print("\n" + "\n".join(summary_lines(cells)))
     if args.json:
-        result = {
-            "pipeline": args.pipeline,
-            "num_samples": args.num_samples,
-            "reference_images": reference.num_images,
-            "seed": args.seed,
-            "guidance_scale": None if class_labels is None else args.guidance_scale,
-            "device": device,
-            "skipped_steps": skipped,
-            "floor": floor.as_dict(),
-            "cells": [cell.as_dict(baseline_fid(cells)) for cell in cells],
-            "within_10_percent_of_ddpm_1000": fewest_steps_near_baseline(cells),
-        }
-        print(json.dumps(result))
+        result = dict(pipeline=args.pipeline, num_samples=args.num_samples, reference_images=reference.num_images)
+        result.update(seed=args.seed, guidance_scale=None if class_labels is None else args.guidance_scale)
+        result.update(device=device, skipped_steps=skipped, floor=floor.as_dict())
+        result.update(cells=[cell.as_dict(baseline_fid(cells)) for cell in cells])
+        print(json.dumps({**result, "within_10_percent_of_ddpm_1000": fewest_steps_near_baseline(cells)}))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--dataset_name", default=DEFAULT_DATASET, help="Hub dataset id or local folder with image/label")
-    p.add_argument(
-        "--output_dir", default=str(WEIGHTS_PATH.parent), help=f"the folder to write {WEIGHTS_PATH.name} into"
-    )
+    p.add_argument("--output_dir", default=str(WEIGHTS_PATH.parent),
+                   help=f"the folder to write {WEIGHTS_PATH.name} into")  # fmt: skip
     p.add_argument("--num_epochs", type=int, default=3, help="passes over the 60,000 training digits")
     p.add_argument("--train_batch_size", type=int, default=128, help="digits per optimizer step")
     p.add_argument("--learning_rate", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
@@ -97,10 +96,8 @@ def main(args: argparse.Namespace) -> None:
     minutes = (time.perf_counter() - start) / 60
     print(f"test accuracy {test_accuracy:.4f} ({len(test_images)} digits) after {minutes:.1f} min of training")
     if test_accuracy < args.min_test_accuracy:
-        raise WorkFailed(
-            f"test accuracy {test_accuracy:.4f} < --min_test_accuracy {args.min_test_accuracy}; not saved. Train "
-            "longer (--num_epochs) or with another --seed."
-        )
+        failed = f"test accuracy {test_accuracy:.4f} < --min_test_accuracy {args.min_test_accuracy}; not saved."
+        raise WorkFailed(f"{failed} Train longer (--num_epochs) or with another --seed.")
     metadata = {"test_accuracy": f"{test_accuracy:.4f}", "epochs": str(args.num_epochs), "seed": str(args.seed)}
     output = Path(args.output_dir) / WEIGHTS_PATH.name
     output.parent.mkdir(parents=True, exist_ok=True)
