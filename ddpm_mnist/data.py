@@ -97,13 +97,7 @@ def count_examples(stream: IterableDataset) -> int:
 
 
 def shuffled_shard(
-    stream: IterableDataset,
-    *,
-    seed: int,
-    epoch: int,
-    rank: int = 0,
-    world_size: int = 1,
-    buffer_size: int = 10_000,
+    stream: IterableDataset, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, buffer_size: int = 10_000
 ) -> IterableDataset:
     """The examples process `rank` sees in `epoch`: the stream shuffled by (seed, epoch), then its disjoint share.
 
@@ -209,11 +203,9 @@ def part_read(stream: Iterable) -> Iterator[Iterator]:
 
 
 def check_readable(stream: IterableDataset, preprocess: ImagePreprocessor, dataset_name: str) -> None:
-    """Read and decode a stream's first image: a corrupt file or an undecodable image is an OSError, an empty split a
-    ValueError.
-
-    Cheap (one row group), so training can refuse bad data before it builds a model or scans the whole split.
-    """
+    """Read and decode a stream's first image, cheaply (one row group), so that training refuses bad data before it
+    builds a model or scans the whole split: a corrupt file or an undecodable image is an OSError, an empty split a
+    ValueError."""
     try:
         with part_read(stream) as examples:
             first = next(examples, None)
@@ -255,10 +247,8 @@ class TrainingData:
         shuffle_buffer_size: int = 10_000,
         num_workers: int = 0,
     ):
-        self.stream, self.preprocess = stream, preprocess
-        self.batch_size, self.seed = batch_size, seed
-        self.shuffle_buffer_size, self.num_workers = shuffle_buffer_size, num_workers
-        self.decode_once = decode_once
+        self.stream, self.preprocess, self.batch_size, self.seed = stream, preprocess, batch_size, seed
+        self.decode_once, self.shuffle_buffer_size, self.num_workers = decode_once, shuffle_buffer_size, num_workers
         self.labelled = "label" in (stream.column_names or [])
         self.num_examples = count_examples(stream)
 
@@ -284,12 +274,10 @@ class TrainingData:
                 for indices in order.split(self.batch_size)
             )
         return DataLoader(
-            shuffled_shard(self.stream, buffer_size=self.shuffle_buffer_size, **share),
-            batch_size=self.batch_size,
-            collate_fn=partial(_labelled_batch, self.preprocess, self.labelled),
-            num_workers=self.num_workers,
+            shuffled_shard(self.stream, buffer_size=self.shuffle_buffer_size, **share), batch_size=self.batch_size,
+            collate_fn=partial(_labelled_batch, self.preprocess, self.labelled), num_workers=self.num_workers,
             generator=torch.Generator(),  # its own seed draw must not advance the global RNG that resume restores
-        )
+        )  # fmt: skip
 
 
 def load_x_0(
@@ -310,11 +298,9 @@ def load_x_0(
     count = available if num_images is None else num_images
     if not 1 <= count <= available:
         raise ValueError(f"asked for {num_images} digits of the {split!r} split, which holds {available}.")
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     wanted = torch.zeros(available, dtype=torch.bool)
-    if seed is None:
-        wanted[:count] = True
-    else:
-        wanted[torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]] = True
+    wanted[torch.arange(count) if seed is None else torch.randperm(available, generator=generator)[:count]] = True
     preprocess = ImagePreprocessor(sample_size)
     batches = []
     with tqdm(total=count, desc=f"loading {split} digits", unit="digit") as bar, part_read(stream.iter(1000)) as rows:

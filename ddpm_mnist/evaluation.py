@@ -1,7 +1,6 @@
 """Evaluation of a saved pipeline: draw digits with a named scheduler, score them beside the real floor, bound the NLL.
 
-The one place that `ddpm-mnist sample | evaluate | nll`, `training/release.py` and `benchmarks/scheduler_quality.py`
-call:
+The one place that `ddpm-mnist sample | evaluate | nll`, `training/release.py` and `benchmarks/*.py` call:
 
     pipe = load_pipeline("pretrained/ddpm-mnist-small", device="cpu", dtype="fp32")
     reference = QualityReference("ylecun/mnist")                  # the MNIST test digits, as the classifier sees them
@@ -29,6 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -111,10 +111,7 @@ def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps
 
 
 def scoring_labels(
-    pipe: DDPMMnistPipeline,
-    num_samples: int,
-    guidance_scale: float,
-    guidance_interval: tuple[int, int] | None = None,
+    pipe: DDPMMnistPipeline, num_samples: int, guidance_scale: float, guidance_interval: tuple[int, int] | None = None
 ) -> torch.Tensor | None:
     """The class labels `num_samples` digits of `pipe` are scored with: each digit equally often for a conditional
     pipeline, None for an unconditional one. Guidance above 1 for an unconditional pipeline, or below 1, is refused."""
@@ -202,11 +199,8 @@ class ConditionalQuality:
 
     def as_dict(self) -> dict[str, float | int | list[float]]:
         """The quality scores with `class_accuracy` (overall) and `class_accuracy_per_digit` (0-9), JSON-ready."""
-        return {
-            **self.quality.as_dict(),
-            "class_accuracy": self.accuracy.accuracy,
-            "class_accuracy_per_digit": self.accuracy.per_class,
-        }
+        accuracy = {"class_accuracy": self.accuracy.accuracy, "class_accuracy_per_digit": self.accuracy.per_class}
+        return {**self.quality.as_dict(), **accuracy}
 
 
 class QualityReference:
@@ -248,9 +242,8 @@ class QualityReference:
     def score_conditional(self, samples: torch.Tensor, class_labels: torch.Tensor) -> ConditionalQuality:
         """`score`, and how often the classifier reads sample i as the digit `class_labels[i]` it was drawn as."""
         outputs = self._classify(samples)
-        return ConditionalQuality(
-            sample_quality(outputs, self.outputs, seed=self.seed), class_accuracy(outputs, class_labels)
-        )
+        quality = sample_quality(outputs, self.outputs, seed=self.seed)
+        return ConditionalQuality(quality, class_accuracy(outputs, class_labels))
 
     def _classify(self, samples: torch.Tensor) -> ClassifierOutputs:
         """The classifier's features and logits of digits to be scored, of which there must be enough."""
@@ -295,13 +288,8 @@ def guidance_sweep(
     for guidance_scale in guidance_scales:
         pipe.check_class_inputs(class_labels, guidance_scale, num_samples)
     sampling = dict(scheduler=scheduler, num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size)
-    scores = {}
-    for scale in guidance_scales:
-        samples = generate_digits(
-            pipe, num_samples, class_labels=class_labels, guidance_scale=scale, progress=progress, **sampling
-        )
-        scores[scale] = reference.score_conditional(samples, class_labels)
-    return scores
+    draw = partial(generate_digits, pipe, num_samples, class_labels=class_labels, progress=progress, **sampling)
+    return {scale: reference.score_conditional(draw(guidance_scale=scale), class_labels) for scale in guidance_scales}
 
 
 def _check_nll_timesteps(pipe: DDPMMnistPipeline, nll_timesteps: int | None) -> None:
@@ -345,13 +333,6 @@ def nll_bound(
     `seed`.
     """
     _check_nll_timesteps(pipe, nll_timesteps)
-    return variational_bound(
-        pipe.unet,
-        DDPMMnistScheduler.from_config(pipe.scheduler.config),
-        x_0,
-        image_size=pipe.config.image_size,
-        num_timesteps=nll_timesteps,
-        batch_size=batch_size,
-        generator=torch.Generator().manual_seed(seed),
-        progress=progress,
-    )
+    scheduler, generator = DDPMMnistScheduler.from_config(pipe.scheduler.config), torch.Generator().manual_seed(seed)
+    options = dict(num_timesteps=nll_timesteps, batch_size=batch_size, generator=generator, progress=progress)
+    return variational_bound(pipe.unet, scheduler, x_0, image_size=pipe.config.image_size, **options)

@@ -83,10 +83,8 @@ def upload_patterns(folder: str | os.PathLike) -> list[str]:
         patterns += [f"{component}/*.json", f"{component}/*.safetensors"]
         code += [path for path in [folder / component / f"{entry[0]}.py"] if path.is_file()]
     # The code files, and what they import relatively: the files diffusers' remote-code loader fetches with them.
-    for path in code:
-        for source in (path, *map(Path, get_relative_import_files(path))):
-            patterns.append(source.relative_to(folder).as_posix())
-    return patterns
+    sources = [source for path in code for source in (path, *map(Path, get_relative_import_files(path)))]
+    return patterns + [source.relative_to(folder).as_posix() for source in sources]
 
 
 def export_pipeline_folder(folder: str | os.PathLike, destination: str | os.PathLike) -> Path:
@@ -130,7 +128,6 @@ def save_training_run(
     """The end of a training run in `output_dir`: the pipeline folder, its model card, and `training.json`.
 
     The card's code draws with `samples_scheduler`, (scheduler name, steps), the setting of the run's `samples_image`.
-
     `training.json` records the dataset and the `training` settings, so that `training/release.py` can render the card
     again later with measured quality; it is never pushed (see `upload_patterns`).
     """
@@ -140,13 +137,9 @@ def save_training_run(
     (output_dir / "training.json").write_text(json.dumps(record, indent=2))
     pictures = {"grid": samples_image} if samples_image else None
     card = render_model_card(
-        pipeline,
-        repo_id,
-        dataset_name=dataset_name,
-        pictures=pictures,
-        recommended_scheduler=samples_scheduler,
+        pipeline, repo_id, dataset_name=dataset_name, pictures=pictures, recommended_scheduler=samples_scheduler,
         training=training,
-    )
+    )  # fmt: skip
     card.save(output_dir / "README.md")
 
 

@@ -97,9 +97,8 @@ def interpolate(
     if weights.numel() == 0 or not bool(((weights >= 0) & (weights <= 1)).all()):
         raise ValueError(f"lambdas must be a non-empty sequence of numbers in [0, 1], got {lambdas!r}.")
     sample_size = pipeline.unet.config.sample_size
-    x_0 = torch.cat(
-        [prepare_image(image, sample_size, name=name) for name, image in (("image_a", image_a), ("image_b", image_b))]
-    )
+    images = {"image_a": image_a, "image_b": image_b}
+    x_0 = torch.cat([prepare_image(image, sample_size, name=name) for name, image in images.items()])
     if len(x_0) != 2:
         raise ValueError(f"image_a and image_b must be one digit each, got {len(x_0)} digits; pass them one by one.")
     if isinstance(class_labels, int):

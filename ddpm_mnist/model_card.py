@@ -49,14 +49,10 @@ PICTURES = ("grid", "denoising", "loss", "time_to_quality", "nll_terms", "guidan
 INTERPOLATION_T_DIVISOR = 4
 # The metrics `eval_results` may hold, in the card's order: (name in the card, decimals it is rounded to).
 METRICS = {
-    "fid": ("FID", 3),
-    "kid": ("KID", 5),
-    "precision": ("Precision", 3),
-    "recall": ("Recall", 3),
-    "mean_confidence": ("Mean classifier confidence", 4),
-    "class_accuracy": ("Class accuracy", 4),
+    "fid": ("FID", 3), "kid": ("KID", 5), "precision": ("Precision", 3), "recall": ("Recall", 3),
+    "mean_confidence": ("Mean classifier confidence", 4), "class_accuracy": ("Class accuracy", 4),
     "nll_bpd": ("NLL (bits/dim)", 3),
-}
+}  # fmt: skip
 # The sample-quality scores every table of them shows (`SampleQuality`'s fields), with their labels in the card.
 QUALITY_ROWS = {
     "fid": "FID (classifier features)",
@@ -107,79 +103,44 @@ def render_model_card(
     dataset_id = dataset_name if is_hub_dataset else CARD_DATASET
     model_name = repo_id.split("/")[-1]
     conditional = pipeline.is_class_conditional
+    task_name = "Class-conditional image generation" if conditional else "Unconditional image generation"
+    task = dict(task_type=PIPELINE_TAG, task_name=task_name, dataset_type=dataset_id, dataset_name="MNIST")
     results = [
-        EvalResult(
-            task_type=PIPELINE_TAG,
-            task_name="Class-conditional image generation" if conditional else "Unconditional image generation",
-            dataset_type=dataset_id,
-            dataset_name="MNIST",
-            dataset_split=EVAL_SPLIT,
-            metric_type=key,
-            metric_name=METRICS[key][0],
-            metric_value=value,
-        )
+        EvalResult(**task, dataset_split=EVAL_SPLIT, metric_type=key, metric_name=METRICS[key][0], metric_value=value)
         for key, value in scores.items()
     ]
     card_data = ModelCardData(
-        library_name="diffusers",
-        pipeline_tag=PIPELINE_TAG,
-        license="apache-2.0",
-        tags=CONDITIONAL_CARD_TAGS if conditional else CARD_TAGS,
-        datasets=[dataset_id],
-        model_name=model_name,
+        library_name="diffusers", pipeline_tag=PIPELINE_TAG, license="apache-2.0",
+        tags=CONDITIONAL_CARD_TAGS if conditional else CARD_TAGS, datasets=[dataset_id], model_name=model_name,
         eval_results=results or None,
-    )
+    )  # fmt: skip
     unet_config, schedule = pipeline.unet.config, pipeline.scheduler.config
     scheduler_name, recommended_steps = recommended_scheduler or ("ddpm", schedule.num_train_timesteps)
     # The class a conditional card's code swaps in; none for ddpm, the pipeline's own scheduler.
     scheduler_class = None if scheduler_name == "ddpm" else SCHEDULERS[scheduler_name].scheduler_class.__name__
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(CARD_TEMPLATE),
-        model_name=model_name,
-        repo_id=repo_id,
-        homepage=_homepage(),
-        dataset_name=dataset_id,
-        local_dataset=not is_hub_dataset,  # the card names the Hub dataset, never the local path
-        pictures=pictures,
-        recommended_scheduler=scheduler_name,
-        recommended_steps=recommended_steps,
-        class_conditional=conditional,
-        scheduler_class=scheduler_class,
-        guidance_scale=recommended_guidance_scale,
-        interpolation_t=schedule.num_train_timesteps // INTERPOLATION_T_DIVISOR,
-        evaluation=evaluation,
-        preset=_preset_name(dict(unet_config)),
-        num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",
-        sample_size=unet_config.sample_size,
-        image_size=pipeline.config.image_size,
-        num_train_timesteps=schedule.num_train_timesteps,
-        ddim_steps=min(50, schedule.num_train_timesteps),
-        beta_schedule=schedule.beta_schedule,
-        beta_start=schedule.beta_start,
-        beta_end=schedule.beta_end,
-        prediction_type=schedule.prediction_type,
-        variance_type=schedule.get("variance_type"),
-        training=training,
-        eval_results={METRICS[key][0]: value for key, value in scores.items()},
-        eval_split=EVAL_SPLIT,
-    )
-
-
-def _homepage() -> str | None:
-    """The package's home page (`url` in setup.py) from its installed metadata; None when unset or not installed."""
+    # The package's home page (`url` in setup.py) from its installed metadata; none when unset or not installed.
     try:
-        return importlib.metadata.metadata(DISTRIBUTION).get("Home-page")
+        homepage = importlib.metadata.metadata(DISTRIBUTION).get("Home-page")
     except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _preset_name(unet_config: dict[str, Any]) -> str:
-    """The `DDPMMnistUNet` preset a UNet config was built from, or "custom"."""
-    for name, preset in PRESETS.items():
-        if all(json.dumps(unet_config.get(key)) == json.dumps(value) for key, value in preset.items()):
-            return name
-    return "custom"
+        homepage = None
+    preset = "custom"  # unless the UNet was built from one of the `DDPMMnistUNet` presets
+    for name, values in PRESETS.items():
+        if all(json.dumps(unet_config.get(key)) == json.dumps(value) for key, value in values.items()):
+            preset = name
+            break
+    return ModelCard.from_template(
+        card_data, template_path=str(CARD_TEMPLATE), model_name=model_name, repo_id=repo_id, homepage=homepage,
+        dataset_name=dataset_id, local_dataset=not is_hub_dataset,  # the card names the Hub dataset, never a local path
+        pictures=pictures, recommended_scheduler=scheduler_name, recommended_steps=recommended_steps,
+        class_conditional=conditional, scheduler_class=scheduler_class, guidance_scale=recommended_guidance_scale,
+        interpolation_t=schedule.num_train_timesteps // INTERPOLATION_T_DIVISOR, evaluation=evaluation,
+        preset=preset, num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",
+        sample_size=unet_config.sample_size, image_size=pipeline.config.image_size,
+        num_train_timesteps=schedule.num_train_timesteps, ddim_steps=min(50, schedule.num_train_timesteps),
+        beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
+        prediction_type=schedule.prediction_type, variance_type=schedule.get("variance_type"), training=training,
+        eval_results={METRICS[key][0]: value for key, value in scores.items()}, eval_split=EVAL_SPLIT,
+    )  # fmt: skip
 
 
 def model_index_results(scores: Mapping[str, Any], nll_bpd: float) -> dict[str, float]:
@@ -276,8 +237,7 @@ def quality_table(results: Mapping[str, tuple[SampleQuality, SampleQuality]]) ->
         columns += [quality, floor]
         histograms.append(f"- {name}: " + " ".join(f"{d}: {x:.3f}" for d, x in enumerate(quality.class_histogram)))
     rows = [[label, *(f"{getattr(q, key):.4f}" for q in columns)] for key, label in QUALITY_ROWS.items()]
-    table = markdown_table(header, rows)
-    return "\n".join([table, "", "Predicted digits (share of samples, 0-9):", "", *histograms])
+    return "\n".join([markdown_table(header, rows), "", "Predicted digits (share of samples, 0-9):", "", *histograms])
 
 
 def class_accuracy_table(results: Mapping[str, tuple[ConditionalQuality, SampleQuality]]) -> str:

@@ -75,7 +75,16 @@ def prepare_image(
         pixels = torch.stack([torch.from_numpy(np.array(digit, dtype=np.float32)) for digit in digits])
         tensor = pixels[:, None] / 255 if is_mask else pixels[:, None] / 127.5 - 1
     elif isinstance(image, torch.Tensor):
-        tensor = _checked_tensor(image, name, is_mask)
+        if image.ndim != 4 or image.shape[0] == 0 or tuple(image.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(
+                f"{name} must be a tensor of shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(image.shape)}; add "
+                "the missing batch or channel dimension with tensor[None]."
+            )
+        tensor = image.detach().float().cpu()
+        low, high = (0.0, 1.0) if is_mask else (-1.0, 1.0)
+        if not bool(torch.isfinite(tensor).all()) or tensor.min() < low or tensor.max() > high:
+            fix = "1 keeps a pixel, 0 fills it in" if is_mask else "map digits in [0, 1] with 2 * x - 1"
+            raise ValueError(f"{name} must lie in [{low:g}, {high:g}] ({fix}), got values outside it.")
     else:
         raise ValueError(
             f"{name} must be a PIL image, a non-empty list of PIL images or a tensor (N, 1, 28, 28), got "
@@ -85,21 +94,6 @@ def prepare_image(
         tensor = (tensor >= 0.5).float()
     border = (sample_size - IMAGE_SIZE) // 2
     return F.pad(tensor, (border,) * 4, value=1.0 if is_mask else -1.0) if border else tensor
-
-
-def _checked_tensor(tensor: torch.Tensor, name: str, is_mask: bool) -> torch.Tensor:
-    """A tensor digit or mask checked for shape and range, as float32 on the CPU."""
-    if tensor.ndim != 4 or tensor.shape[0] == 0 or tuple(tensor.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
-            f"{name} must be a tensor of shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(tensor.shape)}; add "
-            "the missing batch or channel dimension with tensor[None]."
-        )
-    tensor = tensor.detach().float().cpu()
-    low, high = (0.0, 1.0) if is_mask else (-1.0, 1.0)
-    if not bool(torch.isfinite(tensor).all()) or tensor.min() < low or tensor.max() > high:
-        fix = "1 keeps a pixel, 0 fills it in" if is_mask else "map digits in [0, 1] with 2 * x - 1"
-        raise ValueError(f"{name} must lie in [{low:g}, {high:g}] ({fix}), got values outside it.")
-    return tensor
 
 
 def jump_schedule(timesteps: Sequence[int], jump_length: int, jump_n_sample: int) -> list[list[int]]:
@@ -129,12 +123,9 @@ def jump_schedule(timesteps: Sequence[int], jump_length: int, jump_n_sample: int
 
 
 def forward_jump(
-    scheduler: SchedulerMixin,
-    x: torch.Tensor,
-    t_from: int,
-    t_to: int,
+    scheduler: SchedulerMixin, x: torch.Tensor, t_from: int, t_to: int,
     generator: torch.Generator | list[torch.Generator] | None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """A sample of the forward process q(x_{t_to} | x_{t_from}), t_to > t_from (t_from = -1: x is x_0, eq. 4).
 
     x_{t_to} = sqrt(a) x + sqrt(1 - a) z with a = alpha_bar_{t_to} / alpha_bar_{t_from} (alpha_bar_{-1} = 1) and
@@ -147,10 +138,8 @@ def forward_jump(
 
 class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
     r"""
-    Completion of partly known MNIST digits with RePaint, from the components of a [`DDPMMnistPipeline`].
-
-    Build it from a loaded pipeline: `DDPMMnistInpaintPipeline(**pipe.components)`, which shares its UNet and
-    scheduler.
+    Completion of partly known MNIST digits with RePaint. Build it from the components of a loaded
+    [`DDPMMnistPipeline`]: `DDPMMnistInpaintPipeline(**pipe.components)`, which shares its UNet and scheduler.
 
     Parameters:
         unet ([`DDPMMnistUNet`]):
@@ -252,8 +241,7 @@ class DDPMMnistInpaintPipeline(DDPMMnistPipeline):
         if class_labels is not None and num_labels != batch_size:
             raise ValueError(f"got {num_labels} class_labels for {batch_size} images; pass one label per image.")
         self.check_inputs(batch_size, generator, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
-        if jump_length is None:
-            jump_length = default_jump_length(num_inference_steps)
+        jump_length = default_jump_length(num_inference_steps) if jump_length is None else jump_length
         if not isinstance(jump_length, int) or not 1 <= jump_length <= num_inference_steps:
             raise ValueError(
                 f"jump_length must be an integer between 1 and num_inference_steps={num_inference_steps}, got "

@@ -68,8 +68,7 @@ def discretized_gaussian_log_likelihood(x_0: torch.Tensor, mean: torch.Tensor, l
     upper = (x_0 - mean + BIN_HALF_WIDTH) * inv_std
     lower = (x_0 - mean - BIN_HALF_WIDTH) * inv_std
     mirrored = lower > 0  # Phi(u) - Phi(l) = Phi(-l) - Phi(-u): the same mass, but from two small CDF values
-    high = torch.where(mirrored, -lower, upper)
-    low = torch.where(mirrored, -upper, lower)
+    high, low = torch.where(mirrored, -lower, upper), torch.where(mirrored, -upper, lower)
     log_high = torch.special.log_ndtr(high)
     log_bin = log_high + torch.log(-torch.expm1(torch.special.log_ndtr(low) - log_high))
     log_left_edge = torch.special.log_ndtr(upper)  # x_0 = -1: the bin (-inf, -1 + 1/255]
@@ -123,14 +122,10 @@ class VariationalBound:
         total = self.total_bpd
         stderr = total.std().item() / math.sqrt(len(total)) if len(total) > 1 else float("nan")
         return {
-            "nll_bpd": total.mean().item(),
-            "nll_bpd_stderr": stderr,
-            "prior_bpd": self.prior_bpd.mean().item(),
-            "diffusion_bpd": self.diffusion_bpd.mean().item(),
-            "decoder_bpd": self.decoder_bpd.mean().item(),
-            "exact": self.exact,
-            "num_images": len(total),
-        }
+            "nll_bpd": total.mean().item(), "nll_bpd_stderr": stderr, "prior_bpd": self.prior_bpd.mean().item(),
+            "diffusion_bpd": self.diffusion_bpd.mean().item(), "decoder_bpd": self.decoder_bpd.mean().item(),
+            "exact": self.exact, "num_images": len(total),
+        }  # fmt: skip
 
 
 @torch.no_grad()
@@ -158,33 +153,6 @@ def variational_bound(
         generator: the source of the x_t noise and the sampled timesteps (a CPU generator).
         progress: show a progress bar over the network calls.
     """
-    num_train_timesteps = _check_inputs(unet, scheduler, x_0, image_size, num_timesteps, batch_size)
-    num_terms = num_train_timesteps - 1
-    num_strata = num_terms if num_timesteps is None else num_timesteps
-    # Stratum j covers scheduler timesteps edges[j] .. edges[j + 1] - 1 (all of them: 1 .. T - 1).
-    edges = [1 + j * num_terms // num_strata for j in range(num_strata + 1)]
-    strata = [(start, end - start) for start, end in zip(edges[:-1], edges[1:], strict=True)]
-    nats_per_bit_dim = x_0.shape[1] * image_size**2 * math.log(2)
-    border = (x_0.shape[-1] - image_size) // 2
-
-    parts = []
-    batches = x_0.split(batch_size)
-    with tqdm(total=len(batches) * (num_strata + 1), desc="variational bound", disable=not progress) as bar:
-        for batch in batches:
-            parts.append(_bound_terms(unet, scheduler, batch, strata, border, generator, bar))
-    prior, decoder, terms = (torch.cat(part) / nats_per_bit_dim for part in zip(*parts, strict=True))
-    return VariationalBound(prior, terms.sum(1), decoder, terms, strata)
-
-
-def _check_inputs(
-    unet: ModelMixin,
-    scheduler: DDPMMnistScheduler,
-    x_0: torch.Tensor,
-    image_size: int,
-    num_timesteps: int | None,
-    batch_size: int,
-) -> int:
-    """Raise a one-line error for anything `variational_bound` cannot use; return T."""
     if not isinstance(scheduler, DDPMMnistScheduler):
         raise TypeError(
             f"the bound needs the DDPM schedule, got a {type(scheduler).__name__}; pass "
@@ -202,26 +170,32 @@ def _check_inputs(
         raise ValueError("x_0 must hold 8-bit images scaled to [-1, 1] (k / 127.5 - 1), as ImagePreprocessor makes.")
     if not 1 <= image_size <= size or (size - image_size) % 2:
         raise ValueError(f"image_size={image_size} must fit centred in the UNet's sample_size={size}.")
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    if num_timesteps is not None and not 1 <= num_timesteps <= num_train_timesteps - 1:
+    num_terms = scheduler.config.num_train_timesteps - 1  # T - 1
+    if num_timesteps is not None and not 1 <= num_timesteps <= num_terms:
         raise ValueError(
-            f"num_timesteps must be between 1 and T - 1 = {num_train_timesteps - 1}, or None for the exact bound; "
+            f"num_timesteps must be between 1 and T - 1 = {num_terms}, or None for the exact bound; "
             f"got {num_timesteps}."
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-    return num_train_timesteps
+    num_strata = num_terms if num_timesteps is None else num_timesteps
+    # Stratum j covers scheduler timesteps edges[j] .. edges[j + 1] - 1 (all of them: 1 .. T - 1).
+    edges = [1 + j * num_terms // num_strata for j in range(num_strata + 1)]
+    strata = [(start, end - start) for start, end in zip(edges[:-1], edges[1:], strict=True)]
+    nats_per_bit_dim = x_0.shape[1] * image_size**2 * math.log(2)
+    border = (x_0.shape[-1] - image_size) // 2
+
+    batches = x_0.split(batch_size)
+    with tqdm(total=len(batches) * (num_strata + 1), desc="variational bound", disable=not progress) as bar:
+        parts = [_bound_terms(unet, scheduler, batch, strata, border, generator, bar) for batch in batches]
+    prior, decoder, terms = (torch.cat(part) / nats_per_bit_dim for part in zip(*parts, strict=True))
+    return VariationalBound(prior, terms.sum(1), decoder, terms, strata)
 
 
 def _bound_terms(
-    unet: ModelMixin,
-    scheduler: DDPMMnistScheduler,
-    x_0: torch.Tensor,
-    strata: list[tuple[int, int]],
-    border: int,
-    generator: torch.Generator | None,
-    bar: tqdm,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    unet: ModelMixin, scheduler: DDPMMnistScheduler, x_0: torch.Tensor, strata: list[tuple[int, int]], border: int,
+    generator: torch.Generator | None, bar: tqdm,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """L_T (B,), L_0 (B,) and the stratum-weighted L_{t-1} (B, K) of one batch, in nats, summed over pixels."""
     device = unet.device
     x_0 = x_0.to(device, torch.float32)
@@ -246,12 +220,8 @@ def _bound_terms(
             t = (start + (u * size).long()).to(device)
         x_t = scheduler.add_noise(x_0, randn_tensor(x_0.shape, generator=generator, device=device), t)
         posterior_mean, _ = scheduler.q_posterior_mean_variance(x_0_64, x_t.double(), t)
-        kl = gaussian_kl(
-            posterior_mean,
-            posterior_log_var[t].reshape(-1, 1, 1, 1),
-            _model_mean(unet, scheduler, x_t, t),
-            model_log_var[t].reshape(-1, 1, 1, 1),
-        )
+        q_log_var, p_log_var = (log_var[t].reshape(-1, 1, 1, 1) for log_var in (posterior_log_var, model_log_var))
+        kl = gaussian_kl(posterior_mean, q_log_var, _model_mean(unet, scheduler, x_t, t), p_log_var)
         terms.append(size * kl.flatten(1).sum(1))
         bar.update()
 
