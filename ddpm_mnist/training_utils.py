@@ -370,8 +370,10 @@ def min_snr_weight(
     return clipped  # x_0 prediction
 
 
-def progress_bar(progress: TrainingProgress, max_train_steps: int | None, disable: bool = False) -> tqdm:
-    """The run's bar: optimizer steps done of the run's total, its time left, and the rate of this run's steps; without
-    a total (None: a time limit may end the run first), the steps done and their rate."""
-    total = None if max_train_steps is None else max(max_train_steps, progress.global_step)
+def progress_bar(
+    progress: TrainingProgress, max_train_steps: int, time_limit: float | None = None, disable: bool = False
+) -> tqdm:
+    """The run's bar: optimizer steps done of the run's total, its time left, and the rate of this run's steps. Under a
+    `time_limit` (seconds), which may end the run before its steps, the bar has no total: steps done and their rate."""
+    total = None if time_limit else max(max_train_steps, progress.global_step)
     return tqdm(total=total, initial=progress.global_step, unit="step", disable=disable)

@@ -591,8 +591,7 @@ def main(args: argparse.Namespace) -> None:
     stop, batches = StopRequest(), resumed_batches(data, progress, *shard)
     reason = "finished" if progress.global_step >= max_train_steps else None
     progress.start_clock()
-    bar_total = None if time_limit else max_train_steps  # a time limit may stop the run before its step budget
-    with progress_bar(progress, bar_total, disable=not accelerator.is_local_main_process) as bar:
+    with progress_bar(progress, max_train_steps, time_limit, disable=not accelerator.is_local_main_process) as bar:
         while reason is None:
             # One optimizer step: `accumulation` batches of Algorithm 1.
             for batch in islice(batches, accumulation):
@@ -617,11 +616,9 @@ def main(args: argparse.Namespace) -> None:
             logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()}
             logs.update(images_per_second=images_per_second, **({"ema_decay": ema.cur_decay_value} if ema else {}))
             accelerator.log(logs, step=progress.global_step)
-            time_left = {"left": bar.format_interval(max(0, time_limit - progress.train_seconds))} if time_limit else {}
-            bar.set_postfix(
-                loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}", **time_left,
-                refresh=False,
-            )  # fmt: skip
+            left = {"left": bar.format_interval(max(0, time_limit - progress.train_seconds))} if time_limit else {}
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.0f}", **left,
+                            refresh=False)  # fmt: skip
             bar.update()  # draws the bar, once per step
             if progress.global_step % args.checkpointing_steps == 0 or reason is not None:
                 # Also at the end of every run, so that it can be continued with a larger budget.
