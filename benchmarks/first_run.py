@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm_mnist import model_card
+from ddpm_mnist import DDPMMnistPipeline, model_card
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import DTYPES, QualityReference, generate_digits, load_pipeline, scheduler_steps
 from ddpm_mnist.image_utils import SAMPLE_GRID_UPSCALE
-from ddpm_mnist.metrics.quality import blob_mask, classifier_outputs
+from ddpm_mnist.metrics.quality import blob_mask, classifier_outputs, sample_quality
 from ddpm_mnist.schedulers import SCHEDULERS
 
 READABLE_CONFIDENCE = 0.9  # a digit the classifier reads with at least this confidence counts as readable
@@ -56,33 +56,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def grid_blobs(run: Path) -> dict[str, int | str]:
-    """The blobs among the digits of the run's last sample grid, cut back into 28x28 tiles."""
+def last_grid(run: Path) -> Path:
+    """The run's last sample grid, `samples/step-N.png`."""
     grids = sorted((run / "samples").glob("step-*.png"))
     if not grids:
         raise UsageError(f"{run} has no samples/step-N.png grid; pass a train.py output folder.")
-    image = Image.open(grids[-1]).convert("L")
-    pixels = np.asarray(image)[::SAMPLE_GRID_UPSCALE, ::SAMPLE_GRID_UPSCALE].astype(np.float32) / 255
+    return grids[-1]
+
+
+def grid_blobs(grid: Path) -> dict[str, int | str]:
+    """The blobs among the digits of a sample grid, cut back into 28x28 tiles."""
+    pixels = np.asarray(Image.open(grid).convert("L"))[::SAMPLE_GRID_UPSCALE, ::SAMPLE_GRID_UPSCALE] / 255
     rows, cols = pixels.shape[0] // 28, pixels.shape[1] // 28
-    tiles = torch.from_numpy(pixels).reshape(rows, 28, cols, 28).permute(0, 2, 1, 3).reshape(-1, 1, 28, 28)
-    return {"grid": grids[-1].name, "grid_blobs": int(blob_mask(tiles).sum()), "grid_digits": len(tiles)}
+    tiles = torch.from_numpy(pixels).float().reshape(rows, 28, cols, 28).permute(0, 2, 1, 3).reshape(-1, 1, 28, 28)
+    return {"grid": grid.name, "grid_blobs": int(blob_mask(tiles).sum()), "grid_digits": len(tiles)}
 
 
-def score_run(run: Path, args: argparse.Namespace, reference: QualityReference) -> dict:
+def score_run(run: Path, pipe: DDPMMnistPipeline, args: argparse.Namespace, reference: QualityReference) -> dict:
     """The run's record, its grid's blobs and one entry per sampler."""
     record = json.loads((run / "training.json").read_text())["training"]
-    pipe = load_pipeline(run, dtype=args.dtype)
-    for name, steps in args.samplers:
-        scheduler_steps(pipe, name, steps)  # every sampler is checked before the first is drawn
     result = {"run": str(run), **{key: record[key] for key in ("images_seen", "training_time", "hardware")}}
-    result.update(grid_blobs(run), samplers=[])
+    result.update(grid_blobs(last_grid(run)), samplers=[])
     for name, steps in args.samplers:
         images = generate_digits(pipe, args.num_samples, scheduler=name, num_inference_steps=steps, seed=args.seed)
-        confidence = classifier_outputs(images, reference.classifier, progress=False).logits.softmax(1).max(1).values
-        quality = reference.score(images)
+        outputs = classifier_outputs(images, reference.classifier, progress=False)
+        quality = sample_quality(outputs, reference.outputs, seed=args.seed)
         result["samplers"].append({
             "sampler": f"{name}:{steps}",
-            "readable": (confidence >= READABLE_CONFIDENCE).float().mean().item(),
+            "readable": (outputs.logits.softmax(1).max(1).values >= READABLE_CONFIDENCE).float().mean().item(),
             "mean_confidence": quality.mean_confidence,
             "fid": quality.fid,
             "fid_vs_floor": quality.fid / reference.floor(args.num_samples).fid,
@@ -105,14 +106,18 @@ def markdown_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    runs = [Path(run) for run in args.runs]
-    for run in runs:
-        if not (run / "training.json").is_file():
-            raise UsageError(f"{run} has no training.json; pass the output folder of a finished train.py run.")
+    runs, pipes = [Path(run) for run in args.runs], []
     with usage_errors("num_samples", "dataset_name"):
+        for run in runs:  # every run and sampler is checked before the first digit is drawn
+            if not (run / "training.json").is_file():
+                raise UsageError(f"{run} has no training.json; pass the output folder of a finished train.py run.")
+            last_grid(run)
+            pipes.append(load_pipeline(run, dtype=args.dtype))
+            for name, steps in args.samplers:
+                scheduler_steps(pipes[-1], name, steps)
         reference = QualityReference(args.dataset_name, seed=args.seed)
         floor = reference.floor(args.num_samples)
-        results = [score_run(run, args, reference) for run in runs]
+        results = [score_run(run, pipe, args, reference) for run, pipe in zip(runs, pipes, strict=True)]
     print(markdown_table(results))
     confidence = floor.mean_confidence
     print(f"\nreal floor, {args.num_samples} training digits: FID {floor.fid:.3f}, confidence {confidence:.3f}")

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("pipeline", metavar="PIPELINE", help="a folder saved by save_pretrained, or a Hub repo id")
     add("--schedulers", nargs="+", choices=SCHEDULERS, default=list(SCHEDULERS), metavar="NAME",
         help=f"schedulers to compare, of {', '.join(SCHEDULERS)} (default: {' '.join(SCHEDULERS)})")  # fmt: skip
-    add("--num_inference_steps", nargs="+", type=int, default=DEFAULT_STEPS, help="step counts of each scheduler, "
-        f"those above the pipeline's T skipped (default: {default_steps})")  # fmt: skip
+    add("--num_inference_steps", nargs="+", type=int, default=DEFAULT_STEPS,
+        help=f"step counts per scheduler, those above the pipeline's T skipped (default: {default_steps})")  # fmt: skip
     add("--num_samples", type=int, default=1000, help="digits sampled per cell (default: %(default)s)")
     add("--reference_images", type=int, default=10_000,
         help="MNIST test digits to compare with, the first ones of the split (default: %(default)s)")  # fmt: skip

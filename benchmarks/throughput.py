@@ -232,7 +232,7 @@ def diffusers_loop_rate(args: argparse.Namespace, mixed_precision: str, steps: t
     return (steps[1] - steps[0]) * args.train_batch_size / (seconds[steps[1]] - seconds[steps[0]])
 
 
-def measure_end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def measure_end_to_end(args: argparse.Namespace) -> dict[str, float]:
     """train.py (subprocess, two lengths) against the diffusers loop in fp32 and bf16, alternately."""
     short, long = args.e2e_steps
     train_py, loop = [], {"fp32": [], "bf16": []}
@@ -361,7 +361,7 @@ def main() -> None:
     if "models" in args.parts:
         results |= {preset: measure_models(args, device, preset) for preset in args.presets}
     # The other parts in this order, each under its own name.
-    parts = {"profile": profile_training, "sample": measure_pipelines, "e2e": measure_end_to_end}
+    parts = {"profile": profile_training, "sample": measure_pipelines, "e2e": lambda args, _: measure_end_to_end(args)}
     for part, measure in {**parts, "quality": measure_quality, "data": measure_data}.items():
         if part in args.parts:
             results[part] = measure(args, device)

@@ -279,8 +279,9 @@ def seed_spread_line(
     """
     runs = [quality, *spread]
 
-    def span(values: list[float], spec: str) -> str:
-        return f"{min(values):{spec}} to {max(values):{spec}}"
+    def span(values: list[float], spec: str) -> str:  # one value where the seeds agree to the digits shown
+        low, high = f"{min(values):{spec}}", f"{max(values):{spec}}"
+        return low if low == high else f"{low} to {high}"
 
     ratios = [q.fid / floor.fid for q in runs]
     per_seed = accuracies or [None] * len(runs)

@@ -157,6 +157,9 @@ def test_the_seed_spread_gives_ranges_and_counts_the_seeds_that_meet_every_targe
         "every target is met at 1 of these 3 seeds. The verdicts above are the card's seed alone, and every ratio uses "
         "the one floor above (itself one draw of real digits)."
     )
+    # Seeds that agree to the digits shown give one value, not "39.00 to 39.00".
+    same = seed_spread_line(release_module["TARGETS"], quality(0.96, 0.08, 39.0), [quality(0.96, 0.08, 39.001)], floor)
+    assert "give FID 39.00 (1.95x the floor, mean 1.95x), mean confidence 0.960 and a rarest digit at 8.0%;" in same
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io("--resume_from_checkpoint", help="'latest', or a checkpoint folder in --output_dir/checkpoints")
     io("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
     io("--num_samples", type=int, default=16, help="digits in each sample grid")
-    io("--scheduler", default="ddpm", choices=list(SCHEDULERS), help="the scheduler that draws the sample grids")
+    io("--scheduler", default="ddpm", choices=list(SCHEDULERS), help="scheduler of the grids and the card's code")
     io("--num_inference_steps", "--ddpm_num_inference_steps", type=int, default=1000, help="steps of the sample grids")
     io("--logger", default="tensorboard", help="an accelerate tracker (tensorboard, wandb, ...)")
     io("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
