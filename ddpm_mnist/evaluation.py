@@ -95,9 +95,10 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str, num_inference_steps: int | None = None) -> int:
-    """The checked step count of the named scheduler on `pipe`: by default all T steps for ddpm, 50 for the others."""
-    if scheduler not in SCHEDULERS:
+def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str | None, num_inference_steps: int | None = None) -> int:
+    """The checked step count of the named scheduler on `pipe` (None: the pipeline's own, as a distilled student's): by
+    default all T steps for ddpm, 50 for the others."""
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}; pass one of them.")
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if num_inference_steps is None:
@@ -127,7 +128,7 @@ def generate_digits(
     pipe: DDPMMnistPipeline,
     num_samples: int,
     *,
-    scheduler: str = "ddpm",
+    scheduler: str | None = "ddpm",
     num_inference_steps: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
@@ -137,7 +138,8 @@ def generate_digits(
     progress: bool = True,
 ) -> torch.Tensor:
     """`num_samples` digits (N, 1, 28, 28) in [0, 1], float32 on the CPU, from the named scheduler (Algorithm 2 for
-    ddpm) on the pipeline's schedule, batch by batch from one CPU generator seeded with `seed`.
+    ddpm; None: the pipeline's own, as a distilled student's) on the pipeline's schedule, batch by batch from one CPU
+    generator seeded with `seed`.
 
     A class-conditional pipeline draws digit `class_labels[i]` as sample i (one label per sample; None: any digit),
     with classifier-free guidance when `guidance_scale` is above 1 (at the timesteps of `guidance_interval` only, if
@@ -150,9 +152,10 @@ def generate_digits(
         raise ValueError(f"got {len(class_labels)} class_labels for num_samples {num_samples}; pass one per sample.")
     pipe.check_class_inputs(class_labels, guidance_scale, num_samples, guidance_interval)
     saved_scheduler = pipe.scheduler
-    pipe.scheduler = SCHEDULERS[scheduler].from_config(saved_scheduler.config)
+    if scheduler is not None:
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(saved_scheduler.config)
     generator = torch.Generator().manual_seed(seed)
-    starts = range(0, num_samples, batch_size)
+    starts, name = range(0, num_samples, batch_size), scheduler or "own scheduler"
     try:
         batches = [
             pipe(
@@ -164,7 +167,7 @@ def generate_digits(
                 num_inference_steps=steps,
                 output_type="pt",
             ).images
-            for start in tqdm(starts, desc=f"sampling, {scheduler} {steps} steps", unit="batch", disable=not progress)
+            for start in tqdm(starts, desc=f"sampling, {name} {steps} steps", unit="batch", disable=not progress)
         ]
     finally:
         pipe.scheduler = saved_scheduler

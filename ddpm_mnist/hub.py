@@ -123,7 +123,7 @@ def save_training_run(
     dataset_name: str,
     training: dict[str, Any],
     samples_image: str | None = None,
-    samples_scheduler: tuple[str, int] | None = None,
+    samples_scheduler: tuple[str | None, int] | None = None,
 ) -> None:
     """The end of a training run in `output_dir`: the pipeline folder, its model card, and `training.json`.
 

@@ -71,7 +71,7 @@ def render_model_card(
     *,
     dataset_name: str = CARD_DATASET,
     pictures: Mapping[str, str] | None = None,
-    recommended_scheduler: tuple[str, int] | None = None,
+    recommended_scheduler: tuple[str | None, int] | None = None,
     recommended_guidance_scale: float | None = None,
     training: Mapping[str, Any] | None = None,
     eval_results: Mapping[str, float] | None = None,
@@ -85,10 +85,11 @@ def render_model_card(
         dataset_name: the training data; a local copy is named by its Hub id, `CARD_DATASET`.
         pictures: paths inside the repo by the names of `PICTURES`, e.g. {"grid": "samples/grid.png"}.
         recommended_scheduler: (scheduler name, steps) the evaluation supports, used in the card's code; by default
-            the paper's DDPM on all T steps.
+            the paper's DDPM on all T steps. A name of None is the pipeline's own scheduler, as a distilled student's.
         recommended_guidance_scale: the classifier-free guidance a class-conditional card's code draws with (None:
             none). Its code also completes and interpolates digits, the latter at t = T / `INTERPOLATION_T_DIVISOR`.
-        training: the run's training record (None: a pipeline pushed from memory).
+        training: the run's training record (None: a pipeline pushed from memory), or a distillation's (with
+            `pretrained_teacher_model`, see `training/distill.py`), which the card describes as a student's.
         eval_results: scores by `METRICS` key, rounded to each metric's digits into the `model-index` metadata and,
             unless `evaluation` is given, into a table of their own.
         evaluation: Markdown for the card's evaluation section (see `evaluation_section`).
@@ -116,8 +117,11 @@ def render_model_card(
     )  # fmt: skip
     unet_config, schedule = pipeline.unet.config, pipeline.scheduler.config
     scheduler_name, recommended_steps = recommended_scheduler or ("ddpm", schedule.num_train_timesteps)
-    # The class a conditional card's code swaps in; none for ddpm, the pipeline's own scheduler.
-    scheduler_class = None if scheduler_name == "ddpm" else SCHEDULERS[scheduler_name].scheduler_class.__name__
+    # The class a conditional card's code swaps in; none for ddpm or None, the pipeline's own scheduler.
+    own = scheduler_name in (None, "ddpm")
+    scheduler_class = None if own else SCHEDULERS[scheduler_name].scheduler_class.__name__
+    own_scheduler = type(pipeline.scheduler).__name__ if scheduler_name is None else None
+    teacher = training if training and "pretrained_teacher_model" in training else None  # a distilled student's run
     # The package's home page (`url` in setup.py) from its installed metadata; none when unset or not installed.
     try:
         homepage = importlib.metadata.metadata(DISTRIBUTION).get("Home-page")
@@ -132,6 +136,7 @@ def render_model_card(
         card_data, template_path=str(CARD_TEMPLATE), model_name=model_name, repo_id=repo_id, homepage=homepage,
         dataset_name=dataset_id, local_dataset=not is_hub_dataset,  # the card names the Hub dataset, never a local path
         pictures=pictures, recommended_scheduler=scheduler_name, recommended_steps=recommended_steps,
+        own_scheduler=own_scheduler, teacher=teacher,
         class_conditional=conditional, scheduler_class=scheduler_class, guidance_scale=recommended_guidance_scale,
         interpolation_t=schedule.num_train_timesteps // INTERPOLATION_T_DIVISOR, evaluation=evaluation,
         preset=preset, num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",

@@ -9,29 +9,38 @@ arguments (`output_dir`); an entry point turns those names into its flags with `
 
 from __future__ import annotations
 
+import argparse
+import copy
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import psutil
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast
 from diffusers import SchedulerMixin
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .hardware import auto_mixed_precision, describe_device, idle_cores_warning
+from .hub import check_push_access, push_training_run, save_training_run
+from .image_utils import SAMPLE_GRID_UPSCALE, digit_grid
+from .pipeline_ddpm_mnist import DDPMMnistPipeline
 
 logger = get_logger(__name__)
 
@@ -101,6 +110,116 @@ def clear_output_dir(output_dir: Path) -> None:
             path.unlink()
 
 
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a training script's flags, with `--config`: a JSON file of flag values (keys as the flags, without
+    dashes) that sets their defaults, flags given on the command line still winning. Unknown keys are refused."""
+    parser.add_argument("--config", help="a JSON file of flag values (keys as the flags, without dashes)")
+    args = parser.parse_args(argv)
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {args.config} is not a readable JSON file ({e}).")
+        unknown = sorted(set(config) - set(vars(args)))
+        if unknown:
+            parser.error(f"{args.config} has unknown keys: {', '.join(unknown)}; use the flag names without dashes.")
+        parser.set_defaults(**config)
+        args = parser.parse_args(argv)
+    return args
+
+
+def add_optimizer_flags(
+    add: Callable[..., Any], learning_rate: float, lr_warmup_steps: int, ema_max_decay: float
+) -> None:
+    """The optimizer, learning-rate schedule, EMA and precision flags every training script shares, through a parser
+    group's `add_argument` (`add`), with the script's own defaults for the three named."""
+    add("--learning_rate", type=float, default=learning_rate, help="peak learning rate")
+    add("--lr_scheduler", default="constant_with_warmup", help="a diffusers get_scheduler name, over the run's steps")
+    add("--lr_warmup_steps", type=int, default=lr_warmup_steps, help="learning-rate warm-up steps")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    add("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    add("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="EMA of weights")
+    add("--ema_max_decay", type=float, default=ema_max_decay, help="EMA decay after warm-up")
+    add("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inv_gamma")
+    add("--ema_power", type=float, default=3 / 4, help="EMA warm-up power")
+    add("--mixed_precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 where the "
+        "hardware computes it natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or AVX512-BF16), else fp32; an "
+        "accelerate config's fp16/bf16 also wins over auto")  # fmt: skip
+
+
+def add_run_flags(add: Callable[..., Any]) -> None:
+    """The run folder's checkpoint, sample-grid, logging and Hub flags every training script shares."""
+    add("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
+    add("--checkpoints_total_limit", type=int, help="keep at most N checkpoints")
+    add("--resume_from_checkpoint", help="'latest', or a checkpoint folder in --output_dir/checkpoints")
+    add("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
+    add("--num_samples", type=int, default=16, help="digits in each sample grid")
+    add("--logger", default="tensorboard", help="an accelerate tracker (tensorboard, wandb, ...)")
+    add("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
+    add("--push_to_hub", action="store_true", help="upload the final pipeline to the Hub")
+    add("--hub_model_id", help="the Hub repo, user/name (default: output_dir's name)")
+    add("--hub_private_repo", action="store_true", help="create the Hub repo private")
+
+
+def make_ema(unet: torch.nn.Module, args: argparse.Namespace) -> EMAModel | None:
+    """The exponential moving average of the weights, with warm-up (the released weights), as `add_optimizer_flags`'
+    flags set it; None with --no-use_ema."""
+    if not args.use_ema:
+        return None
+    decay, inv_gamma, power = args.ema_max_decay, args.ema_inv_gamma, args.ema_power
+    return EMAModel(unet.parameters(), decay=decay, use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
+
+
+def check_ranges(settings: Mapping[str, Any], ranges: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Refuse a setting outside its range: `ranges` maps the range in words ("positive") to its test and the names of
+    the settings it holds for; a ValueError `name must be <words>, got <value>.`. None means "not set"."""
+    for words, (allowed, names) in ranges.items():
+        for name in names.split():
+            value = settings.get(name)
+            if value is not None and not allowed(value):
+                raise ValueError(f"{name} must be {words}, got {value}.")
+
+
+def check_run_folder(output_dir: Path, resume_from_checkpoint: str | None, overwrite_output_dir: bool) -> None:
+    """Refuse an `output_dir` that is a file, a checkpoint to resume outside its `checkpoints/`, and a folder holding a
+    run that is neither resumed nor to be overwritten: a ValueError naming the arguments, before any work."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} is a file; pass a folder (new, or one of your runs to resume).")
+    checkpoint = None if resume_from_checkpoint in (None, "latest") else Path(resume_from_checkpoint)
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise ValueError(
+            f"resume_from_checkpoint {checkpoint} is not a folder; pass 'latest' or one of "
+            f"{output_dir / 'checkpoints'}/checkpoint-N."
+        )
+    if checkpoint is not None and checkpoint.resolve().parent != (output_dir / "checkpoints").resolve():
+        raise ValueError(
+            f"resume_from_checkpoint {checkpoint} is not in {output_dir / 'checkpoints'}; checkpoints are read only "
+            "from the run's own output_dir: pass that run's folder as output_dir."
+        )
+    holds = run_in(output_dir)
+    if holds and resume_from_checkpoint is None and not overwrite_output_dir:
+        raise ValueError(
+            f"output_dir {output_dir} already holds {holds}; continue it with resume_from_checkpoint latest, "
+            "replace it with overwrite_output_dir, or pass a new folder."
+        )
+
+
+def check_hub_target(repo_id: str) -> str:
+    """The full user/name of `repo_id` once the Hub token is known to write to it; a ValueError naming
+    `hub_model_id` or `push_to_hub` otherwise, before any work."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"hub_model_id is not a valid repo id ({e}); pass one like user/ddpm-mnist.") from e
+    try:
+        return check_push_access(repo_id)
+    except ValueError as e:
+        raise ValueError(f"push_to_hub needs a Hub token that can write to {repo_id}: {e}") from e
+
+
 class OutputDirLock:
     """An exclusive lock on `output_dir/.train.lock`, held for the whole run by the main process.
 
@@ -132,6 +251,29 @@ class OutputDirLock:
         self.file.truncate(0)
         self.file.write(f"pid {os.getpid()}\n")
         self.file.flush()
+
+
+def claim_run_folder(
+    state: PartialState,
+    lock: OutputDirLock,
+    resume_path: Path | None,
+    settings: dict,
+    must_keep: list[str],
+    may_change: list[str],
+    overwrite_output_dir: bool = False,
+) -> None:
+    """Make the lock's folder this run's, on every process: the checkpoint to resume checked against `settings` (see
+    `check_resume`), the lock taken by the main process (the folder created only now, with every input checked), and a
+    previous run cleared with `overwrite_output_dir` when not resuming. A ValueError names `output_dir`."""
+    if state.is_main_process and lock.path.parent.is_dir():
+        lock.acquire()  # a folder another training holds is refused first, before any checkpoint is read
+    if resume_path is not None:
+        check_resume(resume_path, settings, must_keep, may_change)  # logs the changes it allows
+    if state.is_main_process:
+        lock.acquire()
+        if overwrite_output_dir and resume_path is None:
+            clear_output_dir(lock.path.parent)
+    state.wait_for_everyone()
 
 
 class TrainingProgress:
@@ -377,3 +519,79 @@ def progress_bar(
     `time_limit` (seconds), which may end the run before its steps, the bar has no total: steps done and their rate."""
     total = None if time_limit else max(max_train_steps, progress.global_step)
     return tqdm(total=total, initial=progress.global_step, unit="step", disable=disable)
+
+
+def grid_pipeline(unet: torch.nn.Module, scheduler: SchedulerMixin, ema: EMAModel | None) -> DDPMMnistPipeline:
+    """A pipeline around a copy of the weights to sample and save: the EMA ones when there is an EMA."""
+    unet = copy.deepcopy(unet).eval()
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    pipeline = DDPMMnistPipeline(unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@dataclass
+class SampleGrids:
+    """The run's fixed-seed sample grids, `output_dir/samples/step-N.png`, upscaled (nearest) so that digits are
+    readable: `num_samples` digits on `num_inference_steps` steps of the pipeline's scheduler; a class-conditional
+    model draws one row per class (`num_samples` rounded up to whole rows)."""
+
+    output_dir: Path
+    num_samples: int
+    num_inference_steps: int
+    seed: int
+
+    def path(self, step: int) -> Path:
+        """Where the grid of `step` goes."""
+        return self.output_dir / "samples" / f"step-{step:07d}.png"
+
+    def save(self, accelerator: Accelerator, pipeline: DDPMMnistPipeline, step: int) -> Path:
+        """Draw and save the grid of `step` (also sent to tensorboard); return its path."""
+        generator = torch.Generator(device=pipeline.device).manual_seed(self.seed)
+        rows, cols = None, None
+        if pipeline.is_class_conditional:
+            rows = pipeline.unet.config.num_class_embeds
+            cols = math.ceil(self.num_samples / rows)
+        images = pipeline(
+            batch_size=None if rows else self.num_samples,
+            class_labels=torch.arange(rows).repeat_interleave(cols) if rows else None,
+            generator=generator,
+            num_inference_steps=self.num_inference_steps,
+            output_type="pt",
+        ).images
+        grid = digit_grid(images, cols=cols, upscale=SAMPLE_GRID_UPSCALE)
+        path = self.path(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HW")
+        return path
+
+
+def save_run(
+    accelerator: Accelerator,
+    pipeline: DDPMMnistPipeline,
+    grids: SampleGrids,
+    step: int,
+    repo_id: str,
+    *,
+    dataset_name: str,
+    training: dict[str, Any],
+    samples_scheduler: tuple[str | None, int],
+    push_to_hub: bool = False,
+    hub_private_repo: bool = False,
+) -> None:
+    """The run's pipeline folder (`grids.output_dir`): the weights (safetensors) with the pipeline's scheduler, the last
+    step's sample grid, the model card (its code drawing with `samples_scheduler`, as the grids) and `training.json`;
+    then the push to `repo_id`, with `push_to_hub`."""
+    output_dir, grid_path = grids.output_dir, grids.path(step)
+    if not grid_path.exists():  # the last step may have drawn its grid already
+        grids.save(accelerator, pipeline, step)
+    save_training_run(
+        pipeline, output_dir, repo_id, dataset_name=dataset_name, training=training,
+        samples_image=grid_path.relative_to(output_dir).as_posix(), samples_scheduler=samples_scheduler,
+    )  # fmt: skip
+    if push_to_hub:
+        logger.info(f"pushed {output_dir} to {push_training_run(output_dir, repo_id, hub_private_repo)}")

@@ -42,7 +42,10 @@ from ddpm_mnist.pipeline_ddpm_mnist_inpaint import (
 from ddpm_mnist.schedulers import SCHEDULERS
 
 APP_DIR = Path(__file__).resolve().parent
-RELEASES = ("ddpm-mnist-small", "ddpm-mnist-cond-small")  # the released pipelines: pretrained/<name>, or the Hub
+# The released pipelines: pretrained/<name>, or the Hub. The first conditional one is the app's first model.
+RELEASES = ("ddpm-mnist-small", "ddpm-mnist-cond-small-4step", "ddpm-mnist-cond-small")
+# A distilled student draws only (in a few steps): the Complete and Interpolate tabs use its teacher, when served.
+TEACHERS = {"ddpm-mnist-cond-small-4step": "ddpm-mnist-cond-small"}
 MODELS_VARIABLE = "DDPM_MNIST_MODELS"
 
 
@@ -58,6 +61,8 @@ class SamplingSetting(NamedTuple):
 RECOMMENDED_SETTINGS = {
     "ddpm-mnist-small": SamplingSetting("unipc", 20, 1.0),
     "ddpm-mnist-cond-small": SamplingSetting("unipc", 20, 1.5),
+    # Its own scheduler (DDIM on trailing timesteps, as saved), four steps, the teacher's guidance built in.
+    "ddpm-mnist-cond-small-4step": SamplingSetting("ddim", 4, 1.0),
 }
 OTHER_MODELS_SETTING = SamplingSetting("ddpm", 50, 2.0)
 INTERPOLATION_STEPS = 50  # the Interpolate tab's chain: the pipeline's DDPM on 50 respaced steps of the 1000
@@ -191,6 +196,11 @@ class DigitDemo:
         self.classifier = load_mnist_classifier(device=device)
         self.test_digits = bundled_test_digits()
 
+    def editing_model(self, model: str) -> str:
+        """The model the Complete and Interpolate tabs run for `model`: its teacher for a distilled student (which
+        draws from noise in a few steps, not along a long chain), where the app serves it."""
+        return TEACHERS[model] if TEACHERS.get(model) in self.pipelines else model
+
     def guidance(self, model: str, digit: str, count: int, scale: float, low: float, high: float | None) -> dict:
         """The pipeline's `class_labels` (`count` of the chosen digit, or None for any digit), `guidance_scale` (1
         without labels) and `guidance_interval` (None for every step: 0 to T; `high` None: T) from a tab's fields."""
@@ -252,6 +262,7 @@ class DigitDemo:
     ) -> tuple[list[tuple[Image.Image, str]], str]:  # fmt: skip
         """The tab's gallery (what the model keeps of the sketch, the region it redraws in grey, then its completions
         of a few seeds with what the classifier reads in each) and how long it took."""
+        model = self.editing_model(model)
         pipe = self.pipelines[model]
         known = sketch_to_digit(sketch, pipe.config.image_size)
         keep = keep_mask(known, region)
@@ -288,7 +299,8 @@ class DigitDemo:
             (_upscaled(image[None]), f"seed {first_seed + i}: reads {int(read[i])} ({float(confidence[i]):.0%})")
             for i, image in enumerate(images)
         ]
-        info = f"{count} completions in {seconds:.2f} s (RePaint, {steps} steps, {calls} UNet calls; {self.hardware})"
+        info = f"{count} completions in {seconds:.2f} s ({model}, RePaint, {steps} steps, {calls} UNet calls; "
+        info += f"{self.hardware})"
         return pictures, info
 
     def test_digit(self, index: float) -> torch.Tensor:
@@ -301,6 +313,7 @@ class DigitDemo:
         num_inference_steps: float, seed: float, progress: gr.Progress = PROGRESS_OF_TQDM,
     ) -> tuple[Image.Image, str]:  # fmt: skip
         """The row between two test digits, lambda from 0 (digit A) to 1 (digit B), and how long it took."""
+        model = self.editing_model(model)
         decoder = _fresh(self.pipelines[model])
         decoder.set_progress_bar_config(desc="decoding the row")  # what the progress bar follows
         t = _whole(timestep, "t")
@@ -313,7 +326,8 @@ class DigitDemo:
             decoder, a, b, t=t, lambdas=lambdas, num_inference_steps=steps, generator=generator, output_type="pt"
         ).images
         seconds = time.perf_counter() - start
-        info = f"{len(lambdas)} digits through t = {t} in {seconds:.2f} s ({steps}-step chain; {self.hardware})"
+        info = f"{len(lambdas)} digits through t = {t} in {seconds:.2f} s ({model}, {steps}-step chain; "
+        info += f"{self.hardware})"
         return _upscaled(images, cols=len(lambdas)), info
 
 

@@ -248,7 +248,7 @@ def test_interpolate_returns_the_row(client: Client) -> None:
     # Test digits 0 and 1, mixed at t = 100 into 6 images and decoded on a 20-step chain (its 3 steps at or below t).
     row, info = client.predict("tiny", 0, 1, 100, 6, 20, 0, api_name="/interpolate")
     assert pixels(row).shape == (TILE, 6 * TILE)
-    assert re.fullmatch(r"6 digits through t = 100 in \d+\.\d\d s \(20-step chain; .*\)", info)
+    assert re.fullmatch(r"6 digits through t = 100 in \d+\.\d\d s \(\S+, 20-step chain; .*\)", info)
 
 
 @pytest.mark.parametrize("release", ["ddpm-mnist-small", "ddpm-mnist-cond-small"])

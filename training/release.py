@@ -78,6 +78,7 @@ from ddpm_mnist.model_card import (
     INTERPOLATION_T_DIVISOR,
     evaluation_section,
     figure,
+    markdown_table,
     model_index_results,
     render_model_card,
 )
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("run", nargs="?", help="the output_dir of a finished training/train.py run")
     source.add_argument("--gpu_results", help="instead of a run: the folder benchmarks/gpu_run.sh brought back")
+    student = "with a finished training/distill.py run: the JSON benchmarks/distillation.py wrote of its student"
+    p.add_argument("--distillation_results", help=student)
     p.add_argument("--output_dir", required=True, help="the release folder to write (must not exist)")
     p.add_argument("--hub_model_id", required=True, help="the Hub id the release would have, user/name")
     p.add_argument("--dataset_name", default=DEFAULT_DATASET, help="MNIST, a Hub id or a local copy")
@@ -176,15 +179,23 @@ def check_args(args: argparse.Namespace) -> None:
             f"--time_to_quality_image {args.time_to_quality_image} is not a file; pass the PNG that "
             "benchmarks/time_to_quality.py drew, or leave the flag out."
         )
-    if args.gpu_results is not None:
+    measured = "--gpu_results" if args.gpu_results is not None else "--distillation_results"
+    if args.gpu_results is not None or args.distillation_results is not None:
         defaults = build_parser()
         for name in RUN_FLAGS:
             if getattr(args, name) != defaults.get_default(name):
-                raise UsageError(
-                    f"--{name} plays no part with --gpu_results, whose run sampled and scored itself; leave it out."
-                )
+                raise UsageError(f"--{name} plays no part with {measured}, which hold the scores; leave it out.")
+    if args.gpu_results is not None:
         return
     run = Path(args.run)
+    if args.distillation_results is not None:
+        record = run / "training.json"
+        if not record.is_file() or "pretrained_teacher_model" not in json.loads(record.read_text())["training"]:
+            raise UsageError(f"{run} is not a finished training/distill.py run (its training.json names no teacher).")
+        if not Path(args.distillation_results).is_file():
+            raise UsageError(f"--distillation_results {args.distillation_results} is not a file; pass the JSON that "
+                             "benchmarks/distillation.py wrote with --output.")  # fmt: skip
+        return
     for name in ("model_index.json", "training.json", "logs", "unet/config.json"):
         if not (run / name).exists():
             raise UsageError(f"{run / name} is missing; pass the output_dir of a finished train.py run.")
@@ -387,6 +398,73 @@ def read_gpu_results(args: argparse.Namespace, scratch: Path, samples: Path) -> 
     return pipe, card, {"output_dir": args.output_dir, "training": record["training"], "fast": fast, "nll": nll}
 
 
+def read_distillation(args: argparse.Namespace, samples: Path) -> Release:
+    """The release of a distilled student (a finished distill.py run), its quality and speed read from
+    --distillation_results (`benchmarks/distillation.py`): nothing is sampled; the run's last grid is the card's."""
+    run = Path(args.run)
+    with usage("--distillation_results"):
+        results = json.loads(Path(args.distillation_results).read_text())
+        settings, timing, floor = results["settings"], results.get("timing"), results["floor_fid"]
+    record = json.loads((run / "training.json").read_text())["training"]
+    pipe = DDPMMnistPipeline.from_pretrained(run)
+    shutil.copyfile(sorted((run / "samples").glob("step-*.png"))[-1], samples / "grid.png")
+    steps = results["args"]["timing_steps"]
+    recommended = settings[f"student, {steps} steps"]
+    mean = {key: float(np.mean(recommended[key])) for key in ("fid", "class_accuracy", "mean_confidence")}
+    calls = {"teacher": 2 * record["teacher_num_inference_steps"]}
+    rows = [
+        [name, str(calls.get(name, name.split(", ")[-1].split()[0])), ", ".join(f"{f:.2f}" for f in r["fid"]),
+         f"{r['fid_over_floor']:.2f}x", f"{r['fid_over_teacher']:.2f}x",
+         ", ".join(f"{a:.1%}" for a in r["class_accuracy"]), ", ".join(f"{c:.3f}" for c in r["mean_confidence"])]
+        for name, r in settings.items()
+    ]  # fmt: skip
+    header = ["sampler", "U-Net calls per digit", "FID per seed", "FID / floor", "FID / teacher's", "class accuracy",
+              "mean confidence"]  # fmt: skip
+    parts = [
+        f"Measured with `benchmarks/distillation.py` on {results['machine']}: per setting and seed (seeds "
+        f"{', '.join(map(str, results['args']['seeds']))}), {results['args']['num_samples']:,} digits with balanced "
+        "labels, scored with ddpm-mnist's MNIST classifier against the 10,000 test digits (FID on its features, "
+        f"not Inception's; the real-vs-real floor at the same N is {floor:.2f}). The teacher draws at its card's "
+        f"setting, `{record['teacher_scheduler']}` on {record['teacher_num_inference_steps']} steps at guidance "
+        f"{record['guidance_scale']} (two U-Net calls a step); the student on its own scheduler, one call a step.",
+        markdown_table(header, rows),
+    ]
+    if timing:
+        parts.append(
+            f"Time to 1,000 digits in batches of {results['args']['batch_size']}, in one process on that CPU "
+            f"({timing['precision']} U-Nets; diffusers' `DDPMPipeline` in fp32, as a diffusers user runs it):\n\n"
+            + markdown_table(
+                ["sampler", "seconds", "the student is"],
+                [
+                    [f"the student, {steps} steps", f"{timing[f'student_{steps}_steps_s']:.1f}", ""],
+                    [
+                        "the teacher at its card's setting",
+                        f"{timing['teacher_s']:.1f}",
+                        f"{timing['speedup_vs_teacher']:.1f}x faster",
+                    ],
+                    [
+                        "`DDPMPipeline`, `DDPMScheduler` on 50 steps, same U-Net",
+                        f"{timing['ddpmpipeline_50_steps_fp32_s']:.1f}",
+                        f"{timing['speedup_vs_ddpmpipeline']:.1f}x faster",
+                    ],
+                ],
+            )  # fmt: skip
+        )
+    parts.append(
+        f"Distilled with `training/distill.py` (recipe `training/recipes/distill-cond-small.json`) in "
+        f"{record['training_time']} on {record['hardware']}, {record['mixed_precision']}."
+    )
+    parts += [args.note] if args.note else []
+    card = {
+        "dataset_name": CARD_DATASET,
+        "training": record,
+        "recommended_scheduler": (None, steps),
+        "eval_results": mean,
+        "evaluation": "\n\n".join(parts),
+    }
+    return pipe, card, {"output_dir": args.output_dir, "recommended": mean, "timing": timing}
+
+
 def quality_scores(result: dict) -> SampleQuality:
     """The scores in a result of `ddpm-mnist evaluate --json` (or in its "floor")."""
     return SampleQuality(**{field.name: result[field.name] for field in fields(SampleQuality)})
@@ -529,6 +607,8 @@ def main(args: argparse.Namespace) -> None:
         (staging / "samples").mkdir(parents=True)
         if args.gpu_results is not None:
             pipe, card, report = read_gpu_results(args, Path(scratch), staging / "samples")
+        elif args.distillation_results is not None:
+            pipe, card, report = read_distillation(args, staging / "samples")
         else:
             pipe, card, report = measure_run(args, staging / "samples")
         write_release(pipe, card, staging, args)

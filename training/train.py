@@ -10,8 +10,6 @@ pipeline folder with its model card. The run folder's machinery (lock, checkpoin
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import logging
 import math
 from functools import partial
@@ -19,17 +17,13 @@ from itertools import islice
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pyarrow
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env, set_seed
-from diffusers import SchedulerMixin
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import (
@@ -42,23 +36,29 @@ from ddpm_mnist.data import (
 )
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point, usage_errors
 from ddpm_mnist.hardware import describe_device
-from ddpm_mnist.hub import check_push_access, push_training_run, save_training_run
-from ddpm_mnist.image_utils import SAMPLE_GRID_UPSCALE, digit_grid
 from ddpm_mnist.schedulers import SCHEDULERS
 from ddpm_mnist.training_utils import (
     OutputDirLock,
+    SampleGrids,
     StopRequest,
     TrainingProgress,
-    check_resume,
-    clear_output_dir,
+    add_optimizer_flags,
+    add_run_flags,
+    check_hub_target,
+    check_ranges,
+    check_run_folder,
+    claim_run_folder,
     find_checkpoint,
+    grid_pipeline,
     make_accelerator,
+    make_ema,
     min_snr_weight,
+    parse_with_config,
     progress_bar,
     recorded_settings,
     resumed_batches,
-    run_in,
     save_checkpoint,
+    save_run,
     stop_reason,
     time_budget_steps,
 )
@@ -75,7 +75,6 @@ NAN_FIX = "lower --learning_rate or use --mixed_precision fp32, then resume from
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags, named as in diffusers' `train_unconditional.py`; `--config` reads them from JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="a JSON file of flag values (keys as the flags, without dashes)")
     data = p.add_argument_group("data").add_argument
     data("--dataset_name", default=DEFAULT_DATASET, help="Hub dataset id, or a local folder/parquet")
     data("--dataset_config_name", help="the dataset's config name")
@@ -109,47 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           "measured at the start and kept on resume; beside a step or epoch budget, it stops the run")  # fmt: skip
     train("--num_epochs", type=int, help="passes over the data (default 100)")
     train("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    train("--learning_rate", type=float, default=2e-4, help="peak learning rate (the paper's)")
-    train("--lr_scheduler", default="constant_with_warmup", help="a diffusers get_scheduler name, over the run's steps")
-    train("--lr_warmup_steps", type=int, default=5000, help="learning-rate warm-up steps")
-    train("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    train("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    train("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    train("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    train("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
     train("--snr_gamma", type=float, help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual)")
-    train("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="EMA of weights")
-    train("--ema_max_decay", type=float, default=0.9999, help="EMA decay after warm-up")
-    train("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inv_gamma")
-    train("--ema_power", type=float, default=3 / 4, help="EMA warm-up power")
-    train("--mixed_precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: bf16 where the "
-          "hardware computes it natively (a CUDA GPU with bf16; a CPU with AMX-BF16 or AVX512-BF16), else fp32; an "
-          "accelerate config's fp16/bf16 also wins over auto")  # fmt: skip
+    add_optimizer_flags(train, learning_rate=2e-4, lr_warmup_steps=5000, ema_max_decay=0.9999)
     io = p.add_argument_group("checkpoints, samples, logging, Hub").add_argument
-    io("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
-    io("--checkpoints_total_limit", type=int, help="keep at most N checkpoints")
-    io("--resume_from_checkpoint", help="'latest', or a checkpoint folder in --output_dir/checkpoints")
-    io("--save_images_steps", type=int, default=1000, help="save a grid of EMA samples every N steps")
-    io("--num_samples", type=int, default=16, help="digits in each sample grid")
+    add_run_flags(io)
     io("--scheduler", default="ddpm", choices=list(SCHEDULERS), help="scheduler of the grids and the card's code")
     io("--num_inference_steps", "--ddpm_num_inference_steps", type=int, default=1000, help="steps of the sample grids")
-    io("--logger", default="tensorboard", help="an accelerate tracker (tensorboard, wandb, ...)")
-    io("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
-    io("--push_to_hub", action="store_true", help="upload the final pipeline to the Hub")
-    io("--hub_model_id", help="the Hub repo, user/name (default: output_dir's name)")
-    io("--hub_private_repo", action="store_true", help="create the Hub repo private")
-    args = p.parse_args(argv)
-    if args.config:
-        try:
-            config = json.loads(Path(args.config).read_text())
-        except (OSError, ValueError) as e:
-            p.error(f"--config {args.config} is not a readable JSON file ({e}).")
-        unknown = sorted(set(config) - set(vars(args)))
-        if unknown:
-            p.error(f"{args.config} has unknown keys: {', '.join(unknown)}; use the flag names without dashes.")
-        p.set_defaults(**config)
-        args = p.parse_args(argv)  # flags given on the command line still win
-    return args
+    return parse_with_config(p, argv)
 
 
 # Each numeric flag's range, in words, as a test, and the flags it holds for; None means "not set" for optional ones.
@@ -168,11 +133,8 @@ RANGES = {
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad flags with one line each, before any data, model or output folder is touched."""
-    for words, (allowed, names) in RANGES.items():
-        for name in names.split():
-            value = getattr(args, name)
-            if value is not None and not allowed(value):
-                raise UsageError(f"--{name} must be {words}, got {value}.")
+    with usage_errors(*" ".join(names for _, names in RANGES.values()).split()):
+        check_ranges(vars(args), RANGES)
     if args.class_embedding_lr is not None and not args.class_conditional:
         raise UsageError("--class_embedding_lr sets the class embedding's learning rate; add --class_conditional.")
     if args.num_inference_steps > args.ddpm_num_steps:
@@ -187,37 +149,10 @@ def check_args(args: argparse.Namespace) -> None:
             f"{source} is a model of {max(channels)}-channel images, and MNIST digits have one channel; use "
             "--preset mnist (32x32), mnist-small or tiny."
         )
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {output_dir} is a file; pass a folder (new, or one of your runs to resume).")
-    checkpoint = None if args.resume_from_checkpoint in (None, "latest") else Path(args.resume_from_checkpoint)
-    if checkpoint is not None and not checkpoint.is_dir():
-        raise UsageError(
-            f"--resume_from_checkpoint {checkpoint} is not a folder; pass 'latest' or one of "
-            f"{output_dir / 'checkpoints'}/checkpoint-N."
-        )
-    if checkpoint is not None and checkpoint.resolve().parent != (output_dir / "checkpoints").resolve():
-        raise UsageError(
-            f"--resume_from_checkpoint {checkpoint} is not in {output_dir / 'checkpoints'}; checkpoints are read only "
-            "from the run's own --output_dir: pass that run's folder as --output_dir."
-        )
-    holds = run_in(output_dir)
-    if holds and args.resume_from_checkpoint is None and not args.overwrite_output_dir:
-        raise UsageError(
-            f"--output_dir {output_dir} already holds {holds}; continue it with --resume_from_checkpoint latest, "
-            "replace it with --overwrite_output_dir, or pass a new folder."
-        )
-    if args.push_to_hub:
-        repo_id = args.hub_model_id or output_dir.name
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as e:
-            raise UsageError(f"--hub_model_id is not a valid repo id ({e}); pass one like user/ddpm-mnist.") from e
-        try:
-            # The full user/name, so that the model card's code names the repo the push creates.
-            args.hub_model_id = check_push_access(repo_id)
-        except ValueError as e:
-            raise UsageError(f"--push_to_hub needs a Hub token that can write to {repo_id}: {e}") from e
+    with usage_errors("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "hub_model_id", "push_to_hub"):
+        check_run_folder(Path(args.output_dir), args.resume_from_checkpoint, args.overwrite_output_dir)
+        if args.push_to_hub:  # the full user/name, so that the model card's code names the repo the push creates
+            args.hub_model_id = check_hub_target(args.hub_model_id or Path(args.output_dir).name)
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -401,61 +336,13 @@ def make_optimizer(
     return optimizer, get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def make_ema(unet: DDPMMnistUNet, args: argparse.Namespace) -> EMAModel | None:
-    """The exponential moving average of the weights, with warm-up (the released weights); None with --no-use_ema."""
-    if not args.use_ema:
-        return None
-    decay, inv_gamma, power = args.ema_max_decay, args.ema_inv_gamma, args.ema_power
-    return EMAModel(unet.parameters(), decay=decay, use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Sample grids, the record of the run, the machine
 
 
-def grid_pipeline(unet: DDPMMnistUNet, scheduler: SchedulerMixin, ema: EMAModel | None) -> DDPMMnistPipeline:
-    """A pipeline around a copy of the weights to sample and save: the EMA ones when there is an EMA."""
-    unet = copy.deepcopy(unet).eval()
-    if ema is not None:
-        ema.copy_to(unet.parameters())
-    pipeline = DDPMMnistPipeline(unet=unet, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def save_sample_grid(
-    accelerator: Accelerator, pipeline: DDPMMnistPipeline, step: int, args: argparse.Namespace
-) -> Path:
-    """A fixed-seed grid of samples, `samples/step-N.png`, upscaled 4x (nearest) so that digits are readable.
-
-    A class-conditional model draws one row per class (`--num_samples` rounded up to whole rows). Also sent to
-    tensorboard. Returns the grid's path.
-    """
-    generator = torch.Generator(device=pipeline.device).manual_seed(args.seed)
-    rows, cols = None, None
-    if pipeline.is_class_conditional:
-        rows = pipeline.unet.config.num_class_embeds
-        cols = math.ceil(args.num_samples / rows)
-    images = pipeline(
-        batch_size=None if rows else args.num_samples,
-        class_labels=torch.arange(rows).repeat_interleave(cols) if rows else None,
-        generator=generator,
-        num_inference_steps=args.num_inference_steps,
-        output_type="pt",
-    ).images
-    grid = digit_grid(images, cols=cols, upscale=SAMPLE_GRID_UPSCALE)
-    path = sample_grid_path(args, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HW")
-    return path
-
-
-def sample_grid_path(args: argparse.Namespace, step: int) -> Path:
-    """Where the sample grid of `step` goes."""
-    return Path(args.output_dir) / "samples" / f"step-{step:07d}.png"
+def sample_grids(args: argparse.Namespace) -> SampleGrids:
+    """The run's sample grids, as --num_samples, --num_inference_steps and --seed draw them."""
+    return SampleGrids(Path(args.output_dir), args.num_samples, args.num_inference_steps, args.seed)
 
 
 def save_pipeline(
@@ -465,20 +352,14 @@ def save_pipeline(
     progress: TrainingProgress,
     args: argparse.Namespace,
 ) -> None:
-    """The pipeline folder of the run: EMA weights (safetensors) with the noise scheduler, the last step's sample grid,
-    the model card and `training.json`; then the push, with --push_to_hub."""
-    output_dir, grid_path = Path(args.output_dir), sample_grid_path(args, progress.global_step)
-    if not grid_path.exists():  # the last step may have drawn its grid already
-        save_sample_grid(accelerator, pipeline, progress.global_step, args)
-    pipeline.scheduler, repo_id = noise_scheduler, args.hub_model_id or output_dir.name
-    record, grid = training_record(args, progress, accelerator), grid_path.relative_to(output_dir).as_posix()
-    sampler = args.scheduler, args.num_inference_steps  # the card's code draws as the grid was drawn
-    save_training_run(
-        pipeline, output_dir, repo_id, dataset_name=args.dataset_name, training=record, samples_image=grid,
-        samples_scheduler=sampler,
+    """The pipeline folder of the run: EMA weights with the noise scheduler, the last step's sample grid, the model
+    card (its code drawing as the grids did) and `training.json`; then the push, with --push_to_hub."""
+    pipeline.scheduler, repo_id = noise_scheduler, args.hub_model_id or Path(args.output_dir).name
+    save_run(
+        accelerator, pipeline, sample_grids(args), progress.global_step, repo_id, dataset_name=args.dataset_name,
+        training=training_record(args, progress, accelerator), push_to_hub=args.push_to_hub,
+        samples_scheduler=(args.scheduler, args.num_inference_steps), hub_private_repo=args.hub_private_repo,
     )  # fmt: skip
-    if args.push_to_hub:
-        logger.info(f"pushed {output_dir} to {push_training_run(output_dir, repo_id, args.hub_private_repo)}")
 
 
 def training_record(args: argparse.Namespace, progress: TrainingProgress, accelerator: Accelerator) -> dict:
@@ -532,14 +413,10 @@ def main(args: argparse.Namespace) -> None:
     settings = run_settings(args, state.num_processes, num_classes)
     resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     with usage_errors("output_dir"):
-        if resume_path is not None:
-            check_resume(resume_path, settings, RESUME_MUST_KEEP, RESUME_MAY_CHANGE)  # logs the changes it allows
         max_train_steps = step_budget(args, steps_per_epoch, resume_path)  # None: measured once the model is built
-        if state.is_main_process:  # only now, with every input checked, does a new output folder come into being
-            lock.acquire()
-    if state.is_main_process and args.overwrite_output_dir and resume_path is None:
-        clear_output_dir(output_dir)
-    state.wait_for_everyone()
+        claim_run_folder(
+            state, lock, resume_path, settings, RESUME_MUST_KEEP, RESUME_MAY_CHANGE, args.overwrite_output_dir
+        )
     accelerator = make_accelerator(output_dir, args.logging_dir, args.mixed_precision, accumulation, args.logger)
 
     # Model (identical on every process: one seed) and the forward process q(x_t | x_0) of the paper.
@@ -627,7 +504,7 @@ def main(args: argparse.Namespace) -> None:
                 )
             if progress.global_step % args.save_images_steps == 0 and accelerator.is_main_process:
                 pipeline = grid_pipeline(accelerator.unwrap_model(unet), sample_scheduler, ema)
-                save_sample_grid(accelerator, pipeline, progress.global_step, args)
+                sample_grids(args).save(accelerator, pipeline, progress.global_step)
 
     if reason == "stopped on request":
         logger.info(f"stopped at step {progress.global_step} on request; resume with --resume_from_checkpoint latest")
