@@ -37,7 +37,8 @@ from ddpm_mnist.schedulers import SCHEDULERS
 DIFFUSERS_STEPS = 50  # DDPMPipeline's baseline: DDPMScheduler respaced to 50 steps
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags, each with its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="the student pipeline (a folder or Hub id)")
     p.add_argument("--teacher", required=True, help="the teacher pipeline (a folder or Hub id)")
@@ -52,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timing_steps", type=int, default=4, help="the student's steps in the timing")
     p.add_argument("--batch_size", type=int, default=250, help="digits per pipeline call")
     p.add_argument("--output", help="write the results as JSON here")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -79,7 +80,9 @@ def score_settings(args: argparse.Namespace, student, teacher) -> dict:
     for name, (pipe, setting) in settings.items():
         scores = []
         for seed in args.seeds:
-            digits = generate_digits(pipe, args.num_samples, class_labels=labels, seed=seed, **setting)
+            digits = generate_digits(
+                pipe, args.num_samples, class_labels=labels, seed=seed, batch_size=args.batch_size, **setting
+            )
             scores.append(reference.score_conditional(digits, labels))
         results[name] = {
             "fid": [s.quality.fid for s in scores],

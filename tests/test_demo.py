@@ -266,3 +266,18 @@ def test_the_app_starts_each_release_at_the_setting_its_card_recommends(release:
 def test_another_model_starts_at_the_pipelines_own_scheduler() -> None:
     setting = load_demo_module("app").recommended_setting("tiny")
     assert (setting.scheduler, setting.num_inference_steps) == ("ddpm", 50)
+
+
+def test_the_app_starts_the_student_on_its_own_scheduler_and_edits_with_its_teacher() -> None:
+    app = load_demo_module("app")
+    student, teacher = "ddpm-mnist-cond-small-4step", "ddpm-mnist-cond-small"
+    assert app.RELEASES.index(student) < app.RELEASES.index(teacher)  # the first conditional release: the default
+    setting = app.recommended_setting(student)
+    pipe = DDPMMnistPipeline.from_pretrained(DEMO.parent / "pretrained" / student)
+    swapped = SCHEDULERS[setting.scheduler].from_config(pipe.scheduler.config)
+    assert type(swapped) is type(pipe.scheduler) and swapped.config == pipe.scheduler.config  # its own, unchanged
+    card = (DEMO.parent / "pretrained" / student / "README.md").read_text()
+    assert f"num_inference_steps={setting.num_inference_steps}" in card and setting.guidance_scale == 1
+    served = {name: pipe for name in (student, teacher)}
+    assert app.DigitDemo(served, "cpu", "fp32").editing_model(student) == teacher
+    assert app.DigitDemo({student: pipe}, "cpu", "fp32").editing_model(student) == student

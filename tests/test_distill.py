@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
+from ddpm_mnist.cli import main
 from ddpm_mnist.distillation import distillation_batch, distillation_loss, student_scheduler, teacher_trajectories
 from ddpm_mnist.errors import UsageError
 from ddpm_mnist.schedulers import SCHEDULERS
@@ -277,3 +279,34 @@ def test_the_benchmark_and_the_release_give_the_student_a_card_with_its_figures(
     assert (release / "samples" / "grid.png").is_file() and not (release / "checkpoints").exists()
     pipe = DDPMMnistPipeline.from_pretrained(release)
     assert pipe(class_labels=[1], num_inference_steps=2, output_type="np").images.shape == (1, 28, 28, 1)
+
+
+def test_the_cli_samples_the_student_on_its_own_scheduler(finished_run, tmp_path, capsys):
+    argv = [str(finished_run), "--scheduler=ddim", "--num_inference_steps=4", "--class_labels", "7", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", *argv, "--num_samples=2", "--upscale=1", "--save_digits", f"--output_dir={tmp_path}"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    pipe = DDPMMnistPipeline.from_pretrained(finished_run)  # DDIM from its own config is its own scheduler
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(class_labels=[7, 1], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
+    for i, digit in enumerate(expected):
+        written = np.asarray(Image.open(tmp_path / "digits" / f"{i:05d}.png"))
+        assert np.abs(written.astype(int) - np.asarray(digit).astype(int)).max() <= 1
+
+
+def test_a_student_release_refuses_a_run_without_a_teacher_or_results_in_one_line(finished_run, teacher, tmp_path):
+    release = runpy.run_path(str(ROOT / "training" / "release.py"))
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "trained").mkdir()
+    (tmp_path / "trained" / "training.json").write_text(json.dumps({"training": {"learning_rate": 1e-4}}))
+    cases = [
+        (tmp_path / "trained", tmp_path / "results.json", [], "is not a finished training/distill.py run"),
+        (finished_run, tmp_path / "none.json", [], "--distillation_results"),
+        (finished_run, tmp_path / "results.json", ["--num_samples=64"], "--num_samples plays no part with"),
+    ]
+    for run, results, flags, message in cases:
+        argv = [str(run), f"--distillation_results={results}", f"--output_dir={tmp_path / 'out'}", "--hub_model_id=a/b"]
+        with pytest.raises(UsageError, match=message) as error:
+            release["check_args"](release["parse_args"]([*argv, *flags]))
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,12 @@ from ddpm_mnist.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = "training/recipes/cpu-demo.json"
 # The tools a README command may call, each with the function that parses its arguments.
-TOOLS = {"training/train.py": "parse_args", "benchmarks/fault_campaign.py": "parse_args"}
+TOOLS = {
+    "training/train.py": "parse_args",
+    "training/distill.py": "parse_args",
+    "benchmarks/fault_campaign.py": "parse_args",
+    "benchmarks/distillation.py": "parse_args",
+}
 COMMAND_STARTS = ("ddpm-mnist ", "accelerate launch ", "python training/", "python benchmarks/")
 
 
@@ -81,6 +86,13 @@ def test_the_conditional_code_runs_as_pasted(tmp_path):
     check = "\nprint(len(sevens), completed[0].size, len(row))"
     printed = run_beside_pretrained(code + check, tmp_path).split()
     assert printed == ["8", "(28,", "28)", "11"]  # one digit per lambda in 0, 0.1, ..., 1
+
+
+def test_the_student_code_runs_as_pasted(tmp_path):
+    code = code_block("Four steps: the distilled student", "python")
+    check = "\nprint(len(images), images[0].size, type(pipe.scheduler).__name__)"
+    printed = run_beside_pretrained(code + check, tmp_path).split()
+    assert printed == ["16", "(28,", "28)", "DDIMScheduler"]
 
 
 def tool_commands() -> list[str]:

@@ -309,7 +309,8 @@ def test_flags_that_sample_or_score_a_run_are_refused_beside_gpu_results(release
         ("--dataset_name=path/to/mnist",): "--dataset_name",
     }
     for flags, name in cases.items():
-        with pytest.raises(UsageError, match=f"^{name} plays no part with --gpu_results, whose run") as error:
+        expected = f"^{name} plays no part with --gpu_results, which hold the scores"
+        with pytest.raises(UsageError, match=expected) as error:
             check(*flags)
         assert "\n" not in str(error.value), flags
     check("--note=Trained on a GPU.", "--seed=0")  # the card's own flags, and a default given as it is

@@ -23,7 +23,7 @@ from datasets import Dataset, Features, Value
 from datasets import Image as DatasetImage
 from PIL import Image
 
-from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet, training_utils
 from ddpm_mnist.errors import UsageError
 from ddpm_mnist.training_utils import TrainingProgress, min_snr_weight, time_budget_steps
 from tests.utils import assert_usage_error, logged_scalars, png_bytes
@@ -443,7 +443,7 @@ def check_resume(train_module: dict, run: Path, flags: list[str], num_processes:
     args = train_module["parse_args"]([f"--output_dir={run}", *TINY, "--resume_from_checkpoint=latest", *flags])
     settings = train_module["run_settings"](args, num_processes, **classes)
     names = train_module["RESUME_MUST_KEEP"], train_module["RESUME_MAY_CHANGE"]
-    train_module["check_resume"](run / "checkpoints" / "checkpoint-5", settings, *names)
+    training_utils.check_resume(run / "checkpoints" / "checkpoint-5", settings, *names)
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,15 @@ GPU_TARGETS = ReleaseTargets(min_confidence=0.97, max_fid_ratio=1.3, max_nll_bpd
 # The classifier-free guidance a class-conditional card recommends unless told otherwise: the released conditional
 # model's (pretrained/ddpm-mnist-cond-small; its card says why).
 DEFAULT_GUIDANCE_SCALE = 1.5
+# A distilled student's targets: (the setting of benchmarks/distillation.py, its figure, the words, the limit, whether
+# the figure must reach the limit (else stay below it)); a setting it did not measure is left out.
+DISTILLATION_TARGETS = (
+    ("student, {steps} steps", "class_accuracy", "class accuracy at {steps} steps, >= 99%", 0.99, True),
+    ("student, {steps} steps", "fid_over_teacher", "FID at {steps} steps over the teacher's, <= 1.2x", 1.2, False),
+    ("student, 2 steps", "fid_over_teacher", "FID at 2 steps over the teacher's, <= 1.5x", 1.5, False),
+    ("timing", "speedup_vs_ddpmpipeline", "speed-up on `DDPMPipeline` at 50 steps, >= 20x", 20.0, True),
+    ("timing", "speedup_vs_teacher", "speed-up on the teacher at its setting, >= 8x", 8.0, True),
+)
 STRIP_FRAMES = 11  # x_T, then every 100th step, down to x_0
 GRID_PER_DIGIT = 10  # a class-conditional grid: one row per digit 0-9, this many samples each
 # The first MNIST test digits (7 2 1 0 4 1 4 9), completed from their top half on a class-conditional card; the first
@@ -406,12 +415,15 @@ def read_distillation(args: argparse.Namespace, samples: Path) -> Release:
         results = json.loads(Path(args.distillation_results).read_text())
         settings, timing, floor = results["settings"], results.get("timing"), results["floor_fid"]
     record = json.loads((run / "training.json").read_text())["training"]
+    teacher = Path(record["pretrained_teacher_model"])
+    if teacher.is_dir():  # a local folder (a release): the card names it as pushed beside this one
+        record["pretrained_teacher_model"] = f"{args.hub_model_id.split('/')[0]}/{teacher.name}"
     pipe = DDPMMnistPipeline.from_pretrained(run)
     shutil.copyfile(sorted((run / "samples").glob("step-*.png"))[-1], samples / "grid.png")
     steps = results["args"]["timing_steps"]
     recommended = settings[f"student, {steps} steps"]
     mean = {key: float(np.mean(recommended[key])) for key in ("fid", "class_accuracy", "mean_confidence")}
-    calls = {"teacher": 2 * record["teacher_num_inference_steps"]}
+    calls = {"teacher": record["teacher_num_inference_steps"] * (2 if record["guidance_scale"] > 1 else 1)}
     rows = [
         [name, str(calls.get(name, name.split(", ")[-1].split()[0])), ", ".join(f"{f:.2f}" for f in r["fid"]),
          f"{r['fid_over_floor']:.2f}x", f"{r['fid_over_teacher']:.2f}x",
@@ -450,9 +462,10 @@ def read_distillation(args: argparse.Namespace, samples: Path) -> Release:
                 ],
             )  # fmt: skip
         )
+    parts.append(distillation_targets(settings, timing, steps))
     parts.append(
-        f"Distilled with `training/distill.py` (recipe `training/recipes/distill-cond-small.json`) in "
-        f"{record['training_time']} on {record['hardware']}, {record['mixed_precision']}."
+        f"Distilled with `training/distill.py` in {record['training_time']} on {record['hardware']}, "
+        f"{record['mixed_precision']}: {record['global_step']:,} steps, {record['teacher_paths']:,} teacher paths."
     )
     parts += [args.note] if args.note else []
     card = {
@@ -463,6 +476,20 @@ def read_distillation(args: argparse.Namespace, samples: Path) -> Release:
         "evaluation": "\n\n".join(parts),
     }
     return pipe, card, {"output_dir": args.output_dir, "recommended": mean, "timing": timing}
+
+
+def distillation_targets(settings: dict, timing: dict | None, steps: int) -> str:
+    """The student's targets, each with its figure and verdict, as a Markdown list: `DISTILLATION_TARGETS`."""
+    lines = ["**Targets:**", ""]
+    for setting, key, words, limit, at_least in DISTILLATION_TARGETS:
+        source = timing if setting == "timing" else settings.get(setting.format(steps=steps))
+        if source is None:
+            continue
+        value = source[key] if setting == "timing" else float(np.mean(source[key]))
+        met = value >= limit if at_least else value <= limit
+        shown = f"{value:.1%}" if key == "class_accuracy" else f"{value:.2f}x"
+        lines.append(f"- {words.format(steps=steps)}: {shown} (**{'met' if met else 'missed'}**)")
+    return "\n".join(lines)
 
 
 def quality_scores(result: dict) -> SampleQuality:
