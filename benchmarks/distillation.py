@@ -1,14 +1,15 @@
 """A distilled student against its teacher: quality at each step count, and the time to 1,000 digits.
 
     python benchmarks/distillation.py pretrained/ddpm-mnist-cond-small-4step \\
-        --teacher pretrained/ddpm-mnist-cond-small --dataset_name ylecun/mnist \\
+        --pretrained_teacher_model pretrained/ddpm-mnist-cond-small --dataset_name ylecun/mnist \\
         --output benchmarks/results/distillation.json
 
 Quality: for each seed, --num_samples digits with balanced labels (each digit equally often) from the student on its
-own scheduler at each of --steps, and from the teacher at its recommended setting (--teacher_scheduler on
---teacher_steps, --guidance_scale), scored against the MNIST test digits with the package's classifier: class
-accuracy, mean confidence, and FID beside the real-vs-real floor at the same N and beside the teacher's FID of the
-same seed. FIDs come from the project's MNIST classifier, not Inception: compare them only with each other.
+own scheduler at each of --num_inference_steps, and from the teacher at its recommended setting (--teacher_scheduler
+on --teacher_num_inference_steps, --guidance_scale), scored against the MNIST test digits with the package's
+classifier: class accuracy, mean confidence, and FID beside the real-vs-real floor at the same N and beside the
+teacher's FID of the same seed. FIDs come from the project's MNIST classifier, not Inception: compare them only with
+each other.
 
 Speed: the seconds to draw --timing_samples digits in batches of --batch_size, each after a one-batch warm-up, of the
 student at --timing_steps steps and of the teacher at its setting, both in the precision the package picks for the
@@ -25,8 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
 
+from ddpm_mnist import DDPMMnistPipeline
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.errors import UsageError, run_entry_point, usage_errors
 from ddpm_mnist.evaluation import QualityReference, generate_digits, load_pipeline
@@ -41,11 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags, each with its default."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="the student pipeline (a folder or Hub id)")
-    p.add_argument("--teacher", required=True, help="the teacher pipeline (a folder or Hub id)")
+    p.add_argument("--pretrained_teacher_model", required=True, help="the teacher pipeline (a folder or Hub id)")
     p.add_argument("--dataset_name", default=DEFAULT_DATASET, help="MNIST, a Hub id or a local copy")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="the student's step counts")
+    steps = "the student's step counts"
+    p.add_argument("--num_inference_steps", type=int, nargs="+", default=[1, 2, 4, 8], help=steps)
     p.add_argument("--teacher_scheduler", default="unipc", choices=list(SCHEDULERS), help="the teacher's sampler")
-    p.add_argument("--teacher_steps", type=int, default=20, help="the teacher's steps")
+    p.add_argument("--teacher_num_inference_steps", type=int, default=20, help="the teacher's steps")
     p.add_argument("--guidance_scale", type=float, default=1.5, help="the teacher's guidance")
     p.add_argument("--num_samples", type=int, default=1000, help="digits per setting and seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
@@ -58,24 +61,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad flags in one line before any model is loaded."""
-    for name in ("num_samples", "batch_size", "teacher_steps", "timing_steps"):
+    for name in ("num_samples", "batch_size", "teacher_num_inference_steps", "timing_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}.")
-    if min(args.steps) < 1 or args.timing_samples < 0 or args.guidance_scale < 1:
-        raise UsageError("--steps must be positive, --timing_samples at least 0 and --guidance_scale at least 1.")
+    if min(args.num_inference_steps) < 1:
+        raise UsageError(f"--num_inference_steps must be positive, got {args.num_inference_steps}.")
+    if args.timing_samples < 0:
+        raise UsageError(f"--timing_samples must be 0 (no timing) or more, got {args.timing_samples}.")
+    if args.guidance_scale < 1:
+        raise UsageError(f"--guidance_scale must be at least 1 (1: none), got {args.guidance_scale}.")
     if args.output and Path(args.output).is_dir():
         raise UsageError(f"--output {args.output} is a folder; pass the path of a JSON file to write.")
 
 
-def score_settings(args: argparse.Namespace, student, teacher) -> dict:
+def score_settings(args: argparse.Namespace, student: DDPMMnistPipeline, teacher: DDPMMnistPipeline) -> dict:
     """Every setting's scores for each seed, and the floor."""
     reference = QualityReference(args.dataset_name)
     floor = reference.floor(args.num_samples).fid
     labels = balanced_class_labels(args.num_samples)
-    teacher_setting = dict(scheduler=args.teacher_scheduler, num_inference_steps=args.teacher_steps,
+    teacher_setting = dict(scheduler=args.teacher_scheduler, num_inference_steps=args.teacher_num_inference_steps,
                            guidance_scale=args.guidance_scale)  # fmt: skip
     settings = {"teacher": (teacher, teacher_setting)}
-    settings |= {f"student, {n} steps": (student, dict(scheduler=None, num_inference_steps=n)) for n in args.steps}
+    for steps in args.num_inference_steps:
+        settings[f"student, {steps} steps"] = (student, dict(scheduler=None, num_inference_steps=steps))
     results = {}
     for name, (pipe, setting) in settings.items():
         scores = []
@@ -97,7 +105,9 @@ def score_settings(args: argparse.Namespace, student, teacher) -> dict:
     return {"floor_fid": floor, "settings": results}
 
 
-def seconds_to_draw(pipe, num_samples: int, batch_size: int, conditional: bool = True, **call) -> float:
+def seconds_to_draw(
+    pipe: DiffusionPipeline, num_samples: int, batch_size: int, conditional: bool = True, **call: object
+) -> float:
     """Wall seconds for `num_samples` digits in calls of `batch_size` (balanced labels where `conditional`), after one
     warm-up call."""
     pipe.set_progress_bar_config(disable=True)
@@ -118,13 +128,15 @@ def time_settings(args: argparse.Namespace) -> dict:
     """Seconds to --timing_samples digits: the student, the teacher, and DDPMPipeline on the teacher's U-Net; and the
     student's speed-ups."""
     precision = "bf16" if auto_mixed_precision("cpu") == "bf16" else "fp32"
-    student, teacher = load_pipeline(args.student, dtype=precision), load_pipeline(args.teacher, dtype=precision)
+    student = load_pipeline(args.student, dtype=precision)
+    teacher = load_pipeline(args.pretrained_teacher_model, dtype=precision)
     teacher.scheduler = SCHEDULERS[args.teacher_scheduler].from_config(teacher.scheduler.config)
-    baseline = DDPMPipeline(load_pipeline(args.teacher).unet, DDPMScheduler.from_config(teacher.scheduler.config))
+    fp32_unet = load_pipeline(args.pretrained_teacher_model).unet
+    baseline = DDPMPipeline(fp32_unet, DDPMScheduler.from_config(teacher.scheduler.config))
     n, batch = args.timing_samples, args.batch_size
     student_s = seconds_to_draw(student, n, batch, num_inference_steps=args.timing_steps)
     teacher_s = seconds_to_draw(
-        teacher, n, batch, num_inference_steps=args.teacher_steps, guidance_scale=args.guidance_scale
+        teacher, n, batch, num_inference_steps=args.teacher_num_inference_steps, guidance_scale=args.guidance_scale
     )
     diffusers_s = seconds_to_draw(baseline, n, batch, conditional=False, num_inference_steps=DIFFUSERS_STEPS)
     print(f"{n} digits: student {student_s:.1f} s, teacher {teacher_s:.1f} s, DDPMPipeline {diffusers_s:.1f} s")
@@ -139,10 +151,11 @@ def time_settings(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    """Check the flags, score every setting, time the three samplers, print (and write) the results as JSON."""
     args = parse_args()
     check_args(args)
     with usage_errors(student="STUDENT", teacher="--teacher", dataset_name="--dataset_name"):
-        student, teacher = load_pipeline(args.student), load_pipeline(args.teacher)
+        student, teacher = load_pipeline(args.student), load_pipeline(args.pretrained_teacher_model)
         results = {"machine": describe_device("cpu"), "args": vars(args)}
         results |= score_settings(args, student, teacher)
     if args.timing_samples:

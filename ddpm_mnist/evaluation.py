@@ -97,12 +97,14 @@ def load_pipeline(
 
 def scheduler_steps(pipe: DDPMMnistPipeline, scheduler: str | None, num_inference_steps: int | None = None) -> int:
     """The checked step count of the named scheduler on `pipe` (None: the pipeline's own, as a distilled student's): by
-    default all T steps for ddpm, 50 for the others."""
+    default all T steps for DDPM (named, or the pipeline's own), 50 for the others."""
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}; pass one of them.")
     num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     if num_inference_steps is None:
-        return num_train_timesteps if scheduler == "ddpm" else min(FAST_SCHEDULER_STEPS, num_train_timesteps)
+        own_ddpm = scheduler is None and isinstance(pipe.scheduler, SCHEDULERS["ddpm"].scheduler_class)
+        ddpm = scheduler == "ddpm" or own_ddpm
+        return num_train_timesteps if ddpm else min(FAST_SCHEDULER_STEPS, num_train_timesteps)
     if not 1 <= num_inference_steps <= num_train_timesteps:
         raise ValueError(
             f"num_inference_steps {num_inference_steps} is outside 1..{num_train_timesteps}, the pipeline's "

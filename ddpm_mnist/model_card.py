@@ -120,8 +120,11 @@ def render_model_card(
     # The class a conditional card's code swaps in; none for ddpm or None, the pipeline's own scheduler.
     own = scheduler_name in (None, "ddpm")
     scheduler_class = None if own else SCHEDULERS[scheduler_name].scheduler_class.__name__
-    own_scheduler = type(pipeline.scheduler).__name__ if scheduler_name is None else None
-    teacher = training if training and "pretrained_teacher_model" in training else None  # a distilled student's run
+    # The pipeline's own scheduler when it is one of diffusers' (a distilled student's DDIM), named in the card.
+    from_diffusers = type(pipeline.scheduler).__module__.startswith("diffusers.")
+    own_scheduler = type(pipeline.scheduler).__name__ if scheduler_name is None and from_diffusers else None
+    distillation = training if training and "pretrained_teacher_model" in training else None  # a student's run
+    guided_student = bool(distillation and conditional and distillation["guidance_scale"] > 1)
     # The package's home page (`url` in setup.py) from its installed metadata; none when unset or not installed.
     try:
         homepage = importlib.metadata.metadata(DISTRIBUTION).get("Home-page")
@@ -136,7 +139,7 @@ def render_model_card(
         card_data, template_path=str(CARD_TEMPLATE), model_name=model_name, repo_id=repo_id, homepage=homepage,
         dataset_name=dataset_id, local_dataset=not is_hub_dataset,  # the card names the Hub dataset, never a local path
         pictures=pictures, recommended_scheduler=scheduler_name, recommended_steps=recommended_steps,
-        own_scheduler=own_scheduler, teacher=teacher,
+        own_scheduler=own_scheduler, distillation=distillation, guided_student=guided_student,
         class_conditional=conditional, scheduler_class=scheduler_class, guidance_scale=recommended_guidance_scale,
         interpolation_t=schedule.num_train_timesteps // INTERPOLATION_T_DIVISOR, evaluation=evaluation,
         preset=preset, num_parameters=f"{sum(p.numel() for p in pipeline.unet.parameters()):,}",

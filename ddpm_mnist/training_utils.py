@@ -580,15 +580,19 @@ def save_run(
     dataset_name: str,
     training: dict[str, Any],
     samples_scheduler: tuple[str | None, int],
+    scheduler: SchedulerMixin | None = None,
     push_to_hub: bool = False,
     hub_private_repo: bool = False,
 ) -> None:
-    """The run's pipeline folder (`grids.output_dir`): the weights (safetensors) with the pipeline's scheduler, the last
-    step's sample grid, the model card (its code drawing with `samples_scheduler`, as the grids) and `training.json`;
-    then the push to `repo_id`, with `push_to_hub`."""
+    """The run's pipeline folder (`grids.output_dir`): the weights (safetensors) with `scheduler` (by default the
+    pipeline's own), the last step's sample grid (drawn with the pipeline's scheduler, as the run's grids), the model
+    card (its code drawing with `samples_scheduler`, as the grids) and `training.json`; then the push to `repo_id`, with
+    `push_to_hub`."""
     output_dir, grid_path = grids.output_dir, grids.path(step)
     if not grid_path.exists():  # the last step may have drawn its grid already
         grids.save(accelerator, pipeline, step)
+    if scheduler is not None:
+        pipeline.scheduler = scheduler
     save_training_run(
         pipeline, output_dir, repo_id, dataset_name=dataset_name, training=training,
         samples_image=grid_path.relative_to(output_dir).as_posix(), samples_scheduler=samples_scheduler,

@@ -197,9 +197,16 @@ class DigitDemo:
         self.test_digits = bundled_test_digits()
 
     def editing_model(self, model: str) -> str:
-        """The model the Complete and Interpolate tabs run for `model`: its teacher for a distilled student (which
-        draws from noise in a few steps, not along a long chain), where the app serves it."""
-        return TEACHERS[model] if TEACHERS.get(model) in self.pipelines else model
+        """The model the Complete and Interpolate tabs run for `model`: its teacher for a distilled student, which
+        draws from noise in a few steps, not along a long chain (a ValueError if the app does not serve the teacher)."""
+        if model not in TEACHERS:
+            return model
+        if TEACHERS[model] not in self.pipelines:
+            raise ValueError(
+                f"{model} only draws new digits; to complete or interpolate, serve its teacher too (--model "
+                f"{TEACHERS[model]})."
+            )
+        return TEACHERS[model]
 
     def guidance(self, model: str, digit: str, count: int, scale: float, low: float, high: float | None) -> dict:
         """The pipeline's `class_labels` (`count` of the chosen digit, or None for any digit), `guidance_scale` (1
@@ -354,13 +361,18 @@ def build_demo(
         class-conditional model."""
         pipe, recommended = pipelines[model], recommended_setting(model)
         usable = pipe.is_class_conditional
-        controls = (
-            gr.update(interactive=True) if usable else gr.update(interactive=False, value=ANY_DIGIT),
-            gr.update(interactive=usable, value=recommended.guidance_scale),
-            gr.update(interactive=usable, value=0),
-            gr.update(interactive=usable, value=pipe.scheduler.config.num_train_timesteps),
-        )
-        return *controls, *controls, recommended.scheduler, recommended.num_inference_steps
+
+        def controls(guidance_scale: float) -> tuple[dict, ...]:
+            return (
+                gr.update(interactive=True) if usable else gr.update(interactive=False, value=ANY_DIGIT),
+                gr.update(interactive=usable, value=guidance_scale),
+                gr.update(interactive=usable, value=0),
+                gr.update(interactive=usable, value=pipe.scheduler.config.num_train_timesteps),
+            )
+
+        editing = recommended_setting(TEACHERS.get(model, model))  # Complete runs a student's teacher
+        generating = controls(recommended.guidance_scale)
+        return *generating, *controls(editing.guidance_scale), recommended.scheduler, recommended.num_inference_steps
 
     def test_digit(index: float) -> Image.Image:
         """A bundled test digit, enlarged, as the page shows it."""
@@ -371,9 +383,9 @@ def build_demo(
     def digit_choice(label: str) -> gr.Dropdown:
         return gr.Dropdown(DIGIT_CHOICES, value=ANY_DIGIT, label=label, interactive=usable)
 
-    def guidance_choice() -> gr.Slider:
+    def guidance_choice(scale: float) -> gr.Slider:
         label = "guidance scale (with a chosen digit)"
-        return gr.Slider(1, 10, value=setting.guidance_scale, step=0.5, label=label, interactive=usable)
+        return gr.Slider(1, 10, value=scale, step=0.5, label=label, interactive=usable)
 
     def interval_choice() -> tuple[gr.Number, gr.Number]:
         high = f"guide up to t (all: 0 to {num_train_timesteps})"
@@ -392,7 +404,7 @@ def build_demo(
             with gr.Row():
                 digit = digit_choice("digit")
                 num_images = gr.Slider(1, MAX_IMAGES, value=16, step=1, label="how many")
-                guidance = guidance_choice()
+                guidance = guidance_choice(setting.guidance_scale)
                 guidance_from, guidance_to = interval_choice()
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=setting.scheduler, label="scheduler")
@@ -416,7 +428,7 @@ def build_demo(
                 with gr.Column():
                     region = gr.Radio(list(REGIONS), value="bottom half", label="the model redraws")
                     complete_digit = digit_choice("as the digit")
-                    complete_guidance = guidance_choice()
+                    complete_guidance = guidance_choice(recommended_setting(TEACHERS.get(first, first)).guidance_scale)
                     with gr.Row():
                         complete_from, complete_to = interval_choice()
                     num_completions = gr.Slider(1, 8, value=4, step=1, label="completions")

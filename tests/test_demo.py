@@ -274,10 +274,12 @@ def test_the_app_starts_the_student_on_its_own_scheduler_and_edits_with_its_teac
     assert app.RELEASES.index(student) < app.RELEASES.index(teacher)  # the first conditional release: the default
     setting = app.recommended_setting(student)
     pipe = DDPMMnistPipeline.from_pretrained(DEMO.parent / "pretrained" / student)
-    swapped = SCHEDULERS[setting.scheduler].from_config(pipe.scheduler.config)
-    assert type(swapped) is type(pipe.scheduler) and swapped.config == pipe.scheduler.config  # its own, unchanged
+    swapped = app._fresh(pipe, setting.scheduler).scheduler  # what the Generate tab samples with
+    swapped.set_timesteps(setting.num_inference_steps)
+    assert swapped.config.prediction_type == "v_prediction" and swapped.timesteps.tolist() == [999, 749, 499, 249]
     card = (DEMO.parent / "pretrained" / student / "README.md").read_text()
     assert f"num_inference_steps={setting.num_inference_steps}" in card and setting.guidance_scale == 1
     served = {name: pipe for name in (student, teacher)}
     assert app.DigitDemo(served, "cpu", "fp32").editing_model(student) == teacher
-    assert app.DigitDemo({student: pipe}, "cpu", "fp32").editing_model(student) == student
+    with pytest.raises(ValueError, match=f"serve its teacher too \\(--model {teacher}\\)"):
+        app.DigitDemo({student: pipe}, "cpu", "fp32").editing_model(student)

@@ -124,6 +124,13 @@ def test_a_batch_takes_the_first_state_and_distinct_others_of_each_path(teacher)
     assert (y.view(64, 3) == y.view(64, 3)[:, :1]).all() and set(y.tolist()) <= set(range(11))
     assert 0 < (y.view(64, 3)[:, 0] == 10).float().mean() < 0.6  # the null class, about a quarter of the paths
     assert (x_0.view(64, 3, -1) == x_0.view(64, 3, -1)[:, :1]).all()  # one end per path
+    # Each state lies on its own path: the paths drawn again from the same noise (the batch's first draw) and labels.
+    torch.manual_seed(0)
+    x_T, labels = torch.randn(64, 1, 28, 28), y.view(64, 3)[:, 0]
+    states, timesteps, ends = teacher_trajectories(loaded_teacher(teacher), x_T, labels, TEACHER_STEPS, 1.5)
+    index = (per_path[..., None] == timesteps).int().argmax(-1)  # (64, 3): which state of its path each one is
+    torch.testing.assert_close(x_t.view(64, 3, 1, 28, 28), states[index, torch.arange(64)[:, None]])
+    torch.testing.assert_close(x_0.view(64, 3, 1, 28, 28)[:, 0], ends)
 
 
 def test_the_student_scheduler_is_deterministic_ddim_from_t_999():
@@ -212,6 +219,7 @@ def distill_module() -> dict:
         (["--max_train_steps=0"], "--max_train_steps must be positive, got 0."),
         (["--guidance_scale=0.5"], "--guidance_scale must be at least 1, got 0.5."),
         (["--class_dropout_prob=1"], "--class_dropout_prob must be in [0, 1), got 1.0."),
+        (["--num_inference_steps=1001"], "--num_inference_steps 1001 exceeds the teacher's 1000 diffusion steps"),
     ],
 )
 def test_bad_flags_are_refused_in_one_line_before_any_work(distill_module, teacher, tmp_path, flags, message):
@@ -226,7 +234,7 @@ def test_a_teacher_without_a_unet_or_guidance_without_labels_is_refused(distill_
     shutil.copytree(teacher, tmp_path / "broken", ignore=shutil.ignore_patterns("unet"))
     DDPMMnistPipeline(DDPMMnistUNet.from_preset("tiny"), DDPMMnistScheduler()).save_pretrained(tmp_path / "uncond")
     for folder, message in [
-        ("broken", "is not a pipeline with a unet/ folder; pass a trained run's folder or a released model"),
+        ("broken", "is not a pipeline with unet/ and scheduler/ folders; pass a trained run's folder or a released"),
         ("uncond", "needs a class-conditional teacher, and"),
     ]:
         argv = [f"--pretrained_teacher_model={tmp_path / folder}", f"--output_dir={tmp_path / 'run'}"]
@@ -238,9 +246,10 @@ def test_a_teacher_without_a_unet_or_guidance_without_labels_is_refused(distill_
 
 def test_bad_input_through_the_script_exits_2_with_one_line(tmp_path, finished_run, teacher):
     command = [sys.executable, str(DISTILL), f"--pretrained_teacher_model={tmp_path / 'none'}"]
-    assert_usage_error([*command, f"--output_dir={tmp_path / 'run'}"], "distill.py", "is not a pipeline with a unet/")
+    assert_usage_error([*command, f"--output_dir={tmp_path / 'run'}"], "distill.py", "is not a pipeline with unet/")
     command = [sys.executable, str(DISTILL), f"--pretrained_teacher_model={teacher}", f"--output_dir={finished_run}"]
     assert_usage_error(command, "distill.py", "already holds a finished run (model_index.json)")
+    assert_usage_error([*command, "--teacher_scheduler=ddpm"], "distill.py", "invalid choice: 'ddpm'")
     assert_usage_error(
         [*command, "--resume_from_checkpoint=latest", "--states_per_path=3"], "distill.py",
         "cannot resume",
@@ -252,9 +261,10 @@ def test_the_benchmark_and_the_release_give_the_student_a_card_with_its_figures(
 ):
     results, release = tmp_path / "distillation.json", tmp_path / "release"
     benchmark = [
-        sys.executable, str(ROOT / "benchmarks" / "distillation.py"), str(finished_run), f"--teacher={teacher}",
-        f"--dataset_name={mnist_folder / 'mnist'}", "--steps", "1", "2", "--num_samples=20", "--seeds", "0", "1",
-        f"--teacher_steps={TEACHER_STEPS}", "--timing_samples=20", "--timing_steps=2", "--batch_size=10",
+        sys.executable, str(ROOT / "benchmarks" / "distillation.py"), str(finished_run),
+        f"--pretrained_teacher_model={teacher}", f"--dataset_name={mnist_folder}", "--num_inference_steps", "1", "2",
+        "--num_samples=20", "--seeds", "0", "1", f"--teacher_num_inference_steps={TEACHER_STEPS}",
+        "--timing_samples=20", "--timing_steps=2", "--batch_size=10",
         f"--output={results}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -301,7 +311,8 @@ def test_a_student_release_refuses_a_run_without_a_teacher_or_results_in_one_lin
     (tmp_path / "trained" / "training.json").write_text(json.dumps({"training": {"learning_rate": 1e-4}}))
     cases = [
         (tmp_path / "trained", tmp_path / "results.json", [], "is not a finished training/distill.py run"),
-        (finished_run, tmp_path / "none.json", [], "--distillation_results"),
+        (finished_run, tmp_path / "none.json", [], "none.json cannot be read"),
+        (finished_run, tmp_path / "results.json", [], "results.json cannot be read .*'args'"),
         (finished_run, tmp_path / "results.json", ["--num_samples=64"], "--num_samples plays no part with"),
     ]
     for run, results, flags, message in cases:
@@ -309,4 +320,12 @@ def test_a_student_release_refuses_a_run_without_a_teacher_or_results_in_one_lin
         with pytest.raises(UsageError, match=message) as error:
             release["check_args"](release["parse_args"]([*argv, *flags]))
         assert "\n" not in str(error.value)
+    argv = [
+        "--gpu_results=gpu",
+        f"--distillation_results={tmp_path / 'results.json'}",
+        "--output_dir=out",
+        "--hub_model_id=a/b",
+    ]
+    with pytest.raises(UsageError, match="release different runs; pass one of them"):
+        release["check_args"](release["parse_args"](argv))
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Distil a DDPM pipeline into a student that draws in 1 to 4 steps: `accelerate launch training/distill.py --help`.
+"""Distil a DDPM pipeline into a student that draws in 1 to 8 steps: `accelerate launch training/distill.py --help`.
 
 Top to bottom: the flags and their checks; the settings a resumed run must keep; and `main`: the teacher at its
 recommended sampler and guidance, the student (a copy of the teacher's U-Net that learns to predict v), optimizer and
@@ -21,7 +21,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env, set_seed
 from diffusers.optimization import get_scheduler
 
-from ddpm_mnist import DDPMMnistPipeline, DDPMMnistUNet
+from ddpm_mnist import DDPMMnistPipeline, DDPMMnistScheduler, DDPMMnistUNet
 from ddpm_mnist.data import DEFAULT_DATASET
 from ddpm_mnist.distillation import STUDENT_PREDICTION_TYPES, distillation_batch, distillation_loss, student_scheduler
 from ddpm_mnist.errors import UsageError, WorkFailed, run_entry_point, usage_errors
@@ -51,6 +51,7 @@ from ddpm_mnist.training_utils import (
 
 logger = get_logger(__name__)
 DEFAULT_TEACHER = "pretrained/ddpm-mnist-cond-small"
+TEACHER_SCHEDULERS = [name for name in SCHEDULERS if name != "ddpm"]  # DDPM's ancestral steps add noise
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     teacher = p.add_argument_group("teacher").add_argument
     teacher("--pretrained_teacher_model", default=DEFAULT_TEACHER, help="the teacher pipeline (a folder or Hub id)")
-    teacher("--teacher_scheduler", default="unipc", choices=list(SCHEDULERS), help="the teacher's sampler")
+    teacher("--teacher_scheduler", default="unipc", choices=TEACHER_SCHEDULERS, help="the teacher's sampler: a "
+            "deterministic one, so that a path's end is a function of its states")  # fmt: skip
     teacher("--teacher_num_inference_steps", type=int, default=20, help="the teacher's steps per path")
     teacher("--guidance_scale", type=float, default=1.5, help="the teacher's classifier-free guidance, which the "
             "student learns to draw with in one U-Net call per step (1: none)")  # fmt: skip
@@ -106,11 +108,18 @@ def check_args(args: argparse.Namespace) -> dict:
         )
     try:
         unet_config = dict(DDPMMnistUNet.load_config(args.pretrained_teacher_model, subfolder="unet"))
+        schedule = DDPMMnistScheduler.load_config(args.pretrained_teacher_model, subfolder="scheduler")
     except (OSError, ValueError) as e:
         raise UsageError(
-            f"--pretrained_teacher_model {args.pretrained_teacher_model} is not a pipeline with a unet/ folder; pass "
-            f"a trained run's folder or a released model, such as {DEFAULT_TEACHER}."
+            f"--pretrained_teacher_model {args.pretrained_teacher_model} is not a pipeline with unet/ and scheduler/ "
+            f"folders; pass a trained run's folder or a released model, such as {DEFAULT_TEACHER}."
         ) from e
+    for name in ("teacher_num_inference_steps", "num_inference_steps"):
+        if getattr(args, name) > schedule["num_train_timesteps"]:
+            raise UsageError(
+                f"--{name} {getattr(args, name)} exceeds the teacher's {schedule['num_train_timesteps']} diffusion "
+                "steps; pass at most that many."
+            )
     if args.guidance_scale > 1 and unet_config.get("num_class_embeds") is None:
         raise UsageError(
             f"--guidance_scale {args.guidance_scale} needs a class-conditional teacher, and "
@@ -124,11 +133,12 @@ def check_args(args: argparse.Namespace) -> dict:
 
 
 # Settings a resumed run must share with its checkpoint, and settings that may change (logged).
-RESUME_MUST_KEEP = (
+DISTILLATION_FLAGS = (
     "pretrained_teacher_model teacher_scheduler teacher_num_inference_steps guidance_scale class_dropout_prob "
     "prediction_type states_per_path train_batch_size seed learning_rate lr_scheduler lr_warmup_steps adam_beta1 "
     "adam_beta2 adam_weight_decay adam_epsilon use_ema ema_max_decay ema_inv_gamma ema_power"
 ).split()
+RESUME_MUST_KEEP = [*DISTILLATION_FLAGS, "unet_config", "num_processes"]
 RESUME_MAY_CHANGE = ["max_train_steps", "mixed_precision"]
 
 
@@ -136,7 +146,7 @@ def distillation_record(args: argparse.Namespace, progress: TrainingProgress, ac
     """The run's settings and numbers, for the model card and `training.json`."""
     paths = progress.global_step * args.train_batch_size * accelerator.num_processes
     return {
-        **{name: getattr(args, name) for name in RESUME_MUST_KEEP},
+        **{name: getattr(args, name) for name in DISTILLATION_FLAGS},
         "global_step": progress.global_step,
         "teacher_paths": paths,
         "images_seen": paths * args.states_per_path,
@@ -156,7 +166,7 @@ def main(args: argparse.Namespace) -> None:
     output_dir, checkpoints_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator will read it
     lock = OutputDirLock(output_dir)  # one run per folder: held (open) until main returns
-    settings = {name: getattr(args, name) for name in RESUME_MUST_KEEP + RESUME_MAY_CHANGE}
+    settings = {name: getattr(args, name) for name in DISTILLATION_FLAGS + RESUME_MAY_CHANGE}
     settings.update(unet_config=unet_config, num_processes=state.num_processes)
     resume_path = find_checkpoint(checkpoints_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     with usage_errors("output_dir"):
@@ -168,12 +178,12 @@ def main(args: argparse.Namespace) -> None:
     # The teacher at its sampler and guidance (in the run's precision: it only infers), and the student: the teacher's
     # U-Net, whose output now reads as the student's prediction type, on the student's few-step DDIM.
     teacher = DDPMMnistPipeline.from_pretrained(args.pretrained_teacher_model).to(accelerator.device)
+    student_sampler = student_scheduler(teacher.scheduler, args.prediction_type)  # on the teacher's noise schedule
     teacher.scheduler = SCHEDULERS[args.teacher_scheduler].from_config(teacher.scheduler.config)
     if accelerator.mixed_precision == "bf16":
         teacher.unet.to(torch.bfloat16)
     teacher.unet.eval().requires_grad_(False)
     teacher.set_progress_bar_config(disable=True)
-    student_sampler = student_scheduler(teacher.scheduler, args.prediction_type)
     student = DDPMMnistUNet.from_pretrained(args.pretrained_teacher_model, subfolder="unet")
     set_seed(args.seed, device_specific=True)  # each process draws its own paths; checkpoints keep its RNG
     optimizer = torch.optim.AdamW(
@@ -189,6 +199,8 @@ def main(args: argparse.Namespace) -> None:
     if resume_path is not None:
         accelerator.load_state(str(resume_path))  # weights, optimizer, lr, EMA, progress and every process's RNG
         logger.info(f"resumed from {resume_path} at step {progress.global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info(f"no checkpoint in {checkpoints_dir}; starting from scratch")
     accelerator.init_trackers("ddpm-mnist-distill", config={k: v for k, v in vars(args).items() if v is not None})
     paths_per_step = args.train_batch_size * accelerator.num_processes
     logger.info(

@@ -188,6 +188,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"--time_to_quality_image {args.time_to_quality_image} is not a file; pass the PNG that "
             "benchmarks/time_to_quality.py drew, or leave the flag out."
         )
+    if args.gpu_results is not None and args.distillation_results is not None:
+        raise UsageError("--gpu_results and --distillation_results release different runs; pass one of them.")
     measured = "--gpu_results" if args.gpu_results is not None else "--distillation_results"
     if args.gpu_results is not None or args.distillation_results is not None:
         defaults = build_parser()
@@ -198,12 +200,7 @@ def check_args(args: argparse.Namespace) -> None:
         return
     run = Path(args.run)
     if args.distillation_results is not None:
-        record = run / "training.json"
-        if not record.is_file() or "pretrained_teacher_model" not in json.loads(record.read_text())["training"]:
-            raise UsageError(f"{run} is not a finished training/distill.py run (its training.json names no teacher).")
-        if not Path(args.distillation_results).is_file():
-            raise UsageError(f"--distillation_results {args.distillation_results} is not a file; pass the JSON that "
-                             "benchmarks/distillation.py wrote with --output.")  # fmt: skip
+        check_distillation(run, Path(args.distillation_results))
         return
     for name in ("model_index.json", "training.json", "logs", "unet/config.json"):
         if not (run / name).exists():
@@ -238,6 +235,26 @@ def check_args(args: argparse.Namespace) -> None:
     if args.sweep_samples != 0 and args.sweep_samples < 10:
         raise UsageError(
             f"--sweep_samples must be 0 (skip the sweep) or at least 10 (every digit), got {args.sweep_samples}."
+        )
+
+
+def check_distillation(run: Path, results_file: Path) -> None:
+    """Refuse, in one line, a run that is not a finished distill.py run, or results that are not those of
+    `benchmarks/distillation.py` with its timing step count among its scored ones."""
+    record = run / "training.json"
+    if not record.is_file() or "pretrained_teacher_model" not in json.loads(record.read_text())["training"]:
+        raise UsageError(f"{run} is not a finished training/distill.py run (its training.json names no teacher).")
+    fix = "pass the JSON that benchmarks/distillation.py wrote with --output"
+    try:
+        results = json.loads(results_file.read_text())
+        steps = results["args"]["timing_steps"]
+        scored = {"machine", "floor_fid"} <= results.keys() and f"student, {steps} steps" in results["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--distillation_results {results_file} cannot be read ({first_line(e)}); {fix}.") from e
+    if not scored or "teacher" not in results["settings"]:
+        raise UsageError(
+            f"--distillation_results {results_file} lacks the teacher's or the {steps}-step student's scores; {fix}, "
+            "with --timing_steps among --num_inference_steps."
         )
 
 
@@ -411,19 +428,19 @@ def read_distillation(args: argparse.Namespace, samples: Path) -> Release:
     """The release of a distilled student (a finished distill.py run), its quality and speed read from
     --distillation_results (`benchmarks/distillation.py`): nothing is sampled; the run's last grid is the card's."""
     run = Path(args.run)
-    with usage("--distillation_results"):
-        results = json.loads(Path(args.distillation_results).read_text())
-        settings, timing, floor = results["settings"], results.get("timing"), results["floor_fid"]
+    results = json.loads(Path(args.distillation_results).read_text())  # checked by `check_distillation`
+    settings, timing, floor = results["settings"], results.get("timing"), results["floor_fid"]
+    measured = results["args"]  # the benchmark's settings
     record = json.loads((run / "training.json").read_text())["training"]
     teacher = Path(record["pretrained_teacher_model"])
     if teacher.is_dir():  # a local folder (a release): the card names it as pushed beside this one
         record["pretrained_teacher_model"] = f"{args.hub_model_id.split('/')[0]}/{teacher.name}"
     pipe = DDPMMnistPipeline.from_pretrained(run)
     shutil.copyfile(sorted((run / "samples").glob("step-*.png"))[-1], samples / "grid.png")
-    steps = results["args"]["timing_steps"]
+    steps, guided = measured["timing_steps"], measured["guidance_scale"] > 1
     recommended = settings[f"student, {steps} steps"]
     mean = {key: float(np.mean(recommended[key])) for key in ("fid", "class_accuracy", "mean_confidence")}
-    calls = {"teacher": record["teacher_num_inference_steps"] * (2 if record["guidance_scale"] > 1 else 1)}
+    calls = {"teacher": measured["teacher_num_inference_steps"] * (2 if guided else 1)}
     rows = [
         [name, str(calls.get(name, name.split(", ")[-1].split()[0])), ", ".join(f"{f:.2f}" for f in r["fid"]),
          f"{r['fid_over_floor']:.2f}x", f"{r['fid_over_teacher']:.2f}x",
@@ -434,17 +451,18 @@ def read_distillation(args: argparse.Namespace, samples: Path) -> Release:
               "mean confidence"]  # fmt: skip
     parts = [
         f"Measured with `benchmarks/distillation.py` on {results['machine']}: per setting and seed (seeds "
-        f"{', '.join(map(str, results['args']['seeds']))}), {results['args']['num_samples']:,} digits with balanced "
-        "labels, scored with ddpm-mnist's MNIST classifier against the 10,000 test digits (FID on its features, "
-        f"not Inception's; the real-vs-real floor at the same N is {floor:.2f}). The teacher draws at its card's "
-        f"setting, `{record['teacher_scheduler']}` on {record['teacher_num_inference_steps']} steps at guidance "
-        f"{record['guidance_scale']} (two U-Net calls a step); the student on its own scheduler, one call a step.",
+        f"{', '.join(map(str, measured['seeds']))}), {measured['num_samples']:,} digits with balanced labels, scored "
+        "with ddpm-mnist's MNIST classifier against the MNIST test digits (FID on its features, not Inception's; "
+        f"the real-vs-real floor at the same N is {floor:.2f}). The teacher draws at its card's setting, "
+        f"`{measured['teacher_scheduler']}` on {measured['teacher_num_inference_steps']} steps"
+        + (f" at guidance {measured['guidance_scale']} (a doubled batch per step)" if guided else "")
+        + "; the student on its own scheduler, one U-Net call a step.",
         markdown_table(header, rows),
     ]
     if timing:
         parts.append(
-            f"Time to 1,000 digits in batches of {results['args']['batch_size']}, in one process on that CPU "
-            f"({timing['precision']} U-Nets; diffusers' `DDPMPipeline` in fp32, as a diffusers user runs it):\n\n"
+            f"Time to {measured['timing_samples']:,} digits in batches of {measured['batch_size']}, in one process "
+            f"on that CPU ({timing['precision']} U-Nets; diffusers' `DDPMPipeline` in fp32, as its users run it):\n\n"
             + markdown_table(
                 ["sampler", "seconds", "the student is"],
                 [

@@ -354,11 +354,12 @@ def save_pipeline(
 ) -> None:
     """The pipeline folder of the run: EMA weights with the noise scheduler, the last step's sample grid, the model
     card (its code drawing as the grids did) and `training.json`; then the push, with --push_to_hub."""
-    pipeline.scheduler, repo_id = noise_scheduler, args.hub_model_id or Path(args.output_dir).name
+    repo_id = args.hub_model_id or Path(args.output_dir).name
     save_run(
         accelerator, pipeline, sample_grids(args), progress.global_step, repo_id, dataset_name=args.dataset_name,
-        training=training_record(args, progress, accelerator), push_to_hub=args.push_to_hub,
-        samples_scheduler=(args.scheduler, args.num_inference_steps), hub_private_repo=args.hub_private_repo,
+        training=training_record(args, progress, accelerator), scheduler=noise_scheduler,
+        samples_scheduler=(args.scheduler, args.num_inference_steps), push_to_hub=args.push_to_hub,
+        hub_private_repo=args.hub_private_repo,
     )  # fmt: skip
 
 
