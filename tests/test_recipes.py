@@ -27,17 +27,22 @@ def test_unet_config_builds_and_denoises_a_digit_shaped_batch(path):
 
 
 @pytest.fixture(scope="module")
-def train_flags() -> set[str]:
-    help_text = subprocess.run(
-        [sys.executable, "training/train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    return set(re.findall(r"--([a-z0-9_]+)", help_text))
+def script_flags() -> dict[str, set[str]]:
+    """The flags of each training script, from its --help."""
+    flags = {}
+    for script in ("train.py", "distill.py"):
+        help_text = subprocess.run(
+            [sys.executable, f"training/{script}", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        flags[script] = set(re.findall(r"--([a-z0-9_]+)", help_text))
+    return flags
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
-def test_run_config_uses_train_flags_and_existing_unet_configs(path, train_flags):
+def test_run_config_uses_its_scripts_flags_and_existing_unet_configs(path, script_flags):
     config = json.loads(path.read_text())
-    assert set(config) <= train_flags, set(config) - train_flags
+    script = "distill.py" if "pretrained_teacher_model" in config else "train.py"  # a distillation names its teacher
+    assert set(config) <= script_flags[script], set(config) - script_flags[script]
     if "model_config_name_or_path" in config:
         assert (ROOT / config["model_config_name_or_path"]) in UNET_CONFIGS
     assert config["output_dir"].startswith("runs/")  # an ignored folder
