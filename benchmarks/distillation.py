@@ -131,7 +131,7 @@ def time_settings(args: argparse.Namespace) -> dict:
     student = load_pipeline(args.student, dtype=precision)
     teacher = load_pipeline(args.pretrained_teacher_model, dtype=precision)
     teacher.scheduler = SCHEDULERS[args.teacher_scheduler].from_config(teacher.scheduler.config)
-    fp32_unet = load_pipeline(args.pretrained_teacher_model).unet
+    fp32_unet = teacher.unet if precision == "fp32" else load_pipeline(args.pretrained_teacher_model).unet
     baseline = DDPMPipeline(fp32_unet, DDPMScheduler.from_config(teacher.scheduler.config))
     n, batch = args.timing_samples, args.batch_size
     student_s = seconds_to_draw(student, n, batch, num_inference_steps=args.timing_steps)
@@ -154,7 +154,7 @@ def main() -> None:
     """Check the flags, score every setting, time the three samplers, print (and write) the results as JSON."""
     args = parse_args()
     check_args(args)
-    with usage_errors(student="STUDENT", teacher="--teacher", dataset_name="--dataset_name"):
+    with usage_errors("pretrained_teacher_model", "dataset_name", student="STUDENT"):
         student, teacher = load_pipeline(args.student), load_pipeline(args.pretrained_teacher_model)
         results = {"machine": describe_device("cpu"), "args": vars(args)}
         results |= score_settings(args, student, teacher)
